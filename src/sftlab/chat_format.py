@@ -1,0 +1,180 @@
+"""The one renderer: chat messages -> token ids and the loss mask.
+
+Training, evaluation, the doctor and chat all call this module, so what the model is trained on and what it
+is prompted with cannot drift apart.
+
+The text always comes from the tokenizer's own chat template (the one saved with the model), rendered one
+message prefix at a time; the loss mask follows GLM-4's own fine-tuning demo:
+
+- for each assistant message, the supervised tokens are everything after the generation prompt
+  (for GLM-4: after `<|assistant|>`, i.e. the newline, any metadata and the content);
+- plus the one token that ends the turn: the first token of the next message (GLM-4: `<|user|>` or
+  `<|observation|>`), or the end-of-text token appended after the last message;
+- every other token (system, user, observation, role tokens, `[gMASK]<sop>`) has label -100.
+
+Without the supervised terminator the model never learns to stop (the tutorial's first defect).
+"""
+
+from dataclasses import dataclass
+
+from transformers.utils.chat_template_utils import render_jinja_template
+
+IGNORE_INDEX = -100
+ROLES = ("system", "user", "assistant", "observation")
+# GLM-4 stops on any of these three; its maintainers say all three are needed.
+GLM4_STOP_TOKENS = ("<|endoftext|>", "<|user|>", "<|observation|>")
+
+
+class MessageError(ValueError):
+    """A conversation that cannot be rendered for training (wrong roles, order or types)."""
+
+
+class SampleTooLong(ValueError):
+    """A rendered sample over max_length that cannot keep any supervised token; the caller counts it."""
+
+    def __init__(self, length: int, max_length: int):
+        super().__init__(f"{length} tokens > max_length {max_length}")
+        self.length = length
+
+
+@dataclass
+class RenderedSample:
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def num_supervised(self) -> int:
+        return sum(label != IGNORE_INDEX for label in self.labels)
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """The ids generation must stop on: eos, plus GLM-4's `<|user|>` and `<|observation|>` when present."""
+    ids = [tokenizer.eos_token_id]
+    for token in GLM4_STOP_TOKENS:
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token_id is not None and token_id != tokenizer.unk_token_id and token_id not in ids:
+            ids.append(token_id)
+    return ids
+
+
+def validate_messages(messages: list[dict], for_training: bool = True) -> None:
+    """Raises MessageError naming the message index and field when the conversation is malformed."""
+    if not isinstance(messages, list) or not messages:
+        raise MessageError("messages: expected a non-empty list")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise MessageError(f"messages[{i}]: expected an object, got {type(message).__name__}")
+        if message.get("role") not in ROLES:
+            raise MessageError(f"messages[{i}].role: {message.get('role')!r} is not one of {', '.join(ROLES)}")
+        if not isinstance(message.get("content"), str):
+            raise MessageError(f"messages[{i}].content: expected a string")
+        # GLM-4's template skips a message whose content is empty; a tools-only system message is the exception
+        if not message["content"].strip() and not (message["role"] == "system" and message.get("tools")):
+            raise MessageError(f"messages[{i}].content: empty {message['role']} message")
+    first = next((i for i, m in enumerate(messages) if m["role"] != "system"), None)
+    if first is None or messages[first]["role"] != "user":
+        raise MessageError("messages: the first non-system message must be a user message")
+    if any(m["role"] == "system" for m in messages[first:]):
+        raise MessageError("messages: system messages must come before the conversation")
+    for i in range(first + 1, len(messages)):
+        if messages[i]["role"] == messages[i - 1]["role"] and messages[i]["role"] == "user":
+            raise MessageError(f"messages[{i}].role: two user messages in a row")
+        if messages[i]["role"] == "observation" and messages[i - 1]["role"] != "assistant":
+            raise MessageError(f"messages[{i}].role: an observation must follow an assistant tool call")
+    if for_training and messages[-1]["role"] != "assistant":
+        raise MessageError(f"messages[{len(messages) - 1}].role: a training conversation must end with the assistant")
+
+
+class ChatRenderer:
+    """Renders conversations with `tokenizer`'s chat template into ids, labels and prompts."""
+
+    def __init__(self, tokenizer, max_length: int | None = None, overflow: str = "drop"):
+        if tokenizer.chat_template is None:
+            raise ValueError("the tokenizer has no chat template (sftlab.model.load sets GLM-4's when missing)")
+        if overflow not in ("drop", "truncate"):
+            raise ValueError(f"overflow: {overflow!r} is not one of drop, truncate")
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.overflow = overflow
+        self.eos_id = tokenizer.eos_token_id
+        self._template_kwargs = dict(tokenizer.special_tokens_map)
+        self._backend = getattr(tokenizer, "_tokenizer", None)  # the Rust tokenizer, when there is one
+
+    def render_text(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        rendered, _ = render_jinja_template(
+            conversations=[messages], chat_template=self.tokenizer.chat_template,
+            add_generation_prompt=add_generation_prompt, **self._template_kwargs,
+        )
+        return rendered[0]
+
+    def encode(self, text: str) -> list[int]:
+        if self._backend is not None:  # same ids as tokenizer.encode, without the Python wrapper's overhead
+            return self._backend.encode(text, add_special_tokens=False).ids
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        """The generation prompt: equal to apply_chat_template(messages, add_generation_prompt=True)."""
+        validate_messages(messages, for_training=False)
+        return self.encode(self.render_text(messages, add_generation_prompt=True))
+
+    def render(self, messages: list[dict]) -> RenderedSample:
+        """Ids and labels for a training conversation; raises MessageError or SampleTooLong."""
+        validate_messages(messages)
+        input_ids, labels = [], []
+        done = self.render_text([])  # e.g. "[gMASK]<sop>": written once, by the template
+        self._append(input_ids, labels, done)
+        pending_terminator = False
+        for i, message in enumerate(messages):
+            if message["role"] == "assistant":
+                prompt = self._extend(done, self.render_text(messages[:i], add_generation_prompt=True), i)
+                full = self._extend(prompt, self.render_text(messages[: i + 1]), i)
+                self._append(input_ids, labels, prompt[len(done):], supervise_first=pending_terminator)
+                self._append(input_ids, labels, full[len(prompt):], supervise_all=True)
+                pending_terminator = True
+            else:
+                full = self._extend(done, self.render_text(messages[: i + 1]), i)
+                self._append(input_ids, labels, full[len(done):], supervise_first=pending_terminator)
+                pending_terminator = False
+            done = full
+        input_ids.append(self.eos_id)  # the template writes no end token: the conversation ends here
+        labels.append(self.eos_id)
+        return self._fit(RenderedSample(input_ids, labels))
+
+    def _extend(self, prefix: str, text: str, index: int) -> str:
+        if not text.startswith(prefix):
+            raise MessageError(
+                f"messages[{index}]: the chat template does not render this conversation prefix-by-prefix, "
+                "so the loss mask cannot be placed exactly"
+            )
+        return text
+
+    def _append(self, input_ids, labels, text, supervise_first=False, supervise_all=False):
+        ids = self.encode(text)
+        if supervise_all:
+            labels.extend(ids)
+        else:
+            labels.extend([ids[0]] + [IGNORE_INDEX] * (len(ids) - 1) if supervise_first and ids else
+                          [IGNORE_INDEX] * len(ids))
+        input_ids.extend(ids)
+
+    def _fit(self, sample: RenderedSample) -> RenderedSample:
+        if self.max_length is None or len(sample.input_ids) <= self.max_length:
+            return sample
+        if self.overflow == "drop":
+            raise SampleTooLong(len(sample.input_ids), self.max_length)
+        # truncate: keep the longest head that ends on a supervised token, then close it with the terminator
+        cut = self.max_length - 1
+        while cut > 0 and sample.labels[cut - 1] == IGNORE_INDEX:
+            cut -= 1
+        if cut == 0:
+            raise SampleTooLong(len(sample.input_ids), self.max_length)
+        ids, labels = sample.input_ids[:cut], sample.labels[:cut]
+        if ids[-1] not in stop_token_ids(self.tokenizer):
+            ids, labels = ids + [self.eos_id], labels + [self.eos_id]
+        return RenderedSample(ids, labels)
+
+
+def describe_layout(tokenizer, sample: RenderedSample) -> list[tuple[str, bool]]:
+    """(token text, supervised) pairs: the golden-test and `data inspect` view of a sample."""
+    tokens = [tokenizer.decode([i]) for i in sample.input_ids]
+    return [(t, label != IGNORE_INDEX) for t, label in zip(tokens, sample.labels)]

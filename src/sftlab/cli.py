@@ -1,0 +1,49 @@
+"""`sftlab <verb>`: parse the verb, call one stage function, turn user errors into one line and exit code 2."""
+
+import sys
+
+USAGE = """usage: sftlab [--debug] <verb> [args]
+
+verbs:
+  train   fine-tune a model (LoRA or full): sftlab train --config configs/demo.yaml [--field value ...]
+  chat    chat with a base model or a run: sftlab chat --adapter output/demo [--prompt TEXT --json]
+
+`sftlab <verb> --help` lists each verb's options. --debug shows tracebacks."""
+
+
+def _train(argv):
+    from sftlab.train.sft import main
+
+    main(argv)
+    return 0
+
+
+def _chat(argv):
+    from sftlab.infer.chat import main
+
+    return main(argv)
+
+
+VERBS = {"train": _train, "chat": _chat}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in VERBS:
+        print(USAGE, file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    from sftlab.errors import UserError
+
+    try:
+        return VERBS[argv[0]](argv[1:])
+    except UserError as exc:
+        if debug:
+            raise
+        print(f"sftlab {argv[0]}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

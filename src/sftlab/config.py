@@ -1,0 +1,69 @@
+"""Configuration dataclasses shared by the verbs. Field names follow TRL's ModelConfig where they overlap,
+so the tutorial's YAML files keep working. The training config (SFTConfig subclass) lives in train/sft.py,
+the only module that imports trl."""
+
+from dataclasses import dataclass, field
+
+from sftlab.model.tiny import TINY_MODEL_NAME
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default="./weights/glm-4-9b-hf",
+        metadata={"help": f"Local model folder, a Hub id (needs network), or {TINY_MODEL_NAME} (built locally)."},
+    )
+    dtype: str = field(
+        default="bfloat16",
+        metadata={"help": "Weights dtype when loading.", "choices": ["auto", "bfloat16", "float16", "float32"]},
+    )
+    attn_implementation: str | None = field(
+        default=None, metadata={"help": "Attention kernel: eager, sdpa, flash_attention_2. None lets transformers pick."}
+    )
+    use_peft: bool = field(default=True, metadata={"help": "Train a LoRA adapter (True) or all weights (False)."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the LoRA input."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj"],
+        metadata={"help": "Module names that get LoRA, or 'all-linear'."},
+    )
+    lora_modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "Modules trained in full and saved with the adapter (e.g. lm_head)."}
+    )
+
+    def __post_init__(self):
+        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
+            raise ValueError(f"dtype: {self.dtype!r} is not one of auto, bfloat16, float16, float32")
+        if self.lora_r <= 0:
+            raise ValueError(f"lora_r: must be positive, got {self.lora_r}")
+
+
+@dataclass
+class DataArguments:
+    data_files: list[str] = field(
+        default_factory=lambda: ["./data/alpaca_gpt4_data_zh.json"],
+        metadata={"help": "Alpaca-format .json/.jsonl files (instruction, input, output[, system])."},
+    )
+    test_size: float = field(
+        default=0.05, metadata={"help": "Share of rows held out for evaluation (0 disables the split)."}
+    )
+    split_seed: int = field(
+        default=42, metadata={"help": "Seed of the train/test split: every process draws the same split."}
+    )
+    system_prompt: str | None = field(
+        default=None, metadata={"help": "System message put before rows that have no system field of their own."}
+    )
+    overflow: str = field(
+        default="drop",
+        metadata={"help": "Samples over max_length: drop (counted) or truncate (part of the answer and its "
+                  "terminator kept).", "choices": ["drop", "truncate"]},
+    )
+
+    def __post_init__(self):
+        if isinstance(self.data_files, str):
+            self.data_files = [self.data_files]
+        if not 0 <= self.test_size < 1:
+            raise ValueError(f"test_size: must be in [0, 1), got {self.test_size}")
+        if self.overflow not in ("drop", "truncate"):
+            raise ValueError(f"overflow: {self.overflow!r} is not one of drop, truncate")

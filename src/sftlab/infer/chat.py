@@ -1,0 +1,95 @@
+"""`sftlab chat`: streaming multi-turn chat in the terminal, or one-shot replies (`--prompt`, `--json`)."""
+
+import argparse
+import json
+import sys
+from threading import Thread
+
+from sftlab.infer.generate import Reply, SamplingArgs, generate_replies
+from sftlab.model.load import load_for_inference
+
+HELP = "commands: /clear (forget the history), /system TEXT (set the system prompt), /exit (also exit, quit)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sftlab chat", description="Chat with a base model or a fine-tuned run.")
+    p.add_argument("--model", help="Base model: local folder, Hub id, or sftlab:tiny-glm4. "
+                   "Optional with --adapter, whose recorded base is used.")
+    p.add_argument("--adapter", help="A LoRA adapter folder (e.g. a run directory of `sftlab train`).")
+    p.add_argument("--prompt", help="One-shot: print the reply to this prompt and exit.")
+    p.add_argument("--json", action="store_true", help="One-shot: print {reply, finish_reason, new_tokens}.")
+    p.add_argument("--system", help="System prompt.")
+    defaults = SamplingArgs()
+    p.add_argument("--temperature", type=float, default=defaults.temperature, help="0 is greedy.")
+    p.add_argument("--top_p", type=float, default=defaults.top_p)
+    p.add_argument("--repetition_penalty", type=float, default=defaults.repetition_penalty)
+    p.add_argument("--max_new_tokens", type=int, default=defaults.max_new_tokens)
+    p.add_argument("--device", help="cuda or cpu (default: cuda when available, in bf16 where supported).")
+    p.add_argument("--trust_remote_code", action="store_true", help="Allow model code from the checkpoint.")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    model, tokenizer = load_for_inference(args.model, args.adapter, args.device,
+                                          trust_remote_code=args.trust_remote_code)
+    sampling = SamplingArgs(args.max_new_tokens, args.temperature, args.top_p, args.repetition_penalty)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    if args.prompt is not None:
+        reply = generate_replies(model, tokenizer, [system + [{"role": "user", "content": args.prompt}]], sampling)[0]
+        if args.json:
+            print(json.dumps({"reply": reply.text, "finish_reason": reply.finish_reason,
+                              "new_tokens": reply.new_tokens}, ensure_ascii=False))
+        else:
+            print(reply.text)
+        return 0
+    interactive(model, tokenizer, sampling, args.system)
+    return 0
+
+
+def stream_reply(model, tokenizer, conversation, sampling) -> Reply:
+    """Prints the reply token by token while a thread generates it (the tutorial's TextIteratorStreamer)."""
+    from transformers import TextIteratorStreamer
+
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    result = []
+    worker = Thread(target=lambda: result.extend(
+        generate_replies(model, tokenizer, [conversation], sampling, streamer=streamer)))
+    worker.start()
+    for piece in streamer:
+        print(piece, end="", flush=True)
+    worker.join()
+    print()
+    return result[0]
+
+
+def interactive(model, tokenizer, sampling, system_prompt):
+    print(f"sftlab chat. {HELP}")
+    history = []
+    while True:
+        try:
+            text = input("\nUser: ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if text in ("/exit", "exit", "quit"):
+            return
+        if text == "/clear":
+            history = []
+            print("(history cleared)")
+            continue
+        if text.startswith("/system"):
+            system_prompt = text[len("/system"):].strip() or None
+            history = []
+            print(f"(system prompt {'set' if system_prompt else 'removed'}; history cleared)")
+            continue
+        if not text or text.startswith("/"):
+            print(HELP)
+            continue
+        history.append({"role": "user", "content": text})
+        system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        print("Assistant: ", end="", flush=True)
+        reply = stream_reply(model, tokenizer, system + history, sampling)
+        if reply.finish_reason == "length":
+            print(f"(stopped at max_new_tokens={sampling.max_new_tokens})", file=sys.stderr)
+        history.append({"role": "assistant", "content": reply.text})

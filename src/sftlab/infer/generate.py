@@ -1,0 +1,71 @@
+"""Generation shared by chat, the training probes and evaluation: batched, left-padded, stops on all of
+GLM-4's stop tokens, returns only the new tokens."""
+
+from dataclasses import dataclass
+
+import torch
+
+from sftlab.chat_format import ChatRenderer, stop_token_ids
+
+
+@dataclass
+class Reply:
+    text: str
+    finish_reason: str  # "stop": ended on a stop token; "length": hit max_new_tokens
+    new_tokens: int
+
+
+@dataclass
+class SamplingArgs:
+    max_new_tokens: int = 1024
+    temperature: float = 0.6  # 0 means greedy
+    top_p: float = 0.8
+    repetition_penalty: float = 1.2
+
+    def generate_kwargs(self) -> dict:
+        if self.temperature <= 0:
+            return dict(do_sample=False, repetition_penalty=self.repetition_penalty)
+        return dict(do_sample=True, temperature=self.temperature, top_p=self.top_p,
+                    repetition_penalty=self.repetition_penalty)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(prompt)
+        mask[row, width - len(prompt):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def split_reply(tokenizer, new_ids: list[int], stop_ids: list[int]) -> Reply:
+    """Cuts at the first stop token; the reply text excludes it and anything after (padding)."""
+    for n, token_id in enumerate(new_ids):
+        if token_id in stop_ids:
+            return Reply(tokenizer.decode(new_ids[:n], skip_special_tokens=True).strip(), "stop", n + 1)
+    return Reply(tokenizer.decode(new_ids, skip_special_tokens=True).strip(), "length", len(new_ids))
+
+
+@torch.no_grad()
+def generate_replies(model, tokenizer, conversations: list[list[dict]], sampling: SamplingArgs,
+                     batch_size: int = 16, streamer=None) -> list[Reply]:
+    """Replies to each conversation (the last message is the user's). Runs in eval mode, then restores."""
+    renderer = ChatRenderer(tokenizer)
+    stop_ids = stop_token_ids(tokenizer)
+    was_training = model.training
+    model.eval()
+    replies = []
+    try:
+        for start in range(0, len(conversations), batch_size):
+            prompts = [renderer.prompt_ids(c) for c in conversations[start:start + batch_size]]
+            ids, mask = left_pad(prompts, tokenizer.pad_token_id, model.device)
+            out = model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=sampling.max_new_tokens,
+                eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id, streamer=streamer,
+                **sampling.generate_kwargs(),
+            )
+            replies += [split_reply(tokenizer, row[ids.shape[1]:].tolist(), stop_ids) for row in out]
+    finally:
+        model.train(was_training)
+    return replies

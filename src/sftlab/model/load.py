@@ -1,0 +1,133 @@
+"""The one model loader: name -> local folder -> tokenizer (with chat template) and model.
+
+Safe by default: safetensors only, no remote code unless asked for. A Hub id is fetched only where there is
+network; offline, the error says in one line what to do instead.
+"""
+
+import json
+import os
+from pathlib import Path
+
+from sftlab.errors import UserError
+from sftlab.model.tiny import TINY_MODEL_NAME, ensure_tiny_model, glm4_chat_template
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def resolve_model_path(name_or_path: str) -> Path:
+    """A local folder for `name_or_path`: the tiny model, a local checkpoint, or a Hub snapshot."""
+    if name_or_path == TINY_MODEL_NAME:
+        return ensure_tiny_model()
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise UserError(f"model path {name_or_path}: no config.json there (is it a model folder?)")
+        return path
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1 or path.exists():
+        raise UserError(
+            f"model path {name_or_path} does not exist. Pass a local model folder, a Hub id like "
+            f"THUDM/glm-4-9b-hf, or {TINY_MODEL_NAME}"
+        )
+    return download_from_hub(name_or_path)
+
+
+def download_from_hub(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"]  # safetensors only, never pickles
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+    except Exception:
+        pass  # not cached yet
+    hint = (f"download it where there is network (`hf download {repo_id} --local-dir ./weights/"
+            f"{repo_id.split('/')[-1]}`) and pass that folder")
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        raise UserError(f"{repo_id} is a Hub id, and the Hub is offline (HF_HUB_OFFLINE=1): {hint}")
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as exc:
+        raise UserError(f"could not download {repo_id} from the Hugging Face Hub ({type(exc).__name__}): {hint}")
+
+
+def load_tokenizer(model_path: Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    if tokenizer.chat_template is None and "[gMASK]" in tokenizer.get_vocab():
+        tokenizer.chat_template = glm4_chat_template()  # glm-4-9b-hf (base) ships without one
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return "auto" if name == "auto" else getattr(torch, name)
+
+
+def load_model(model_path: Path, dtype: str = "auto", trust_remote_code: bool = False,
+               attn_implementation: str | None = None, record_name: str | None = None):
+    """Loads a causal LM. `record_name` is what adapters trained on it record as their base."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code, use_safetensors=True,
+        attn_implementation=attn_implementation,
+    )
+    if record_name is not None:
+        model.config._name_or_path = record_name  # PEFT writes this into adapter_config.json
+    return model
+
+
+def recorded_base_name(name_or_path: str) -> str:
+    """How an adapter names its base so it resolves again: names as given, local folders as absolute paths."""
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.is_dir() else name_or_path
+
+
+def adapter_base(adapter_dir: Path) -> str:
+    config_file = Path(adapter_dir) / ADAPTER_CONFIG
+    if not config_file.exists():
+        raise UserError(f"adapter path {adapter_dir}: no {ADAPTER_CONFIG} there (is it a PEFT adapter folder?)")
+    base = json.loads(config_file.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"{config_file}: base_model_name_or_path is empty; pass --model with the base model")
+    return base
+
+
+def best_device_and_dtype():
+    """GPU in bf16 where supported, else fp16 on GPU, else CPU in fp32."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda", ("bfloat16" if torch.cuda.is_bf16_supported() else "float16")
+    return "cpu", "float32"
+
+
+def load_for_inference(model: str | None = None, adapter: str | None = None, device: str | None = None,
+                       dtype: str | None = None, trust_remote_code: bool = False):
+    """(model, tokenizer) for chat and evaluation: the base from `model` or from the adapter's record."""
+    if model is None and adapter is None:
+        raise UserError("pass --model PATH, or --adapter DIR (its base model is read from it)")
+    if adapter is not None and not Path(adapter).is_dir():
+        raise UserError(f"adapter path {adapter} does not exist")
+    base_name = model or adapter_base(Path(adapter))
+    auto_device, auto_dtype = best_device_and_dtype()
+    base_path = resolve_model_path(base_name)
+    # the tokenizer saved with a training run carries the template it was trained with: prefer it
+    tokenizer_dir = Path(adapter) if adapter and (Path(adapter) / "tokenizer_config.json").exists() else base_path
+    tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code)
+    net = load_model(base_path, dtype or auto_dtype, trust_remote_code)
+    if adapter is not None:
+        from peft import PeftModel
+
+        net = PeftModel.from_pretrained(net, adapter)
+    net.to(device or auto_device).eval()
+    return net, tokenizer
+
+
+def save_tokenizer(tokenizer, out_dir: Path) -> None:
+    """Saves with the chat template inside tokenizer_config.json, where the ecosystem looks for it."""
+    tokenizer.save_pretrained(out_dir, save_jinja_files=False)
+    (Path(out_dir) / "chat_template.jinja").unlink(missing_ok=True)  # an older copy would take precedence

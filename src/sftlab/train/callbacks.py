@@ -1,0 +1,68 @@
+"""Trainer callbacks: the probe replies at every save, and a JSON-lines copy of the trainer's logs."""
+
+import json
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from sftlab.infer.generate import SamplingArgs, generate_replies
+
+DEFAULT_PROBES = ["你好，告诉我你的名字。", "告诉我1+2等于多少？"]  # the tutorial's two probe prompts
+
+
+def append_jsonl(path: Path, records: list[dict]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def run_probes(model, tokenizer, prompts: list[str], max_new_tokens: int, system_prompt: str | None = None):
+    conversations = [
+        ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [{"role": "user", "content": p}]
+        for p in prompts
+    ]
+    sampling = SamplingArgs(max_new_tokens=max_new_tokens, temperature=0, repetition_penalty=1.0)
+    return generate_replies(model, tokenizer, conversations, sampling)
+
+
+class ProbeCallback(TrainerCallback):
+    """At each save: greedy replies to the probe prompts, appended to predictions.jsonl and sent to SwanLab.
+
+    Unlike the tutorial's callback, it generates in eval mode (no dropout), batched with left padding,
+    decodes only the new tokens, and stops on GLM-4's stop tokens."""
+
+    def __init__(self, tokenizer, prompts: list[str], max_new_tokens: int, output_dir: str,
+                 system_prompt: str | None = None):
+        self.tokenizer, self.prompts, self.max_new_tokens = tokenizer, prompts, max_new_tokens
+        self.path = Path(output_dir) / "predictions.jsonl"
+        self.system_prompt = system_prompt
+        self.last = []
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        if not self.prompts or not state.is_world_process_zero:
+            return
+        replies = run_probes(model, self.tokenizer, self.prompts, self.max_new_tokens, self.system_prompt)
+        self.last = [dict(step=state.global_step, prompt=p, reply=r.text, finish_reason=r.finish_reason,
+                          new_tokens=r.new_tokens) for p, r in zip(self.prompts, replies)]
+        append_jsonl(self.path, self.last)
+        log_text_to_swanlab([f"{p}\n→ {r.text}" for p, r in zip(self.prompts, replies)], state.global_step)
+
+
+def log_text_to_swanlab(texts: list[str], step: int) -> None:
+    try:
+        import swanlab
+    except ImportError:
+        return
+    if swanlab.get_run() is not None:
+        swanlab.log({"Prediction": [swanlab.Text(t) for t in texts]}, step=step)
+
+
+class JsonlLogCallback(TrainerCallback):
+    """Appends each log record (loss, lr, eval_loss, ...) to trainer_log.jsonl as it happens."""
+
+    def __init__(self, output_dir: str):
+        self.path = Path(output_dir) / "trainer_log.jsonl"
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            append_jsonl(self.path, [{"step": state.global_step, "epoch": state.epoch, **logs}])

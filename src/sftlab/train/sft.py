@@ -1,0 +1,229 @@
+"""`sftlab train`: the tutorial's TRL SFT script, with its defects fixed. The only module that imports trl.
+
+Fixes over the tutorial (FACTS.md section 1): the assistant turn is followed by a supervised terminator and
+the prompt is masked (one renderer, chat_format.py); max_length is TRL's real field; `[gMASK]<sop>` appears
+once; the split is seeded; probes run in eval mode and decode only new tokens; checkpoints are limited.
+"""
+
+import json
+import os
+import shutil
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+from transformers.trainer_utils import get_last_checkpoint
+from trl import SFTConfig, SFTTrainer, TrlParser
+
+from sftlab.chat_format import ChatRenderer, stop_token_ids
+from sftlab.config import DataArguments, ModelArguments
+from sftlab.data.prepare import PreparedData, prepare_data
+from sftlab.errors import UserError
+from sftlab.model.load import (
+    ADAPTER_CONFIG, load_model, load_tokenizer, recorded_base_name, resolve_model_path, save_tokenizer,
+)
+from sftlab.train.callbacks import DEFAULT_PROBES, JsonlLogCallback, ProbeCallback, append_jsonl, run_probes
+from sftlab.train.tracking import REPORT_TO_CHOICES, finish_swanlab, start_swanlab
+
+RESOLVED_CONFIG = "sftlab_config.yaml"
+
+
+@dataclass
+class TrainConfig(SFTConfig):
+    """TRL's SFTConfig with the tutorial's defaults, plus sftlab's own fields."""
+
+    output_dir: str = field(default="./output/lora-glm4-9b-alpaca", metadata={"help": "Run directory."})
+    num_train_epochs: float = field(default=3.0, metadata={"help": "Epochs over the training split."})
+    per_device_train_batch_size: int = field(default=2, metadata={"help": "Train batch size per device."})
+    per_device_eval_batch_size: int = field(default=4, metadata={"help": "Eval batch size per device."})
+    learning_rate: float = field(default=5e-4, metadata={"help": "Peak AdamW learning rate (full FT: ~5e-5)."})
+    bf16: bool = field(default=True, metadata={"help": "bf16 mixed precision (needs an Ampere+ GPU)."})
+    bf16_full_eval: bool = field(default=True, metadata={"help": "Evaluate fully in bf16."})
+    max_length: int | None = field(
+        default=512, metadata={"help": "Max tokens per sample (template included); longer ones are dropped, "
+                               "or truncated with data overflow=truncate. The tutorial's max_seq_length no longer "
+                               "exists in TRL and was silently ignored."}
+    )
+    eval_strategy: str = field(default="steps", metadata={"help": "When to evaluate: no, steps, epoch."})
+    eval_steps: float | None = field(default=0.1, metadata={"help": "Evaluate every N steps (<1: share of all)."})
+    save_steps: float = field(default=0.1, metadata={"help": "Checkpoint every N steps (<1: share of all)."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+    activation_checkpointing: bool | None = field(
+        default=True, metadata={"help": "Recompute activations in backward to save memory (TRL's default: on)."}
+    )
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Deprecated alias of activation_checkpointing (transformers 5)."}
+    )
+    save_total_limit: int | None = field(default=3, metadata={"help": "Checkpoints kept (oldest deleted)."})
+    report_to: None | str | list[str] = field(
+        default="swanlab", metadata={"help": "none, swanlab or tensorboard (SwanLab runs locally without login)."}
+    )
+    resume: bool = field(default=False, metadata={"help": "Continue from the last checkpoint in output_dir."})
+    probe_prompts: list[str] = field(
+        default_factory=lambda: list(DEFAULT_PROBES),
+        metadata={"help": "Prompts answered (greedy) at every save, logged to predictions.jsonl and SwanLab."},
+    )
+    probe_max_new_tokens: int = field(default=128, metadata={"help": "Max new tokens per probe reply."})
+
+    def __post_init__(self):
+        reports = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to or ["none"])
+        unknown = [r for r in reports if r not in REPORT_TO_CHOICES]
+        if unknown:
+            raise ValueError(f"report_to: {unknown[0]!r} is not one of {', '.join(REPORT_TO_CHOICES)}")
+        super().__post_init__()
+
+
+def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, TrainConfig]:
+    parser = TrlParser((ModelArguments, DataArguments, TrainConfig), prog="sftlab train")
+    if "--config" in argv:
+        config_path = argv[argv.index("--config") + 1] if argv.index("--config") + 1 < len(argv) else ""
+        if not Path(config_path).is_file():
+            raise UserError(f"config file {config_path or '(missing)'} does not exist")
+    try:
+        return parser.parse_args_and_config(args=argv)
+    except ValueError as exc:
+        raise UserError(_config_error_line(exc))
+
+
+def _config_error_line(exc: ValueError) -> str:
+    text = str(exc)
+    if "Unknown arguments from config file" in text or "not used by the HfArgumentParser" in text:
+        keys = [k.lstrip("-") for k in text.split("[", 1)[-1].split("]", 1)[0].replace("'", "").split(", ")
+                if k.startswith("--") or k.startswith("'--")]
+        return f"unknown config key(s): {', '.join(keys) or text}. `sftlab train --help` lists the fields"
+    return f"config: {text.splitlines()[0]}"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def resolved_config(model_args, data_args, train_args) -> dict:
+    train = {k: v for k, v in train_args.to_dict().items() if not k.startswith("_")}
+    return {"model": asdict(model_args), "data": asdict(data_args), "train": train}
+
+
+def lora_config(model_args: ModelArguments):
+    from peft import LoraConfig
+
+    targets = model_args.lora_target_modules
+    return LoraConfig(
+        r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
+        target_modules=targets[0] if targets == ["all-linear"] else targets, task_type="CAUSAL_LM",
+        modules_to_save=model_args.lora_modules_to_save,
+    )
+
+
+def check_output_dir(train_args: TrainConfig) -> str | None:
+    """The checkpoint to resume from, or None for a fresh run. Never silently trains over an old run."""
+    out = Path(train_args.output_dir)
+    last = get_last_checkpoint(str(out)) if out.is_dir() else None
+    if train_args.resume:
+        if last is None:
+            raise UserError(f"--resume: no checkpoint-* folder in {out} to resume from")
+        return last
+    if last is not None or (out / ADAPTER_CONFIG).exists() or (out / "model.safetensors").exists():
+        raise UserError(f"output_dir {out} already holds a run: pass --resume to continue it, "
+                        "or choose another output_dir")
+    return None
+
+
+def train(model_args: ModelArguments, data_args: DataArguments, train_args: TrainConfig) -> Path:
+    """Runs one SFT job and returns the run directory, which then holds the final adapter or model."""
+    resume_from = check_output_dir(train_args)
+    out = Path(train_args.output_dir)
+    model_path = resolve_model_path(model_args.model_name_or_path)
+    tokenizer = load_tokenizer(model_path, train_args.trust_remote_code)
+    renderer = ChatRenderer(tokenizer, train_args.max_length, data_args.overflow)
+    data = prepare_data(data_args.data_files, renderer, data_args.test_size, data_args.split_seed,
+                        data_args.system_prompt)
+    print(data.summary())
+    if not data.train:
+        raise UserError(f"no training samples left from {', '.join(data_args.data_files)} ({data.summary()})")
+    is_main = train_args.process_index == 0
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_run_inputs(out, model_args, data_args, train_args, data)
+
+    model = load_model(model_path, model_args.dtype, train_args.trust_remote_code, model_args.attn_implementation,
+                       record_name=recorded_base_name(model_args.model_name_or_path))
+    from datasets import Dataset
+
+    reports = [train_args.report_to] if isinstance(train_args.report_to, str) else train_args.report_to
+    if "swanlab" in reports and is_main:
+        start_swanlab(str(out), train_args.run_name, resolved_config(model_args, data_args, train_args))
+    probe = ProbeCallback(tokenizer, train_args.probe_prompts, train_args.probe_max_new_tokens, str(out),
+                          data_args.system_prompt)
+    trainer = SFTTrainer(
+        model=model, args=train_args, processing_class=tokenizer,
+        train_dataset=Dataset.from_list(data.train),
+        eval_dataset=Dataset.from_list(data.test) if data.test and train_args.eval_strategy != "no" else None,
+        peft_config=lora_config(model_args) if model_args.use_peft else None,
+        callbacks=[probe, JsonlLogCallback(str(out))],
+    )
+    try:
+        trainer.train(resume_from_checkpoint=resume_from)
+        if is_main:
+            save_final(trainer, tokenizer, out, model_args)
+            replies = run_probes(trainer.model, tokenizer, train_args.probe_prompts,
+                                 train_args.probe_max_new_tokens, data_args.system_prompt)
+            final = [dict(step=trainer.state.global_step, prompt=p, reply=r.text, finish_reason=r.finish_reason,
+                          new_tokens=r.new_tokens, final=True) for p, r in zip(train_args.probe_prompts, replies)]
+            append_jsonl(out / "predictions.jsonl", final)
+            print_probes(final)
+    finally:
+        if "swanlab" in reports and is_main:
+            finish_swanlab()
+    return out
+
+
+def write_run_inputs(out: Path, model_args, data_args, train_args, data: PreparedData) -> None:
+    """How the run was made, written before training so even a crashed run says it."""
+    write_atomic(out / RESOLVED_CONFIG, yaml.safe_dump(resolved_config(model_args, data_args, train_args),
+                                                      allow_unicode=True, sort_keys=False))
+    heldout = "".join(json.dumps({"messages": m}, ensure_ascii=False) + "\n" for m in data.test_messages)
+    write_atomic(out / "heldout.jsonl", heldout)
+    rejected = "".join(json.dumps(r.__dict__, ensure_ascii=False) + "\n" for r in data.rejected)
+    write_atomic(out / "rejected.jsonl", rejected)
+
+
+def save_final(trainer, tokenizer, out: Path, model_args: ModelArguments) -> None:
+    """Writes the final weights, tokenizer and generation config into a staging folder, then moves them in.
+
+    The marker of a loadable folder (adapter_config.json, or config.json for a full model) is moved last,
+    so a crash mid-save never leaves a folder that looks complete."""
+    staging = out / ".final.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    trainer.save_model(str(staging))
+    (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; sftlab_config.yaml says the same in YAML
+    save_tokenizer(tokenizer, staging)
+    generation_config = trainer.model.generation_config
+    generation_config.eos_token_id = stop_token_ids(tokenizer)  # all three GLM-4 stop ids
+    generation_config.pad_token_id = tokenizer.pad_token_id
+    generation_config.save_pretrained(staging)
+    if (staging / ADAPTER_CONFIG).exists():
+        config = json.loads((staging / ADAPTER_CONFIG).read_text())
+        config["base_model_name_or_path"] = recorded_base_name(model_args.model_name_or_path)
+        write_atomic(staging / ADAPTER_CONFIG, json.dumps(config, indent=2))
+    marker = ADAPTER_CONFIG if (staging / ADAPTER_CONFIG).exists() else "config.json"
+    for item in sorted(staging.iterdir(), key=lambda p: p.name == marker):
+        os.replace(item, out / item.name)
+    staging.rmdir()
+    trainer.state.save_to_json(str(out / "trainer_state.json"))
+
+
+def print_probes(records: list[dict]) -> None:
+    print("\nProbe replies of the fine-tuned model:")
+    for r in records:
+        print(f"  Q: {r['prompt']}\n  A: {r['reply']}   [{r['finish_reason']}, {r['new_tokens']} tokens]")
+
+
+def main(argv: list[str]) -> Path:
+    model_args, data_args, train_args = parse_args(argv)
+    out = train(model_args, data_args, train_args)
+    print(f"\nrun directory: {out}")
+    sys.stdout.flush()
+    return out

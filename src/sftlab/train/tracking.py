@@ -1,0 +1,36 @@
+"""Experiment tracking that never blocks: SwanLab online only with credentials, else local mode."""
+
+import os
+from pathlib import Path
+
+REPORT_TO_CHOICES = ("none", "swanlab", "tensorboard")
+
+
+def swanlab_has_credentials() -> bool:
+    if os.environ.get("SWANLAB_API_KEY"):
+        return True
+    root = Path(os.environ.get("SWANLAB_ROOT") or Path.home() / ".swanlab")
+    return (Path.cwd() / ".swanlab" / ".netrc").exists() or (root / ".netrc").exists()
+
+
+def start_swanlab(output_dir: str, run_name: str | None, config: dict) -> str:
+    """Starts the SwanLab run that transformers' SwanLabCallback then reuses. Returns the mode used.
+
+    The tutorial's run asked for a login interactively; here, without credentials, the run is local,
+    under the run directory, and `swanlab watch` shows it."""
+    import swanlab
+
+    mode = os.environ.get("SWANLAB_MODE") or ("online" if swanlab_has_credentials() else "local")
+    log_dir = str(Path(output_dir) / "swanlog")
+    swanlab.init(project=os.environ.get("SWANLAB_PROJECT", "sftlab"), name=run_name, mode=mode,
+                 log_dir=log_dir, config=config)
+    if mode == "local":
+        print(f"swanlab: no login found, logging locally. View with: swanlab watch {log_dir}")
+    return mode
+
+
+def finish_swanlab() -> None:
+    import swanlab
+
+    if swanlab.get_run() is not None:
+        swanlab.finish()
