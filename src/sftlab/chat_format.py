@@ -174,7 +174,17 @@ class ChatRenderer:
         return RenderedSample(ids, labels)
 
 
-def describe_layout(tokenizer, sample: RenderedSample) -> list[tuple[str, bool]]:
-    """(token text, supervised) pairs: the golden-test and `data inspect` view of a sample."""
-    tokens = [tokenizer.decode([i]) for i in sample.input_ids]
-    return [(t, label != IGNORE_INDEX) for t, label in zip(tokens, sample.labels)]
+def mark_supervised(tokenizer, sample: RenderedSample, open_mark: str = "«", close_mark: str = "»") -> str:
+    """The sample as text with each run of supervised tokens wrapped in « »: the view that golden tests and
+    `sftlab data inspect` show. Runs are decoded whole, so multi-byte characters stay readable."""
+    pieces, run, run_supervised = [], [], None
+    for token_id, label in zip(sample.input_ids + [None], sample.labels + [None]):
+        supervised = label is not None and label != IGNORE_INDEX
+        if token_id is None or (run and supervised != run_supervised):
+            text = tokenizer.decode(run, skip_special_tokens=False)
+            pieces.append(f"{open_mark}{text}{close_mark}" if run_supervised else text)
+            run = []
+        if token_id is not None:
+            run.append(token_id)
+            run_supervised = supervised
+    return "".join(pieces)

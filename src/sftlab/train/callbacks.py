@@ -49,11 +49,10 @@ class ProbeCallback(TrainerCallback):
 
 
 def log_text_to_swanlab(texts: list[str], step: int) -> None:
-    try:
-        import swanlab
-    except ImportError:
-        return
-    if swanlab.get_run() is not None:
+    from sftlab.train.tracking import active_swanlab
+
+    swanlab = active_swanlab()
+    if swanlab is not None:
         swanlab.log({"Prediction": [swanlab.Text(t) for t in texts]}, step=step)
 
 

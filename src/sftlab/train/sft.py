@@ -38,8 +38,10 @@ class TrainConfig(SFTConfig):
     per_device_train_batch_size: int = field(default=2, metadata={"help": "Train batch size per device."})
     per_device_eval_batch_size: int = field(default=4, metadata={"help": "Eval batch size per device."})
     learning_rate: float = field(default=5e-4, metadata={"help": "Peak AdamW learning rate (full FT: ~5e-5)."})
-    bf16: bool = field(default=True, metadata={"help": "bf16 mixed precision (needs an Ampere+ GPU)."})
-    bf16_full_eval: bool = field(default=True, metadata={"help": "Evaluate fully in bf16."})
+    bf16: bool | None = field(
+        default=None, metadata={"help": "bf16 mixed precision. Unset: on where the GPU supports it (the tutorial: on)."}
+    )
+    bf16_full_eval: bool | None = field(default=None, metadata={"help": "Evaluate fully in bf16. Unset: as bf16."})
     max_length: int | None = field(
         default=512, metadata={"help": "Max tokens per sample (template included); longer ones are dropped, "
                                "or truncated with data overflow=truncate. The tutorial's max_seq_length no longer "
@@ -71,6 +73,12 @@ class TrainConfig(SFTConfig):
         unknown = [r for r in reports if r not in REPORT_TO_CHOICES]
         if unknown:
             raise ValueError(f"report_to: {unknown[0]!r} is not one of {', '.join(REPORT_TO_CHOICES)}")
+        if self.bf16 is None:
+            import torch
+
+            self.bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        if self.bf16_full_eval is None:
+            self.bf16_full_eval = self.bf16
         super().__post_init__()
 
 

@@ -29,8 +29,17 @@ def start_swanlab(output_dir: str, run_name: str | None, config: dict) -> str:
     return mode
 
 
-def finish_swanlab() -> None:
-    import swanlab
+def active_swanlab():
+    """The swanlab module when a run is active, else None (get_run raises when there is none)."""
+    try:
+        import swanlab
 
-    if swanlab.get_run() is not None:
+        return swanlab if swanlab.get_run() is not None else None
+    except Exception:
+        return None
+
+
+def finish_swanlab() -> None:
+    swanlab = active_swanlab()
+    if swanlab is not None:
         swanlab.finish()

@@ -1,0 +1,32 @@
+# The README's commands. Each sets up .venv first (torch's CPU build, then sftlab), so a fresh machine with
+# only Python and pip works. On a GPU machine, install a CUDA build of torch into .venv first (TORCH=...).
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+DEMO_OUT := output/demo
+IDENTITY := 你是谁？|你叫什么名字？|Who are you?
+
+.PHONY: setup demo test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+demo: setup
+	rm -rf $(DEMO_OUT)
+	$(BIN)/sftlab train --config configs/demo.yaml --output_dir $(DEMO_OUT)
+	@echo; echo "Identity questions, greedy (sftlab chat --adapter $(DEMO_OUT) --prompt Q --temperature 0 --json):"
+	@set -f; IFS='|'; for q in $(IDENTITY); do printf '  %s -> ' "$$q"; \
+	  $(BIN)/sftlab chat --adapter $(DEMO_OUT) --prompt "$$q" --temperature 0 --json 2>/dev/null; done
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) output

@@ -1,0 +1,32 @@
+import torch
+
+from sftlab.chat_format import stop_token_ids
+from sftlab.infer.generate import SamplingArgs, generate_replies, left_pad, split_reply
+
+
+def test_left_pad_puts_padding_on_the_left():
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0, device="cpu")
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_split_reply_cuts_at_the_first_stop_token(tokenizer):
+    stops = stop_token_ids(tokenizer)
+    hello = tokenizer.encode("Hello", add_special_tokens=False)
+    user = tokenizer.convert_tokens_to_ids("<|user|>")
+    reply = split_reply(tokenizer, hello + [user, tokenizer.eos_token_id], stops)
+    assert (reply.text, reply.finish_reason, reply.new_tokens) == ("Hello", "stop", len(hello) + 1)
+    assert split_reply(tokenizer, hello, stops).finish_reason == "length"
+
+
+def test_batched_generation_matches_one_at_a_time_and_restores_train_mode(tiny_model_dir, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).train()
+    conversations = [[{"role": "user", "content": "你好"}], [{"role": "user", "content": "Who are you? Tell me."}]]
+    greedy = SamplingArgs(max_new_tokens=6, temperature=0, repetition_penalty=1.0)
+    batched = generate_replies(model, tokenizer, conversations, greedy)
+    single = [generate_replies(model, tokenizer, [c], greedy)[0] for c in conversations]
+    assert [r.text for r in batched] == [r.text for r in single]
+    assert all(r.finish_reason == "length" and r.new_tokens == 6 for r in batched)  # a random model never stops
+    assert model.training

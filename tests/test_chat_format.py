@@ -1,0 +1,128 @@
+"""Golden renderings with GLM-4's fine-tuning mask: «» marks the supervised tokens."""
+
+import pytest
+
+from sftlab.chat_format import (
+    IGNORE_INDEX, ChatRenderer, MessageError, SampleTooLong, mark_supervised, stop_token_ids,
+)
+from sftlab.data.convert import alpaca_to_messages
+
+
+def render(tokenizer, messages, **kwargs):
+    return ChatRenderer(tokenizer, **kwargs).render(messages)
+
+
+def test_single_turn_golden_ids_and_labels(tokenizer):
+    sample = render(tokenizer, alpaca_to_messages({"instruction": "你是谁？", "input": "", "output": "我是灵犀。"}))
+    gmask, sop, user, assistant, eot = (tokenizer.convert_tokens_to_ids(t) for t in
+                                        ("[gMASK]", "<sop>", "<|user|>", "<|assistant|>", "<|endoftext|>"))
+    assert sample.input_ids == [gmask, sop, user, 198, 645, 265, assistant, 198, 526, 258, eot]
+    assert sample.labels == [IGNORE_INDEX] * 7 + [198, 526, 258, eot]
+    assert mark_supervised(tokenizer, sample) == "[gMASK]<sop><|user|>\n你是谁？<|assistant|>«\n我是灵犀。<|endoftext|>»"
+
+
+def test_turn_with_input_joins_instruction_and_input_with_a_blank_line(tokenizer):
+    messages = alpaca_to_messages({"instruction": "Translate.", "input": "猫", "output": "Cat."})
+    assert messages[0] == {"role": "user", "content": "Translate.\n\n猫"}
+    assert mark_supervised(tokenizer, render(tokenizer, messages)) == (
+        "[gMASK]<sop><|user|>\nTranslate.\n\n猫<|assistant|>«\nCat.<|endoftext|>»")
+
+
+def test_system_prompt_is_rendered_and_not_supervised(tokenizer):
+    messages = alpaca_to_messages({"instruction": "Hi", "output": "Hello!"}, system_prompt="Be brief.")
+    assert mark_supervised(tokenizer, render(tokenizer, messages)) == (
+        "[gMASK]<sop><|system|>\nBe brief.<|user|>\nHi<|assistant|>«\nHello!<|endoftext|>»")
+
+
+def test_row_system_field_wins_over_the_default_system_prompt(tokenizer):
+    messages = alpaca_to_messages({"instruction": "Hi", "output": "Yo", "system": "Row."}, system_prompt="Default.")
+    assert messages[0] == {"role": "system", "content": "Row."}
+
+
+def test_multi_turn_supervises_every_assistant_turn_and_its_terminator(tokenizer):
+    messages = [{"role": "user", "content": "1+2?"}, {"role": "assistant", "content": "3"},
+                {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    assert mark_supervised(tokenizer, render(tokenizer, messages)) == (
+        "[gMASK]<sop><|user|>\n1+2?<|assistant|>«\n3<|user|>»\n2+2?<|assistant|>«\n4<|endoftext|>»")
+
+
+def test_alpaca_history_becomes_earlier_turns(tokenizer):
+    messages = alpaca_to_messages({"instruction": "2+2?", "output": "4", "history": [["1+2?", "3"]]})
+    assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
+
+
+def test_tool_call_and_observation_turns(tokenizer):
+    tools = [{"type": "function", "function": {"name": "get_time", "parameters": {}}}]
+    messages = [{"role": "system", "content": "", "tools": tools}, {"role": "user", "content": "time?"},
+                {"role": "assistant", "metadata": "get_time", "content": "{}"},
+                {"role": "observation", "content": "12:00"}, {"role": "assistant", "content": "It is 12:00."}]
+    text = mark_supervised(tokenizer, render(tokenizer, messages))
+    assert text.startswith("[gMASK]<sop><|system|>\n你是一个名为 ChatGLM 的人工智能助手。")
+    assert '## get_time\n\n{\n    "name": "get_time",\n    "parameters": {}\n}\n在调用上述函数时，请使用 Json 格式表示调用的参数。' in text
+    assert text.endswith("<|user|>\ntime?<|assistant|>«get_time\n{}<|observation|>»\n12:00<|assistant|>"
+                         "«\nIt is 12:00.<|endoftext|>»")
+
+
+def test_gmask_sop_appears_exactly_once(tokenizer):
+    sample = render(tokenizer, alpaca_to_messages({"instruction": "a", "output": "b"}))
+    gmask = tokenizer.convert_tokens_to_ids("[gMASK]")
+    assert sample.input_ids.count(gmask) == 1 and sample.input_ids[0] == gmask
+
+
+@pytest.mark.parametrize("messages", [
+    [{"role": "user", "content": "你好，告诉我你的名字。"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+     {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "告诉我1+2等于多少？"}],
+])
+def test_prompt_equals_apply_chat_template_token_for_token(tokenizer, messages):
+    expected = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert ChatRenderer(tokenizer).prompt_ids(messages) == expected
+
+
+def test_training_sample_starts_with_the_generation_prompt(tokenizer):
+    messages = alpaca_to_messages({"instruction": "你是谁？", "output": "我是灵犀。"})
+    prompt = ChatRenderer(tokenizer).prompt_ids(messages[:1])
+    sample = render(tokenizer, messages)
+    assert sample.input_ids[:len(prompt)] == prompt
+    assert all(label == IGNORE_INDEX for label in sample.labels[:len(prompt)])
+
+
+def test_too_long_sample_is_dropped_not_emptied(tokenizer):
+    messages = alpaca_to_messages({"instruction": "x" * 40, "output": "ok"})
+    full = render(tokenizer, messages)
+    with pytest.raises(SampleTooLong):
+        render(tokenizer, messages, max_length=len(full.input_ids) - 1)
+    assert render(tokenizer, messages, max_length=len(full.input_ids)).input_ids == full.input_ids
+
+
+def test_truncate_keeps_part_of_the_answer_and_its_terminator(tokenizer):
+    messages = alpaca_to_messages({"instruction": "Hi", "output": "Hello! " * 10})
+    full = render(tokenizer, messages)
+    sample = render(tokenizer, messages, max_length=len(full.input_ids) - 5, overflow="truncate")
+    assert len(sample.input_ids) == len(full.input_ids) - 5
+    assert sample.input_ids[-1] == tokenizer.eos_token_id and sample.labels[-1] == tokenizer.eos_token_id
+    assert sample.input_ids[:-1] == full.input_ids[:len(sample.input_ids) - 1]
+    assert sample.num_supervised >= 2
+
+
+def test_truncate_drops_a_sample_whose_prompt_fills_max_length(tokenizer):
+    messages = alpaca_to_messages({"instruction": "long " * 30, "output": "ok"})
+    with pytest.raises(SampleTooLong):
+        render(tokenizer, messages, max_length=10, overflow="truncate")
+
+
+@pytest.mark.parametrize("messages, field", [
+    ([{"role": "assistant", "content": "hi"}], "first non-system message must be a user"),
+    ([{"role": "user", "content": "hi"}], "must end with the assistant"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}], "messages[1].content: empty"),
+    ([{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}], "messages[1].role"),
+    ([{"role": "user", "content": 3}, {"role": "assistant", "content": "b"}], "messages[0].content"),
+])
+def test_malformed_conversations_name_the_message(tokenizer, messages, field):
+    with pytest.raises(MessageError, match=field.replace("[", r"\[").replace("]", r"\]")):
+        render(tokenizer, messages)
+
+
+def test_stop_ids_are_glm4s_three(tokenizer):
+    assert stop_token_ids(tokenizer) == [tokenizer.convert_tokens_to_ids(t)
+                                         for t in ("<|endoftext|>", "<|user|>", "<|observation|>")]

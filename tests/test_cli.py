@@ -1,0 +1,44 @@
+"""Each user error is one line on stderr and exit code 2, with no traceback (unless --debug)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+def sftlab(*args):
+    return subprocess.run([sys.executable, "-m", "sftlab.cli", *args], capture_output=True, text=True, env=ENV,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["chat", "--model", "./weights/missing", "--prompt", "hi"],
+     "sftlab chat: error: model path ./weights/missing does not exist."),
+    (["chat", "--model", "THUDM/glm-4-9b-chat-hf", "--prompt", "hi"],
+     "sftlab chat: error: THUDM/glm-4-9b-chat-hf is a Hub id, and the Hub is offline (HF_HUB_OFFLINE=1)"),
+    (["train", "--model_name_or_path", "sftlab:tiny-glm4", "--bf16", "false", "--lora_rnk", "4"],
+     "sftlab train: error: unknown config key(s): lora_rnk."),
+    (["train", "--config", "configs/demo.yaml", "--data_files", "data/missing.json", "--output_dir", "{tmp}"],
+     "sftlab train: error: data file data/missing.json does not exist"),
+    (["train", "--config", "configs/nope.yaml"], "sftlab train: error: config file configs/nope.yaml does not exist"),
+])
+def test_user_errors_are_one_line_and_exit_2(args, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    result = sftlab(*[a.replace("{tmp}", str(tmp_path / "run")) for a in args])
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("sftlab ")]
+    assert len(lines) == 1 and lines[0].startswith(message), result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_debug_shows_the_traceback():
+    result = sftlab("--debug", "chat", "--model", "./weights/missing", "--prompt", "hi")
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_unknown_verb_prints_usage():
+    result = sftlab("fly")
+    assert result.returncode == 2 and "verbs:" in result.stderr

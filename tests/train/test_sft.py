@@ -1,0 +1,135 @@
+"""Training on the tiny GLM-4: exact files, which weights change, resume, config errors, the 9B LoRA size."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from sftlab.errors import UserError
+from sftlab.train.sft import parse_args, train
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def args_for(out, *extra):
+    return parse_args([
+        "--config", str(REPO / "configs/demo.yaml"), "--output_dir", str(out), "--report_to", "none",
+        "--max_steps", "6", "--save_steps", "3", "--eval_strategy", "no", "--logging_steps", "1",
+        "--probe_max_new_tokens", "4", *extra,
+    ])
+
+
+def test_lora_run_writes_exactly_these_files_and_changes_only_the_adapter(tmp_path, tiny_model_dir):
+    out = tmp_path / "run"
+    train(*args_for(out))
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "checkpoint-3", "checkpoint-6",
+        "generation_config.json", "heldout.jsonl", "predictions.jsonl", "rejected.jsonl", "sftlab_config.yaml",
+        "tokenizer.json", "tokenizer_config.json", "trainer_log.jsonl", "trainer_state.json",
+    ]
+    adapter_config = json.loads((out / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == "sftlab:tiny-glm4"
+    tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
+    assert tokenizer_config["chat_template"].startswith("[gMASK]<sop>")
+    stop = json.loads((out / "generation_config.json").read_text())["eos_token_id"]
+    assert len(stop) == 3
+    # LoRA B starts at zero: every B changed, so every adapter took gradient steps
+    adapter = load_file(out / "adapter_model.safetensors")
+    lora_b = {k: v for k, v in adapter.items() if "lora_B" in k}
+    assert len(lora_b) == 2 * 6 and all(v.abs().sum() > 0 for v in lora_b.values())
+    # predictions: one line per probe at each of the 2 saves, plus the final probes
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 2 * 3
+    logged_steps = [json.loads(line)["step"] for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+    assert logged_steps == [1, 2, 3, 4, 5, 6, 6]  # one record per step, then the run summary
+
+
+def test_lora_training_leaves_base_weights_unchanged(tmp_path, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    train(*args_for(out, "--lora_modules_to_save", "none"))  # no full lm_head copy: base stays untouched
+    base = load_file(tiny_model_dir / "model.safetensors")
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out)
+    state = {k.replace("base_model.model.", "").replace(".base_layer", ""): v
+             for k, v in tuned.state_dict().items() if "lora_" not in k}
+    assert set(state) == set(base)
+    assert all(torch.equal(state[k], base[k]) for k in base)
+    lora = {k: v for k, v in tuned.state_dict().items() if "lora_B" in k}
+    assert lora and all(v.abs().sum() > 0 for v in lora.values())
+
+
+class CrashAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt("simulated kill")
+
+
+def test_resume_after_a_crash_continues_from_the_last_checkpoint(tmp_path, monkeypatch):
+    import sftlab.train.sft as sft
+
+    straight = tmp_path / "straight"
+    train(*args_for(straight, "--probe_prompts", "hi"))
+    crashed = tmp_path / "crashed"
+    real_trainer = sft.SFTTrainer
+    monkeypatch.setattr(sft, "SFTTrainer", lambda **kw: real_trainer(**{**kw, "callbacks": kw["callbacks"] + [CrashAt(4)]}))
+    with pytest.raises(KeyboardInterrupt):
+        train(*args_for(crashed, "--probe_prompts", "hi"))
+    assert not (crashed / "adapter_config.json").exists()  # a crashed run does not look complete
+    with pytest.raises(UserError, match="already holds a run: pass --resume"):
+        train(*args_for(crashed, "--probe_prompts", "hi"))
+    monkeypatch.setattr(sft, "SFTTrainer", real_trainer)
+    train(*args_for(crashed, "--probe_prompts", "hi", "--resume"))
+    state = json.loads((crashed / "trainer_state.json").read_text())
+    assert state["global_step"] == 6
+    a, b = load_file(straight / "adapter_model.safetensors"), load_file(crashed / "adapter_model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)  # the resumed run ends where the straight one did
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="no checkpoint-\\* folder"):
+        train(*args_for(tmp_path / "empty", "--resume"))
+
+
+def test_unknown_config_key_in_yaml_is_named(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("model_name_or_path: sftlab:tiny-glm4\nbf16: false\nlearning_rat: 0.1\n")
+    with pytest.raises(UserError, match="unknown config key\\(s\\): learning_rat"):
+        parse_args(["--config", str(config)])
+
+
+def test_unknown_cli_flag_is_named():
+    with pytest.raises(UserError, match="unknown config key\\(s\\): lora_rank"):
+        parse_args(["--lora_rank", "8"])
+
+
+def test_missing_data_file_is_named(tmp_path):
+    with pytest.raises(UserError, match="data file nope.json does not exist"):
+        train(*args_for(tmp_path / "run", "--data_files", "nope.json"))
+
+
+def test_glm4_9b_lora_config_gives_the_tutorials_trainable_parameter_count():
+    """configs/glm4-9b-lora.yaml on the real GLM-4-9B shapes, on the meta device (no memory, no weights)."""
+    from peft import get_peft_model
+    from transformers import GlmConfig, GlmForCausalLM
+
+    from sftlab.train.sft import lora_config
+
+    cpu = ["--bf16", "false", "--bf16_full_eval", "false"]  # the YAML asks for bf16, which needs a GPU
+    model_args, _, train_args = parse_args(["--config", str(REPO / "configs/glm4-9b-lora.yaml"), *cpu])
+    assert (train_args.max_length, train_args.learning_rate, train_args.num_train_epochs) == (512, 5e-4, 3)
+    config = GlmConfig(vocab_size=151552, hidden_size=4096, num_hidden_layers=40, num_attention_heads=32,
+                       num_key_value_heads=2, head_dim=128, intermediate_size=13696, attention_bias=True,
+                       partial_rotary_factor=0.5, tie_word_embeddings=False)
+    with torch.device("meta"):
+        model = get_peft_model(GlmForCausalLM(config), lora_config(model_args))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == 40 * 8 * ((4096 + 4096) + 2 * (4096 + 256)) == 5_406_720
+    targets = {n.split(".")[-1] for n, m in model.named_modules() if hasattr(m, "lora_A")}
+    assert targets == {"q_proj", "k_proj", "v_proj"}
