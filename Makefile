@@ -5,7 +5,7 @@ TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 DEMO_OUT := output/demo
-IDENTITY := 你是谁？|你叫什么名字？|Who are you?
+IDENTITY := "你是谁？" "你叫什么名字？" "Who are you?"
 
 .PHONY: setup demo test bench clean
 
@@ -22,7 +22,7 @@ demo: setup
 	rm -rf $(DEMO_OUT)
 	$(BIN)/sftlab train --config configs/demo.yaml --output_dir $(DEMO_OUT)
 	@echo; echo "Identity questions, greedy (sftlab chat --adapter $(DEMO_OUT) --prompt Q --temperature 0 --json):"
-	@set -f; IFS='|'; for q in $(IDENTITY); do printf '  %s -> ' "$$q"; \
+	@for q in $(IDENTITY); do printf '  %s -> ' "$$q"; \
 	  $(BIN)/sftlab chat --adapter $(DEMO_OUT) --prompt "$$q" --temperature 0 --json 2>/dev/null; done
 
 test: setup

@@ -117,8 +117,9 @@ class ChatRenderer:
         validate_messages(messages, for_training=False)
         return self.encode(self.render_text(messages, add_generation_prompt=True))
 
-    def render(self, messages: list[dict]) -> RenderedSample:
-        """Ids and labels for a training conversation; raises MessageError or SampleTooLong."""
+    def render(self, messages: list[dict], fit: bool = True) -> RenderedSample:
+        """Ids and labels for a training conversation; raises MessageError, or SampleTooLong when `fit` is on
+        and the sample is over max_length (fit=False returns it whole, for length statistics)."""
         validate_messages(messages)
         input_ids, labels = [], []
         done = self.render_text([])  # e.g. "[gMASK]<sop>": written once, by the template
@@ -138,7 +139,8 @@ class ChatRenderer:
             done = full
         input_ids.append(self.eos_id)  # the template writes no end token: the conversation ends here
         labels.append(self.eos_id)
-        return self._fit(RenderedSample(input_ids, labels))
+        sample = RenderedSample(input_ids, labels)
+        return self.fit(sample) if fit else sample
 
     def _extend(self, prefix: str, text: str, index: int) -> str:
         if not text.startswith(prefix):
@@ -157,7 +159,8 @@ class ChatRenderer:
                           [IGNORE_INDEX] * len(ids))
         input_ids.extend(ids)
 
-    def _fit(self, sample: RenderedSample) -> RenderedSample:
+    def fit(self, sample: RenderedSample) -> RenderedSample:
+        """Applies max_length: the sample itself, a truncated copy (overflow=truncate), or SampleTooLong."""
         if self.max_length is None or len(sample.input_ids) <= self.max_length:
             return sample
         if self.overflow == "drop":

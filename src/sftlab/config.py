@@ -67,3 +67,42 @@ class DataArguments:
             raise ValueError(f"test_size: must be in [0, 1), got {self.test_size}")
         if self.overflow not in ("drop", "truncate"):
             raise ValueError(f"overflow: {self.overflow!r} is not one of drop, truncate")
+
+
+DEFAULT_BOILERPLATE = ["作为一个AI语言模型", "作为一个人工智能语言模型", "As an AI language model", "as an AI language model"]
+
+
+@dataclass
+class CleanArguments:
+    """The cleaning stage: `sftlab data clean`, and `sftlab train` before it tokenizes."""
+
+    clean: bool = field(default=True, metadata={"help": "Run the cleaning filters before training (train only)."})
+    data_format: str = field(
+        default="auto", metadata={"help": "Row format, or auto to detect it per file.",
+                                  "choices": ["auto", "alpaca", "sharegpt", "openai", "prompt_completion"]},
+    )
+    near_dedup: bool = field(default=True, metadata={"help": "Drop near-duplicate rows (MinHash/LSH)."})
+    near_dedup_threshold: float = field(
+        default=0.9, metadata={"help": "Estimated Jaccard similarity of character 5-grams above which a row is a "
+                               "near duplicate of an earlier one."}
+    )
+    min_response_chars: int = field(
+        default=1, metadata={"help": "Minimum characters in the last assistant reply (shorter: short_response)."}
+    )
+    boilerplate: list[str] = field(
+        default_factory=lambda: list(DEFAULT_BOILERPLATE),
+        metadata={"help": "Phrases that reject a row when a reply contains them (case-insensitive). [] disables."},
+    )
+    strict: bool = field(
+        default=False, metadata={"help": "Fail on the first malformed row, naming its file:line, instead of "
+                                 "counting it and going on."}
+    )
+
+    def __post_init__(self):
+        if not 0 < self.near_dedup_threshold <= 1:
+            raise ValueError(f"near_dedup_threshold: must be in (0, 1], got {self.near_dedup_threshold}")
+        if self.data_format not in ("auto", "alpaca", "sharegpt", "openai", "prompt_completion"):
+            raise ValueError(f"data_format: {self.data_format!r} is not one of auto, alpaca, sharegpt, openai, "
+                             "prompt_completion")
+        if self.boilerplate == ["none"]:
+            self.boilerplate = []

@@ -1,7 +1,17 @@
-"""Row transforms: a source row (alpaca, ...) -> a list of chat messages.
+"""Row transforms: a source row (alpaca, ShareGPT, OpenAI messages, prompt/completion) -> chat messages.
 
-Each transform raises FieldError naming the field that is wrong; the loader adds the file and line.
+Tools travel in a system message (`{"role": "system", "content": "", "tools": [...]}`), where GLM-4's chat
+template renders them. A tool call is an assistant message whose `metadata` is the function name and whose
+content is the JSON arguments, as GLM-4 writes it. Each transform raises FieldError naming the bad field;
+the loader adds the file and line.
 """
+
+import json
+
+FORMATS = ("alpaca", "sharegpt", "openai", "prompt_completion")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "system": "system", "observation": "observation", "tool": "observation",
+                  "function_call": "assistant"}
 
 
 class FieldError(ValueError):
@@ -10,6 +20,21 @@ class FieldError(ValueError):
     def __init__(self, field: str, problem: str):
         super().__init__(f"field {field!r}: {problem}")
         self.field = field
+
+
+def detect_format(row) -> str | None:
+    """The format a row's keys say, or None."""
+    if not isinstance(row, dict):
+        return None
+    if "messages" in row:
+        return "openai"
+    if "conversations" in row:
+        return "sharegpt"
+    if "instruction" in row and "output" in row:
+        return "alpaca"
+    if "prompt" in row and "completion" in row:
+        return "prompt_completion"
+    return None
 
 
 def _text(row: dict, field: str, required: bool = True) -> str:
@@ -30,8 +55,6 @@ def alpaca_prompt(instruction: str, input_: str) -> str:
 
 def alpaca_to_messages(row: dict, system_prompt: str | None = None) -> list[dict]:
     """Alpaca (instruction, input, output, optional system and history) -> messages."""
-    if not isinstance(row, dict):
-        raise FieldError("<row>", f"expected a JSON object, got {type(row).__name__}")
     instruction, input_, output = _text(row, "instruction"), _text(row, "input", False), _text(row, "output")
     system = _text(row, "system", False) or system_prompt
     messages = [{"role": "system", "content": system}] if system else []
@@ -45,3 +68,106 @@ def alpaca_to_messages(row: dict, system_prompt: str | None = None) -> list[dict
     messages.append({"role": "user", "content": alpaca_prompt(instruction, input_)})
     messages.append({"role": "assistant", "content": output})
     return messages
+
+
+def parse_tools(value, field: str = "tools") -> list[dict]:
+    """Tools as a JSON string or a list; bare function schemas are wrapped as GLM-4 expects them."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else []
+        except json.JSONDecodeError as exc:
+            raise FieldError(field, f"not valid JSON ({exc.msg})")
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise FieldError(field, "expected a list of tool objects")
+    return [t if "type" in t else {"type": "function", "function": t} for t in value]
+
+
+def _tool_call(value: str, field: str) -> dict:
+    """A glaive-style function_call turn ({"name", "arguments"}) -> GLM-4's assistant tool call."""
+    try:
+        call = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise FieldError(field, f"function_call is not valid JSON ({exc.msg})")
+    if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+        raise FieldError(field, "function_call needs a name")
+    arguments = call.get("arguments", {})
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError:
+            pass  # keep the string as the model should write it
+    content = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+    return {"role": "assistant", "metadata": call["name"], "content": content}
+
+
+def with_tools(messages: list[dict], row: dict, system_prompt: str | None) -> list[dict]:
+    tools = parse_tools(row["tools"]) if row.get("tools") else []
+    has_system = bool(messages) and messages[0]["role"] == "system"
+    if tools:
+        if has_system:
+            messages[0]["tools"] = tools
+        else:
+            messages.insert(0, {"role": "system", "content": "", "tools": tools})
+    elif not has_system and system_prompt:
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return messages
+
+
+def sharegpt_to_messages(row: dict, system_prompt: str | None = None) -> list[dict]:
+    """ShareGPT (`conversations` of from/value, glaive function_call/observation turns, optional tools/system)."""
+    turns = row.get("conversations")
+    if not isinstance(turns, list):
+        raise FieldError("conversations", "expected a list of {from, value} turns")
+    messages = [{"role": "system", "content": _text(row, "system")}] if row.get("system") else []
+    for i, turn in enumerate(turns):
+        field = f"conversations[{i}]"
+        if not isinstance(turn, dict) or turn.get("from") not in SHAREGPT_ROLES:
+            raise FieldError(f"{field}.from", f"expected one of {', '.join(SHAREGPT_ROLES)}")
+        if not isinstance(turn.get("value"), str):
+            raise FieldError(f"{field}.value", "expected a string")
+        if turn["from"] == "function_call":
+            messages.append(_tool_call(turn["value"], f"{field}.value"))
+        else:
+            messages.append({"role": SHAREGPT_ROLES[turn["from"]], "content": turn["value"]})
+    return with_tools(messages, row, system_prompt)
+
+
+def openai_to_messages(row: dict, system_prompt: str | None = None) -> list[dict]:
+    """OpenAI chat (`messages` of role/content, `tool` results, assistant `tool_calls`, optional tools)."""
+    raw = row.get("messages")
+    if not isinstance(raw, list):
+        raise FieldError("messages", "expected a list of {role, content} messages")
+    messages = []
+    for i, message in enumerate(raw):
+        field = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise FieldError(field, "expected an object")
+        role = {"tool": "observation"}.get(message.get("role"), message.get("role"))
+        if message.get("tool_calls"):
+            for call in message["tool_calls"]:
+                function = call.get("function", call) if isinstance(call, dict) else None
+                if not isinstance(function, dict):
+                    raise FieldError(f"{field}.tool_calls", "expected objects with a function")
+                messages.append(_tool_call(json.dumps(function, ensure_ascii=False), f"{field}.tool_calls"))
+            continue
+        content = message.get("content")
+        if not isinstance(content, str):
+            raise FieldError(f"{field}.content", "expected a string")
+        messages.append({"role": role, "content": content})
+    return with_tools(messages, row, system_prompt)
+
+
+def prompt_completion_to_messages(row: dict, system_prompt: str | None = None) -> list[dict]:
+    messages = [{"role": "user", "content": _text(row, "prompt")},
+                {"role": "assistant", "content": _text(row, "completion")}]
+    return with_tools(messages, row, system_prompt)
+
+
+CONVERTERS = {"alpaca": alpaca_to_messages, "sharegpt": sharegpt_to_messages, "openai": openai_to_messages,
+              "prompt_completion": prompt_completion_to_messages}
+
+
+def to_messages(row, fmt: str, system_prompt: str | None = None) -> list[dict]:
+    if not isinstance(row, dict):
+        raise FieldError("<row>", f"expected a JSON object, got {type(row).__name__}")
+    return CONVERTERS[fmt](row, system_prompt)

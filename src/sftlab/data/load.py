@@ -1,6 +1,13 @@
-"""Files -> records, each tagged with its source file and line (1-based) for error messages and reports."""
+"""Files -> rows, each tagged with its source file and line (1-based) for error messages and reports.
 
+Reads .json (an array), .jsonl, .parquet and .csv, several files at once or by glob, or a Hub dataset id.
+A line that cannot be read (bad JSON, invalid UTF-8) becomes a row with an error, so it is counted with its
+file:line and the rest of the file is still read.
+"""
+
+import glob
 import json
+import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -8,78 +15,132 @@ from pathlib import Path
 from sftlab.errors import UserError
 
 DEMO_DATA = "sftlab:demo"  # the demo data shipped in the package
+SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
 
 
 @dataclass
 class SourceRow:
     source: str  # the file
-    line: int  # 1-based line in the file (for a JSON array: the line where the object starts)
-    row: object  # the parsed JSON value, or None when the line could not be parsed
-    error: str | None = None  # why the line could not be parsed
+    line: int  # 1-based line (a JSON array: where the object starts; parquet: row number; csv: data row + 1)
+    row: object  # the parsed value, or None when the line could not be read
+    error: str | None = None  # why it could not be read
+    error_reason: str | None = None  # the reason code for that: bad_json or invalid_utf8
 
 
 def demo_data_path() -> Path:
     return Path(str(resources.files("sftlab.data.demo").joinpath("alpaca_demo.json")))
 
 
-def resolve_data_file(name: str) -> Path:
-    if name == DEMO_DATA:
-        return demo_data_path()
-    path = Path(name).expanduser()
-    if not path.is_file():
-        raise UserError(f"data file {name} does not exist")
-    return path
+def expand_inputs(names: list[str]) -> list[str]:
+    """Files, globs, the demo data name, or Hub dataset ids -> an ordered list of sources."""
+    sources = []
+    for name in names:
+        if name == DEMO_DATA:
+            sources.append(str(demo_data_path()))
+        elif any(ch in name for ch in "*?["):
+            matches = sorted(glob.glob(os.path.expanduser(name), recursive=True))
+            if not matches:
+                raise UserError(f"data glob {name} matches no file")
+            sources += matches
+        elif Path(name).expanduser().is_file():
+            sources.append(str(Path(name).expanduser()))
+        elif name.count("/") == 1 and not name.startswith((".", "/", "~")) and Path(name).suffix not in SUFFIXES:
+            sources.append("hub:" + name)
+        else:
+            raise UserError(f"data file {name} does not exist")
+    return sources
 
 
-def read_rows(path: Path) -> list[SourceRow]:
-    """Reads a .json array or a .jsonl file. A bad JSONL line becomes a SourceRow with an error, not a crash."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")  # -sig: a leading BOM is not part of the data
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})")
-    if path.suffix == ".jsonl" or not text.lstrip().startswith("["):
-        return _read_jsonl(path, text)
-    return _read_json_array(path, text)
+def read_source(source: str) -> list[SourceRow]:
+    if source.startswith("hub:"):
+        return read_hub_dataset(source[4:])
+    path = Path(source)
+    if path.stat().st_size == 0:
+        raise UserError(f"data file {path} is empty")
+    if path.suffix == ".parquet":
+        return _read_table(path, "parquet")
+    if path.suffix == ".csv":
+        return _read_table(path, "csv")
+    data = path.read_bytes()
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]  # a UTF-8 byte-order mark is not part of the data
+    if path.suffix == ".jsonl" or not data.lstrip().startswith(b"["):
+        return _read_jsonl(path, data)
+    return _read_json_array(path, data)
 
 
-def _read_jsonl(path: Path, text: str) -> list[SourceRow]:
+def _read_jsonl(path: Path, data: bytes) -> list[SourceRow]:
     rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            rows.append(SourceRow(str(path), number, None, f"invalid UTF-8 at byte {exc.start}", "invalid_utf8"))
             continue
         try:
             rows.append(SourceRow(str(path), number, json.loads(line)))
         except json.JSONDecodeError as exc:
-            rows.append(SourceRow(str(path), number, None, f"bad JSON: {exc.msg} at column {exc.colno}"))
+            rows.append(SourceRow(str(path), number, None, f"bad JSON: {exc.msg} at column {exc.colno}", "bad_json"))
+    if not rows:
+        raise UserError(f"data file {path} has no rows")
     return rows
 
 
-def _read_json_array(path: Path, text: str) -> list[SourceRow]:
+def _read_json_array(path: Path, data: bytes) -> list[SourceRow]:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: invalid UTF-8 at byte {exc.start}; a JSON array cannot be read around "
+                        "it (JSON Lines can: one bad line is skipped and counted)")
     decoder = json.JSONDecoder()
     try:
-        data = json.loads(text)
+        values = json.loads(text)
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}:{exc.lineno}: bad JSON: {exc.msg} at column {exc.colno}")
-    if not isinstance(data, list):
-        raise UserError(f"{path}: expected a JSON array of records or JSON Lines")
-    # recover each element's start line by re-scanning the array element by element
-    rows, index, line_starts = [], text.index("[") + 1, _line_starts(text)
-    for value in data:
+    if not isinstance(values, list):
+        raise UserError(f"{path}: expected a JSON array of records, or JSON Lines")
+    rows, index, line = [], text.index("[") + 1, 1 + text[:text.index("[")].count("\n")
+    for value in values:  # re-scan to find the line where each element starts
+        start = index
         while text[index] in " \t\r\n,":
             index += 1
+        line += text.count("\n", start, index)
         _, end = decoder.raw_decode(text, index)
-        rows.append(SourceRow(str(path), _line_of(line_starts, index), value))
+        rows.append(SourceRow(str(path), line, value))
+        line += text.count("\n", index, end)
         index = end
     return rows
 
 
-def _line_starts(text: str) -> list[int]:
-    starts = [0]
-    starts += [i + 1 for i, ch in enumerate(text) if ch == "\n"]
-    return starts
+def _read_table(path: Path, kind: str) -> list[SourceRow]:
+    from datasets import Dataset
+
+    try:
+        table = Dataset.from_parquet(str(path)) if kind == "parquet" else Dataset.from_csv(str(path))
+    except Exception as exc:
+        raise UserError(f"{path}: cannot be read as {kind} ({type(exc).__name__}: {str(exc).splitlines()[0]})")
+    first_line = 2 if kind == "csv" else 1  # csv: line 1 is the header
+    return [SourceRow(str(path), first_line + i, _drop_nulls(row)) for i, row in enumerate(table)]
 
 
-def _line_of(line_starts: list[int], offset: int) -> int:
-    import bisect
+def _drop_nulls(row: dict) -> dict:
+    # columnar formats fill absent fields with None; treat them as absent, as in JSON
+    return {k: v for k, v in row.items() if v is not None}
 
-    return bisect.bisect_right(line_starts, offset)
+
+def read_hub_dataset(dataset_id: str) -> list[SourceRow]:
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        raise UserError(f"{dataset_id} is a Hub dataset id, and the Hub is offline (HF_HUB_OFFLINE=1): download it "
+                        f"where there is network (`hf download {dataset_id} --repo-type dataset --local-dir ./data`) "
+                        "and pass the files")
+    from datasets import load_dataset
+
+    try:
+        table = load_dataset(dataset_id, split="train")
+    except Exception as exc:
+        raise UserError(f"could not load the Hub dataset {dataset_id} ({type(exc).__name__}): download its files "
+                        "where there is network and pass them")
+    return [SourceRow(f"hub:{dataset_id}", i + 1, _drop_nulls(row)) for i, row in enumerate(table)]
