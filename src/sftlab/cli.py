@@ -5,6 +5,8 @@ import sys
 USAGE = """usage: sftlab [--debug] <verb> [args]
 
 verbs:
+  data    clean data and report what was wrong: sftlab data clean FILES... --output DIR
+          look at a file as the model sees it:   sftlab data inspect FILE
   train   fine-tune a model (LoRA or full): sftlab train --config configs/demo.yaml [--field value ...]
   chat    chat with a base model or a run: sftlab chat --adapter output/demo [--prompt TEXT --json]
 
@@ -24,7 +26,17 @@ def _chat(argv):
     return main(argv)
 
 
-VERBS = {"train": _train, "chat": _chat}
+def _data(argv):
+    from sftlab.data.commands import clean_main, inspect_main
+
+    actions = {"clean": clean_main, "inspect": inspect_main}
+    if not argv or argv[0] not in actions:
+        print("usage: sftlab data {clean,inspect} ... (`sftlab data clean --help`)")
+        return 2
+    return actions[argv[0]](argv[1:])
+
+
+VERBS = {"data": _data, "train": _train, "chat": _chat}
 
 
 def main(argv: list[str] | None = None) -> int:

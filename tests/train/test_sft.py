@@ -26,7 +26,7 @@ def test_lora_run_writes_exactly_these_files_and_changes_only_the_adapter(tmp_pa
     out = tmp_path / "run"
     train(*args_for(out))
     assert sorted(p.name for p in out.iterdir()) == [
-        "README.md", "adapter_config.json", "adapter_model.safetensors", "checkpoint-3", "checkpoint-6",
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "checkpoint-3", "checkpoint-6", "data_report.json",
         "generation_config.json", "heldout.jsonl", "predictions.jsonl", "rejected.jsonl", "sftlab_config.yaml",
         "tokenizer.json", "tokenizer_config.json", "trainer_log.jsonl", "trainer_state.json",
     ]
@@ -122,7 +122,7 @@ def test_glm4_9b_lora_config_gives_the_tutorials_trainable_parameter_count():
     from sftlab.train.sft import lora_config
 
     cpu = ["--bf16", "false", "--bf16_full_eval", "false"]  # the YAML asks for bf16, which needs a GPU
-    model_args, _, train_args = parse_args(["--config", str(REPO / "configs/glm4-9b-lora.yaml"), *cpu])
+    model_args, _, _, train_args = parse_args(["--config", str(REPO / "configs/glm4-9b-lora.yaml"), *cpu])
     assert (train_args.max_length, train_args.learning_rate, train_args.num_train_epochs) == (512, 5e-4, 3)
     config = GlmConfig(vocab_size=151552, hidden_size=4096, num_hidden_layers=40, num_attention_heads=32,
                        num_key_value_heads=2, head_dim=128, intermediate_size=13696, attention_bias=True,

@@ -130,7 +130,7 @@ class NearDuplicateIndex:
         from datasketch import MinHash
 
         signature = self.signature(text)
-        minhash = MinHash(num_perm=self.num_perm, hashvalues=signature)
+        minhash = MinHash(num_perm=self.num_perm, hashvalues=signature, scheme="legacy")
         for other in self.lsh.query(minhash):
             if np.mean(self.signatures[other] == signature) >= self.threshold:
                 return other

@@ -1,20 +1,24 @@
-"""Data files -> rendered train and held-out samples, with every rejected row counted by reason."""
+"""Data files -> cleaned, rendered train and held-out samples, cached under a content hash.
 
+The cache key covers the data files' bytes, the tokenizer and its chat template, max_length, the cleaning
+config and the split, so a second run (and every process of a multi-process run) reuses the result, and any
+change to one of them prepares the data again."""
+
+import hashlib
+import json
+import os
 import random
-from collections import Counter
-from dataclasses import dataclass, field
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
-from sftlab.chat_format import ChatRenderer, MessageError, SampleTooLong
-from sftlab.data.convert import FieldError, alpaca_to_messages
-from sftlab.data.load import read_rows, resolve_data_file
-
-
-@dataclass
-class Rejected:
-    source: str
-    line: int
-    reason: str  # malformed | too_long
-    detail: str
+from sftlab import __version__
+from sftlab.chat_format import ChatRenderer
+from sftlab.config import CleanArguments, DataArguments
+from sftlab.data.clean import clean_rows
+from sftlab.data.load import expand_inputs, read_source
+from sftlab.data.report import build_report, summary_line
+from sftlab.model.tiny import cache_root
 
 
 @dataclass
@@ -22,16 +26,11 @@ class PreparedData:
     train: list[dict]  # {"input_ids": [...], "labels": [...]}
     test: list[dict]
     test_messages: list[list[dict]]  # the held-out conversations, for evaluation
-    rows_read: int
-    rejected: list[Rejected] = field(default_factory=list)
-
-    def reasons(self) -> Counter:
-        return Counter(r.reason for r in self.rejected)
+    rejected: list[dict]  # {"reason", "source", "line", "detail"}
+    report: dict
 
     def summary(self) -> str:
-        reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.reasons().items())) or "none"
-        return (f"data: {self.rows_read} rows read, {len(self.train)} train, {len(self.test)} held out, "
-                f"{len(self.rejected)} rejected ({reasons})")
+        return summary_line(self.report) + f"; {len(self.train)} train, {len(self.test)} held out"
 
 
 def split_indices(n: int, test_size: float, seed: int) -> tuple[list[int], list[int]]:
@@ -42,33 +41,60 @@ def split_indices(n: int, test_size: float, seed: int) -> tuple[list[int], list[
     return sorted(order[n_test:]), sorted(order[:n_test])
 
 
-def prepare_data(data_files: list[str], renderer: ChatRenderer, test_size: float, split_seed: int,
-                 system_prompt: str | None = None) -> PreparedData:
-    conversations, rejected, rows_read = [], [], 0
-    for name in data_files:
-        for source_row in read_rows(resolve_data_file(name)):
-            rows_read += 1
-            if source_row.error:
-                rejected.append(Rejected(source_row.source, source_row.line, "malformed", source_row.error))
-                continue
-            try:
-                conversations.append((source_row, alpaca_to_messages(source_row.row, system_prompt)))
-            except FieldError as exc:
-                rejected.append(Rejected(source_row.source, source_row.line, "malformed", str(exc)))
-    train_idx, test_idx = split_indices(len(conversations), test_size, split_seed)
-    data = PreparedData([], [], [], rows_read, rejected)
-    for indices, samples, is_test in ((train_idx, data.train, False), (test_idx, data.test, True)):
-        for i in indices:
-            source_row, messages = conversations[i]
-            try:
-                sample = renderer.render(messages)
-            except MessageError as exc:
-                rejected.append(Rejected(source_row.source, source_row.line, "malformed", str(exc)))
-                continue
-            except SampleTooLong as exc:
-                rejected.append(Rejected(source_row.source, source_row.line, "too_long", str(exc)))
-                continue
-            samples.append({"input_ids": sample.input_ids, "labels": sample.labels})
-            if is_test:
-                data.test_messages.append(messages)
+def read_all(sources: list[str]):
+    for source in sources:
+        yield from read_source(source)
+
+
+def prepare_data(data_args: DataArguments, clean_args: CleanArguments, renderer: ChatRenderer,
+                 use_cache: bool = True) -> PreparedData:
+    sources = expand_inputs(data_args.data_files)
+    key = cache_key(sources, data_args, clean_args, renderer)
+    cached = cache_root() / "datasets" / f"{key}.json"
+    if use_cache and cached.exists():
+        return PreparedData(**json.loads(cached.read_text(encoding="utf-8")))
+    result = clean_rows(read_all(sources), clean_args, renderer, data_args.system_prompt, enabled=clean_args.clean,
+                        progress=True)
+    report = build_report(result, sources, renderer.max_length, renderer.tokenizer.name_or_path)
+    train_idx, test_idx = split_indices(len(result.kept), data_args.test_size, data_args.split_seed)
+
+    def samples(indices):
+        return [{"input_ids": result.kept[i].sample.input_ids, "labels": result.kept[i].sample.labels}
+                for i in indices]
+
+    data = PreparedData(
+        train=samples(train_idx), test=samples(test_idx),
+        test_messages=[result.kept[i].messages for i in test_idx],
+        rejected=[{"reason": r.reason, "source": r.source, "line": r.line, "detail": r.detail}
+                  for r in result.rejected],
+        report=report,
+    )
+    if use_cache:
+        write_cache(cached, data)
     return data
+
+
+def cache_key(sources: list[str], data_args: DataArguments, clean_args: CleanArguments,
+              renderer: ChatRenderer) -> str:
+    digest = hashlib.sha256()
+    for source in sources:
+        digest.update(source.encode())
+        if not source.startswith("hub:"):
+            with open(source, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+    tokenizer = renderer.tokenizer
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    digest.update((backend.to_str() if backend is not None else str(sorted(tokenizer.get_vocab().items()))).encode())
+    settings = dict(template=tokenizer.chat_template, max_length=renderer.max_length, overflow=renderer.overflow,
+                    data=asdict(data_args), clean=asdict(clean_args), version=__version__)
+    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:24]
+
+
+def write_cache(path: Path, data: PreparedData) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".prepared-", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(asdict(data), f, ensure_ascii=False)
+    os.replace(tmp, path)  # atomic: another process never reads a half-written cache

@@ -17,7 +17,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer, TrlParser
 
 from sftlab.chat_format import ChatRenderer, stop_token_ids
-from sftlab.config import DataArguments, ModelArguments
+from sftlab.config import CleanArguments, DataArguments, ModelArguments
 from sftlab.data.prepare import PreparedData, prepare_data
 from sftlab.errors import UserError
 from sftlab.model.load import (
@@ -82,8 +82,8 @@ class TrainConfig(SFTConfig):
         super().__post_init__()
 
 
-def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, TrainConfig]:
-    parser = TrlParser((ModelArguments, DataArguments, TrainConfig), prog="sftlab train")
+def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, CleanArguments, TrainConfig]:
+    parser = TrlParser((ModelArguments, DataArguments, CleanArguments, TrainConfig), prog="sftlab train")
     if "--config" in argv:
         config_path = argv[argv.index("--config") + 1] if argv.index("--config") + 1 < len(argv) else ""
         if not Path(config_path).is_file():
@@ -109,9 +109,9 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def resolved_config(model_args, data_args, train_args) -> dict:
+def resolved_config(model_args, data_args, clean_args, train_args) -> dict:
     train = {k: v for k, v in train_args.to_dict().items() if not k.startswith("_")}
-    return {"model": asdict(model_args), "data": asdict(data_args), "train": train}
+    return {"model": asdict(model_args), "data": asdict(data_args), "clean": asdict(clean_args), "train": train}
 
 
 def lora_config(model_args: ModelArguments):
@@ -139,22 +139,23 @@ def check_output_dir(train_args: TrainConfig) -> str | None:
     return None
 
 
-def train(model_args: ModelArguments, data_args: DataArguments, train_args: TrainConfig) -> Path:
+def train(model_args: ModelArguments, data_args: DataArguments, clean_args: CleanArguments,
+          train_args: TrainConfig) -> Path:
     """Runs one SFT job and returns the run directory, which then holds the final adapter or model."""
     resume_from = check_output_dir(train_args)
     out = Path(train_args.output_dir)
     model_path = resolve_model_path(model_args.model_name_or_path)
     tokenizer = load_tokenizer(model_path, train_args.trust_remote_code)
     renderer = ChatRenderer(tokenizer, train_args.max_length, data_args.overflow)
-    data = prepare_data(data_args.data_files, renderer, data_args.test_size, data_args.split_seed,
-                        data_args.system_prompt)
+    with train_args.main_process_first(desc="data preparation"):  # the others then read the main's cache
+        data = prepare_data(data_args, clean_args, renderer)
     print(data.summary())
     if not data.train:
         raise UserError(f"no training samples left from {', '.join(data_args.data_files)} ({data.summary()})")
     is_main = train_args.process_index == 0
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
-        write_run_inputs(out, model_args, data_args, train_args, data)
+        write_run_inputs(out, model_args, data_args, clean_args, train_args, data)
 
     model = load_model(model_path, model_args.dtype, train_args.trust_remote_code, model_args.attn_implementation,
                        record_name=recorded_base_name(model_args.model_name_or_path))
@@ -162,7 +163,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
 
     reports = [train_args.report_to] if isinstance(train_args.report_to, str) else train_args.report_to
     if "swanlab" in reports and is_main:
-        start_swanlab(str(out), train_args.run_name, resolved_config(model_args, data_args, train_args))
+        start_swanlab(str(out), train_args.run_name, resolved_config(model_args, data_args, clean_args, train_args))
     probe = ProbeCallback(tokenizer, train_args.probe_prompts, train_args.probe_max_new_tokens, str(out),
                           data_args.system_prompt)
     trainer = SFTTrainer(
@@ -188,14 +189,15 @@ def train(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     return out
 
 
-def write_run_inputs(out: Path, model_args, data_args, train_args, data: PreparedData) -> None:
+def write_run_inputs(out: Path, model_args, data_args, clean_args, train_args, data: PreparedData) -> None:
     """How the run was made, written before training so even a crashed run says it."""
-    write_atomic(out / RESOLVED_CONFIG, yaml.safe_dump(resolved_config(model_args, data_args, train_args),
-                                                      allow_unicode=True, sort_keys=False))
+    config = resolved_config(model_args, data_args, clean_args, train_args)
+    write_atomic(out / RESOLVED_CONFIG, yaml.safe_dump(config, allow_unicode=True, sort_keys=False))
     heldout = "".join(json.dumps({"messages": m}, ensure_ascii=False) + "\n" for m in data.test_messages)
     write_atomic(out / "heldout.jsonl", heldout)
-    rejected = "".join(json.dumps(r.__dict__, ensure_ascii=False) + "\n" for r in data.rejected)
+    rejected = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in data.rejected)
     write_atomic(out / "rejected.jsonl", rejected)
+    write_atomic(out / "data_report.json", json.dumps(data.report, ensure_ascii=False, indent=2) + "\n")
 
 
 def save_final(trainer, tokenizer, out: Path, model_args: ModelArguments) -> None:
@@ -230,8 +232,7 @@ def print_probes(records: list[dict]) -> None:
 
 
 def main(argv: list[str]) -> Path:
-    model_args, data_args, train_args = parse_args(argv)
-    out = train(model_args, data_args, train_args)
+    out = train(*parse_args(argv))
     print(f"\nrun directory: {out}")
     sys.stdout.flush()
     return out

@@ -1,0 +1,136 @@
+"""The data report: counts per reason, token-length percentiles, a histogram, and a max_length suggestion.
+
+Everything here is deterministic (no timestamps), so two runs over the same data write identical files."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from sftlab.data.clean import CleanResult
+
+PERCENTILES = (50, 90, 95, 99)
+CANDIDATE_LENGTHS = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+
+
+def length_stats(values: list[int]) -> dict:
+    if not values:
+        return {"n": 0}
+    array = np.asarray(values)
+    stats = {f"p{p}": int(np.percentile(array, p, method="lower")) for p in PERCENTILES}
+    return {"n": len(values), "mean": round(float(array.mean()), 1), **stats, "max": int(array.max())}
+
+
+def max_length_suggestion(lengths: list[tuple[int, int]]) -> list[dict]:
+    """For each candidate max_length: the share of samples, and of supervised tokens, that would be lost."""
+    if not lengths:
+        return []
+    totals = np.array([p + r for p, r in lengths])
+    supervised = np.array([r for _, r in lengths])
+    rows = []
+    for candidate in CANDIDATE_LENGTHS:
+        over = totals > candidate
+        rows.append({"max_length": candidate, "samples_lost": round(float(over.mean()), 4),
+                     "supervised_tokens_lost": round(float(supervised[over].sum() / max(supervised.sum(), 1)), 4)})
+        if candidate >= totals.max():
+            break
+    return rows
+
+
+def build_report(result: CleanResult, inputs: list[str], max_length: int | None, tokenizer_name: str) -> dict:
+    prompts, responses = [p for p, _ in result.lengths], [r for _, r in result.lengths]
+    return {
+        "inputs": inputs,
+        "tokenizer": tokenizer_name,
+        "max_length": max_length,
+        "rows_read": result.rows_read,
+        "kept": len(result.kept),
+        "rejected": len(result.rejected),
+        "reasons": result.reasons(),
+        "repairs": dict(sorted(result.repairs.items())),
+        "tokens": {"prompt": length_stats(prompts), "response": length_stats(responses),
+                   "total": length_stats([p + r for p, r in result.lengths])},
+        "max_length_suggestion": max_length_suggestion(result.lengths),
+    }
+
+
+def summary_line(report: dict) -> str:
+    reasons = ", ".join(f"{k} {v}" for k, v in report["reasons"].items()) or "none"
+    total = report["tokens"]["total"]
+    tokens = f"; tokens p50 {total['p50']}, p99 {total['p99']}, max {total['max']}" if total.get("n") else ""
+    return (f"data: {report['rows_read']} rows read, {report['kept']} kept, {report['rejected']} rejected "
+            f"({reasons}){tokens}")
+
+
+def plot_lengths(result: CleanResult, max_length: int | None, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    series = {"prompt tokens": [p for p, _ in result.lengths], "response tokens": [r for _, r in result.lengths],
+              "total tokens": [p + r for p, r in result.lengths]}
+    for ax, (title, values) in zip(axes, series.items()):
+        ax.hist(values or [0], bins=50, color="#4C72B0")
+        ax.set_title(title)
+        ax.set_xlabel("tokens")
+        if max_length and title == "total tokens":
+            ax.axvline(max_length, color="#C44E52", linestyle="--", label=f"max_length {max_length}")
+            ax.legend()
+    axes[0].set_ylabel("samples")
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None})  # no version stamp: identical bytes on every run
+    plt.close(fig)
+
+
+def render_markdown(report: dict) -> str:
+    lines = ["# Data report", "", f"Inputs: {', '.join(report['inputs'])}  ",
+             f"Tokenizer and template: {report['tokenizer']}, max_length {report['max_length']}", "",
+             f"**{report['rows_read']} rows read, {report['kept']} kept, {report['rejected']} rejected.**", "",
+             "| reason | rows |", "| --- | ---: |"]
+    lines += [f"| {reason} | {count} |" for reason, count in report["reasons"].items()] or ["| (none) | 0 |"]
+    if report["repairs"]:
+        lines += ["", "Repaired in place (kept): " + ", ".join(f"{k} {v}" for k, v in report["repairs"].items())]
+    lines += ["", "## Token lengths", "", "| | mean | p50 | p90 | p95 | p99 | max |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, stats in report["tokens"].items():
+        if stats.get("n"):
+            lines.append(f"| {name} | {stats['mean']} | {stats['p50']} | {stats['p90']} | {stats['p95']} | "
+                         f"{stats['p99']} | {stats['max']} |")
+    lines += ["", "![token lengths](lengths.png)", "", "## Choosing max_length", "",
+              "| max_length | samples lost | supervised tokens lost |", "| ---: | ---: | ---: |"]
+    lines += [f"| {row['max_length']} | {row['samples_lost']:.2%} | {row['supervised_tokens_lost']:.2%} |"
+              for row in report["max_length_suggestion"]]
+    return "\n".join(lines) + "\n"
+
+
+def write_clean_outputs(out_dir: Path, result: CleanResult, report: dict) -> None:
+    """clean.jsonl, rejected.jsonl, report.json, report.md and lengths.png, written to a staging folder and
+    moved in, report.json last: a folder with report.json is complete."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = out_dir / ".clean.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    with open(staging / "clean.jsonl", "w", encoding="utf-8") as f:
+        for kept in result.kept:
+            f.write(json.dumps({"messages": kept.messages, "source": kept.source, "line": kept.line},
+                               ensure_ascii=False) + "\n")
+    with open(staging / "rejected.jsonl", "w", encoding="utf-8") as f:
+        for r in result.rejected:
+            f.write(json.dumps({"reason": r.reason, "source": r.source, "line": r.line, "detail": r.detail,
+                                "row": _truncate_row(r.row)}, ensure_ascii=False) + "\n")
+    plot_lengths(result, report["max_length"], staging / "lengths.png")
+    (staging / "report.md").write_text(render_markdown(report), encoding="utf-8")
+    (staging / "report.json").write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    (out_dir / "report.json").unlink(missing_ok=True)
+    for name in ("clean.jsonl", "rejected.jsonl", "lengths.png", "report.md", "report.json"):
+        os.replace(staging / name, out_dir / name)
+    staging.rmdir()
+
+
+def _truncate_row(row, limit: int = 10_000):
+    """Rejected rows are kept for the user to look at, but a 10 MB row is cut to its first characters."""
+    text = json.dumps(row, ensure_ascii=False)
+    return row if len(text) <= limit else {"truncated_json": text[:limit]}
