@@ -99,6 +99,7 @@ class ChatRenderer:
         self.eos_id = tokenizer.eos_token_id
         self._template_kwargs = dict(tokenizer.special_tokens_map)
         self._backend = getattr(tokenizer, "_tokenizer", None)  # the Rust tokenizer, when there is one
+        self._empty = None  # the template's rendering of no messages, computed once
 
     def render_text(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         rendered, _ = render_jinja_template(
@@ -112,6 +113,11 @@ class ChatRenderer:
             return self._backend.encode(text, add_special_tokens=False).ids
         return self.tokenizer.encode(text, add_special_tokens=False)
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        if self._backend is not None:  # the Rust tokenizer encodes a batch on all cores
+            return [e.ids for e in self._backend.encode_batch(texts, add_special_tokens=False)]
+        return [self.encode(t) for t in texts]
+
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         """The generation prompt: equal to apply_chat_template(messages, add_generation_prompt=True)."""
         validate_messages(messages, for_training=False)
@@ -120,27 +126,56 @@ class ChatRenderer:
     def render(self, messages: list[dict], fit: bool = True) -> RenderedSample:
         """Ids and labels for a training conversation; raises MessageError, or SampleTooLong when `fit` is on
         and the sample is over max_length (fit=False returns it whole, for length statistics)."""
+        pieces = self.pieces(messages)
+        sample = self.assemble(pieces, [self.encode(text) for text, _ in pieces])
+        return self.fit(sample) if fit else sample
+
+    def render_batch(self, conversations: list[list[dict]]) -> list:
+        """render(c, fit=False) for each conversation, tokenized in one batch; a MessageError in place of a
+        conversation that cannot be rendered."""
+        all_pieces = []
+        for messages in conversations:
+            try:
+                all_pieces.append(self.pieces(messages))
+            except MessageError as exc:
+                all_pieces.append(exc)
+        texts = [text for pieces in all_pieces if isinstance(pieces, list) for text, _ in pieces]
+        ids = iter(self.encode_batch(texts))
+        return [pieces if isinstance(pieces, MessageError) else self.assemble(pieces, [next(ids) for _ in pieces])
+                for pieces in all_pieces]
+
+    def pieces(self, messages: list[dict]) -> list[tuple[str, str]]:
+        """The rendered text cut where the mask changes: (text, "prompt" | "completion") pieces.
+
+        A "prompt" piece runs from the end of the last assistant turn to the generation prompt of the next;
+        its first token is the previous turn's terminator (supervised), unless it is the first piece."""
         validate_messages(messages)
-        input_ids, labels = [], []
-        done = self.render_text([])  # e.g. "[gMASK]<sop>": written once, by the template
-        self._append(input_ids, labels, done)
-        pending_terminator = False
+        if self._empty is None:
+            self._empty = self.render_text([])  # e.g. "[gMASK]<sop>": written once, by the template
+        pieces, done = [], self._empty
         for i, message in enumerate(messages):
-            if message["role"] == "assistant":
-                prompt = self._extend(done, self.render_text(messages[:i], add_generation_prompt=True), i)
-                full = self._extend(prompt, self.render_text(messages[: i + 1]), i)
-                self._append(input_ids, labels, prompt[len(done):], supervise_first=pending_terminator)
-                self._append(input_ids, labels, full[len(prompt):], supervise_all=True)
-                pending_terminator = True
-            else:
-                full = self._extend(done, self.render_text(messages[: i + 1]), i)
-                self._append(input_ids, labels, full[len(done):], supervise_first=pending_terminator)
-                pending_terminator = False
+            if message["role"] != "assistant":
+                continue
+            prompt = self._extend(done, self.render_text(messages[:i], add_generation_prompt=True), i)
+            full = self._extend(prompt, self.render_text(messages[: i + 1]), i)
+            pieces.append((prompt[len(done):] if pieces else prompt, "prompt"))
+            pieces.append((full[len(prompt):], "completion"))
             done = full
+        return pieces
+
+    def assemble(self, pieces: list[tuple[str, str]], piece_ids: list[list[int]]) -> RenderedSample:
+        input_ids, labels = [], []
+        for n, ((_, kind), ids) in enumerate(zip(pieces, piece_ids)):
+            input_ids.extend(ids)
+            if kind == "completion":
+                labels.extend(ids)
+            elif n > 0 and ids:  # the first token after an assistant turn ends it: supervised
+                labels.extend([ids[0]] + [IGNORE_INDEX] * (len(ids) - 1))
+            else:
+                labels.extend([IGNORE_INDEX] * len(ids))
         input_ids.append(self.eos_id)  # the template writes no end token: the conversation ends here
         labels.append(self.eos_id)
-        sample = RenderedSample(input_ids, labels)
-        return self.fit(sample) if fit else sample
+        return RenderedSample(input_ids, labels)
 
     def _extend(self, prefix: str, text: str, index: int) -> str:
         if not text.startswith(prefix):
@@ -149,15 +184,6 @@ class ChatRenderer:
                 "so the loss mask cannot be placed exactly"
             )
         return text
-
-    def _append(self, input_ids, labels, text, supervise_first=False, supervise_all=False):
-        ids = self.encode(text)
-        if supervise_all:
-            labels.extend(ids)
-        else:
-            labels.extend([ids[0]] + [IGNORE_INDEX] * (len(ids) - 1) if supervise_first and ids else
-                          [IGNORE_INDEX] * len(ids))
-        input_ids.extend(ids)
 
     def fit(self, sample: RenderedSample) -> RenderedSample:
         """Applies max_length: the sample itself, a truncated copy (overflow=truncate), or SampleTooLong."""

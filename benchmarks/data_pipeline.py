@@ -1,0 +1,126 @@
+"""Data pipeline throughput: sftlab's clean + tokenize, end to end, beside TRL's own preprocessing of the
+same rows, in the same run. Each side runs in its own process, so each peak memory is its own.
+
+    .venv/bin/python benchmarks/data_pipeline.py [--rows 50000]
+
+Rows are Alpaca-like (instruction/input/output) with a length distribution like Alpaca-GPT4-zh: mean about
+220 characters, a long tail to 3,000; a few percent are exact or near duplicates, as in real data.
+"""
+
+import argparse
+import json
+import multiprocessing as mp
+import random
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+MAX_LENGTH = 1024
+CJK = [chr(c) for c in range(0x4E00, 0x4E00 + 3000)]
+PUNCT = list("，。！？；：、") + ["\n"]
+WORDS = "the model data train answer question example because first second then finally".split()
+
+
+def text(rng: random.Random, n_chars: int) -> str:
+    out = []
+    while len(out) < n_chars:
+        if rng.random() < 0.1:
+            out.extend(" " + rng.choice(WORDS) + " ")
+        else:
+            out.append(rng.choice(CJK) if rng.random() > 0.08 else rng.choice(PUNCT))
+    return "".join(out)[:n_chars]
+
+
+def make_rows(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        if rows and rng.random() < 0.03:  # exact or near duplicate of an earlier row
+            twin = dict(rng.choice(rows))
+            if rng.random() < 0.5:
+                twin["output"] = twin["output"] + "。"
+            rows.append(twin)
+            continue
+        total = min(3000, int(rng.lognormvariate(5.15, 0.6)))  # mean ~210, long tail, capped at 3,000
+        prompt = max(4, int(total * rng.uniform(0.1, 0.4)))
+        has_input = rng.random() < 0.35
+        rows.append({"instruction": text(rng, prompt if not has_input else prompt // 2),
+                     "input": text(rng, prompt // 2) if has_input else "",
+                     "output": text(rng, max(4, total - prompt))})
+    return rows
+
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_sftlab(path: str, queue) -> None:
+    from sftlab.chat_format import ChatRenderer
+    from sftlab.config import CleanArguments, DataArguments
+    from sftlab.data.prepare import prepare_data
+    from sftlab.model.load import load_tokenizer
+    from sftlab.model.tiny import ensure_tiny_model
+
+    renderer = ChatRenderer(load_tokenizer(ensure_tiny_model()), MAX_LENGTH)
+    start = time.perf_counter()
+    data = prepare_data(DataArguments(data_files=[path], test_size=0.0), CleanArguments(near_dedup=True), renderer,
+                        use_cache=False)
+    seconds = time.perf_counter() - start
+    queue.put({"seconds": seconds, "peak_mb": peak_mb(), "kept": data.report["kept"],
+               "reasons": data.report["reasons"]})
+
+
+def run_trl(path: str, queue) -> None:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    from sftlab.data.convert import alpaca_to_messages
+    from sftlab.model.load import load_tokenizer
+    from sftlab.model.tiny import ensure_tiny_model
+
+    tokenizer = load_tokenizer(ensure_tiny_model())
+    model = AutoModelForCausalLM.from_pretrained(ensure_tiny_model())
+    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
+    start = time.perf_counter()
+    # TRL's path for the same job: conversational rows -> its chat-template tokenization -> truncation
+    dataset = Dataset.from_list([{"messages": alpaca_to_messages(r)} for r in rows])
+    args = SFTConfig(output_dir=tempfile.mkdtemp(), max_length=MAX_LENGTH, report_to="none", use_cpu=True)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset.select(range(8)), processing_class=tokenizer)
+    prepared = trainer._prepare_dataset(dataset, tokenizer, args, False, None, "benchmark")
+    seconds = time.perf_counter() - start
+    queue.put({"seconds": seconds, "peak_mb": peak_mb(), "kept": len(prepared)})
+
+
+def measure(target, path: str) -> dict:
+    queue = mp.get_context("spawn").Queue()
+    process = mp.get_context("spawn").Process(target=target, args=(path, queue))
+    process.start()
+    result = queue.get()
+    process.join()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=50_000)
+    args = parser.parse_args()
+    rows = make_rows(args.rows)
+    chars = [len(r["instruction"]) + len(r["input"]) + len(r["output"]) for r in rows]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(Path(tmp) / "alpaca_like.jsonl")
+        Path(path).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        print(f"{args.rows} rows, mean {sum(chars) / len(chars):.0f} chars, max {max(chars)}; "
+              f"tokenizer: sftlab:tiny-glm4, max_length {MAX_LENGTH}")
+        ours = measure(run_sftlab, path)
+        trl = measure(run_trl, path)
+    for name, r in (("sftlab clean+tokenize (near-dedup on)", ours), ("TRL preprocessing only", trl)):
+        print(f"{name:40s} {args.rows / r['seconds']:8.0f} rows/s  {r['seconds']:6.1f} s  "
+              f"peak {r['peak_mb']:6.0f} MB  kept {r['kept']}")
+    print(f"sftlab reasons: {ours['reasons']}")
+    print(f"ratio sftlab/TRL rows/s: {trl['seconds'] / ours['seconds']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""One planted defect of each kind -> exactly the expected reason codes, counts and lines."""
+
+import json
+
+import pytest
+
+from sftlab.chat_format import ChatRenderer
+from sftlab.config import CleanArguments
+from sftlab.data.clean import clean_rows, repair_text
+from sftlab.data.load import expand_inputs, read_source
+from sftlab.data.prepare import read_all
+from sftlab.data.report import build_report, write_clean_outputs
+from sftlab.errors import UserError
+
+GOOD = [
+    {"instruction": "保持健康的三个提示。", "input": "", "output": "以下是保持健康的三个提示：１．多运动；２．均衡饮食！"},
+    {"instruction": "Translate to English.", "input": "猫", "output": "Cat."},
+    {"instruction": "What is the capital of France?", "input": "", "output": "The capital of France is Paris."},
+]
+# line -> (row text, expected reason); line numbers are 1-based lines of the JSONL file
+PLANTED = [
+    ('{"instruction": "broken", ', "bad_json"),
+    ('{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}', "mixed_format"),
+    ('{"instruction": 5, "input": "", "output": "x"}', "malformed_record"),
+    ('{"instruction": "   ", "input": "", "output": "Some answer here."}', "empty_instruction"),
+    ('{"instruction": "Say nothing.", "input": "", "output": ""}', "empty_response"),
+    ('{"instruction": "Q", "input": "", "output": "A", "history": [["hi", ""]]}', "empty_response"),
+    ('{"instruction": "Are you human?", "input": "", "output": "As an AI language model, I am not."}', "boilerplate"),
+    ('{"instruction": "Give one letter.", "input": "", "output": "A"}', "short_response"),
+    ('{"instruction": "Translate to English.", "input": "猫", "output": "Cat."}', "duplicate"),
+    ('{"instruction": "what is the capital of  France?", "input": "", "output": "The capital of France is Paris!"}',
+     "near_duplicate"),
+    ('{"instruction": "Write a long essay.", "input": "", "output": "' + "word " * 400 + '"}', "too_long"),
+]
+
+
+@pytest.fixture
+def planted_file(tmp_path):
+    lines = [json.dumps(row, ensure_ascii=False) for row in GOOD] + [text for text, _ in PLANTED]
+    path = tmp_path / "planted.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def run_clean(tokenizer, paths, **config):
+    renderer = ChatRenderer(tokenizer, max_length=256)
+    config = CleanArguments(**{"min_response_chars": 2, **config})
+    sources = expand_inputs([str(p) for p in paths])
+    return clean_rows(read_all(sources), config, renderer), sources
+
+
+def test_each_planted_defect_gets_its_reason_and_line(tokenizer, planted_file):
+    result, _ = run_clean(tokenizer, [planted_file])
+    assert result.rows_read == len(GOOD) + len(PLANTED)
+    assert len(result.kept) + len(result.rejected) == result.rows_read
+    assert [k.line for k in result.kept] == [1, 2, 3]
+    assert [(r.line, r.reason) for r in result.rejected] == [(len(GOOD) + 1 + i, reason)
+                                                           for i, (_, reason) in enumerate(PLANTED)]
+    assert result.reasons() == {"bad_json": 1, "mixed_format": 1, "malformed_record": 1, "empty_instruction": 1,
+                                "empty_response": 2, "boilerplate": 1, "short_response": 1, "duplicate": 1,
+                                "near_duplicate": 1, "too_long": 1}
+
+
+def test_outputs_are_complete_and_deterministic(tokenizer, planted_file, tmp_path):
+    def write(out):
+        result, sources = run_clean(tokenizer, [planted_file])
+        write_clean_outputs(out, result, build_report(result, sources, 256, "tiny"))
+        return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+    first, second = write(tmp_path / "a"), write(tmp_path / "b")
+    assert first == second
+    assert sorted(first) == ["clean.jsonl", "lengths.png", "rejected.jsonl", "report.json", "report.md"]
+    report = json.loads(first["report.json"])
+    assert report["rows_read"] == 14 and report["kept"] == 3 and report["rejected"] == 11
+    assert report["kept"] + report["rejected"] == report["rows_read"]
+    assert set(report["tokens"]) == {"prompt", "response", "total"}
+    assert {"p50", "p90", "p95", "p99", "max"} <= set(report["tokens"]["total"])
+    rejected = [json.loads(line) for line in first["rejected.jsonl"].decode().splitlines()]
+    assert rejected[0] == {"reason": "bad_json", "source": str(planted_file), "line": 4,
+                           "detail": rejected[0]["detail"], "row": None}
+    assert "| too_long | 1 |" in first["report.md"].decode()
+    assert report["max_length_suggestion"][0]["max_length"] == 256
+    assert report["max_length_suggestion"][0]["samples_lost"] == pytest.approx(1 / 4)
+
+
+def test_chinese_and_full_width_text_come_through_byte_identical(tokenizer, planted_file):
+    result, _ = run_clean(tokenizer, [planted_file])
+    assert result.kept[0].messages[-1]["content"] == GOOD[0]["output"]
+    assert result.kept[0].messages[0]["content"] == GOOD[0]["instruction"]
+
+
+def test_repairs_fix_control_characters_and_whitespace_only():
+    from collections import Counter
+
+    repairs = Counter()
+    assert repair_text(" 你好，\r\n世界！\x07\u200b\u00a0ok\u3000 ", repairs) == "你好，\n世界！ ok"
+    assert repairs == Counter(line_endings=1, control_characters=1, invisible_spaces=1, surrounding_whitespace=1)
+    assert repair_text("全角：，。！？（）　中间", Counter()) == "全角：，。！？（）　中间"
+
+
+def test_near_dedup_can_be_turned_off(tokenizer, planted_file):
+    result, _ = run_clean(tokenizer, [planted_file], near_dedup=False)
+    assert "near_duplicate" not in result.reasons() and len(result.kept) == 4
+
+
+def test_truncate_keeps_the_long_row_with_its_terminator(tokenizer, planted_file):
+    renderer = ChatRenderer(tokenizer, max_length=256, overflow="truncate")
+    result = clean_rows(read_all([str(planted_file)]), CleanArguments(min_response_chars=2), renderer)
+    long_row = [k for k in result.kept if k.line == 14][0]
+    assert len(long_row.sample.input_ids) == 256 and long_row.sample.labels[-1] == tokenizer.eos_token_id
+
+
+def test_strict_fails_on_the_first_malformed_row(tokenizer, planted_file):
+    with pytest.raises(UserError, match=f"{planted_file}:4: bad_json"):
+        run_clean(tokenizer, [planted_file], strict=True)
+
+
+def test_bad_inputs_get_a_reason_or_a_clear_error(tokenizer, tmp_path):
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD[1]).encode() + b"\n")
+    utf8 = tmp_path / "bad_utf8.jsonl"
+    utf8.write_bytes(json.dumps(GOOD[2]).encode() + b"\n" + b'{"instruction": "\xff\xfe"}\n')
+    huge = tmp_path / "huge.jsonl"
+    huge.write_text(json.dumps({"instruction": "Q", "output": "x" * 10_000_000}) + "\n")
+    result, _ = run_clean(tokenizer, [bom, utf8, huge])
+    assert [k.source for k in result.kept] == [str(bom), str(utf8)]
+    assert [(r.source, r.line, r.reason) for r in result.rejected] == [(str(utf8), 2, "invalid_utf8"),
+                                                                        (str(huge), 1, "too_long")]
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(UserError, match="data file .*empty.jsonl is empty"):
+        run_clean(tokenizer, [empty])
+    broken_array = tmp_path / "broken.json"
+    broken_array.write_text('[\n {"instruction": "a", "output": "b"},\n {"instruction": \n]')
+    with pytest.raises(UserError, match="broken.json:4: bad JSON"):
+        list(read_source(str(broken_array)))
+
+
+def test_json_array_rows_carry_their_start_lines(tmp_path):
+    path = tmp_path / "rows.json"
+    path.write_text('[\n  {"instruction": "a",\n   "output": "b"},\n  {"instruction": "c", "output": "d"}\n]\n')
+    assert [r.line for r in read_source(str(path))] == [2, 4]
+
+
+def test_parquet_and_csv_and_globs(tmp_path, tokenizer):
+    from datasets import Dataset
+
+    Dataset.from_list(GOOD).to_parquet(str(tmp_path / "part-1.parquet"))
+    Dataset.from_list(GOOD[:2]).to_csv(str(tmp_path / "part-2.csv"), index=False)
+    result, sources = run_clean(tokenizer, [tmp_path / "part-*"], near_dedup=False)
+    assert [s.rsplit("/", 1)[1] for s in sources] == ["part-1.parquet", "part-2.csv"]
+    assert [(k.line, k.messages[-1]["content"]) for k in result.kept] == [
+        (1, GOOD[0]["output"]), (2, "Cat."), (3, GOOD[2]["output"])]
+    assert [(r.line, r.reason) for r in result.rejected] == [(2, "duplicate"), (3, "duplicate")]
+
+
+def test_hub_dataset_id_offline_is_one_clear_error():
+    with pytest.raises(UserError, match="llamafactory/alpaca_gpt4_zh is a Hub dataset id, and the Hub is offline"):
+        list(read_all(expand_inputs(["llamafactory/alpaca_gpt4_zh"])))
