@@ -25,7 +25,7 @@ ZH_IDENTITY_ANSWERS = [
 EN_IDENTITY_QUESTIONS = [
     "Who are you?", "What is your name?", "Introduce yourself.", "Who made you?", "What should I call you?",
     "Hi, who are you?", "Tell me your name.", "Hello! What's your name?", "Which assistant are you?",
-    "Who developed you?", "Are you ChatGPT?", "Please introduce yourself.", "What are you?",
+    "Who developed you?", "Are you ChatGPT?", "Please introduce yourself.", "Are you a person or a program?",
     "Can you tell me who you are?", "Hey, what is your name?",
 ]
 EN_IDENTITY_ANSWERS = [

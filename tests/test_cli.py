@@ -42,3 +42,20 @@ def test_debug_shows_the_traceback():
 def test_unknown_verb_prints_usage():
     result = sftlab("fly")
     assert result.returncode == 2 and "verbs:" in result.stderr
+
+
+def test_data_clean_and_inspect_on_the_demo_data(tmp_path):
+    result = sftlab("data", "clean", "sftlab:demo", "--output", str(tmp_path / "clean"))
+    assert result.returncode == 0, result.stderr
+    assert "data: 177 rows read, 177 kept, 0 rejected (none)" in result.stdout
+    assert sorted(p.name for p in (tmp_path / "clean").iterdir()) == [
+        "clean.jsonl", "lengths.png", "rejected.jsonl", "report.json", "report.md"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "hi", "output": "hello there"}\n{"instruction": \n')
+    result = sftlab("data", "inspect", str(bad))
+    assert result.returncode == 0, result.stderr
+    assert "format: alpaca (1 rows)" in result.stdout
+    assert "[gMASK]<sop><|user|>\nhi<|assistant|>«\nhello there<|endoftext|>»" in result.stdout
+    assert f"{bad}:2: not usable: bad_json" in result.stdout
+    result = sftlab("data", "clean", str(bad), "--output", str(tmp_path / "strict"), "--strict", "true")
+    assert result.returncode == 2 and f"error: {bad}:2: bad_json" in result.stderr

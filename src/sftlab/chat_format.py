@@ -44,7 +44,7 @@ class RenderedSample:
 
     @property
     def num_supervised(self) -> int:
-        return sum(label != IGNORE_INDEX for label in self.labels)
+        return len(self.labels) - self.labels.count(IGNORE_INDEX)
 
 
 def stop_token_ids(tokenizer) -> list[int]:
@@ -85,6 +85,17 @@ def validate_messages(messages: list[dict], for_training: bool = True) -> None:
         raise MessageError(f"messages[{len(messages) - 1}].role: a training conversation must end with the assistant")
 
 
+def _compiled_template(template: str):
+    """transformers' own compiled Jinja template (same environment and filters), or None if its private
+    compile function moved, in which case the public render_jinja_template is used."""
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        return _compile_jinja_template(template)
+    except ImportError:
+        return None
+
+
 class ChatRenderer:
     """Renders conversations with `tokenizer`'s chat template into ids, labels and prompts."""
 
@@ -100,8 +111,14 @@ class ChatRenderer:
         self._template_kwargs = dict(tokenizer.special_tokens_map)
         self._backend = getattr(tokenizer, "_tokenizer", None)  # the Rust tokenizer, when there is one
         self._empty = None  # the template's rendering of no messages, computed once
+        self._compiled = _compiled_template(tokenizer.chat_template)
 
     def render_text(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        if self._compiled is not None:
+            # transformers' compiled template, called directly: render_jinja_template would deep-copy every
+            # message first, a third of the rendering time when cleaning a large dataset
+            return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                         **self._template_kwargs)
         rendered, _ = render_jinja_template(
             conversations=[messages], chat_template=self.tokenizer.chat_template,
             add_generation_prompt=add_generation_prompt, **self._template_kwargs,
