@@ -24,6 +24,9 @@ demo: setup
 	@echo; echo "Identity questions, greedy (sftlab chat --adapter $(DEMO_OUT) --prompt Q --temperature 0 --json):"
 	@for q in $(IDENTITY); do printf '  %s -> ' "$$q"; \
 	  $(BIN)/sftlab chat --adapter $(DEMO_OUT) --prompt "$$q" --temperature 0 --json 2>/dev/null; done
+	@echo; $(BIN)/sftlab doctor --adapter $(DEMO_OUT) 2>/dev/null
+	@echo; echo "Before (base) and after (tuned), on the held-out split (sftlab eval --adapter $(DEMO_OUT) --compare-base):"
+	@$(BIN)/sftlab eval --adapter $(DEMO_OUT) --compare-base --max_new_tokens 64 2>/dev/null
 
 test: setup
 	$(BIN)/python -m pytest -q

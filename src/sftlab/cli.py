@@ -8,6 +8,8 @@ verbs:
   data    clean data and report what was wrong: sftlab data clean FILES... --output DIR
           look at a file as the model sees it:   sftlab data inspect FILE
   train   fine-tune a model (LoRA or full): sftlab train --config configs/demo.yaml [--field value ...]
+  eval    held-out metrics, before/after:   sftlab eval --adapter output/demo --compare-base
+  doctor  check a run for template drift and stopping: sftlab doctor --adapter output/demo
   chat    chat with a base model or a run: sftlab chat --adapter output/demo [--prompt TEXT --json]
 
 `sftlab <verb> --help` lists each verb's options. --debug shows tracebacks."""
@@ -36,7 +38,19 @@ def _data(argv):
     return actions[argv[0]](argv[1:])
 
 
-VERBS = {"data": _data, "train": _train, "chat": _chat}
+def _eval(argv):
+    from sftlab.eval.evaluate import main
+
+    return main(argv)
+
+
+def _doctor(argv):
+    from sftlab.eval.doctor import main
+
+    return main(argv)
+
+
+VERBS = {"data": _data, "train": _train, "eval": _eval, "doctor": _doctor, "chat": _chat}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,6 +28,8 @@ class PreparedData:
     test_messages: list[list[dict]]  # the held-out conversations, for evaluation
     rejected: list[dict]  # {"reason", "source", "line", "detail"}
     report: dict
+    fingerprint: str  # the content hash the prepared data is cached under
+    example: dict | None  # the first training conversation with its ids and labels, for `sftlab doctor`
 
     def summary(self) -> str:
         return summary_line(self.report) + f"; {len(self.train)} train, {len(self.test)} held out"
@@ -67,7 +69,9 @@ def prepare_data(data_args: DataArguments, clean_args: CleanArguments, renderer:
         test_messages=[result.kept[i].messages for i in test_idx],
         rejected=[{"reason": r.reason, "source": r.source, "line": r.line, "detail": r.detail}
                   for r in result.rejected],
-        report=report,
+        report=report, fingerprint=key,
+        example=({"messages": result.kept[train_idx[0]].messages, "input_ids": result.kept[train_idx[0]].sample.input_ids,
+                  "labels": result.kept[train_idx[0]].sample.labels} if train_idx else None),
     )
     if use_cache:
         write_cache(cached, data)

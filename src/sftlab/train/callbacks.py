@@ -1,19 +1,13 @@
 """Trainer callbacks: the probe replies at every save, and a JSON-lines copy of the trainer's logs."""
 
-import json
 from pathlib import Path
 
 from transformers import TrainerCallback
 
+from sftlab.files import append_jsonl
 from sftlab.infer.generate import SamplingArgs, generate_replies
 
 DEFAULT_PROBES = ["你好，告诉我你的名字。", "告诉我1+2等于多少？"]  # the tutorial's two probe prompts
-
-
-def append_jsonl(path: Path, records: list[dict]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 def run_probes(model, tokenizer, prompts: list[str], max_new_tokens: int, system_prompt: str | None = None):

@@ -20,10 +20,11 @@ from sftlab.chat_format import ChatRenderer, stop_token_ids
 from sftlab.config import CleanArguments, DataArguments, ModelArguments
 from sftlab.data.prepare import PreparedData, prepare_data
 from sftlab.errors import UserError
+from sftlab.files import append_jsonl, write_atomic
 from sftlab.model.load import (
     ADAPTER_CONFIG, load_model, load_tokenizer, recorded_base_name, resolve_model_path, save_tokenizer,
 )
-from sftlab.train.callbacks import DEFAULT_PROBES, JsonlLogCallback, ProbeCallback, append_jsonl, run_probes
+from sftlab.train.callbacks import DEFAULT_PROBES, JsonlLogCallback, ProbeCallback, run_probes
 from sftlab.train.tracking import REPORT_TO_CHOICES, finish_swanlab, start_swanlab
 
 RESOLVED_CONFIG = "sftlab_config.yaml"
@@ -67,6 +68,10 @@ class TrainConfig(SFTConfig):
         metadata={"help": "Prompts answered (greedy) at every save, logged to predictions.jsonl and SwanLab."},
     )
     probe_max_new_tokens: int = field(default=128, metadata={"help": "Max new tokens per probe reply."})
+    final_eval_samples: int = field(
+        default=200, metadata={"help": "Held-out conversations evaluated after training (eval/results.json); 0: none."}
+    )
+    final_eval_max_new_tokens: int = field(default=256, metadata={"help": "Max new tokens per reply in that evaluation."})
 
     def __post_init__(self):
         reports = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to or ["none"])
@@ -101,12 +106,6 @@ def _config_error_line(exc: ValueError) -> str:
                 if k.startswith("--") or k.startswith("'--")]
         return f"unknown config key(s): {', '.join(keys) or text}. `sftlab train --help` lists the fields"
     return f"config: {text.splitlines()[0]}"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def resolved_config(model_args, data_args, clean_args, train_args) -> dict:
@@ -176,23 +175,44 @@ def train(model_args: ModelArguments, data_args: DataArguments, clean_args: Clea
     try:
         trainer.train(resume_from_checkpoint=resume_from)
         if is_main:
-            save_final(trainer, tokenizer, out, model_args)
-            replies = run_probes(trainer.model, tokenizer, train_args.probe_prompts,
-                                 train_args.probe_max_new_tokens, data_args.system_prompt)
-            final = [dict(step=trainer.state.global_step, prompt=p, reply=r.text, finish_reason=r.finish_reason,
-                          new_tokens=r.new_tokens, final=True) for p, r in zip(train_args.probe_prompts, replies)]
-            append_jsonl(out / "predictions.jsonl", final)
-            print_probes(final)
+            finish_run(trainer, tokenizer, out, model_args, data_args, clean_args, train_args, data)
     finally:
         if "swanlab" in reports and is_main:
             finish_swanlab()
     return out
 
 
+def finish_run(trainer, tokenizer, out: Path, model_args, data_args, clean_args, train_args, data) -> None:
+    """After training, on the main process: final weights, probe replies, held-out evaluation, report."""
+    from sftlab.eval.evaluate import evaluate, table_text, with_replies, write_eval
+    from sftlab.eval.run_report import peak_memory_mb, write_manifest, write_run_report
+
+    save_final(trainer, tokenizer, out, model_args)
+    write_manifest(out, resolved_config(model_args, data_args, clean_args, train_args), data.fingerprint,
+                   train_args.seed, {"peak_memory_mb": peak_memory_mb()})
+    replies = run_probes(trainer.model, tokenizer, train_args.probe_prompts, train_args.probe_max_new_tokens,
+                         data_args.system_prompt)
+    final = [dict(step=trainer.state.global_step, prompt=p, reply=r.text, finish_reason=r.finish_reason,
+                  new_tokens=r.new_tokens, final=True) for p, r in zip(train_args.probe_prompts, replies)]
+    append_jsonl(out / "predictions.jsonl", final)
+    conversations = data.test_messages[:train_args.final_eval_samples]
+    if conversations:
+        results, replies = evaluate(trainer.model, tokenizer, conversations, train_args.final_eval_max_new_tokens)
+        write_eval(out / "eval", {"tuned": results}, with_replies(conversations, {"tuned": replies}))
+        print(f"\nHeld-out evaluation ({len(conversations)} conversations):\n{table_text({'tuned': results})}")
+    write_run_report(out)
+    print_probes(final)
+
+
 def write_run_inputs(out: Path, model_args, data_args, clean_args, train_args, data: PreparedData) -> None:
     """How the run was made, written before training so even a crashed run says it."""
+    from sftlab.eval.run_report import write_manifest
+
     config = resolved_config(model_args, data_args, clean_args, train_args)
     write_atomic(out / RESOLVED_CONFIG, yaml.safe_dump(config, allow_unicode=True, sort_keys=False))
+    write_manifest(out, config, data.fingerprint, train_args.seed)
+    if data.example is not None:  # what `sftlab doctor` checks the saved template against
+        write_atomic(out / "render_check.json", json.dumps(data.example, ensure_ascii=False) + "\n")
     heldout = "".join(json.dumps({"messages": m}, ensure_ascii=False) + "\n" for m in data.test_messages)
     write_atomic(out / "heldout.jsonl", heldout)
     rejected = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in data.rejected)

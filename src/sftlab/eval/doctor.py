@@ -1,0 +1,143 @@
+"""`sftlab doctor`: checks a run (or a model folder) for the faults behind "the model won't stop" and
+"training and serving templates drift". Each check prints pass or fail; a failure says why and how to fix it."""
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from sftlab.chat_format import IGNORE_INDEX, ChatRenderer, MessageError, stop_token_ids
+from sftlab.errors import UserError
+
+FALLBACK_EXAMPLE = [{"role": "user", "content": "你好，告诉我你的名字。"}, {"role": "assistant", "content": "你好！"}]
+
+
+@dataclass
+class Check:
+    name: str
+    passed: bool
+    detail: str
+    fix: str = ""
+
+
+def training_example(run_dir: Path) -> dict | None:
+    """The first training sample as training rendered it (render_check.json), when the folder is a run."""
+    path = run_dir / "render_check.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
+def check_template(tokenizer, example: dict | None) -> Check:
+    name = "chat template renders training samples as training did"
+    if tokenizer.chat_template is None:
+        return Check(name, False, "the saved tokenizer has no chat template",
+                     "save the tokenizer with its template (sftlab saves it in tokenizer_config.json), or copy "
+                     "chat_template from the base model's tokenizer_config.json")
+    messages = example["messages"] if example else FALLBACK_EXAMPLE
+    try:
+        sample = ChatRenderer(tokenizer).render(messages)
+    except MessageError as exc:
+        return Check(name, False, f"the saved template cannot render a training sample: {exc}",
+                     "restore the template the model was trained with")
+    if example and (sample.input_ids != example["input_ids"] or sample.labels != example["labels"]):
+        first = next(i for i, (a, b) in enumerate(zip(sample.input_ids + [None], example["input_ids"] + [None]))
+                     if a != b)
+        return Check(name, False, f"tokens differ from training at position {first}",
+                     "serve with the tokenizer saved in the run directory, not the base model's")
+    prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, return_dict=True)["input_ids"]
+    if sample.input_ids[:len(prompt)] != list(prompt):
+        return Check(name, False, "apply_chat_template's prompt is not a prefix of the training sample",
+                     "the template must render the conversation prefix-by-prefix")
+    source = "render_check.json" if example else "a built-in sample"
+    return Check(name, True, f"{len(sample.input_ids)} tokens identical to training ({source}); "
+                             "apply_chat_template's prompt is its prefix")
+
+
+def check_terminator(tokenizer, example: dict | None) -> Check:
+    name = "terminator tokens are supervised"
+    if example is None:
+        return Check(name, True, "no render_check.json (not a sftlab run): checked by the generation test below")
+    stops = stop_token_ids(tokenizer)
+    labels, ids = example["labels"], example["input_ids"]
+    ends = [i for i in range(1, len(labels)) if labels[i - 1] != IGNORE_INDEX and ids[i] in stops]
+    masked = [i for i in ends if labels[i] == IGNORE_INDEX]
+    if labels[-1] == IGNORE_INDEX or masked:
+        where = masked[0] if masked else len(labels) - 1
+        return Check(name, False, f"the turn's end token {tokenizer.decode([ids[where]])!r} at position {where} has "
+                                  "label -100: the model never learned to stop",
+                     "retrain with sftlab's renderer (it supervises <|endoftext|> / the next role token)")
+    return Check(name, True, f"every assistant turn ends on a supervised stop token ({len(ends)} in the sample)")
+
+
+def check_pad_eos(tokenizer, example: dict | None) -> Check:
+    name = "pad and eos do not mask the terminator"
+    if tokenizer.eos_token_id is None or tokenizer.pad_token_id is None:
+        return Check(name, False, f"eos={tokenizer.eos_token_id}, pad={tokenizer.pad_token_id}",
+                     "set both in tokenizer_config.json (GLM-4: <|endoftext|> for both)")
+    if tokenizer.pad_token_id == tokenizer.eos_token_id:
+        if example is not None and example["labels"][-1] == tokenizer.eos_token_id:
+            return Check(name, True, "pad == eos, but labels are built by position, not by id: eos stays supervised")
+        if example is not None:
+            return Check(name, False, "pad == eos and the final eos label is masked: a collator masked it as padding",
+                         "build labels from the renderer's mask (pad only by position), or use a distinct pad token")
+    return Check(name, True, f"eos={tokenizer.eos_token_id}, pad={tokenizer.pad_token_id}")
+
+
+def check_generation_config(folder: Path, tokenizer) -> Check:
+    name = "generation config stops on all stop tokens"
+    path = folder / "generation_config.json"
+    wanted = stop_token_ids(tokenizer)
+    if not path.exists():
+        return Check(name, False, "no generation_config.json", f"write one with eos_token_id {wanted}")
+    eos = json.loads(path.read_text()).get("eos_token_id")
+    eos = eos if isinstance(eos, list) else [eos]
+    missing = [i for i in wanted if i not in eos]
+    if missing:
+        names = ", ".join(tokenizer.convert_ids_to_tokens(missing))
+        return Check(name, False, f"eos_token_id {eos} lacks {missing} ({names}): generation runs on past the turn",
+                     f"set eos_token_id to {wanted} in {path}")
+    return Check(name, True, f"eos_token_id {eos}")
+
+
+def check_generation(model, tokenizer, example: dict | None, max_new_tokens: int) -> Check:
+    from sftlab.infer.generate import SamplingArgs, generate_replies
+
+    name = "greedy generation stops"
+    messages = (example["messages"] if example else FALLBACK_EXAMPLE)[:-1]
+    reply = generate_replies(model, tokenizer, [messages], SamplingArgs(max_new_tokens, 0, 1.0, 1.0))[0]
+    if reply.finish_reason != "stop":
+        return Check(name, False, f"no stop token in {max_new_tokens} new tokens: {reply.text[:80]!r}...",
+                     "train with the terminator supervised and check the stop ids above")
+    return Check(name, True, f"stopped after {reply.new_tokens} tokens: {reply.text[:60]!r}")
+
+
+def run_checks(model: str | None, adapter: str | None, max_new_tokens: int = 64) -> list[Check]:
+    from sftlab.model.load import load_for_inference
+
+    folder = Path(adapter or model)
+    if not folder.is_dir():
+        raise UserError(f"{'adapter' if adapter else 'model'} path {folder} does not exist")
+    net, tokenizer = load_for_inference(model, adapter)
+    example = training_example(folder)
+    checks = [check_template(tokenizer, example), check_terminator(tokenizer, example),
+              check_pad_eos(tokenizer, example), check_generation_config(folder, tokenizer)]
+    if checks[0].passed:
+        checks.append(check_generation(net, tokenizer, example, max_new_tokens))
+    return checks
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="sftlab doctor", description="Check a run for template drift and stopping.")
+    p.add_argument("--adapter", help="A LoRA run directory.")
+    p.add_argument("--model", help="A model folder (a full fine-tuning run), or the base for --adapter.")
+    p.add_argument("--max_new_tokens", type=int, default=64, help="Budget of the generation test.")
+    args = p.parse_args(argv)
+    if not (args.adapter or args.model):
+        raise UserError("pass --adapter DIR or --model PATH")
+    checks = run_checks(args.model, args.adapter, args.max_new_tokens)
+    for check in checks:
+        print(f"[{'pass' if check.passed else 'FAIL'}] {check.name}: {check.detail}")
+        if not check.passed:
+            print(f"       fix: {check.fix}")
+    failed = [c for c in checks if not c.passed]
+    print(f"\n{len(checks) - len(failed)} passed, {len(failed)} failed")
+    return 1 if failed else 0

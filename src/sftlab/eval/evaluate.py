@@ -1,0 +1,183 @@
+"""`sftlab eval`: held-out loss and perplexity on the supervised tokens, batched greedy generation, text
+metrics, the stop rate; with --compare-base, the same for the base model and a side-by-side."""
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from sftlab.chat_format import IGNORE_INDEX, ChatRenderer
+from sftlab.eval.metrics import text_scores
+from sftlab.files import write_atomic
+from sftlab.infer.generate import SamplingArgs, generate_replies
+from sftlab.model.load import load_for_inference
+
+METRICS = ("eval_loss", "perplexity", "rouge_1", "rouge_2", "rouge_l", "bleu_4", "stop_rate", "mean_new_tokens")
+HIGHER_IS_BETTER = {"rouge_1", "rouge_2", "rouge_l", "bleu_4", "stop_rate"}
+
+
+@torch.no_grad()
+def supervised_loss(model, tokenizer, conversations: list[list[dict]], batch_size: int = 8) -> float:
+    """Mean cross-entropy over the supervised tokens (the replies and their terminators), as in training."""
+    renderer = ChatRenderer(tokenizer)
+    samples = [renderer.render(c) for c in conversations]
+    total_loss, total_tokens = 0.0, 0
+    model.eval()
+    for start in range(0, len(samples), batch_size):
+        batch = samples[start:start + batch_size]
+        width = max(len(s.input_ids) for s in batch)
+        ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, sample in enumerate(batch):
+            ids[row, :len(sample.input_ids)] = torch.tensor(sample.input_ids)
+            labels[row, :len(sample.labels)] = torch.tensor(sample.labels)
+            mask[row, :len(sample.input_ids)] = 1
+        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
+        shifted = labels[:, 1:].to(model.device)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), shifted.reshape(-1),
+                                                 ignore_index=IGNORE_INDEX, reduction="sum")
+        total_loss += loss.item()
+        total_tokens += int((shifted != IGNORE_INDEX).sum())
+    return total_loss / max(total_tokens, 1)
+
+
+def evaluate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 256,
+             batch_size: int = 16) -> tuple[dict, list]:
+    """Metrics over conversations whose last message is the reference reply; and the replies."""
+    loss = supervised_loss(model, tokenizer, conversations)
+    greedy = SamplingArgs(max_new_tokens=max_new_tokens, temperature=0, repetition_penalty=1.0)
+    replies = generate_replies(model, tokenizer, [c[:-1] for c in conversations], greedy, batch_size=batch_size)
+    scores = [text_scores(r.text, c[-1]["content"]) for r, c in zip(replies, conversations)]
+    n = len(conversations)
+    results = {"eval_loss": round(loss, 4), "perplexity": round(math.exp(min(loss, 50)), 3),
+               **{k: round(sum(s[k] for s in scores) / n, 4) for k in ("rouge_1", "rouge_2", "rouge_l", "bleu_4")},
+               "stop_rate": round(sum(r.finish_reason == "stop" for r in replies) / n, 4),
+               "mean_new_tokens": round(sum(r.new_tokens for r in replies) / n, 2), "n": n}
+    return results, replies
+
+
+def load_conversations(data: str | None, run_dir: Path | None, tokenizer) -> list:
+    """The held-out split of a run (heldout.jsonl), or any data file sftlab can read (rows that cannot be
+    rendered with the model's template are left out)."""
+    if data is None:
+        heldout = run_dir / "heldout.jsonl" if run_dir else None
+        if heldout is None or not heldout.exists():
+            from sftlab.errors import UserError
+
+            raise UserError("no held-out split here (heldout.jsonl): pass --data FILE")
+        return [json.loads(line)["messages"] for line in heldout.read_text(encoding="utf-8").splitlines() if line]
+    from sftlab.config import CleanArguments
+    from sftlab.data.clean import clean_rows
+    from sftlab.data.load import expand_inputs
+    from sftlab.data.prepare import read_all
+
+    result = clean_rows(read_all(expand_inputs([data])), CleanArguments(near_dedup=False), ChatRenderer(tokenizer),
+                        enabled=False)
+    if result.rejected:
+        print(f"eval: {len(result.rejected)} of {result.rows_read} rows left out: {result.reasons()}")
+    return [kept.messages for kept in result.kept]
+
+
+def comparison_markdown(results: dict, samples: list[dict], limit: int = 10) -> str:
+    lines = ["# Evaluation", ""]
+    sides = [side for side in ("base", "tuned") if side in results]
+    header = "| metric | " + " | ".join(sides) + (" | change |" if len(sides) == 2 else " |")
+    lines += [header, "|" + " --- |" * (len(sides) + 1 + (len(sides) == 2))]
+    for metric in METRICS + ("n",):
+        values = [results[side][metric] for side in sides]
+        row = f"| {metric} | " + " | ".join(str(v) for v in values)
+        if len(sides) == 2 and metric != "n":
+            delta = values[1] - values[0]
+            better = (delta > 0) == (metric in HIGHER_IS_BETTER) and delta != 0
+            row += f" | {delta:+.4g}{' ✓' if better else ''}"
+        lines.append(row + " |")
+    lines += ["", f"## Replies (first {min(limit, len(samples))} of {len(samples)})", ""]
+    for s in samples[:limit]:
+        lines += [f"**Prompt:** {s['prompt']}", ""]
+        if "base" in s:
+            lines.append(f"- base ({s['base']['finish_reason']}): {s['base']['reply']}")
+        lines.append(f"- tuned ({s['tuned']['finish_reason']}): {s['tuned']['reply']}")
+        lines += [f"- reference: {s['reference']}", ""]
+    return "\n".join(lines) + "\n"
+
+
+def table_text(results: dict) -> str:
+    """The before/after table for the terminal."""
+    sides = [side for side in ("base", "tuned") if side in results]
+    lines = [f"{'metric':16s}" + "".join(f"{side:>12s}" for side in sides)]
+    for metric in METRICS + ("n",):
+        lines.append(f"{metric:16s}" + "".join(f"{results[side][metric]:>12}" for side in sides))
+    return "\n".join(lines)
+
+
+def write_eval(out_dir: Path, results: dict, samples: list[dict]) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(out_dir / "samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+    write_atomic(out_dir / "report.md", comparison_markdown(results, samples))
+    write_atomic(out_dir / "results.json", json.dumps(results, ensure_ascii=False, indent=2) + "\n")
+
+
+def run_eval(model: str | None, adapter: str | None, data: str | None, compare_base: bool,
+             max_new_tokens: int, batch_size: int, output: str | None = None) -> Path:
+    run_dir = Path(adapter or model)
+    tuned, tokenizer = load_for_inference(model, adapter)
+    conversations = load_conversations(data, run_dir if run_dir.is_dir() else None, tokenizer)
+    results, replies = {}, {}
+    results["tuned"], replies["tuned"] = evaluate(tuned, tokenizer, conversations, max_new_tokens, batch_size)
+    if compare_base:
+        # loaded afresh: PeftModel.unload() would keep trained modules_to_save copies (e.g. lm_head)
+        del tuned
+        from sftlab.model.load import adapter_base
+
+        base, _ = load_for_inference(model or adapter_base(Path(adapter)))
+        results["base"], replies["base"] = evaluate(base, tokenizer, conversations, max_new_tokens, batch_size)
+    out = Path(output) if output else run_dir / "eval"
+    write_eval(out, {k: results[k] for k in ("base", "tuned") if k in results}, with_replies(conversations, replies))
+    return out
+
+
+def with_replies(conversations: list[list[dict]], replies: dict[str, list]) -> list[dict]:
+    """samples.jsonl rows: prompt, reference, and each side's reply."""
+    samples = []
+    for i, conversation in enumerate(conversations):
+        sample = {"prompt": conversation[-2]["content"], "reference": conversation[-1]["content"]}
+        for side, side_replies in replies.items():
+            reply = side_replies[i]
+            sample[side] = {"reply": reply.text, "finish_reason": reply.finish_reason, "new_tokens": reply.new_tokens}
+        samples.append(sample)
+    return samples
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sftlab eval", description="Evaluate a run on its held-out split (or --data).")
+    p.add_argument("--adapter", help="A LoRA run directory (its base is read from it).")
+    p.add_argument("--model", help="A full model folder, or the base for --adapter.")
+    p.add_argument("--data", help="Data file to evaluate on instead of the run's heldout.jsonl.")
+    p.add_argument("--compare-base", "--compare_base", dest="compare_base", action="store_true",
+                   help="Also evaluate the base model, and write a side-by-side.")
+    p.add_argument("--max_new_tokens", type=int, default=256)
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--output", help="Output folder (default: RUN/eval).")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    from sftlab.errors import UserError
+
+    args = build_parser().parse_args(argv)
+    if args.compare_base and not args.adapter:
+        raise UserError("--compare-base needs --adapter (a full model has no separate base)")
+    out = run_eval(args.model, args.adapter, args.data, args.compare_base, args.max_new_tokens, args.batch_size,
+                   args.output)
+    results = json.loads((out / "results.json").read_text())
+    print(table_text(results))
+    print(f"\nwrote {out}/results.json, report.md, samples.jsonl")
+    run_dir = Path(args.adapter or args.model)
+    if (run_dir / "trainer_state.json").exists():
+        from sftlab.eval.run_report import write_run_report
+
+        write_run_report(run_dir)
+    return 0

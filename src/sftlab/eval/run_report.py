@@ -1,0 +1,132 @@
+"""The run report (report.md + loss_curves.png) and the manifest of a training run directory."""
+
+import json
+import os
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+from sftlab.files import write_atomic
+
+LIBRARIES = ("sftlab", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "swanlab", "tokenizers")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def plot_losses(logs: list[dict], path: Path) -> bool:
+    train = [(r["step"], r["loss"]) for r in logs if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in logs if "eval_loss" in r]
+    if not train and not evals:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    if train:
+        ax.plot(*zip(*train), label="train loss", color="#4C72B0")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss", color="#C44E52")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (supervised tokens)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
+    return True
+
+
+def throughput(state: dict, logs: list[dict]) -> dict:
+    summary = next((r for r in reversed(logs) if "train_runtime" in r), {})
+    tokens = max((r.get("num_tokens", 0) for r in logs), default=0)
+    seconds = summary.get("train_runtime")
+    out = {"train_seconds": seconds, "samples_per_second": summary.get("train_samples_per_second"),
+           "steps": state.get("global_step"), "tokens": tokens or None}
+    if seconds and tokens:
+        out["tokens_per_second"] = round(tokens / seconds, 1)
+    return out
+
+
+def write_run_report(run_dir: Path) -> Path:
+    run_dir = Path(run_dir)
+    logs = read_jsonl(run_dir / "trainer_log.jsonl")
+    state = json.loads((run_dir / "trainer_state.json").read_text()) if (run_dir / "trainer_state.json").exists() else {}
+    manifest = json.loads((run_dir / "manifest.json").read_text()) if (run_dir / "manifest.json").exists() else {}
+    data = json.loads((run_dir / "data_report.json").read_text()) if (run_dir / "data_report.json").exists() else {}
+    results_file = run_dir / "eval" / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.exists() else {}
+    lines = [f"# Run report: {run_dir.name}", ""]
+    if plot_losses(logs, run_dir / "loss_curves.png"):
+        lines += ["![loss curves](loss_curves.png)", ""]
+    lines += ["## Data", ""]
+    if data:
+        from sftlab.data.report import summary_line
+
+        lines += [summary_line(data), ""]
+    lines += ["## Time and throughput", ""]
+    speed = {**throughput(state, logs), "peak_memory_mb": manifest.get("peak_memory_mb")}
+    lines += [f"- {key}: {value}" for key, value in speed.items() if value is not None] + [""]
+    if results:
+        from sftlab.eval.evaluate import table_text
+
+        lines += ["## Evaluation (held-out split)", "", "```", table_text(results), "```",
+                  "", "Replies side by side: eval/report.md", ""]
+    predictions = read_jsonl(run_dir / "predictions.jsonl")
+    if predictions:
+        lines += ["## Probe replies over training", "", "| step | prompt | reply | end |", "| ---: | --- | --- | --- |"]
+        for p in predictions:
+            reply = p["reply"].replace("|", "\\|").replace("\n", " ")[:160]
+            lines.append(f"| {p['step']}{' (final)' if p.get('final') else ''} | {p['prompt']} | {reply} | "
+                         f"{p['finish_reason']} |")
+    write_atomic(run_dir / "report.md", "\n".join(lines) + "\n")
+    return run_dir / "report.md"
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def hardware() -> dict:
+    import torch
+
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count()}
+    if torch.cuda.is_available():
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
+
+
+def peak_memory_mb() -> float:
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # CPU: the process's peak RSS
+
+
+def library_versions() -> dict:
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def write_manifest(run_dir: Path, config: dict, fingerprint: str, seed: int, extra: dict | None = None) -> None:
+    manifest = {"config": config, "data_fingerprint": fingerprint, "seed": seed, "libraries": library_versions(),
+                "git_commit": git_commit(), "hardware": hardware(), **(extra or {})}
+    write_atomic(Path(run_dir) / "manifest.json", json.dumps(manifest, ensure_ascii=False, indent=2, default=str) + "\n")
