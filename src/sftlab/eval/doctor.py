@@ -26,19 +26,28 @@ def training_example(run_dir: Path) -> dict | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
 
 
-def check_template(tokenizer, example: dict | None) -> Check:
+def saved_template(folder: Path) -> str | None:
+    """The template a serving stack (vLLM, transformers) finds in the folder, before sftlab's own fallback."""
+    config = folder / "tokenizer_config.json"
+    if (folder / "chat_template.jinja").exists():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    return json.loads(config.read_text(encoding="utf-8")).get("chat_template") if config.exists() else None
+
+
+def check_template(folder: Path, tokenizer, example: dict | None) -> Check:
     name = "chat template renders training samples as training did"
-    if tokenizer.chat_template is None:
-        return Check(name, False, "the saved tokenizer has no chat template",
-                     "save the tokenizer with its template (sftlab saves it in tokenizer_config.json), or copy "
-                     "chat_template from the base model's tokenizer_config.json")
+    if saved_template(folder) is None:
+        return Check(name, False, f"no chat template saved in {folder} (tokenizer_config.json or "
+                                  "chat_template.jinja): a server would format prompts its own way",
+                     "save the tokenizer with its template (sftlab writes it into tokenizer_config.json), or copy "
+                     "chat_template from the training run's tokenizer_config.json")
     messages = example["messages"] if example else FALLBACK_EXAMPLE
     try:
         sample = ChatRenderer(tokenizer).render(messages)
     except MessageError as exc:
         return Check(name, False, f"the saved template cannot render a training sample: {exc}",
                      "restore the template the model was trained with")
-    if example and (sample.input_ids != example["input_ids"] or sample.labels != example["labels"]):
+    if example and sample.input_ids != example["input_ids"]:  # the mask is the terminator check's business
         first = next(i for i, (a, b) in enumerate(zip(sample.input_ids + [None], example["input_ids"] + [None]))
                      if a != b)
         return Check(name, False, f"tokens differ from training at position {first}",
@@ -118,7 +127,7 @@ def run_checks(model: str | None, adapter: str | None, max_new_tokens: int = 64)
         raise UserError(f"{'adapter' if adapter else 'model'} path {folder} does not exist")
     net, tokenizer = load_for_inference(model, adapter)
     example = training_example(folder)
-    checks = [check_template(tokenizer, example), check_terminator(tokenizer, example),
+    checks = [check_template(folder, tokenizer, example), check_terminator(tokenizer, example),
               check_pad_eos(tokenizer, example), check_generation_config(folder, tokenizer)]
     if checks[0].passed:
         checks.append(check_generation(net, tokenizer, example, max_new_tokens))

@@ -1,0 +1,84 @@
+"""The doctor passes on a good run and names the right check on each planted fault."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from sftlab.eval.doctor import run_checks
+from sftlab.train.sft import parse_args, train
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("doctor") / "run"
+    return train(*parse_args(["--config", str(REPO / "configs/demo.yaml"), "--output_dir", str(out),
+                              "--report_to", "none", "--num_train_epochs", "20", "--save_steps", "1.0",
+                              "--eval_strategy", "no", "--final_eval_samples", "0"]))
+
+
+def failed(checks):
+    return [c.name for c in checks if not c.passed]
+
+
+def broken_copy(run_dir, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("checkpoint-*", "swanlog"))
+    return copy
+
+
+def test_doctor_passes_on_a_good_run(run_dir):
+    checks = run_checks(None, str(run_dir))
+    assert failed(checks) == [] and len(checks) == 5
+
+
+def test_removed_chat_template_fails_the_template_check(run_dir, tmp_path):
+    copy = broken_copy(run_dir, tmp_path)
+    config = json.loads((copy / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    (copy / "tokenizer_config.json").write_text(json.dumps(config))
+    checks = run_checks(None, str(copy))
+    assert failed(checks) == ["chat template renders training samples as training did"]
+    assert "no chat template saved" in checks[0].detail
+
+
+def test_terminator_masked_in_training_fails_the_terminator_check(run_dir, tmp_path):
+    copy = broken_copy(run_dir, tmp_path)
+    example = json.loads((copy / "render_check.json").read_text())
+    example["labels"][-1] = -100  # what the tutorial's collator did: eos == pad, masked as padding
+    (copy / "render_check.json").write_text(json.dumps(example))
+    names = failed(run_checks(None, str(copy)))
+    assert "terminator tokens are supervised" in names
+    assert "pad and eos do not mask the terminator" in names
+
+
+def test_model_trained_without_terminator_does_not_stop(tmp_path, monkeypatch):
+    """A model really trained with the terminator masked: the generation check fails too."""
+    import sftlab.chat_format as chat_format
+
+    real_assemble = chat_format.ChatRenderer.assemble
+
+    def masked_end(self, pieces, ids):
+        sample = real_assemble(self, pieces, ids)
+        sample.labels[-1] = chat_format.IGNORE_INDEX
+        return sample
+
+    monkeypatch.setattr(chat_format.ChatRenderer, "assemble", masked_end)
+    out = train(*parse_args(["--config", str(REPO / "configs/demo.yaml"), "--output_dir", str(tmp_path / "run"),
+                             "--report_to", "none", "--num_train_epochs", "20", "--save_steps", "1.0",
+                             "--eval_strategy", "no", "--final_eval_samples", "0", "--probe_prompts", "hi",
+                             "--clean", "false"]))
+    monkeypatch.undo()
+    names = failed(run_checks(None, str(out), max_new_tokens=48))
+    assert "terminator tokens are supervised" in names and "greedy generation stops" in names
+
+
+def test_generation_config_without_stop_ids_fails_that_check(run_dir, tmp_path):
+    copy = broken_copy(run_dir, tmp_path)
+    config = json.loads((copy / "generation_config.json").read_text())
+    config["eos_token_id"] = config["eos_token_id"][0]  # only <|endoftext|>, as many exports write it
+    (copy / "generation_config.json").write_text(json.dumps(config))
+    assert failed(run_checks(None, str(copy))) == ["generation config stops on all stop tokens"]
