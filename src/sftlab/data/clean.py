@@ -119,9 +119,10 @@ class NearDuplicateIndex:
     Written here rather than taken from datasketch: its MinHash hashes each shingle with SHA-1 in Python and
     builds its permutations per object, which alone caps cleaning far below 3,000 rows/s on 2 cores. Here a
     row's signature is a few numpy operations (multiply-shift hashing), and the bands are chosen as datasketch
-    chooses them."""
+    chooses them. 64 permutations: the Jaccard estimate's standard error is about 0.04 at 0.9, and halving
+    the default 128 took the 50,000-row benchmark from about 2,700 to 4,000 rows/s."""
 
-    def __init__(self, threshold: float, num_perm: int = 128, ngram: int = 5):
+    def __init__(self, threshold: float, num_perm: int = 64, ngram: int = 5):
         self.threshold, self.ngram = threshold, ngram
         rng = np.random.RandomState(1)  # fixed: the same rows are found near-duplicate on every run
         self.a = (rng.randint(0, 1 << 62, size=num_perm, dtype=np.uint64) << np.uint64(1)) | np.uint64(1)
@@ -152,7 +153,7 @@ class NearDuplicateIndex:
         flat = np.concatenate(shingles)
         with np.errstate(over="ignore"):
             permuted = (self.a[:, None] * flat[None, :] + self.b[:, None]) >> np.uint64(32)
-        return np.minimum.reduceat(permuted, starts, axis=1).T.astype(np.uint32)
+        return np.ascontiguousarray(np.minimum.reduceat(permuted, starts, axis=1).T, dtype=np.uint32)
 
     def find_or_add(self, key: str, signature: np.ndarray) -> str | None:
         """The key of an earlier near-duplicate, or None (and this signature is added under `key`)."""
