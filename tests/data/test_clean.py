@@ -157,3 +157,17 @@ def test_parquet_and_csv_and_globs(tmp_path, tokenizer):
 def test_hub_dataset_id_offline_is_one_clear_error():
     with pytest.raises(UserError, match="llamafactory/alpaca_gpt4_zh is a Hub dataset id, and the Hub is offline"):
         list(read_all(expand_inputs(["llamafactory/alpaca_gpt4_zh"])))
+
+
+def test_near_duplicate_decision_is_the_exact_jaccard_not_the_estimate():
+    from sftlab.data.clean import NearDuplicateIndex
+
+    index = NearDuplicateIndex(0.9)
+    first = "user:who are you? assistant:i am lingxi, an ai assistant made by the sftlab team. how can i help you?"
+    close = first.replace("help you?", "help you!")  # exact 5-gram Jaccard above 0.9
+    farther = first.replace("who are you?", "which assistant are you?")  # 0.85: the estimate once said 0.92
+    assert index.jaccard(first, close) >= 0.9 and index.jaccard(first, farther) < 0.9
+    signatures = index.signatures_of([first, close, farther])
+    assert index.find_or_add("a", signatures[0], first) is None
+    assert index.find_or_add("b", signatures[1], close) == "a"
+    assert index.find_or_add("c", signatures[2], farther) is None

@@ -129,7 +129,7 @@ class NearDuplicateIndex:
         self.b = rng.randint(0, 1 << 62, size=num_perm, dtype=np.uint64)
         self.bands, self.rows = lsh_bands(threshold, num_perm)
         self.buckets = [{} for _ in range(self.bands)]
-        self.signatures = {}
+        self.texts = {}
 
     def signatures_of(self, texts: list[str], group: int = 32) -> np.ndarray:
         """One signature row per text. Groups of 32 texts share a few numpy operations: larger groups are
@@ -155,18 +155,28 @@ class NearDuplicateIndex:
             permuted = (self.a[:, None] * flat[None, :] + self.b[:, None]) >> np.uint64(32)
         return np.ascontiguousarray(np.minimum.reduceat(permuted, starts, axis=1).T, dtype=np.uint32)
 
-    def find_or_add(self, key: str, signature: np.ndarray) -> str | None:
-        """The key of an earlier near-duplicate, or None (and this signature is added under `key`)."""
+    def find_or_add(self, key: str, signature: np.ndarray, text: str) -> str | None:
+        """The key of an earlier near-duplicate, or None (and the row is added under `key`). LSH only proposes
+        candidates; the decision is the exact Jaccard similarity of the two texts' 5-gram sets, so the noise
+        of the signature estimate never rejects a row."""
         raw, width = signature.tobytes(), self.rows * signature.itemsize
         band_keys = [raw[i * width:(i + 1) * width] for i in range(self.bands)]
+        checked = set()
         for bucket, band_key in zip(self.buckets, band_keys):
             for other in bucket.get(band_key, ()):
-                if np.count_nonzero(self.signatures[other] == signature) >= self.threshold * len(signature):
+                if other not in checked and self.jaccard(text, self.texts[other]) >= self.threshold:
                     return other
+                checked.add(other)
         for bucket, band_key in zip(self.buckets, band_keys):
             bucket.setdefault(band_key, []).append(key)
-        self.signatures[key] = signature
+        self.texts[key] = text
         return None
+
+    def jaccard(self, a: str, b: str) -> float:
+        n = self.ngram
+        shingles_a = {a[i:i + n] for i in range(max(1, len(a) - n + 1))}
+        shingles_b = {b[i:i + n] for i in range(max(1, len(b) - n + 1))}
+        return len(shingles_a & shingles_b) / len(shingles_a | shingles_b)
 
 
 class RowChecker:
@@ -182,7 +192,8 @@ class RowChecker:
         self.max_token_chars = max(len(token) for token in renderer.tokenizer.get_vocab())
 
     def check_batch(self, rows: list[SourceRow]) -> tuple[list, Counter]:
-        """Per row: a _Reject, or (messages, digest, signature row, rendered sample or MessageError). The
+        """Per row: a _Reject, or (messages, normalized text, digest, signature row, rendered sample or
+        MessageError). The
         signatures come back as one array (one row per passing row): far cheaper to send between processes
         than an array per row."""
         repairs, results, passed = Counter(), [], []
@@ -200,7 +211,7 @@ class RowChecker:
         for row, (i, sample) in enumerate(zip(passed, samples)):
             messages, text = results[i]
             digest = hashlib.blake2b(text.encode(), digest_size=16).digest() if text is not None else None
-            results[i] = (messages, digest, None if signatures is None else row, sample)
+            results[i] = (messages, text, digest, None if signatures is None else row, sample)
         return results, repairs, signatures
 
     def _check_text(self, source_row: SourceRow, repairs: Counter) -> tuple[list[dict], str | None]:
@@ -281,9 +292,9 @@ class Cleaner:
             try:
                 if isinstance(outcome, _Reject):
                     raise outcome
-                messages, digest, signature_row, sample = outcome
+                messages, text, digest, signature_row, sample = outcome
                 signature = None if signature_row is None else signatures[signature_row]
-                self.result.kept.append(self._decide(source_row, messages, digest, signature, sample))
+                self.result.kept.append(self._decide(source_row, messages, text, digest, signature, sample))
             except _Reject as reject:
                 if self.config.strict and reject.reason in MALFORMED:
                     raise UserError(f"{source_row.source}:{source_row.line}: {reject.reason}: {reject.detail} "
@@ -291,14 +302,14 @@ class Cleaner:
                 self.result.rejected.append(Rejected(source_row.source, source_row.line, reject.reason,
                                                      reject.detail, source_row.row))
 
-    def _decide(self, source_row: SourceRow, messages, digest, signature, sample) -> Kept:
+    def _decide(self, source_row: SourceRow, messages, text, digest, signature, sample) -> Kept:
         key = f"{source_row.source}:{source_row.line}"
         if digest is not None:
             if digest in self.seen:
                 raise _Reject("duplicate", f"same as {self.seen[digest]}")
             self.seen[digest] = key
         if signature is not None and self.near is not None:
-            twin = self.near.find_or_add(key, signature)
+            twin = self.near.find_or_add(key, signature, text)
             if twin is not None:
                 raise _Reject("near_duplicate", f"near {twin}")
         if isinstance(sample, MessageError):
