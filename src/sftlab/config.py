@@ -18,7 +18,8 @@ class ModelArguments:
         metadata={"help": "Weights dtype when loading.", "choices": ["auto", "bfloat16", "float16", "float32"]},
     )
     attn_implementation: str | None = field(
-        default=None, metadata={"help": "Attention kernel: eager, sdpa, flash_attention_2. None lets transformers pick."}
+        default=None,
+        metadata={"help": "Attention kernel: eager, sdpa, flash_attention_2. None lets transformers pick."},
     )
     use_peft: bool = field(default=True, metadata={"help": "Train a LoRA adapter (True) or all weights (False)."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
@@ -69,7 +70,7 @@ class DataArguments:
             raise ValueError(f"overflow: {self.overflow!r} is not one of drop, truncate")
 
 
-DEFAULT_BOILERPLATE = ["作为一个AI语言模型", "作为一个人工智能语言模型", "As an AI language model", "as an AI language model"]
+DEFAULT_BOILERPLATE = ["作为一个AI语言模型", "作为一个人工智能语言模型", "As an AI language model"]  # case-insensitive
 
 
 @dataclass

@@ -1,5 +1,3 @@
-import torch
-
 from sftlab.chat_format import stop_token_ids
 from sftlab.infer.generate import SamplingArgs, generate_replies, left_pad, split_reply
 

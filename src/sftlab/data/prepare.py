@@ -69,13 +69,15 @@ def prepare_data(data_args: DataArguments, clean_args: CleanArguments, renderer:
         test_messages=[result.kept[i].messages for i in test_idx],
         rejected=[{"reason": r.reason, "source": r.source, "line": r.line, "detail": r.detail}
                   for r in result.rejected],
-        report=report, fingerprint=key,
-        example=({"messages": result.kept[train_idx[0]].messages, "input_ids": result.kept[train_idx[0]].sample.input_ids,
-                  "labels": result.kept[train_idx[0]].sample.labels} if train_idx else None),
+        report=report, fingerprint=key, example=_example(result.kept[train_idx[0]]) if train_idx else None,
     )
     if use_cache:
         write_cache(cached, data)
     return data
+
+
+def _example(kept) -> dict:
+    return {"messages": kept.messages, "input_ids": kept.sample.input_ids, "labels": kept.sample.labels}
 
 
 def cache_key(sources: list[str], data_args: DataArguments, clean_args: CleanArguments,

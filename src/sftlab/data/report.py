@@ -94,7 +94,7 @@ def render_markdown(report: dict) -> str:
     lines += [f"| {reason} | {count} |" for reason, count in report["reasons"].items()] or ["| (none) | 0 |"]
     if report["repairs"]:
         lines += ["", "Repaired in place (kept): " + ", ".join(f"{k} {v}" for k, v in report["repairs"].items())]
-    lines += ["", "## Token lengths", "", "| | mean | p50 | p90 | p95 | p99 | max |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines += ["", "## Token lengths", "", "| | mean | p50 | p90 | p95 | p99 | max |", "| --- |" + " ---: |" * 6]
     for name, stats in report["tokens"].items():
         if stats.get("n"):
             lines.append(f"| {name} | {stats['mean']} | {stats['p50']} | {stats['p90']} | {stats['p95']} | "

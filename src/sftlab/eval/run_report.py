@@ -12,6 +12,10 @@ from sftlab.files import write_atomic
 LIBRARIES = ("sftlab", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "swanlab", "tokenizers")
 
 
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+
 def read_jsonl(path: Path) -> list[dict]:
     if not path.exists():
         return []
@@ -57,11 +61,8 @@ def throughput(state: dict, logs: list[dict]) -> dict:
 def write_run_report(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     logs = read_jsonl(run_dir / "trainer_log.jsonl")
-    state = json.loads((run_dir / "trainer_state.json").read_text()) if (run_dir / "trainer_state.json").exists() else {}
-    manifest = json.loads((run_dir / "manifest.json").read_text()) if (run_dir / "manifest.json").exists() else {}
-    data = json.loads((run_dir / "data_report.json").read_text()) if (run_dir / "data_report.json").exists() else {}
-    results_file = run_dir / "eval" / "results.json"
-    results = json.loads(results_file.read_text()) if results_file.exists() else {}
+    state, manifest = read_json(run_dir / "trainer_state.json"), read_json(run_dir / "manifest.json")
+    data, results = read_json(run_dir / "data_report.json"), read_json(run_dir / "eval" / "results.json")
     lines = [f"# Run report: {run_dir.name}", ""]
     if plot_losses(logs, run_dir / "loss_curves.png"):
         lines += ["![loss curves](loss_curves.png)", ""]
@@ -129,4 +130,5 @@ def library_versions() -> dict:
 def write_manifest(run_dir: Path, config: dict, fingerprint: str, seed: int, extra: dict | None = None) -> None:
     manifest = {"config": config, "data_fingerprint": fingerprint, "seed": seed, "libraries": library_versions(),
                 "git_commit": git_commit(), "hardware": hardware(), **(extra or {})}
-    write_atomic(Path(run_dir) / "manifest.json", json.dumps(manifest, ensure_ascii=False, indent=2, default=str) + "\n")
+    text = json.dumps(manifest, ensure_ascii=False, indent=2, default=str) + "\n"
+    write_atomic(Path(run_dir) / "manifest.json", text)

@@ -71,7 +71,9 @@ class TrainConfig(SFTConfig):
     final_eval_samples: int = field(
         default=200, metadata={"help": "Held-out conversations evaluated after training (eval/results.json); 0: none."}
     )
-    final_eval_max_new_tokens: int = field(default=256, metadata={"help": "Max new tokens per reply in that evaluation."})
+    final_eval_max_new_tokens: int = field(
+        default=256, metadata={"help": "Max new tokens per reply in that evaluation."}
+    )
 
     def __post_init__(self):
         reports = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to or ["none"])
