@@ -59,3 +59,24 @@ def test_data_clean_and_inspect_on_the_demo_data(tmp_path):
     assert f"{bad}:2: not usable: bad_json" in result.stdout
     result = sftlab("data", "clean", str(bad), "--output", str(tmp_path / "strict"), "--strict", "true")
     assert result.returncode == 2 and f"error: {bad}:2: bad_json" in result.stderr
+
+
+def test_interactive_chat_keeps_history_and_obeys_commands():
+    script = "hi\n/system Be brief.\nhello\n/clear\n/exit\n"
+    result = subprocess.run([sys.executable, "-m", "sftlab.cli", "chat", "--model", "sftlab:tiny-glm4",
+                             "--max_new_tokens", "3", "--temperature", "0"], input=script, capture_output=True,
+                            text=True, env=ENV, timeout=300)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert out.count("Assistant: ") == 2
+    assert "(system prompt set; history cleared)" in out and "(history cleared)" in out
+    assert result.stderr.count("(stopped at max_new_tokens=3)") == 2  # the random base model never stops
+
+
+def test_report_to_tensorboard_without_tensorboard_is_a_clear_error():
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
+        pytest.skip("tensorboard is installed")
+    result = sftlab("train", "--model_name_or_path", "sftlab:tiny-glm4", "--report_to", "tensorboard")
+    assert result.returncode == 2 and "report_to: tensorboard needs `pip install tensorboard`" in result.stderr

@@ -78,8 +78,11 @@ def plot_lengths(result: CleanResult, max_length: int | None, path: Path) -> Non
         ax.set_title(title)
         ax.set_xlabel("tokens")
         if max_length and title == "total tokens":
-            ax.axvline(max_length, color="#C44E52", linestyle="--", label=f"max_length {max_length}")
-            ax.legend()
+            if max_length <= 1.2 * max(values or [0]):  # far beyond the data, the line would squash the bars
+                ax.axvline(max_length, color="#C44E52", linestyle="--", label=f"max_length {max_length}")
+                ax.legend()
+            else:
+                ax.set_title(f"total tokens (all under max_length {max_length})")
     axes[0].set_ylabel("samples")
     fig.tight_layout()
     fig.savefig(path, metadata={"Software": None})  # no version stamp: identical bytes on every run

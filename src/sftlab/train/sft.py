@@ -80,6 +80,11 @@ class TrainConfig(SFTConfig):
         unknown = [r for r in reports if r not in REPORT_TO_CHOICES]
         if unknown:
             raise ValueError(f"report_to: {unknown[0]!r} is not one of {', '.join(REPORT_TO_CHOICES)}")
+        if "tensorboard" in reports:
+            import importlib.util
+
+            if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
+                raise ValueError("report_to: tensorboard needs `pip install tensorboard`")
         if self.bf16 is None:
             import torch
 
