@@ -12,9 +12,10 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sftlab import __version__
+from sftlab import __version__, chat_format
 from sftlab.chat_format import ChatRenderer
 from sftlab.config import CleanArguments, DataArguments
+from sftlab.data import clean, convert, load
 from sftlab.data.clean import clean_rows
 from sftlab.data.load import expand_inputs, read_source
 from sftlab.data.report import build_report, summary_line
@@ -94,6 +95,8 @@ def cache_key(sources: list[str], data_args: DataArguments, clean_args: CleanArg
     digest.update((backend.to_str() if backend is not None else str(sorted(tokenizer.get_vocab().items()))).encode())
     settings = dict(template=tokenizer.chat_template, max_length=renderer.max_length, overflow=renderer.overflow,
                     data=asdict(data_args), clean=asdict(clean_args), version=__version__)
+    for module in (chat_format, clean, convert, load):  # a change to the preparing code is a new key too
+        digest.update(Path(module.__file__).read_bytes())
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:24]
 
