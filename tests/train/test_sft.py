@@ -26,10 +26,12 @@ def test_lora_run_writes_exactly_these_files_and_changes_only_the_adapter(tmp_pa
     out = tmp_path / "run"
     train(*args_for(out))
     assert sorted(p.name for p in out.iterdir()) == [
-        "README.md", "adapter_config.json", "adapter_model.safetensors", "checkpoint-3", "checkpoint-6", "data_report.json",
-        "generation_config.json", "heldout.jsonl", "predictions.jsonl", "rejected.jsonl", "sftlab_config.yaml",
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "checkpoint-3", "checkpoint-6",
+        "data_report.json", "eval", "generation_config.json", "heldout.jsonl", "loss_curves.png", "manifest.json",
+        "predictions.jsonl", "rejected.jsonl", "render_check.json", "report.md", "sftlab_config.yaml",
         "tokenizer.json", "tokenizer_config.json", "trainer_log.jsonl", "trainer_state.json",
     ]
+    assert sorted(p.name for p in (out / "eval").iterdir()) == ["report.md", "results.json", "samples.jsonl"]
     adapter_config = json.loads((out / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == "sftlab:tiny-glm4"
     tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
