@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import sys
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,8 @@ from sftlab.train.callbacks import DEFAULT_PROBES, JsonlLogCallback, ProbeCallba
 from sftlab.train.tracking import REPORT_TO_CHOICES, finish_swanlab, start_swanlab
 
 RESOLVED_CONFIG = "sftlab_config.yaml"
+# PEFT still calls transformers' old name on every step; the warning says nothing a user can act on
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
 
 
 @dataclass
@@ -91,6 +94,10 @@ class TrainConfig(SFTConfig):
             self.bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         if self.bf16_full_eval is None:
             self.bf16_full_eval = self.bf16
+        import torch
+
+        if not torch.cuda.is_available():
+            self.dataloader_pin_memory = False  # pinning needs an accelerator; on CPU it only warns
         super().__post_init__()
 
 
