@@ -90,6 +90,8 @@ def test_resume_after_a_crash_continues_from_the_last_checkpoint(tmp_path, monke
     train(*args_for(crashed, "--probe_prompts", "hi", "--resume"))
     state = json.loads((crashed / "trainer_state.json").read_text())
     assert state["global_step"] == 6
+    logged = [json.loads(line)["step"] for line in (crashed / "trainer_log.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3, 4, 5, 6, 6]  # step 4, logged before the crash, is not logged twice
     a, b = load_file(straight / "adapter_model.safetensors"), load_file(crashed / "adapter_model.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)  # the resumed run ends where the straight one did
 

@@ -67,13 +67,14 @@ def torch_dtype(name: str):
 
 
 def load_model(model_path: Path, dtype: str = "auto", trust_remote_code: bool = False,
-               attn_implementation: str | None = None, record_name: str | None = None):
-    """Loads a causal LM. `record_name` is what adapters trained on it record as their base."""
+               attn_implementation: str | None = None, record_name: str | None = None, device: str | None = None):
+    """Loads a causal LM. `record_name` is what adapters trained on it record as their base; `device`
+    loads the weights straight onto it (a 9B model never passes through CPU memory on the way to a GPU)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
         model_path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code, use_safetensors=True,
-        attn_implementation=attn_implementation,
+        attn_implementation=attn_implementation, device_map=device,
     )
     if record_name is not None:
         model.config._name_or_path = record_name  # PEFT writes this into adapter_config.json
@@ -118,12 +119,12 @@ def load_for_inference(model: str | None = None, adapter: str | None = None, dev
     # the tokenizer saved with a training run carries the template it was trained with: prefer it
     tokenizer_dir = Path(adapter) if adapter and (Path(adapter) / "tokenizer_config.json").exists() else base_path
     tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code)
-    net = load_model(base_path, dtype or auto_dtype, trust_remote_code)
+    net = load_model(base_path, dtype or auto_dtype, trust_remote_code, device=device or auto_device)
     if adapter is not None:
         from peft import PeftModel
 
         net = PeftModel.from_pretrained(net, adapter)
-    net.to(device or auto_device).eval()
+    net.eval()
     return net, tokenizer
 
 

@@ -169,6 +169,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, clean_args: Clea
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_run_inputs(out, model_args, data_args, clean_args, train_args, data)
+        if resume_from:
+            forget_after(out, int(Path(resume_from).name.split("-")[-1]))
 
     model = load_model(model_path, model_args.dtype, train_args.trust_remote_code, model_args.attn_implementation,
                        record_name=recorded_base_name(model_args.model_name_or_path))
@@ -194,6 +196,17 @@ def train(model_args: ModelArguments, data_args: DataArguments, clean_args: Clea
         if "swanlab" in reports and is_main:
             finish_swanlab()
     return out
+
+
+def forget_after(out: Path, step: int) -> None:
+    """On resume, drops the log and probe lines that the crashed run wrote after its last checkpoint: the
+    resumed run writes those steps again, and each step should be in the logs once."""
+    for name in ("trainer_log.jsonl", "predictions.jsonl"):
+        path = out / name
+        if path.exists():
+            lines = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
+                     if line.strip() and json.loads(line)["step"] <= step]
+            write_atomic(path, "".join(lines))
 
 
 def finish_run(trainer, tokenizer, out: Path, model_args, data_args, clean_args, train_args, data) -> None:
