@@ -7,12 +7,15 @@ once; the split is seeded; probes run in eval mode and decode only new tokens; c
 
 import json
 import os
+import re
 import shutil
 import sys
 import warnings
 from dataclasses import asdict, dataclass, field
+from importlib.util import find_spec
 from pathlib import Path
 
+import torch
 import yaml
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer, TrlParser
@@ -83,19 +86,12 @@ class TrainConfig(SFTConfig):
         unknown = [r for r in reports if r not in REPORT_TO_CHOICES]
         if unknown:
             raise ValueError(f"report_to: {unknown[0]!r} is not one of {', '.join(REPORT_TO_CHOICES)}")
-        if "tensorboard" in reports:
-            import importlib.util
-
-            if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
-                raise ValueError("report_to: tensorboard needs `pip install tensorboard`")
+        if "tensorboard" in reports and not (find_spec("tensorboard") or find_spec("tensorboardX")):
+            raise ValueError("report_to: tensorboard needs `pip install tensorboard`")
         if self.bf16 is None:
-            import torch
-
             self.bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         if self.bf16_full_eval is None:
             self.bf16_full_eval = self.bf16
-        import torch
-
         if not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # pinning needs an accelerator; on CPU it only warns
         super().__post_init__()
@@ -116,8 +112,7 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, CleanArg
 def _config_error_line(exc: ValueError) -> str:
     text = str(exc)
     if "Unknown arguments from config file" in text or "not used by the HfArgumentParser" in text:
-        keys = [k.lstrip("-") for k in text.split("[", 1)[-1].split("]", 1)[0].replace("'", "").split(", ")
-                if k.startswith("--") or k.startswith("'--")]
+        keys = re.findall(r"'--([\w.-]+)'", text)
         return f"unknown config key(s): {', '.join(keys) or text}. `sftlab train --help` lists the fields"
     return f"config: {text.splitlines()[0]}"
 
