@@ -1,5 +1,6 @@
 """Each user error is one line on stderr and exit code 2, with no traceback (unless --debug)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -80,3 +81,16 @@ def test_report_to_tensorboard_without_tensorboard_is_a_clear_error():
         pytest.skip("tensorboard is installed")
     result = sftlab("train", "--model_name_or_path", "sftlab:tiny-glm4", "--report_to", "tensorboard")
     assert result.returncode == 2 and "report_to: tensorboard needs `pip install tensorboard`" in result.stderr
+
+
+def test_eval_on_a_data_file_with_a_model_name_needs_an_output(tmp_path):
+    data = tmp_path / "qa.jsonl"
+    data.write_text('{"instruction": "你是谁？", "output": "我是灵犀。"}\n{"instruction": "", "output": "x"}\n')
+    result = sftlab("eval", "--model", "sftlab:tiny-glm4", "--data", str(data), "--max_new_tokens", "4")
+    assert result.returncode == 2 and "is not a run folder: pass --output DIR" in result.stderr
+    result = sftlab("eval", "--model", "sftlab:tiny-glm4", "--data", str(data), "--max_new_tokens", "4",
+                    "--output", str(tmp_path / "eval"))
+    assert result.returncode == 0, result.stderr
+    assert "eval: 1 of 2 rows left out: {'empty_instruction': 1}" in result.stdout
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert list(results) == ["tuned"] and results["tuned"]["n"] == 1 and results["tuned"]["mean_new_tokens"] == 4

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from sftlab.chat_format import IGNORE_INDEX, ChatRenderer
+from sftlab.errors import UserError
 from sftlab.eval.metrics import text_scores
 from sftlab.files import write_atomic
 from sftlab.infer.generate import SamplingArgs, generate_replies
@@ -65,8 +66,6 @@ def load_conversations(data: str | None, run_dir: Path | None, tokenizer) -> lis
     if data is None:
         heldout = run_dir / "heldout.jsonl" if run_dir else None
         if heldout is None or not heldout.exists():
-            from sftlab.errors import UserError
-
             raise UserError("no held-out split here (heldout.jsonl): pass --data FILE")
         return [json.loads(line)["messages"] for line in heldout.read_text(encoding="utf-8").splitlines() if line]
     from sftlab.config import CleanArguments
@@ -123,6 +122,8 @@ def write_eval(out_dir: Path, results: dict, samples: list[dict]) -> None:
 def run_eval(model: str | None, adapter: str | None, data: str | None, compare_base: bool,
              max_new_tokens: int, batch_size: int, output: str | None = None) -> Path:
     run_dir = Path(adapter or model)
+    if output is None and not run_dir.is_dir():
+        raise UserError(f"{adapter or model} is not a run folder: pass --output DIR for the results")
     tuned, tokenizer = load_for_inference(model, adapter)
     conversations = load_conversations(data, run_dir if run_dir.is_dir() else None, tokenizer)
     results, replies = {}, {}
@@ -165,8 +166,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    from sftlab.errors import UserError
-
     args = build_parser().parse_args(argv)
     if args.compare_base and not args.adapter:
         raise UserError("--compare-base needs --adapter (a full model has no separate base)")
