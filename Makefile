@@ -31,5 +31,9 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+bench: setup
+	$(BIN)/python benchmarks/data_pipeline.py
+	$(BIN)/python benchmarks/eval_generation.py
+
 clean:
 	rm -rf $(VENV) output
