@@ -279,10 +279,10 @@ def first_formats(rows: list[SourceRow]) -> dict[str, str]:
 class Cleaner:
     """The cross-row decisions, in file order, so the first occurrence of a duplicate wins."""
 
-    def __init__(self, config: CleanArguments, renderer: ChatRenderer):
+    def __init__(self, config: CleanArguments, renderer: ChatRenderer, near: "NearDuplicateIndex | None"):
         self.config, self.renderer = config, renderer
         self.seen = {}
-        self.near = NearDuplicateIndex(config.near_dedup_threshold) if config.near_dedup else None
+        self.near = near  # the index whose hash functions made the signatures (in this process, not a worker's)
         self.result = CleanResult()
 
     def add_batch(self, rows: list[SourceRow], results: list, repairs: Counter, signatures) -> None:
@@ -346,7 +346,7 @@ def clean_rows(rows, config: CleanArguments, renderer: ChatRenderer, system_prom
     if not enabled:
         config = CleanArguments(**{**config.__dict__, "near_dedup": False})
     checker = RowChecker(config, renderer, system_prompt, enabled, first_formats(rows))
-    cleaner = Cleaner(config, renderer)
+    cleaner = Cleaner(config, renderer, checker.near)
     batches = [rows[i:i + BATCH_ROWS] for i in range(0, len(rows), BATCH_ROWS)]
     bar = None
     if progress:

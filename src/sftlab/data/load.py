@@ -132,7 +132,9 @@ def _drop_nulls(row: dict) -> dict:
 
 
 def read_hub_dataset(dataset_id: str) -> list[SourceRow]:
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+    from sftlab.model.load import hub_offline
+
+    if hub_offline():
         raise UserError(f"{dataset_id} is a Hub dataset id, and the Hub is offline (HF_HUB_OFFLINE=1): download it "
                         f"where there is network (`hf download {dataset_id} --repo-type dataset --local-dir ./data`) "
                         "and pass the files")

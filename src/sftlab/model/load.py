@@ -31,6 +31,11 @@ def resolve_model_path(name_or_path: str) -> Path:
     return download_from_hub(name_or_path)
 
 
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE read at call time (huggingface_hub reads it once, at import)."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
 def download_from_hub(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
@@ -41,7 +46,7 @@ def download_from_hub(repo_id: str) -> Path:
         pass  # not cached yet
     hint = (f"download it where there is network (`hf download {repo_id} --local-dir ./weights/"
             f"{repo_id.split('/')[-1]}`) and pass that folder")
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+    if hub_offline():
         raise UserError(f"{repo_id} is a Hub id, and the Hub is offline (HF_HUB_OFFLINE=1): {hint}")
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
