@@ -21,6 +21,10 @@ class ModelArguments:
         default=None,
         metadata={"help": "Attention kernel: eager, sdpa, flash_attention_2. None lets transformers pick."},
     )
+    load_in_4bit: bool = field(
+        default=False, metadata={"help": "QLoRA: load the base weights in 4 bits (bitsandbytes NF4, double "
+                                 "quantization, bf16 compute). Needs a CUDA GPU and `pip install bitsandbytes`."}
+    )
     use_peft: bool = field(default=True, metadata={"help": "Train a LoRA adapter (True) or all weights (False)."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale = alpha / r)."})

@@ -79,14 +79,14 @@ def test_resume_after_a_crash_continues_from_the_last_checkpoint(tmp_path, monke
     straight = tmp_path / "straight"
     train(*args_for(straight, "--probe_prompts", "hi"))
     crashed = tmp_path / "crashed"
-    real_trainer = sft.SFTTrainer
-    monkeypatch.setattr(sft, "SFTTrainer", lambda **kw: real_trainer(**{**kw, "callbacks": kw["callbacks"] + [CrashAt(4)]}))
+    real_trainer = sft.SftlabTrainer
+    monkeypatch.setattr(sft, "SftlabTrainer", lambda **kw: real_trainer(**{**kw, "callbacks": kw["callbacks"] + [CrashAt(4)]}))
     with pytest.raises(KeyboardInterrupt):
         train(*args_for(crashed, "--probe_prompts", "hi"))
     assert not (crashed / "adapter_config.json").exists()  # a crashed run does not look complete
     with pytest.raises(UserError, match="already holds a run: pass --resume"):
         train(*args_for(crashed, "--probe_prompts", "hi"))
-    monkeypatch.setattr(sft, "SFTTrainer", real_trainer)
+    monkeypatch.setattr(sft, "SftlabTrainer", real_trainer)
     train(*args_for(crashed, "--probe_prompts", "hi", "--resume"))
     state = json.loads((crashed / "trainer_state.json").read_text())
     assert state["global_step"] == 6
@@ -137,3 +137,41 @@ def test_glm4_9b_lora_config_gives_the_tutorials_trainable_parameter_count():
     assert trainable == 40 * 8 * ((4096 + 4096) + 2 * (4096 + 256)) == 5_406_720
     targets = {n.split(".")[-1] for n, m in model.named_modules() if hasattr(m, "lora_A")}
     assert targets == {"q_proj", "k_proj", "v_proj"}
+
+
+def one_sgd_step(out, *extra):
+    """One optimizer step of plain SGD at lr 1, so the adapter moves by exactly minus its gradient."""
+    train(*args_for(out, "--max_steps", "1", "--optim", "sgd", "--learning_rate", "1.0", "--max_grad_norm", "0",
+                    "--lr_scheduler_type", "constant", "--warmup_steps", "0", "--final_eval_samples", "0",
+                    "--probe_prompts", "hi", *extra))
+    return load_file(out / "adapter_model.safetensors")
+
+
+def assert_same_step(a, b, tolerance=1e-5):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=tolerance, rtol=0), key
+
+
+def test_gradient_accumulation_over_token_budget_micro_batches_equals_one_big_batch(tmp_path, capsys):
+    """All 168 training samples in one step: one micro-batch, or two accumulated. The loss is the mean over
+    the supervised tokens of the whole step (TRL's definition), so the update is the same."""
+    whole = one_sgd_step(tmp_path / "whole", "--max_tokens_per_batch", "20000")
+    assert "1 micro-batches per process per epoch" in capsys.readouterr().out
+    accumulated = one_sgd_step(tmp_path / "accumulated", "--max_tokens_per_batch", "6000",
+                               "--gradient_accumulation_steps", "2")
+    assert "2 micro-batches per process per epoch, 1 optimizer steps" in capsys.readouterr().out
+    assert_same_step(whole, accumulated)
+
+
+def test_padding_free_training_step_equals_the_padded_one(tmp_path, capsys):
+    padded = one_sgd_step(tmp_path / "padded", "--max_tokens_per_batch", "20000", "--padding_free", "false")
+    packed = one_sgd_step(tmp_path / "packed", "--max_tokens_per_batch", "20000", "--padding_free", "true")
+    assert "padding-free: on with sdpa attention: exact" in capsys.readouterr().out
+    assert_same_step(padded, packed)
+
+
+def test_supervised_head_training_step_equals_trls_head(tmp_path):
+    ours = one_sgd_step(tmp_path / "ours", "--max_tokens_per_batch", "20000")
+    trls = one_sgd_step(tmp_path / "trl", "--max_tokens_per_batch", "20000", "--supervised_head", "false")
+    assert_same_step(ours, trls)

@@ -6,6 +6,7 @@ network; offline, the error says in one line what to do instead.
 
 import json
 import os
+from importlib.util import find_spec
 from pathlib import Path
 
 from sftlab.errors import UserError
@@ -71,15 +72,36 @@ def torch_dtype(name: str):
     return "auto" if name == "auto" else getattr(torch, name)
 
 
+def quantization_config(load_in_4bit: bool):
+    """QLoRA's 4-bit setting (NF4, double quantization, bf16 compute), or None; a clear error where it
+    cannot run."""
+    if not load_in_4bit:
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserError("load_in_4bit: QLoRA needs a CUDA GPU (bitsandbytes 4-bit kernels); this machine has none. "
+                        "Set load_in_4bit: false to train LoRA on unquantized weights")
+    if find_spec("bitsandbytes") is None:
+        raise UserError("load_in_4bit: needs `pip install bitsandbytes`")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
 def load_model(model_path: Path, dtype: str = "auto", trust_remote_code: bool = False,
-               attn_implementation: str | None = None, record_name: str | None = None, device: str | None = None):
+               attn_implementation: str | None = None, record_name: str | None = None, device: str | None = None,
+               load_in_4bit: bool = False):
     """Loads a causal LM. `record_name` is what adapters trained on it record as their base; `device`
     loads the weights straight onto it (a 9B model never passes through CPU memory on the way to a GPU)."""
     from transformers import AutoModelForCausalLM
 
+    quantization = quantization_config(load_in_4bit)
     model = AutoModelForCausalLM.from_pretrained(
         model_path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code, use_safetensors=True,
-        attn_implementation=attn_implementation, device_map=device,
+        attn_implementation=attn_implementation, device_map=device if quantization is None else {"": int(os.environ.get("LOCAL_RANK", 0))},
+        quantization_config=quantization,
     )
     if record_name is not None:
         model.config._name_or_path = record_name  # PEFT writes this into adapter_config.json

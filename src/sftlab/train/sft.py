@@ -19,6 +19,7 @@ import torch
 import yaml
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer, TrlParser
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from sftlab.chat_format import ChatRenderer, stop_token_ids
 from sftlab.config import CleanArguments, DataArguments, ModelArguments
@@ -28,7 +29,11 @@ from sftlab.files import append_jsonl, write_atomic
 from sftlab.model.load import (
     ADAPTER_CONFIG, load_model, load_tokenizer, recorded_base_name, resolve_model_path, save_tokenizer,
 )
+from sftlab.train.batching import (
+    SamplerEpochCallback, TokenBudgetSampler, batch_plan, resolve_padding_free, training_attention,
+)
 from sftlab.train.callbacks import DEFAULT_PROBES, JsonlLogCallback, ProbeCallback, run_probes
+from sftlab.train.loss import add_supervised_lm_head
 from sftlab.train.tracking import REPORT_TO_CHOICES, finish_swanlab, start_swanlab
 
 RESOLVED_CONFIG = "sftlab_config.yaml"
@@ -80,6 +85,21 @@ class TrainConfig(SFTConfig):
     final_eval_max_new_tokens: int = field(
         default=256, metadata={"help": "Max new tokens per reply in that evaluation."}
     )
+    max_tokens_per_batch: int | None = field(
+        default=8192, metadata={"help": "Token budget of one micro-batch: samples are grouped by length so each "
+                                "micro-batch holds about this many tokens (padding included) with little padding, "
+                                "in an order shuffled under the seed. None: per_device_train_batch_size samples "
+                                "in random order, as TRL does."}
+    )
+    padding_free: bool | None = field(
+        default=None, metadata={"help": "Concatenate a micro-batch into one row (position_ids restart per sample, "
+                                "no attention across samples). None: on with a FlashAttention varlen kernel "
+                                "(GPU), off elsewhere, where it is exact but slower than length-grouped padding."}
+    )
+    supervised_head: bool = field(
+        default=True, metadata={"help": "Run the LM head and loss only on supervised positions, in chunks (no "
+                                "full-vocabulary logits). False: TRL's own fused head."}
+    )
 
     def __post_init__(self):
         reports = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to or ["none"])
@@ -94,6 +114,8 @@ class TrainConfig(SFTConfig):
             self.bf16_full_eval = self.bf16
         if not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # pinning needs an accelerator; on CPU it only warns
+        if self.max_tokens_per_batch is not None and self.max_tokens_per_batch <= 0:
+            raise ValueError(f"max_tokens_per_batch: must be positive or None, got {self.max_tokens_per_batch}")
         super().__post_init__()
 
 
@@ -167,8 +189,12 @@ def train(model_args: ModelArguments, data_args: DataArguments, clean_args: Clea
         if resume_from:
             forget_after(out, int(Path(resume_from).name.split("-")[-1]))
 
-    model = load_model(model_path, model_args.dtype, train_args.trust_remote_code, model_args.attn_implementation,
-                       record_name=recorded_base_name(model_args.model_name_or_path))
+    attention = training_attention(model_args.attn_implementation)
+    model = load_model(model_path, model_args.dtype, train_args.trust_remote_code, attention,
+                       record_name=recorded_base_name(model_args.model_name_or_path),
+                       load_in_4bit=model_args.load_in_4bit)
+    padding_free = resolve_padding_free(train_args.padding_free, model.config._attn_implementation, is_main)
+    sampler = token_sampler(train_args, data.train, padding_free, is_main)
     from datasets import Dataset
 
     reports = [train_args.report_to] if isinstance(train_args.report_to, str) else train_args.report_to
@@ -176,13 +202,19 @@ def train(model_args: ModelArguments, data_args: DataArguments, clean_args: Clea
         start_swanlab(str(out), train_args.run_name, resolved_config(model_args, data_args, clean_args, train_args))
     probe = ProbeCallback(tokenizer, train_args.probe_prompts, train_args.probe_max_new_tokens, str(out),
                           data_args.system_prompt)
-    trainer = SFTTrainer(
+    train_args.padding_free = False  # TRL's own padding-free path refuses max_length; sftlab's collator does it
+    trainer = SftlabTrainer(
         model=model, args=train_args, processing_class=tokenizer,
         train_dataset=Dataset.from_list(data.train),
         eval_dataset=Dataset.from_list(data.test) if data.test and train_args.eval_strategy != "no" else None,
         peft_config=lora_config(model_args) if model_args.use_peft else None,
-        callbacks=[probe, JsonlLogCallback(str(out))],
+        data_collator=DataCollatorForLanguageModeling(tokenizer.pad_token_id, padding_free=padding_free),
+        callbacks=[probe, JsonlLogCallback(str(out))], token_sampler=sampler,
     )
+    train_args.padding_free = padding_free  # what was used, for the manifest
+    if train_args.supervised_head:
+        unwrapped = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
+        add_supervised_lm_head(unwrapped)
     try:
         trainer.train(resume_from_checkpoint=resume_from)
         if is_main:
@@ -191,6 +223,35 @@ def train(model_args: ModelArguments, data_args: DataArguments, clean_args: Clea
         if "swanlab" in reports and is_main:
             finish_swanlab()
     return out
+
+
+class SftlabTrainer(SFTTrainer):
+    """TRL's SFTTrainer, fed by token-budget micro-batches when a sampler is given."""
+
+    def __init__(self, *args, token_sampler: TokenBudgetSampler | None = None, **kwargs):
+        self.token_sampler = token_sampler
+        super().__init__(*args, **kwargs)
+        if token_sampler is not None:
+            self.add_callback(SamplerEpochCallback(token_sampler))
+
+    def _get_train_sampler(self, train_dataset=None):
+        return self.token_sampler if self.token_sampler is not None else super()._get_train_sampler(train_dataset)
+
+
+def token_sampler(train_args: TrainConfig, train: list[dict], padding_free: bool,
+                  verbose: bool) -> TokenBudgetSampler | None:
+    """The token-budget sampler of this process, or None for TRL's fixed-size batches; prints the plan."""
+    if train_args.max_tokens_per_batch is None:
+        return None
+    lengths = [len(sample["input_ids"]) for sample in train]
+    sampler = TokenBudgetSampler(lengths, train_args.max_tokens_per_batch, padding_free, train_args.seed,
+                                 num_shards=train_args.world_size, shard=train_args.process_index)
+    if verbose:
+        plan = batch_plan(sampler.epoch_batches(0), lengths, padding_free, train_args.world_size,
+                          train_args.gradient_accumulation_steps)
+        print(f"batches: up to {train_args.max_tokens_per_batch:,} tokens per micro-batch "
+              f"(per_device_train_batch_size is not used): {plan.summary()}")
+    return sampler
 
 
 def forget_after(out: Path, step: int) -> None:
