@@ -8,6 +8,7 @@ verbs:
   data    clean data and report what was wrong: sftlab data clean FILES... --output DIR
           look at a file as the model sees it:   sftlab data inspect FILE
   train   fine-tune a model (LoRA or full): sftlab train --config configs/demo.yaml [--field value ...]
+  estimate  tokens, steps, memory and time of a run before launching it: sftlab estimate --config FILE
   eval    held-out metrics, before/after:   sftlab eval --adapter output/demo --compare-base
   doctor  check a run for template drift and stopping: sftlab doctor --adapter output/demo
   chat    chat with a base model or a run: sftlab chat --adapter output/demo [--prompt TEXT --json]
@@ -20,6 +21,12 @@ def _train(argv):
 
     main(argv)
     return 0
+
+
+def _estimate(argv):
+    from sftlab.train.estimate import main
+
+    return main(argv)
 
 
 def _chat(argv):
@@ -50,7 +57,7 @@ def _doctor(argv):
     return main(argv)
 
 
-VERBS = {"data": _data, "train": _train, "eval": _eval, "doctor": _doctor, "chat": _chat}
+VERBS = {"data": _data, "train": _train, "estimate": _estimate, "eval": _eval, "doctor": _doctor, "chat": _chat}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,209 @@
+"""Training throughput on CPU: the tutorial's TRL setup against sftlab's, in one run, interleaved.
+
+    .venv/bin/python benchmarks/train_throughput.py [--rows 2000] [--repeats 3] [--variants a,b,c,d]
+
+The tiny GLM-4 (`sftlab:tiny-glm4`), LoRA r=8 / alpha 32 / dropout 0.1 on q/k/v, one epoch over generated
+Alpaca-like rows whose rendered length averages about 150 tokens with a long tail to 1,000:
+
+  (a) the tutorial: TRL's SFTTrainer directly (not sftlab), text rendered by a formatting function, batch 2
+      padded to its longest sample, loss on every token, TRL's defaults (activation checkpointing on);
+  (b) sftlab with configs/glm4-9b-lora.yaml as shipped (on CPU: token-budget micro-batches, length-grouped
+      and padded, LM head on supervised positions only, activation checkpointing on);
+  (c) sftlab as (b) with padding-free rows forced on (the GPU default; on CPU exact but quadratic attention);
+  (d) sftlab as (b) without activation checkpointing (the speed/memory trade-off).
+
+Each run is its own process (so each peak RSS is its own). Printed per variant: median of the repeats of real
+(non-padding) tokens/s over the training loop (TRL's train_runtime: model loading and data preparation are
+outside it), samples/s, the padding share of the positions computed, peak RSS, and the ratio to (a).
+"""
+
+import argparse
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+VARIANTS = {
+    "a": "tutorial: TRL SFTTrainer, batch 2 padded, loss on all tokens",
+    "b": "sftlab, configs/glm4-9b-lora.yaml as shipped",
+    "c": "sftlab, padding-free forced on",
+    "d": "sftlab, as (b) without activation checkpointing",
+}
+
+
+def phrase_pool(tokenizer) -> list[tuple[str, int]]:
+    """Pieces of the demo data's text, each with its token count, to build rows of a chosen token length."""
+    from importlib import resources
+
+    rows = json.loads(resources.files("sftlab.data.demo").joinpath("alpaca_demo.json").read_text("utf-8"))
+    pieces = set()
+    for row in rows:
+        for text in (row["instruction"], row["output"]):
+            pieces.update(p.strip() for p in text.replace("。", "。|").replace(". ", ".|").split("|") if p.strip())
+    return [(p, len(tokenizer.encode(p, add_special_tokens=False))) for p in sorted(pieces)]
+
+
+def text_of(rng: random.Random, pool, tokens: int) -> str:
+    out, count = [], 0
+    while count < tokens:
+        piece, n = rng.choice(pool)
+        out.append(piece)
+        count += n
+    return "".join(out)
+
+
+def make_rows(n: int, tokenizer, seed: int = 0) -> list[dict]:
+    """Alpaca-like rows: total content tokens lognormal (median ~110, mean ~140), capped at 1,000."""
+    rng, pool = random.Random(seed), phrase_pool(tokenizer)
+    rows = []
+    for _ in range(n):
+        total = min(1000, max(8, int(rng.lognormvariate(4.7, 0.65))))
+        prompt = max(3, int(total * rng.uniform(0.15, 0.4)))
+        has_input = rng.random() < 0.35
+        rows.append({"instruction": text_of(rng, pool, prompt // 2 if has_input else prompt),
+                     "input": text_of(rng, pool, prompt // 2) if has_input else "",
+                     "output": text_of(rng, pool, total - prompt)})
+    return rows
+
+
+class Counter:
+    """Counts what the collator hands the model: samples, real tokens and all positions computed."""
+    samples = real = positions = 0
+
+    @classmethod
+    def install(cls):
+        from trl.trainer import sft_trainer
+
+        original = sft_trainer.DataCollatorForLanguageModeling.torch_call
+
+        def counted(self, examples):
+            batch = original(self, examples)
+            cls.samples += len(examples)
+            cls.real += sum(len(e["input_ids"]) for e in examples)
+            cls.positions += batch["input_ids"].numel()
+            return batch
+
+        sft_trainer.DataCollatorForLanguageModeling.torch_call = counted
+
+
+def run_tutorial(data_file: str, out: str) -> float:
+    """The tutorial's training script, as it ran (TRL 1.x defaults where it set nothing)."""
+    import datasets
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    from sftlab.model.load import load_tokenizer, resolve_model_path
+
+    path = resolve_model_path("sftlab:tiny-glm4")
+    tokenizer = load_tokenizer(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    raw = datasets.load_dataset("json", data_files=data_file)["train"].train_test_split(0.05, seed=42)
+
+    def formatting_func(example):
+        prompt = example["instruction"] + ("\n\n" + example["input"] if example["input"] else "")
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": example["output"]}]
+        return tokenizer.apply_chat_template(messages, tokenize=False)
+
+    args = SFTConfig(output_dir=out, num_train_epochs=1, per_device_train_batch_size=2, learning_rate=5e-4,
+                     bf16=False, report_to="none", save_strategy="no", eval_strategy="no", logging_steps=50,
+                     seed=42, dataloader_pin_memory=False, disable_tqdm=True)
+    peft_config = LoraConfig(r=8, lora_alpha=32, lora_dropout=0.1, target_modules=["q_proj", "k_proj", "v_proj"],
+                             task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=model, args=args, train_dataset=raw["train"], processing_class=tokenizer,
+                         peft_config=peft_config, formatting_func=formatting_func)
+    return trainer.train().metrics["train_runtime"]
+
+
+def run_sftlab(data_file: str, out: str, variant: str) -> float:
+    from sftlab.train.sft import parse_args, train
+
+    extra = {"b": [], "c": ["--padding_free", "true"], "d": ["--activation_checkpointing", "false"]}[variant]
+    args = parse_args([
+        "--config", str(REPO / "configs/glm4-9b-lora.yaml"), "--model_name_or_path", "sftlab:tiny-glm4",
+        "--dtype", "float32", "--bf16", "false", "--bf16_full_eval", "false", "--data_files", data_file,
+        "--output_dir", out, "--report_to", "none", "--num_train_epochs", "1", "--max_length", "1024",
+        "--eval_strategy", "no", "--save_strategy", "no", "--final_eval_samples", "0",
+        "--probe_prompts", "hi", "--probe_max_new_tokens", "1", "--disable_tqdm", "true", *extra,
+    ])
+    train(*args)
+    logs = [json.loads(line) for line in (Path(out) / "trainer_log.jsonl").read_text().splitlines()]
+    return next(r["train_runtime"] for r in reversed(logs) if "train_runtime" in r)
+
+
+def worker(variant: str, data_file: str) -> None:
+    Counter.install()
+    with tempfile.TemporaryDirectory() as out:
+        seconds = run_tutorial(data_file, out) if variant == "a" else run_sftlab(data_file, out + "/run", variant)
+    result = dict(variant=variant, seconds=seconds, samples=Counter.samples, real=Counter.real,
+                  positions=Counter.positions, peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print("RESULT " + json.dumps(result))
+
+
+def run_once(variant: str, data_file: str, env: dict) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--worker", variant, "--data", data_file],
+                          capture_output=True, text=True, env=env)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        sys.exit(f"variant {variant} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(line[len("RESULT "):])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=2000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--variants", default="a,b,c,d")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args.worker, args.data)
+
+    from sftlab.model.load import load_tokenizer, resolve_model_path
+
+    variants = args.variants.split(",")
+    home = tempfile.mkdtemp(prefix="sftlab-bench-")
+    env = {**os.environ, "SFTLAB_HOME": home, "SWANLAB_MODE": "disabled", "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    os.environ.update(SFTLAB_HOME=home)
+    tokenizer = load_tokenizer(resolve_model_path("sftlab:tiny-glm4"))
+    rows = make_rows(args.rows, tokenizer)
+    data_file = str(Path(home) / "alpaca_like.json")
+    Path(data_file).write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    lengths = [len(tokenizer.apply_chat_template(
+        [{"role": "user", "content": r["instruction"] + ("\n\n" + r["input"] if r["input"] else "")},
+         {"role": "assistant", "content": r["output"]}], tokenize=True, return_dict=False)) for r in rows]
+    print(f"{args.rows} rows; rendered tokens mean {statistics.mean(lengths):.0f}, median "
+          f"{statistics.median(lengths):.0f}, p99 {sorted(lengths)[int(0.99 * len(lengths))]}, max {max(lengths)}; "
+          f"{os.cpu_count()} CPUs; load average before: {os.getloadavg()[0]:.2f}")
+    runs = {v: [] for v in variants}
+    start = time.time()
+    for repeat in range(args.repeats):  # interleaved: a b c d a b c d ...
+        for v in variants:
+            r = run_once(v, data_file, env)
+            runs[v].append(r)
+            print(f"  round {repeat + 1} ({v}): {r['real'] / r['seconds']:,.0f} tokens/s, {r['seconds']:.1f} s",
+                  flush=True)
+    print(f"\nmedian of {args.repeats} (wall {time.time() - start:.0f} s; load average after: {os.getloadavg()[0]:.2f})")
+    print(f"| variant | real tokens/s | samples/s | padding | peak RSS | vs (a) |\n| --- | ---: | ---: | ---: | ---: | ---: |")
+    baseline = statistics.median(r["real"] / r["seconds"] for r in runs[variants[0]])
+    for v in variants:
+        speed = statistics.median(r["real"] / r["seconds"] for r in runs[v])
+        samples = statistics.median(r["samples"] / r["seconds"] for r in runs[v])
+        padding = statistics.median(1 - r["real"] / r["positions"] for r in runs[v])
+        rss = statistics.median(r["peak_rss_mb"] for r in runs[v])
+        print(f"| ({v}) {VARIANTS[v]} | {speed:,.0f} | {samples:,.1f} | {padding:.1%} | {rss:,.0f} MB | "
+              f"{speed / baseline:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

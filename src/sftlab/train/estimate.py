@@ -1,0 +1,217 @@
+"""`sftlab estimate --config FILE`: what a training run will cost, before it is launched.
+
+From the cleaned, tokenized data (the same cached stage as `sftlab train`): tokens x epochs, micro-batches and
+optimizer steps; a memory estimate per GPU (weights in their dtype or 4-bit, LoRA or full trainable weights,
+their gradients and AdamW states, activations with and without activation checkpointing, logits with the plain
+and the chunked loss); and a time estimate from a 20-step probe where the hardware allows it.
+
+The arithmetic counts the tensors autograd keeps per token and layer for the model's own shapes (read from its
+config on the meta device: no weights are loaded). tests/train/test_estimate.py checks it against the bytes
+autograd really saves on the tiny model.
+"""
+
+import contextlib
+import io
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sftlab.errors import UserError
+
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}
+NF4_BITS = 4.127  # 4-bit weights + double-quantized absmax per 64 weights (QLoRA paper)
+TOKEN_CHUNK, VOCAB_CHUNK = 4096, 32768  # TRL's chunked head tile
+
+
+@dataclass
+class Shapes:
+    hidden: int
+    intermediate: int
+    layers: int
+    q_dim: int
+    kv_dim: int
+    vocab: int
+
+
+def model_shapes(config) -> Shapes:
+    config = config.get_text_config()
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return Shapes(config.hidden_size, config.intermediate_size, config.num_hidden_layers,
+                  config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim, config.vocab_size)
+
+
+def activation_elements_per_token(s: Shapes, lora_modules_per_layer: int, lora_r: int, checkpointing: bool) -> float:
+    """Elements autograd keeps per token for the backward pass, over the whole decoder.
+
+    One layer keeps: the two norms' inputs and outputs (4 x hidden), the q/k/v outputs and the rotated q and k
+    (q, k, v, rotated q, rotated k), the attention output fed to o_proj (q), the gate_up output and
+    the activation's input and output (3 x intermediate), and per LoRA module its dropped-out input (hidden)
+    and the A output (r). With activation checkpointing only each layer's input is kept, plus one layer's
+    set while that layer is recomputed."""
+    attention = 2 * s.q_dim + 3 * s.kv_dim + s.q_dim
+    per_layer = 4 * s.hidden + attention + 3 * s.intermediate + lora_modules_per_layer * (s.hidden + lora_r)
+    final_norm = 2 * s.hidden  # its input and output
+    if checkpointing:
+        return s.layers * s.hidden + final_norm + per_layer
+    return s.layers * per_layer + final_norm
+
+
+def logits_bytes(tokens: int, supervised: int, vocab: int, hidden: int, compute_bytes: int, chunked: bool,
+                 head_trainable: bool) -> int:
+    """The LM head's own memory: full logits in fp32 and their gradient (plain), or one tile and, when the
+    head trains, an fp32 gradient accumulator (chunked)."""
+    if not chunked:
+        return tokens * vocab * (compute_bytes + 4 + 4)  # logits, their fp32 upcast, and its gradient
+    tile = min(supervised, TOKEN_CHUNK) * min(vocab, VOCAB_CHUNK) * compute_bytes
+    return tile + (vocab * hidden * 4 if head_trainable else 0)
+
+
+def parameter_counts(model_path, model_args) -> tuple[int, int, int, int, object]:
+    """(all weights, linear weights quantizable to 4 bits, trainable, LoRA modules per layer, config),
+    counted on the meta device."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    total = sum(p.numel() for p in model.parameters())
+    head = model.get_output_embeddings()
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)
+    if not model_args.use_peft:
+        return total, linear, total, 0, config
+    from peft import get_peft_model
+
+    from sftlab.train.sft import lora_config
+
+    peft_model = get_peft_model(model, lora_config(model_args))
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    lora_modules = sum(1 for n, m in peft_model.named_modules() if hasattr(m, "lora_A") and ".layers.0." in n)
+    return total, linear, trainable, lora_modules, config
+
+
+@dataclass
+class Estimate:
+    lines: list[tuple[str, str]]
+    memory_gib: dict  # name -> GiB
+    total_gib: float
+
+    def text(self) -> str:
+        width = max(len(k) for k, _ in self.lines)
+        return "\n".join(f"{k:<{width}}  {v}" for k, v in self.lines)
+
+
+def estimate(model_args, data_args, clean_args, train_args, probe: bool | None = None) -> Estimate:
+    from sftlab.chat_format import ChatRenderer
+    from sftlab.data.prepare import prepare_data
+    from sftlab.model.load import load_tokenizer, resolve_model_path
+    from sftlab.train.batching import batch_plan, fixed_size_batches, token_budget_batches
+
+    model_path = resolve_model_path(model_args.model_name_or_path)
+    tokenizer = load_tokenizer(model_path, train_args.trust_remote_code)
+    data = prepare_data(data_args, clean_args, ChatRenderer(tokenizer, train_args.max_length, data_args.overflow))
+    if not data.train:
+        raise UserError(f"no training samples left ({data.summary()})")
+    lengths = [len(s["input_ids"]) for s in data.train]
+    supervised = [sum(label != -100 for label in s["labels"]) for s in data.train]
+    padding_free = bool(train_args.padding_free)
+    world, accum = max(1, train_args.world_size), train_args.gradient_accumulation_steps
+    batches = (token_budget_batches(lengths, train_args.max_tokens_per_batch, padding_free, train_args.seed, world)
+               if train_args.max_tokens_per_batch else
+               fixed_size_batches(len(lengths), train_args.per_device_train_batch_size * world, train_args.seed))
+    plan = batch_plan(batches, lengths, padding_free, world, accum)
+    epochs = train_args.num_train_epochs
+    steps = train_args.max_steps if train_args.max_steps > 0 else math.ceil(plan.optimizer_steps_per_epoch * epochs)
+    largest = max(batches, key=lambda b: (len(b) * max(lengths[i] for i in b)) if not padding_free
+                  else sum(lengths[i] for i in b))
+    positions = (sum(lengths[i] for i in largest) if padding_free else len(largest) * max(lengths[i] for i in largest))
+    largest_supervised = sum(supervised[i] for i in largest)
+
+    total, linear, trainable, lora_modules, config = parameter_counts(model_path, model_args)
+    shapes = model_shapes(config)
+    weight_bytes = BYTES[model_args.dtype]
+    if model_args.load_in_4bit:
+        weights = linear * NF4_BITS / 8 + (total - linear) * 2
+    else:
+        weights = total * weight_bytes
+    trainable_bytes = 4 if weight_bytes == 4 else 2
+    optimizer = trainable * (trainable_bytes + 8)  # gradients + AdamW's two fp32 moments
+    compute_bytes = 2 if (train_args.bf16 or train_args.fp16) else weight_bytes
+    act = {ckpt: activation_elements_per_token(shapes, lora_modules, model_args.lora_r, ckpt) * positions * compute_bytes
+           for ckpt in (True, False)}
+    head_trainable = not model_args.use_peft or "lm_head" in (model_args.lora_modules_to_save or [])
+    logits = {chunked: logits_bytes(positions, largest_supervised, shapes.vocab, shapes.hidden, compute_bytes, chunked,
+                                    head_trainable) for chunked in (True, False)}
+    checkpointing = bool(train_args.activation_checkpointing)
+    chunked = bool(train_args.supervised_head)
+    gib = 2**30
+    memory = {"weights": weights / gib, "trainable + gradients + AdamW": (trainable * trainable_bytes + optimizer) / gib,
+              "activations": act[checkpointing] / gib, "logits": logits[chunked] / gib}
+    total_gib = sum(memory.values())
+    lines = [
+        ("data", data.summary().removeprefix("data: ")),
+        ("tokens", f"{sum(lengths):,} per epoch x {epochs:g} epochs = {sum(lengths) * epochs:,.0f}"),
+        ("batches", plan.summary()),
+        ("optimizer steps", f"{steps:,}"),
+        ("largest micro-batch", f"{len(largest)} samples, {positions:,} positions, {largest_supervised:,} supervised"),
+        ("parameters", f"{total:,} ({'4-bit NF4' if model_args.load_in_4bit else model_args.dtype}), "
+                       f"{trainable:,} trainable"),
+        ("memory: weights", size(weights)),
+        ("memory: trainable + grads + AdamW", size(trainable * trainable_bytes + optimizer)),
+        ("memory: activations", f"{size(act[True])} with activation checkpointing, {size(act[False])} without "
+                                f"(this config: {'on' if checkpointing else 'off'})"),
+        ("memory: logits", f"{size(logits[True])} chunked on supervised positions, {size(logits[False])} plain "
+                           f"(this config: {'chunked' if chunked else 'plain'})"),
+        ("memory: total per device", f"{size(total_gib * gib)} (+ the framework's own: about 1 GiB on a GPU)"),
+    ]
+    lines.append(("time", time_estimate(model_args, data_args, clean_args, train_args, total, steps, probe)))
+    return Estimate(lines, memory, total_gib)
+
+
+def size(n_bytes: float) -> str:
+    return f"{n_bytes / 2**30:.2f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.1f} MiB"
+
+
+def time_estimate(model_args, data_args, clean_args, train_args, total_params: int, steps: int,
+                  probe: bool | None) -> str:
+    """Seconds per step from a 20-step probe run, times the steps; only where a probe finishes in reasonable
+    time (a GPU, or a model under 100M parameters on CPU)."""
+    can_probe = torch.cuda.is_available() or total_params < 100_000_000
+    if probe is False or not can_probe:
+        return ("not probed: a model of this size on CPU would take hours to probe; run on the GPU to time it"
+                if not can_probe else "not probed (--probe false)")
+    import dataclasses
+
+    from sftlab.eval.run_report import read_jsonl
+    from sftlab.train.sft import train
+
+    probe_steps = min(20, steps)
+    with tempfile.TemporaryDirectory() as out:
+        probe_args = dataclasses.replace(train_args, output_dir=out, max_steps=probe_steps, save_strategy="no",
+                                         eval_strategy="no", report_to="none", final_eval_samples=0, resume=False,
+                                         logging_steps=probe_steps, disable_tqdm=True)
+        started = time.perf_counter()
+        with contextlib.redirect_stdout(io.StringIO()):  # the probe's own training output is not the answer
+            train(model_args, data_args, clean_args, probe_args)
+        runtime = next(r["train_runtime"] for r in reversed(read_jsonl(Path(out) / "trainer_log.jsonl"))
+                       if "train_runtime" in r)
+        seconds_per_step = runtime / probe_steps
+        overhead = time.perf_counter() - started - runtime
+    return (f"{seconds_per_step:.3f} s per step from a {probe_steps}-step probe -> about "
+            f"{seconds_per_step * steps / 60:.1f} min for {steps:,} steps (+ {overhead:.0f} s to load and prepare)")
+
+
+def main(argv: list[str]) -> int:
+    from sftlab.train.sft import parse_args
+
+    probe = None
+    if "--probe" in argv:
+        i = argv.index("--probe")
+        probe = argv[i + 1].lower() not in ("false", "0", "no")
+        argv = argv[:i] + argv[i + 2:]
+    result = estimate(*parse_args(argv), probe=probe)
+    print(result.text())
+    return 0

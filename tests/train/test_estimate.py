@@ -1,0 +1,67 @@
+"""`sftlab estimate`: the activation arithmetic against the bytes autograd really keeps on the tiny model, and
+the command's report on the demo config."""
+
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from sftlab.train.estimate import activation_elements_per_token, estimate, model_shapes
+from sftlab.train.loss import add_supervised_lm_head
+from sftlab.train.sft import parse_args
+
+REPO = Path(__file__).resolve().parents[2]
+TOLERANCE = 0.25  # the arithmetic is within 25% of the measured bytes
+
+
+def saved_activation_bytes(model, batch) -> int:
+    """Bytes of the distinct non-parameter tensors autograd saves for the backward pass during a forward."""
+    params = {p.data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(tensor):
+        if tensor.data_ptr() not in params:
+            saved[tensor.data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(**batch, use_cache=False, fused_lm_head=True)
+    return sum(saved.values())
+
+
+def test_activation_arithmetic_matches_what_autograd_keeps(tiny_model_dir):
+    ids = torch.randint(0, 900, (8, 256), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+    measured = {}
+    for checkpointing in (False, True):
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        add_supervised_lm_head(base)
+        model = get_peft_model(base, LoraConfig(r=8, target_modules=["q_proj", "k_proj", "v_proj"], lora_dropout=0.1))
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        model.train()
+        measured[checkpointing] = saved_activation_bytes(model, batch)
+    shapes = model_shapes(base.config)
+    positions, fp32 = ids.numel(), 4
+    full = activation_elements_per_token(shapes, 3, 8, checkpointing=False) * positions * fp32
+    assert abs(full - measured[False]) / measured[False] < TOLERANCE
+    # with checkpointing the forward keeps each layer's input (+ the final norm's); the estimate adds one layer's
+    # full set, held while that layer is recomputed in the backward pass
+    kept = (shapes.layers + 2) * shapes.hidden * positions * fp32
+    assert abs(kept - measured[True]) / measured[True] < 0.1
+    checkpointed = activation_elements_per_token(shapes, 3, 8, checkpointing=True) * positions * fp32
+    assert checkpointed == kept + (full - 2 * shapes.hidden * positions * fp32) / shapes.layers
+
+
+def test_estimate_reports_tokens_steps_memory_and_a_probed_time(tmp_path):
+    args = parse_args(["--config", str(REPO / "configs/demo.yaml"), "--output_dir", str(tmp_path / "run"),
+                       "--report_to", "none", "--num_train_epochs", "2"])
+    result = estimate(*args)
+    text = result.text()
+    assert "3,769 per epoch x 2 epochs = 7,538" in text
+    assert "optimizer steps                    18" in text  # 9 micro-batches per epoch, no accumulation
+    assert "s per step from a 18-step probe" in text
+    assert set(result.memory_gib) == {"weights", "trainable + gradients + AdamW", "activations", "logits"}
+    assert not (tmp_path / "run").exists()  # the probe trains elsewhere
