@@ -28,9 +28,9 @@ import torch
 GLM4_9B = dict(vocab_size=151552, hidden_size=4096, num_hidden_layers=40, num_attention_heads=32,
                num_key_value_heads=2, head_dim=128, intermediate_size=13696, attention_bias=True,
                partial_rotary_factor=0.5, rms_norm_eps=1.5625e-07, rope_theta=10000.0, tie_word_embeddings=False,
-               max_position_embeddings=8192)
+               max_position_embeddings=8192, pad_token_id=151329)
 TINY = dict(GLM4_9B, vocab_size=4096, hidden_size=128, num_hidden_layers=2, num_attention_heads=4, head_dim=32,
-            intermediate_size=320)
+            intermediate_size=320, pad_token_id=0)
 GFLOP_PER_TOKEN = {False: 35.9, True: 52.5}  # GLM-4-9B LoRA, 512 tokens (FACTS.md section 5)
 PEAK_TFLOPS = 989.0  # H100/H200 SXM dense bf16
 
@@ -50,7 +50,7 @@ def build_model(arch: dict, device: str, dtype, attention: str):
             else:
                 param.normal_(0.0, 0.02, generator=generator)
     # the rotary inv_freq buffer is computed, not stored: to_empty left it uninitialized, so build it again
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=config, device=device)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config).to(device)
     return model
 
 
@@ -77,7 +77,8 @@ def micro_batches(data, fast: bool, padding_free: bool, max_tokens: int, pad_id:
     return [(collate([data[i] for i in g]), sum(lengths[i] for i in g)) for g in groups]
 
 
-def run(arch, device, dtype, lora_targets, lora_r, fast, checkpointing, steps, warmup, max_tokens, data):
+def run(arch, device, dtype, lora_targets, lora_r, fast, checkpointing, warmup, max_tokens, data):
+    """One epoch over `data`; the clock starts after `warmup` micro-batches."""
     from peft import LoraConfig, get_peft_model
 
     from sftlab.train.loss import add_supervised_lm_head
@@ -98,12 +99,11 @@ def run(arch, device, dtype, lora_targets, lora_r, fast, checkpointing, steps, w
     batches = micro_batches(data, fast, padding_free, max_tokens, 0)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    tokens, start = 0, None
-    for step in range(warmup + steps):
-        if step == warmup:
+    tokens, start = 0, time.perf_counter()
+    for step, (batch, real) in enumerate(batches):
+        if step == min(warmup, len(batches) - 1):
             _sync(device)
             tokens, start = 0, time.perf_counter()
-        batch, real = batches[step % len(batches)]
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         loss = model(**batch, use_cache=False, **({"fused_lm_head": True} if fast else {})).loss
         loss.backward()
@@ -134,26 +134,24 @@ def _has_flash_attn() -> bool:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="scaled-down model on CPU (fp32)")
-    parser.add_argument("--steps", type=int, default=None, help="timed micro-batches per configuration")
-    parser.add_argument("--warmup", type=int, default=None)
-    parser.add_argument("--samples", type=int, default=2000)
-    parser.add_argument("--max_tokens_per_batch", type=int, default=8192)
+    parser.add_argument("--warmup", type=int, default=2, help="micro-batches run before the clock starts")
+    parser.add_argument("--samples", type=int, default=None, help="samples per epoch (600; --tiny: 200)")
+    parser.add_argument("--max_tokens_per_batch", type=int, default=None, help="sftlab's budget (8192; --tiny: 1024)")
     args = parser.parse_args(argv)
     if not args.tiny and not torch.cuda.is_available():
         raise SystemExit("gpu_glm4_9b.py needs a CUDA GPU; --tiny runs the same code path on CPU")
     device, dtype, arch = ("cpu", torch.float32, TINY) if args.tiny else ("cuda", torch.bfloat16, GLM4_9B)
-    steps = args.steps or (3 if args.tiny else 20)
-    warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 3)
-    data = samples(args.samples, arch["vocab_size"])
-    print(f"{'tiny (CPU)' if args.tiny else torch.cuda.get_device_name()}: {len(data)} samples, mean "
-          f"{statistics.mean(len(s['input_ids']) for s in data):.0f} tokens; {steps} timed micro-batches after "
-          f"{warmup} warm-up")
+    data = samples(args.samples or (200 if args.tiny else 600), arch["vocab_size"])
+    args.max_tokens_per_batch = args.max_tokens_per_batch or (1024 if args.tiny else 8192)
+    print(f"{'tiny (CPU)' if args.tiny else torch.cuda.get_device_name()}: one epoch of {len(data)} samples, mean "
+          f"{statistics.mean(len(s['input_ids']) for s in data):.0f} tokens, per configuration; the clock starts "
+          f"after {args.warmup} micro-batches")
     rows = []
     for lora_name, targets, r in (("r=8 q/k/v", ["q_proj", "k_proj", "v_proj"], 8), ("r=16 all-linear", "all-linear", 16)):
-        tutorial = run(arch, device, dtype, targets, r, False, True, steps * 4, warmup, args.max_tokens_per_batch, data)
+        tutorial = run(arch, device, dtype, targets, r, False, True, args.warmup, args.max_tokens_per_batch, data)
         rows.append((lora_name, "tutorial (batch 2 padded, full logits, ckpt)", True, tutorial, tutorial))
         for checkpointing in (True, False):
-            best = run(arch, device, dtype, targets, r, True, checkpointing, steps, warmup, args.max_tokens_per_batch,
+            best = run(arch, device, dtype, targets, r, True, checkpointing, args.warmup, args.max_tokens_per_batch,
                        data)
             name = (f"sftlab ({'padding-free ' + best['attention'] if best['padding_free'] else 'length-grouped '}"
                     f"{best['attention'] if not best['padding_free'] else ''}, {args.max_tokens_per_batch} tokens, "
@@ -162,7 +160,8 @@ def main(argv=None):
     print("\n| LoRA | configuration | tokens/s | MFU | peak memory | vs tutorial |\n| --- | --- | ---: | ---: | ---: | ---: |")
     for lora_name, name, checkpointing, result, tutorial in rows:
         mfu = result["tokens_per_s"] * GFLOP_PER_TOKEN[checkpointing] * 1e9 / (PEAK_TFLOPS * 1e12)
-        print(f"| {lora_name} | {name} | {result['tokens_per_s']:,.0f} | {mfu:.1%} | {result['peak_gib']:.1f} GiB | "
+        mfu, peak = ("n/a", "n/a") if args.tiny else (f"{mfu:.1%}", f"{result['peak_gib']:.1f} GiB")
+        print(f"| {lora_name} | {name} | {result['tokens_per_s']:,.0f} | {mfu} | {peak} | "
               f"{result['tokens_per_s'] / tutorial['tokens_per_s']:.2f}x |")
     return rows
 

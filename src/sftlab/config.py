@@ -19,7 +19,9 @@ class ModelArguments:
     )
     attn_implementation: str | None = field(
         default=None,
-        metadata={"help": "Attention kernel: eager, sdpa, flash_attention_2. None lets transformers pick."},
+        metadata={"help": "Attention kernel: eager, sdpa, sdpa_varlen (sftlab's: sdpa per sample of a padding-free "
+                  "row), flash_attention_2. None: flash_attention_2 on a GPU with flash_attn installed, else "
+                  "sdpa_varlen for padding-free training."},
     )
     load_in_4bit: bool = field(
         default=False, metadata={"help": "QLoRA: load the base weights in 4 bits (bitsandbytes NF4, double "

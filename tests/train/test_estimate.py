@@ -61,7 +61,8 @@ def test_estimate_reports_tokens_steps_memory_and_a_probed_time(tmp_path):
     result = estimate(*args)
     text = result.text()
     assert "3,769 per epoch x 2 epochs = 7,538" in text
-    assert "optimizer steps                    18" in text  # 9 micro-batches per epoch, no accumulation
-    assert "s per step from a 18-step probe" in text
+    assert "padding-free, 8 micro-batches per process per epoch" in text
+    assert "optimizer steps                    16" in text  # 8 micro-batches per epoch, no accumulation
+    assert "s per step from a 16-step probe" in text
     assert set(result.memory_gib) == {"weights", "trainable + gradients + AdamW", "activations", "logits"}
     assert not (tmp_path / "run").exists()  # the probe trains elsewhere

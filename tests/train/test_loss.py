@@ -7,6 +7,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
+import sftlab.model.attention  # noqa: F401  registers sdpa_varlen
 from sftlab.train.loss import add_supervised_lm_head
 
 TOLERANCE = 1e-5
@@ -50,7 +51,7 @@ def assert_close(a, b):
         assert grads_a[name].abs().sum() > 0, name
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("attention", ["sdpa", "eager", "sdpa_varlen"])
 def test_padding_free_row_equals_the_same_samples_padded(tiny_model_dir, tokenizer, attention):
     model = lora_model(tiny_model_dir, attention)
     samples = mixed_samples(model.config.vocab_size)
@@ -98,8 +99,13 @@ def test_supervised_head_divides_by_the_tokens_of_the_whole_optimizer_step(tiny_
     assert_close(whole, (loss.detach(), grads))
 
 
-def test_generation_still_gets_logits(tiny_model_dir):
-    model = base_model(tiny_model_dir, "sdpa")
-    add_supervised_lm_head(model)
-    output = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False)
-    assert output.shape == (1, 6)
+def test_generation_is_unchanged_by_the_supervised_head_and_sdpa_varlen(tiny_model_dir, tokenizer):
+    """Left-padded batched generation (probes, evaluation) through sdpa_varlen and the patched forward gives
+    the same tokens as plain sdpa."""
+    prompts = tokenizer(["你好", "告诉我1+2等于多少？"], return_tensors="pt", padding=True, padding_side="left")
+    replies = []
+    for attention in ("sdpa", "sdpa_varlen"):
+        model = base_model(tiny_model_dir, attention)
+        add_supervised_lm_head(model)
+        replies.append(model.generate(**prompts, max_new_tokens=8, do_sample=False))
+    assert torch.equal(replies[0], replies[1]) and replies[0].shape == (2, prompts["input_ids"].shape[1] + 8)

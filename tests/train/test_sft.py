@@ -158,17 +158,24 @@ def test_gradient_accumulation_over_token_budget_micro_batches_equals_one_big_ba
     the supervised tokens of the whole step (TRL's definition), so the update is the same."""
     whole = one_sgd_step(tmp_path / "whole", "--max_tokens_per_batch", "20000")
     assert "1 micro-batches per process per epoch" in capsys.readouterr().out
-    accumulated = one_sgd_step(tmp_path / "accumulated", "--max_tokens_per_batch", "6000",
+    accumulated = one_sgd_step(tmp_path / "accumulated", "--max_tokens_per_batch", "2000",
                                "--gradient_accumulation_steps", "2")
     assert "2 micro-batches per process per epoch, 1 optimizer steps" in capsys.readouterr().out
     assert_same_step(whole, accumulated)
 
 
 def test_padding_free_training_step_equals_the_padded_one(tmp_path, capsys):
+    """All 168 samples in one micro-batch: padded (sdpa), one row with sdpa_varlen (the CPU default), and
+    one row with sdpa's block-diagonal mask give the same update."""
     padded = one_sgd_step(tmp_path / "padded", "--max_tokens_per_batch", "20000", "--padding_free", "false")
-    packed = one_sgd_step(tmp_path / "packed", "--max_tokens_per_batch", "20000", "--padding_free", "true")
+    assert "padding 0.0%" not in capsys.readouterr().out
+    varlen = one_sgd_step(tmp_path / "varlen", "--max_tokens_per_batch", "20000")
+    assert "padding 0.0% of positions" in capsys.readouterr().out
+    masked = one_sgd_step(tmp_path / "masked", "--max_tokens_per_batch", "20000", "--padding_free", "true",
+                          "--attn_implementation", "sdpa")
     assert "padding-free: on with sdpa attention: exact" in capsys.readouterr().out
-    assert_same_step(padded, packed)
+    assert_same_step(padded, varlen)
+    assert_same_step(padded, masked)
 
 
 def test_supervised_head_training_step_equals_trls_head(tmp_path):

@@ -10,6 +10,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 from sftlab.errors import UserError
+from sftlab.model import attention  # noqa: F401  registers sdpa_varlen with transformers
 from sftlab.model.tiny import TINY_MODEL_NAME, ensure_tiny_model, glm4_chat_template
 
 ADAPTER_CONFIG = "adapter_config.json"

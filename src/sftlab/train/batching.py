@@ -14,6 +14,8 @@ from importlib.util import find_spec
 from transformers import TrainerCallback
 from transformers.trainer_pt_utils import BatchRebalanceSampler
 
+from sftlab.model.attention import VARLEN_SDPA
+
 
 def batch_cost(lengths: list[int], padding_free: bool) -> int:
     """Tokens a micro-batch occupies: real tokens when packed into one row, else padded to its longest."""
@@ -140,30 +142,33 @@ class SamplerEpochCallback(TrainerCallback):
         self.sampler.set_epoch(math.floor(state.epoch or 0))
 
 
-def training_attention(requested: str | None) -> str | None:
-    """The attention kernel to train with: as requested, else FlashAttention-2 on a CUDA GPU where the
-    flash_attn package is installed (its varlen kernel makes padding-free exact and fast), else
-    transformers' default (sdpa)."""
+def training_attention(requested: str | None, padding_free: bool | None) -> str | None:
+    """The attention kernel to train with: as requested; else FlashAttention-2 on a CUDA GPU where flash_attn
+    is installed; else sftlab's `sdpa_varlen` (sdpa per sample of a padding-free row), unless padding-free
+    is turned off, where transformers' default (sdpa) stays."""
     if requested is not None:
         return requested
     import torch
 
-    return "flash_attention_2" if torch.cuda.is_available() and find_spec("flash_attn") else None
+    if torch.cuda.is_available() and find_spec("flash_attn"):
+        return "flash_attention_2"
+    return VARLEN_SDPA if padding_free is not False else None
 
 
 def resolve_padding_free(setting: bool | None, attention: str | None, verbose: bool = True) -> bool:
-    """Padding-free where the attention kernel has varlen support; elsewhere only when asked for.
+    """Padding-free where the attention kernel separates the samples of a row by itself (varlen); elsewhere
+    only when asked for.
 
-    Without a varlen kernel, transformers builds a block-diagonal mask from position_ids (exact), but
-    attention then costs the square of the whole packed row: on CPU that was slower than padded batches
-    of similar lengths (benchmarks/train_throughput.py)."""
-    varlen = "flash" in (attention or "")
+    Without a varlen kernel (sdpa, eager), transformers builds a block-diagonal mask from position_ids: exact,
+    but attention then costs the square of the whole row, slower than padded length-grouped batches."""
+    varlen = attention == VARLEN_SDPA or "flash" in (attention or "")
     use = varlen if setting is None else setting
     if verbose:
         if use and not varlen:
             print(f"padding-free: on with {attention or 'sdpa'} attention: exact (block-diagonal mask from "
-                  "position_ids), but attention is quadratic in the packed row; FlashAttention is faster")
+                  f"position_ids), but attention is quadratic in the packed row; {VARLEN_SDPA} or FlashAttention "
+                  "is faster")
         elif not use and setting is None:
-            print(f"padding-free: off ({attention or 'sdpa'} attention has no varlen kernel); micro-batches are "
+            print(f"padding-free: off ({attention} attention has no varlen kernel); micro-batches are "
                   "length-grouped instead, which removes most padding")
     return use

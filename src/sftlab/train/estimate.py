@@ -108,7 +108,9 @@ def estimate(model_args, data_args, clean_args, train_args, probe: bool | None =
     from sftlab.chat_format import ChatRenderer
     from sftlab.data.prepare import prepare_data
     from sftlab.model.load import load_tokenizer, resolve_model_path
-    from sftlab.train.batching import batch_plan, fixed_size_batches, token_budget_batches
+    from sftlab.train.batching import (
+        batch_plan, fixed_size_batches, resolve_padding_free, token_budget_batches, training_attention,
+    )
 
     model_path = resolve_model_path(model_args.model_name_or_path)
     tokenizer = load_tokenizer(model_path, train_args.trust_remote_code)
@@ -117,7 +119,8 @@ def estimate(model_args, data_args, clean_args, train_args, probe: bool | None =
         raise UserError(f"no training samples left ({data.summary()})")
     lengths = [len(s["input_ids"]) for s in data.train]
     supervised = [sum(label != -100 for label in s["labels"]) for s in data.train]
-    padding_free = bool(train_args.padding_free)
+    attention = training_attention(model_args.attn_implementation, train_args.padding_free)
+    padding_free = resolve_padding_free(train_args.padding_free, attention, verbose=False)
     world, accum = max(1, train_args.world_size), train_args.gradient_accumulation_steps
     batches = (token_budget_batches(lengths, train_args.max_tokens_per_batch, padding_free, train_args.seed, world)
                if train_args.max_tokens_per_batch else
@@ -154,7 +157,7 @@ def estimate(model_args, data_args, clean_args, train_args, probe: bool | None =
     lines = [
         ("data", data.summary().removeprefix("data: ")),
         ("tokens", f"{sum(lengths):,} per epoch x {epochs:g} epochs = {sum(lengths) * epochs:,.0f}"),
-        ("batches", plan.summary()),
+        ("batches", f"{'padding-free' if padding_free else 'padded'}, {plan.summary()}"),
         ("optimizer steps", f"{steps:,}"),
         ("largest micro-batch", f"{len(largest)} samples, {positions:,} positions, {largest_supervised:,} supervised"),
         ("parameters", f"{total:,} ({'4-bit NF4' if model_args.load_in_4bit else model_args.dtype}), "

@@ -93,8 +93,10 @@ class TrainConfig(SFTConfig):
     )
     padding_free: bool | None = field(
         default=None, metadata={"help": "Concatenate a micro-batch into one row (position_ids restart per sample, "
-                                "no attention across samples). None: on with a FlashAttention varlen kernel "
-                                "(GPU), off elsewhere, where it is exact but slower than length-grouped padding."}
+                                "no attention across samples). None: on with a varlen attention kernel "
+                                "(FlashAttention-2 on GPU, sftlab's sdpa_varlen elsewhere, chosen when "
+                                "attn_implementation is unset); off with plain sdpa or eager, where it is exact but "
+                                "slower than length-grouped padded batches."}
     )
     supervised_head: bool = field(
         default=True, metadata={"help": "Run the LM head and loss only on supervised positions, in chunks (no "
@@ -189,7 +191,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, clean_args: Clea
         if resume_from:
             forget_after(out, int(Path(resume_from).name.split("-")[-1]))
 
-    attention = training_attention(model_args.attn_implementation)
+    attention = training_attention(model_args.attn_implementation, train_args.padding_free)
     model = load_model(model_path, model_args.dtype, train_args.trust_remote_code, attention,
                        record_name=recorded_base_name(model_args.model_name_or_path),
                        load_in_4bit=model_args.load_in_4bit)
