@@ -34,6 +34,7 @@ test: setup
 bench: setup
 	$(BIN)/python benchmarks/data_pipeline.py
 	$(BIN)/python benchmarks/eval_generation.py
+	$(BIN)/python benchmarks/train_throughput.py
 
 clean:
 	rm -rf $(VENV) output

@@ -1,16 +1,21 @@
 """Training throughput on CPU: the tutorial's TRL setup against sftlab's, in one run, interleaved.
 
-    .venv/bin/python benchmarks/train_throughput.py [--rows 2000] [--repeats 3] [--variants a,b,c,d]
+    .venv/bin/python benchmarks/train_throughput.py [--rows 2000] [--repeats 3] [--variants a,b,c,d,e]
 
 The tiny GLM-4 (`sftlab:tiny-glm4`), LoRA r=8 / alpha 32 / dropout 0.1 on q/k/v, one epoch over generated
 Alpaca-like rows whose rendered length averages about 150 tokens with a long tail to 1,000:
 
   (a) the tutorial: TRL's SFTTrainer directly (not sftlab), text rendered by a formatting function, batch 2
       padded to its longest sample, loss on every token, TRL's defaults (activation checkpointing on);
-  (b) sftlab with configs/glm4-9b-lora.yaml as shipped (on CPU: token-budget micro-batches, length-grouped
-      and padded, LM head on supervised positions only, activation checkpointing on);
-  (c) sftlab as (b) with padding-free rows forced on (the GPU default; on CPU exact but quadratic attention);
-  (d) sftlab as (b) without activation checkpointing (the speed/memory trade-off).
+  (b) sftlab with configs/glm4-9b-lora.yaml as shipped (its defaults on CPU: padding-free rows through
+      sdpa_varlen, 8,192-token micro-batches, LM head on supervised positions only, activation checkpointing on);
+  (c) sftlab with those three set explicitly: --padding_free true --max_tokens_per_batch 8192
+      --supervised_head true;
+  (d) as (c) but padded, length-grouped micro-batches (--padding_free false: the choice on a kernel without
+      varlen support);
+  (e) as (c) without activation checkpointing (the speed/memory trade-off);
+  (f) as (c) with sdpa's block-diagonal mask instead of sdpa_varlen (--attn_implementation sdpa): padding-free
+      without a varlen kernel, quadratic in the row (run it with --variants a,f; not in the default set).
 
 Each run is its own process (so each peak RSS is its own). Printed per variant: median of the repeats of real
 (non-padding) tokens/s over the training loop (TRL's train_runtime: model loading and data preparation are
@@ -33,9 +38,12 @@ REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {
     "a": "tutorial: TRL SFTTrainer, batch 2 padded, loss on all tokens",
     "b": "sftlab, configs/glm4-9b-lora.yaml as shipped",
-    "c": "sftlab, padding-free forced on",
-    "d": "sftlab, as (b) without activation checkpointing",
+    "c": "sftlab, padding-free + 8k-token budget + supervised head",
+    "d": "sftlab, as (c) but padded length-grouped",
+    "e": "sftlab, as (c) without activation checkpointing",
+    "f": "sftlab, as (c) on sdpa's block-diagonal mask",
 }
+FAST = ["--padding_free", "true", "--max_tokens_per_batch", "8192", "--supervised_head", "true"]
 
 
 def phrase_pool(tokenizer) -> list[tuple[str, int]]:
@@ -126,7 +134,8 @@ def run_tutorial(data_file: str, out: str) -> float:
 def run_sftlab(data_file: str, out: str, variant: str) -> float:
     from sftlab.train.sft import parse_args, train
 
-    extra = {"b": [], "c": ["--padding_free", "true"], "d": ["--activation_checkpointing", "false"]}[variant]
+    extra = {"b": [], "c": FAST, "d": FAST[2:] + ["--padding_free", "false"],
+             "e": FAST + ["--activation_checkpointing", "false"], "f": FAST + ["--attn_implementation", "sdpa"]}[variant]
     args = parse_args([
         "--config", str(REPO / "configs/glm4-9b-lora.yaml"), "--model_name_or_path", "sftlab:tiny-glm4",
         "--dtype", "float32", "--bf16", "false", "--bf16_full_eval", "false", "--data_files", data_file,
@@ -161,7 +170,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--variants", default="a,b,c,d")
+    parser.add_argument("--variants", default="a,b,c,d,e")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -28,3 +28,21 @@ def test_batched_generation_matches_one_at_a_time_and_restores_train_mode(tiny_m
     assert [r.text for r in batched] == [r.text for r in single]
     assert all(r.finish_reason == "length" and r.new_tokens == 6 for r in batched)  # a random model never stops
     assert model.training
+
+
+def test_greedy_means_no_repetition_penalty_unless_given_and_sampling_keeps_the_tutorials():
+    assert SamplingArgs(temperature=0).generate_kwargs() == {"do_sample": False, "repetition_penalty": 1.0}
+    assert SamplingArgs(temperature=0, repetition_penalty=1.3).generate_kwargs()["repetition_penalty"] == 1.3
+    assert SamplingArgs().generate_kwargs()["repetition_penalty"] == 1.2
+
+
+def test_a_reply_cut_mid_character_drops_the_incomplete_bytes(tokenizer):
+    stops = stop_token_ids(tokenizer)
+    ids = tokenizer.encode("你好，今天天气很好", add_special_tokens=False)
+    # cut inside the last character: byte-level tokens whose decoding ends in U+FFFD
+    cuts = [n for n in range(1, len(ids)) if tokenizer.decode(ids[:n]).endswith("\ufffd")]
+    assert cuts, "the tiny tokenizer splits some CJK character into several byte tokens"
+    for n in cuts:
+        reply = split_reply(tokenizer, ids[:n], stops)
+        assert "\ufffd" not in reply.text and reply.finish_reason == "length" and reply.new_tokens == n
+        assert "你好，今天天气很好".startswith(reply.text)

@@ -182,3 +182,13 @@ def test_supervised_head_training_step_equals_trls_head(tmp_path):
     ours = one_sgd_step(tmp_path / "ours", "--max_tokens_per_batch", "20000")
     trls = one_sgd_step(tmp_path / "trl", "--max_tokens_per_batch", "20000", "--supervised_head", "false")
     assert_same_step(ours, trls)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only error")
+def test_qlora_without_a_gpu_is_one_clear_line(tmp_path):
+    with pytest.raises(UserError, match="load_in_4bit: QLoRA needs a CUDA GPU"):
+        train(*args_for(tmp_path / "run", "--load_in_4bit", "true"))
+    assert not (tmp_path / "run").exists()
+    model_args, _, _, _ = parse_args(["--config", str(REPO / "configs/glm4-9b-qlora.yaml"), "--bf16", "false",
+                                      "--bf16_full_eval", "false"])
+    assert model_args.load_in_4bit and model_args.lora_r == 8

@@ -112,7 +112,7 @@ def check_generation(model, tokenizer, example: dict | None, max_new_tokens: int
 
     name = "greedy generation stops"
     messages = (example["messages"] if example else FALLBACK_EXAMPLE)[:-1]
-    reply = generate_replies(model, tokenizer, [messages], SamplingArgs(max_new_tokens, 0, 1.0, 1.0))[0]
+    reply = generate_replies(model, tokenizer, [messages], SamplingArgs(max_new_tokens=max_new_tokens, temperature=0))[0]
     if reply.finish_reason != "stop":
         return Check(name, False, f"no stop token in {max_new_tokens} new tokens: {reply.text[:80]!r}...",
                      "train with the terminator supervised and check the stop ids above")

@@ -49,7 +49,7 @@ def evaluate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: 
              batch_size: int = 16) -> tuple[dict, list]:
     """Metrics over conversations whose last message is the reference reply; and the replies."""
     loss = supervised_loss(model, tokenizer, conversations)
-    greedy = SamplingArgs(max_new_tokens=max_new_tokens, temperature=0, repetition_penalty=1.0)
+    greedy = SamplingArgs(max_new_tokens=max_new_tokens, temperature=0)
     replies = generate_replies(model, tokenizer, [c[:-1] for c in conversations], greedy, batch_size=batch_size)
     scores = [text_scores(r.text, c[-1]["content"]) for r, c in zip(replies, conversations)]
     n = len(conversations)

@@ -22,7 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = SamplingArgs()
     p.add_argument("--temperature", type=float, default=defaults.temperature, help="0 is greedy.")
     p.add_argument("--top_p", type=float, default=defaults.top_p)
-    p.add_argument("--repetition_penalty", type=float, default=defaults.repetition_penalty)
+    p.add_argument("--repetition_penalty", type=float, default=None,
+                   help="Default: none when greedy (--temperature 0), the tutorial's 1.2 when sampling.")
     p.add_argument("--max_new_tokens", type=int, default=defaults.max_new_tokens)
     p.add_argument("--device", help="cuda or cpu (default: cuda when available, in bf16 where supported).")
     p.add_argument("--trust_remote_code", action="store_true", help="Allow model code from the checkpoint.")

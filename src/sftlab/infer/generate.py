@@ -15,18 +15,24 @@ class Reply:
     new_tokens: int
 
 
+SAMPLING_REPETITION_PENALTY = 1.2  # the tutorial's, when sampling
+
+
 @dataclass
 class SamplingArgs:
+    """One rule for chat, eval, probes and the doctor: temperature 0 is greedy, and greedy means no
+    repetition penalty unless one is given; sampling uses the tutorial's 1.2 unless one is given."""
+
     max_new_tokens: int = 1024
     temperature: float = 0.6  # 0 means greedy
     top_p: float = 0.8
-    repetition_penalty: float = 1.2
+    repetition_penalty: float | None = None
 
     def generate_kwargs(self) -> dict:
         if self.temperature <= 0:
-            return dict(do_sample=False, repetition_penalty=self.repetition_penalty)
+            return dict(do_sample=False, repetition_penalty=self.repetition_penalty or 1.0)
         return dict(do_sample=True, temperature=self.temperature, top_p=self.top_p,
-                    repetition_penalty=self.repetition_penalty)
+                    repetition_penalty=self.repetition_penalty or SAMPLING_REPETITION_PENALTY)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,12 +45,23 @@ def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tenso
     return ids.to(device), mask.to(device)
 
 
+def decode_complete(tokenizer, ids: list[int]) -> str:
+    """Decodes `ids`, leaving out a multi-byte character that a cut at max_new_tokens split (byte-level BPE
+    would decode its first bytes as U+FFFD)."""
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    for cut in range(1, min(4, len(ids)) + 1):  # a UTF-8 character spans at most 4 byte tokens
+        if not text.endswith("\ufffd"):
+            break
+        text = tokenizer.decode(ids[:-cut], skip_special_tokens=True)
+    return text
+
+
 def split_reply(tokenizer, new_ids: list[int], stop_ids: list[int]) -> Reply:
     """Cuts at the first stop token; the reply text excludes it and anything after (padding)."""
     for n, token_id in enumerate(new_ids):
         if token_id in stop_ids:
             return Reply(tokenizer.decode(new_ids[:n], skip_special_tokens=True).strip(), "stop", n + 1)
-    return Reply(tokenizer.decode(new_ids, skip_special_tokens=True).strip(), "length", len(new_ids))
+    return Reply(decode_complete(tokenizer, new_ids).strip(), "length", len(new_ids))
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ def run_probes(model, tokenizer, prompts: list[str], max_new_tokens: int, system
         ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [{"role": "user", "content": p}]
         for p in prompts
     ]
-    sampling = SamplingArgs(max_new_tokens=max_new_tokens, temperature=0, repetition_penalty=1.0)
+    sampling = SamplingArgs(max_new_tokens=max_new_tokens, temperature=0)
     return generate_replies(model, tokenizer, conversations, sampling)
 
 

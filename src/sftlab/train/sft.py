@@ -27,7 +27,8 @@ from sftlab.data.prepare import PreparedData, prepare_data
 from sftlab.errors import UserError
 from sftlab.files import append_jsonl, write_atomic
 from sftlab.model.load import (
-    ADAPTER_CONFIG, load_model, load_tokenizer, recorded_base_name, resolve_model_path, save_tokenizer,
+    ADAPTER_CONFIG, load_model, load_tokenizer, quantization_config, recorded_base_name, resolve_model_path,
+    save_tokenizer,
 )
 from sftlab.train.batching import (
     SamplerEpochCallback, TokenBudgetSampler, batch_plan, resolve_padding_free, training_attention,
@@ -175,6 +176,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, clean_args: Clea
           train_args: TrainConfig) -> Path:
     """Runs one SFT job and returns the run directory, which then holds the final adapter or model."""
     resume_from = check_output_dir(train_args)
+    quantization_config(model_args.load_in_4bit)  # no GPU or no bitsandbytes: say so before preparing data
     out = Path(train_args.output_dir)
     model_path = resolve_model_path(model_args.model_name_or_path)
     tokenizer = load_tokenizer(model_path, train_args.trust_remote_code)
