@@ -10,8 +10,8 @@ distribution of benchmarks/train_throughput.py (mean about 150 tokens, long tail
   tutorial: 2 samples per micro-batch padded to the longest, full-vocabulary logits and loss on every
             position (transformers' own loss), sdpa attention, activation checkpointing on (TRL's default);
   sftlab:   micro-batches of up to 8,192 tokens grouped by length; padding-free rows with FlashAttention-2
-            where flash_attn is installed (else length-grouped padded batches on sdpa); the LM head and loss
-            on supervised positions only, in chunks; with and without activation checkpointing.
+            where flash_attn is installed, else with sftlab's sdpa_varlen (sftlab's own defaults); the LM head
+            and loss on supervised positions only, in chunks; with and without activation checkpointing.
 
 Each for LoRA r=8 on q/k/v (the tutorial's) and r=16 on all linear layers. Printed: real tokens/s, MFU
 (35.9 GFLOP per token, 52.5 with activation checkpointing, against 989 TFLOP/s dense bf16), peak memory, and
@@ -83,9 +83,11 @@ def run(arch, device, dtype, lora_targets, lora_r, fast, checkpointing, warmup, 
 
     from sftlab.train.loss import add_supervised_lm_head
 
-    flash = device == "cuda" and _has_flash_attn()
-    padding_free = fast and flash
-    attention = "flash_attention_2" if padding_free else "sdpa"
+    from sftlab.train.batching import resolve_padding_free, training_attention
+
+    # sftlab's own choice: FlashAttention-2 where flash_attn is installed, else sdpa_varlen; padding-free with either
+    attention = (training_attention(None, None) if fast else None) or "sdpa"
+    padding_free = fast and resolve_padding_free(None, attention, verbose=False)
     model = build_model(arch, device, dtype, attention)
     if fast:
         add_supervised_lm_head(model)
@@ -125,12 +127,6 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _has_flash_attn() -> bool:
-    from importlib.util import find_spec
-
-    return find_spec("flash_attn") is not None
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="scaled-down model on CPU (fp32)")
@@ -153,9 +149,8 @@ def main(argv=None):
         for checkpointing in (True, False):
             best = run(arch, device, dtype, targets, r, True, checkpointing, args.warmup, args.max_tokens_per_batch,
                        data)
-            name = (f"sftlab ({'padding-free ' + best['attention'] if best['padding_free'] else 'length-grouped '}"
-                    f"{best['attention'] if not best['padding_free'] else ''}, {args.max_tokens_per_batch} tokens, "
-                    f"supervised head, {'ckpt' if checkpointing else 'no ckpt'})")
+            name = (f"sftlab ({'padding-free' if best['padding_free'] else 'length-grouped'} {best['attention']}, "
+                    f"{args.max_tokens_per_batch} tokens, supervised head, {'ckpt' if checkpointing else 'no ckpt'})")
             rows.append((lora_name, name, checkpointing, best, tutorial))
     print("\n| LoRA | configuration | tokens/s | MFU | peak memory | vs tutorial |\n| --- | --- | ---: | ---: | ---: | ---: |")
     for lora_name, name, checkpointing, result, tutorial in rows:

@@ -66,3 +66,29 @@ def test_estimate_reports_tokens_steps_memory_and_a_probed_time(tmp_path):
     assert "s per step from a 16-step probe" in text
     assert set(result.memory_gib) == {"weights", "trainable + gradients + AdamW", "activations", "logits"}
     assert not (tmp_path / "run").exists()  # the probe trains elsewhere
+
+
+def test_a_9b_model_on_cpu_gets_the_arithmetic_only(tmp_path, tiny_model_dir):
+    """GLM-4-9B's published config (with the tiny tokenizer, so no weights are needed): the memory arithmetic
+    for the 9B shapes, and no probe on a CPU."""
+    import json
+    import shutil
+
+    from transformers import GlmConfig
+
+    model_dir = tmp_path / "glm-4-9b-shapes"
+    model_dir.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model_dir / name, model_dir / name)
+    GlmConfig(vocab_size=151552, hidden_size=4096, num_hidden_layers=40, num_attention_heads=32, num_key_value_heads=2,
+              head_dim=128, intermediate_size=13696, attention_bias=True, partial_rotary_factor=0.5,
+              tie_word_embeddings=False).save_pretrained(model_dir)
+    args = parse_args(["--config", str(REPO / "configs/glm4-9b-lora.yaml"), "--model_name_or_path", str(model_dir),
+                       "--data_files", "sftlab:demo", "--bf16", "false", "--bf16_full_eval", "false",
+                       "--output_dir", str(tmp_path / "run")])
+    result = estimate(*args)
+    text = result.text()
+    assert "9,399,951,360 (bfloat16), 5,406,720 trainable" in text
+    assert abs(result.memory_gib["weights"] - 9_399_951_360 * 2 / 2**30) < 1e-6
+    assert "not probed: a model of this size on CPU" in text
+    assert json.loads((model_dir / "config.json").read_text())["vocab_size"] == 151552
