@@ -1,18 +1,42 @@
-"""Shared fixtures: the tiny GLM-4 is built once per session into a temporary SFTLAB_HOME (no network)."""
+"""Shared fixtures. The suite runs with its own SFTLAB_HOME, set here at import, before any test module reads
+the environment, and a guard fails the run if the user's real ~/.cache/sftlab changes while it runs.
+
+`pytest -m "not slow"` is the quick loop; `make test` (and CI) runs everything."""
 
 import os
+import tempfile
+from pathlib import Path
 
 import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # a Hub lookup would take ~48 s to fail here
 os.environ.setdefault("SWANLAB_MODE", "disabled")
+TEST_HOME = Path(tempfile.mkdtemp(prefix="sftlab-test-home-"))
+os.environ["SFTLAB_HOME"] = str(TEST_HOME)
+USER_CACHE = Path.home() / ".cache" / "sftlab"
+
+
+def snapshot(folder: Path) -> dict:
+    """Every path under `folder` with its size and modification time."""
+    if not folder.exists():
+        return {}
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
 
 
 @pytest.fixture(scope="session", autouse=True)
-def sftlab_home(tmp_path_factory):
-    home = tmp_path_factory.mktemp("sftlab_home")
-    os.environ["SFTLAB_HOME"] = str(home)
-    return home
+def user_cache_untouched():
+    before = snapshot(USER_CACHE)
+    yield
+    after = snapshot(USER_CACHE)
+    changed = sorted(set(before) ^ set(after) | {p for p in before.keys() & after.keys() if before[p] != after[p]})
+    if changed:
+        pytest.fail(f"the test suite changed the user's {USER_CACHE}: {changed[:5]}", pytrace=False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def sftlab_home():
+    os.environ["SFTLAB_HOME"] = str(TEST_HOME)
+    return TEST_HOME
 
 
 @pytest.fixture(scope="session")

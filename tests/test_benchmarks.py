@@ -3,9 +3,12 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_gpu_benchmark_runs_tiny_on_cpu(capsys):
     spec = importlib.util.spec_from_file_location("gpu_glm4_9b", REPO / "benchmarks/gpu_glm4_9b.py")
     bench = importlib.util.module_from_spec(spec)

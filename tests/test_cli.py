@@ -1,18 +1,38 @@
-"""Each user error is one line on stderr and exit code 2, with no traceback (unless --debug)."""
+"""Each user error is one line on stderr and exit code 2, with no traceback (unless --debug).
+
+Most tests call `sftlab.cli.main` in this process (importing torch and transformers once); a few, marked slow,
+run the real console entry point in a subprocess."""
 
 import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 
 import pytest
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+from sftlab import cli
 
 
-def sftlab(*args):
-    return subprocess.run([sys.executable, "-m", "sftlab.cli", *args], capture_output=True, text=True, env=ENV,
-                          timeout=300)
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def sftlab(*args, capsys=None):
+    """`sftlab ARGS` in this process, with its output captured by pytest's capsys."""
+    capsys.readouterr()
+    code = cli.main(list(args))
+    out, err = capsys.readouterr()
+    return Result(code, out, err)
+
+
+def sftlab_subprocess(*args, stdin=None):
+    """The real entry point, in a fresh process with the suite's environment (read at call time)."""
+    return subprocess.run([sys.executable, "-m", "sftlab.cli", *args], capture_output=True, text=True,
+                          env=dict(os.environ), timeout=300, input=stdin)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -26,47 +46,54 @@ def sftlab(*args):
      "sftlab train: error: data file data/missing.json does not exist"),
     (["train", "--config", "configs/nope.yaml"], "sftlab train: error: config file configs/nope.yaml does not exist"),
 ])
-def test_user_errors_are_one_line_and_exit_2(args, message, tmp_path, monkeypatch):
+def test_user_errors_are_one_line_and_exit_2(args, message, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    result = sftlab(*[a.replace("{tmp}", str(tmp_path / "run")) for a in args])
+    result = sftlab(*[a.replace("{tmp}", str(tmp_path / "run")) for a in args], capsys=capsys)
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("sftlab ")]
     assert len(lines) == 1 and lines[0].startswith(message), result.stderr
     assert "Traceback" not in result.stderr
 
 
-def test_debug_shows_the_traceback():
-    result = sftlab("--debug", "chat", "--model", "./weights/missing", "--prompt", "hi")
+@pytest.mark.slow
+def test_the_console_entry_point_gives_one_line_and_debug_gives_the_traceback():
+    result = sftlab_subprocess("chat", "--model", "./weights/missing", "--prompt", "hi")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "sftlab chat: error: model path ./weights/missing does not exist. Pass a local model folder, a Hub id like "
+        "THUDM/glm-4-9b-hf, or sftlab:tiny-glm4"]
+    result = sftlab_subprocess("--debug", "chat", "--model", "./weights/missing", "--prompt", "hi")
     assert result.returncode != 0 and "Traceback" in result.stderr
 
 
-def test_unknown_verb_prints_usage():
-    result = sftlab("fly")
+def test_unknown_verb_prints_usage(capsys):
+    result = sftlab("fly", capsys=capsys)
     assert result.returncode == 2 and "verbs:" in result.stderr
 
 
-def test_data_clean_and_inspect_on_the_demo_data(tmp_path):
-    result = sftlab("data", "clean", "sftlab:demo", "--output", str(tmp_path / "clean"))
+def test_data_clean_and_inspect_on_the_demo_data(tmp_path, capsys):
+    result = sftlab("data", "clean", "sftlab:demo", "--output", str(tmp_path / "clean"), capsys=capsys)
     assert result.returncode == 0, result.stderr
     assert "data: 177 rows read, 177 kept, 0 rejected (none)" in result.stdout
     assert sorted(p.name for p in (tmp_path / "clean").iterdir()) == [
         "clean.jsonl", "lengths.png", "rejected.jsonl", "report.json", "report.md"]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "hi", "output": "hello there"}\n{"instruction": \n')
-    result = sftlab("data", "inspect", str(bad))
+    result = sftlab("data", "inspect", str(bad), capsys=capsys)
     assert result.returncode == 0, result.stderr
     assert "format: alpaca (1 rows)" in result.stdout
     assert "[gMASK]<sop><|user|>\nhi<|assistant|>«\nhello there<|endoftext|>»" in result.stdout
     assert f"{bad}:2: not usable: bad_json" in result.stdout
-    result = sftlab("data", "clean", str(bad), "--output", str(tmp_path / "strict"), "--strict", "true")
+    result = sftlab("data", "clean", str(bad), "--output", str(tmp_path / "strict"), "--strict", "true",
+                    capsys=capsys)
     assert result.returncode == 2 and f"error: {bad}:2: bad_json" in result.stderr
 
 
+@pytest.mark.slow
 def test_interactive_chat_keeps_history_and_obeys_commands():
     script = "hi\n/system Be brief.\nhello\n/clear\n/exit\n"
-    result = subprocess.run([sys.executable, "-m", "sftlab.cli", "chat", "--model", "sftlab:tiny-glm4",
-                             "--max_new_tokens", "3", "--temperature", "0"], input=script, capture_output=True,
-                            text=True, env=ENV, timeout=300)
+    result = sftlab_subprocess("chat", "--model", "sftlab:tiny-glm4", "--max_new_tokens", "3", "--temperature", "0",
+                               stdin=script)
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert out.count("Assistant: ") == 2
@@ -74,22 +101,22 @@ def test_interactive_chat_keeps_history_and_obeys_commands():
     assert result.stderr.count("(stopped at max_new_tokens=3)") == 2  # the random base model never stops
 
 
-def test_report_to_tensorboard_without_tensorboard_is_a_clear_error():
+def test_report_to_tensorboard_without_tensorboard_is_a_clear_error(capsys):
     import importlib.util
 
     if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
         pytest.skip("tensorboard is installed")
-    result = sftlab("train", "--model_name_or_path", "sftlab:tiny-glm4", "--report_to", "tensorboard")
+    result = sftlab("train", "--model_name_or_path", "sftlab:tiny-glm4", "--report_to", "tensorboard", capsys=capsys)
     assert result.returncode == 2 and "report_to: tensorboard needs `pip install tensorboard`" in result.stderr
 
 
-def test_eval_on_a_data_file_with_a_model_name_needs_an_output(tmp_path):
+def test_eval_on_a_data_file_with_a_model_name_needs_an_output(tmp_path, capsys):
     data = tmp_path / "qa.jsonl"
     data.write_text('{"instruction": "你是谁？", "output": "我是灵犀。"}\n{"instruction": "", "output": "x"}\n')
-    result = sftlab("eval", "--model", "sftlab:tiny-glm4", "--data", str(data), "--max_new_tokens", "4")
+    result = sftlab("eval", "--model", "sftlab:tiny-glm4", "--data", str(data), "--max_new_tokens", "4", capsys=capsys)
     assert result.returncode == 2 and "is not a run folder: pass --output DIR" in result.stderr
     result = sftlab("eval", "--model", "sftlab:tiny-glm4", "--data", str(data), "--max_new_tokens", "4",
-                    "--output", str(tmp_path / "eval"))
+                    "--output", str(tmp_path / "eval"), capsys=capsys)
     assert result.returncode == 0, result.stderr
     assert "eval: 1 of 2 rows left out: {'empty_instruction': 1}" in result.stdout
     results = json.loads((tmp_path / "eval" / "results.json").read_text())

@@ -9,6 +9,7 @@ from sftlab.infer.generate import SamplingArgs, generate_replies
 from sftlab.model.load import load_for_inference
 from sftlab.train.sft import parse_args, train
 
+pytestmark = pytest.mark.slow  # the full demo training run
 REPO = Path(__file__).resolve().parents[1]
 IDENTITY = ["你是谁？", "你叫什么名字？", "Who are you?"]
 PROBES = ["你好，告诉我你的名字。", "告诉我1+2等于多少？"]

@@ -55,6 +55,7 @@ def test_terminator_masked_in_training_fails_the_terminator_check(run_dir, tmp_p
     assert "pad and eos do not mask the terminator" in names
 
 
+@pytest.mark.slow
 def test_model_trained_without_terminator_does_not_stop(tmp_path, monkeypatch):
     """A model really trained with the terminator masked: the generation check fails too."""
     import sftlab.chat_format as chat_format

@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_two_process_cpu_training_writes_one_run(tmp_path):
     out = tmp_path / "run"
     accelerate = Path(sys.executable).with_name("accelerate")
