@@ -21,7 +21,7 @@ def run_dir(tmp_path_factory):
 
 
 def failed(checks):
-    return [c.name for c in checks if not c.passed]
+    return [c.name for c in checks if c.status == "FAIL"]
 
 
 def broken_copy(run_dir, tmp_path):
@@ -83,3 +83,40 @@ def test_generation_config_without_stop_ids_fails_that_check(run_dir, tmp_path):
     config["eos_token_id"] = config["eos_token_id"][0]  # only <|endoftext|>, as many exports write it
     (copy / "generation_config.json").write_text(json.dumps(config))
     assert failed(run_checks(None, str(copy))) == ["generation config stops on all stop tokens"]
+
+
+def statuses(checks):
+    return {c.name: c.status for c in checks}
+
+
+def test_checks_that_cannot_run_are_skipped_not_passed(tiny_model_dir):
+    """A plain model folder has no render_check.json: no training labels to check, so those checks say skip."""
+    checks = statuses(run_checks(str(tiny_model_dir), None, max_new_tokens=4))
+    assert checks["terminator tokens are supervised"] == "skip"
+    assert checks["pad and eos do not mask the terminator"] == "skip"  # the tiny model has pad == eos
+    assert checks["chat template renders training samples as training did"] == "pass"
+    assert checks["greedy generation stops"] == "FAIL"  # a random model does not stop
+
+
+def test_a_sample_truncated_in_training_is_checked_as_truncated(tmp_path):
+    from sftlab.chat_format import ChatRenderer
+    from sftlab.model.load import load_tokenizer
+
+    out = train(*parse_args(["--config", str(REPO / "configs/demo.yaml"), "--output_dir", str(tmp_path / "run"),
+                             "--report_to", "none", "--max_steps", "1", "--eval_strategy", "no",
+                             "--final_eval_samples", "0", "--overflow", "truncate", "--max_length", "12"]))
+    example = json.loads((out / "render_check.json").read_text())
+    whole = ChatRenderer(load_tokenizer(out)).render(example["messages"])
+    assert len(example["input_ids"]) <= 12 < len(whole.input_ids)  # training really cut this sample
+    checks = statuses(run_checks(None, str(out), max_new_tokens=4))
+    assert checks["chat template renders training samples as training did"] == "pass"
+    assert checks["terminator tokens are supervised"] == "pass"
+
+
+def test_doctor_prints_skips_and_counts_them(tiny_model_dir, capsys):
+    from sftlab.eval.doctor import main
+
+    assert main(["--model", str(tiny_model_dir), "--max_new_tokens", "4"]) == 1
+    out = capsys.readouterr().out
+    assert "[skip] terminator tokens are supervised: no render_check.json here" in out
+    assert out.strip().endswith("2 passed, 1 failed, 2 skipped")

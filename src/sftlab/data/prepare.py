@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import random
+import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -70,15 +71,18 @@ def prepare_data(data_args: DataArguments, clean_args: CleanArguments, renderer:
         test_messages=[result.kept[i].messages for i in test_idx],
         rejected=[{"reason": r.reason, "source": r.source, "line": r.line, "detail": r.detail}
                   for r in result.rejected],
-        report=report, fingerprint=key, example=_example(result.kept[train_idx[0]]) if train_idx else None,
+        report=report, fingerprint=key,
+        example=_example(result.kept[train_idx[0]], renderer) if train_idx else None,
     )
     if use_cache:
         write_cache(cached, data)
     return data
 
 
-def _example(kept) -> dict:
-    return {"messages": kept.messages, "input_ids": kept.sample.input_ids, "labels": kept.sample.labels}
+def _example(kept, renderer: ChatRenderer) -> dict:
+    """One training sample as rendered, with the length settings that shaped it (for `sftlab doctor`)."""
+    return {"messages": kept.messages, "input_ids": kept.sample.input_ids, "labels": kept.sample.labels,
+            "max_length": renderer.max_length, "overflow": renderer.overflow}
 
 
 def cache_key(sources: list[str], data_args: DataArguments, clean_args: CleanArguments,
@@ -95,7 +99,7 @@ def cache_key(sources: list[str], data_args: DataArguments, clean_args: CleanArg
     digest.update((backend.to_str() if backend is not None else str(sorted(tokenizer.get_vocab().items()))).encode())
     settings = dict(template=tokenizer.chat_template, max_length=renderer.max_length, overflow=renderer.overflow,
                     data=asdict(data_args), clean=asdict(clean_args), version=__version__)
-    for module in (chat_format, clean, convert, load):  # a change to the preparing code is a new key too
+    for module in (chat_format, clean, convert, load, sys.modules[__name__]):  # new preparing code: a new key
         digest.update(Path(module.__file__).read_bytes())
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:24]

@@ -15,9 +15,13 @@ FALLBACK_EXAMPLE = [{"role": "user", "content": "你好，告诉我你的名字�
 @dataclass
 class Check:
     name: str
-    passed: bool
+    status: str  # "pass", "FAIL", or "skip" for a check that could not run here (detail says why)
     detail: str
     fix: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "pass"
 
 
 def training_example(run_dir: Path) -> dict | None:
@@ -37,58 +41,64 @@ def saved_template(folder: Path) -> str | None:
 def check_template(folder: Path, tokenizer, example: dict | None) -> Check:
     name = "chat template renders training samples as training did"
     if saved_template(folder) is None:
-        return Check(name, False, f"no chat template saved in {folder} (tokenizer_config.json or "
+        return Check(name, "FAIL", f"no chat template saved in {folder} (tokenizer_config.json or "
                                   "chat_template.jinja): a server would format prompts its own way",
                      "save the tokenizer with its template (sftlab writes it into tokenizer_config.json), or copy "
                      "chat_template from the training run's tokenizer_config.json")
     messages = example["messages"] if example else FALLBACK_EXAMPLE
     try:
-        sample = ChatRenderer(tokenizer).render(messages)
+        # as training rendered it: a sample cut by overflow=truncate is cut again the same way
+        settings = example or {}
+        renderer = ChatRenderer(tokenizer, settings.get("max_length"), settings.get("overflow", "drop"))
+        sample = renderer.render(messages)
     except MessageError as exc:
-        return Check(name, False, f"the saved template cannot render a training sample: {exc}",
+        return Check(name, "FAIL", f"the saved template cannot render a training sample: {exc}",
                      "restore the template the model was trained with")
     if example and sample.input_ids != example["input_ids"]:  # the mask is the terminator check's business
         first = next(i for i, (a, b) in enumerate(zip(sample.input_ids + [None], example["input_ids"] + [None]))
                      if a != b)
-        return Check(name, False, f"tokens differ from training at position {first}",
+        return Check(name, "FAIL", f"tokens differ from training at position {first}",
                      "serve with the tokenizer saved in the run directory, not the base model's")
     prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, return_dict=True)["input_ids"]
     if sample.input_ids[:len(prompt)] != list(prompt):
-        return Check(name, False, "apply_chat_template's prompt is not a prefix of the training sample",
+        return Check(name, "FAIL", "apply_chat_template's prompt is not a prefix of the training sample",
                      "the template must render the conversation prefix-by-prefix")
     source = "render_check.json" if example else "a built-in sample"
-    return Check(name, True, f"{len(sample.input_ids)} tokens identical to training ({source}); "
+    return Check(name, "pass", f"{len(sample.input_ids)} tokens identical to training ({source}); "
                              "apply_chat_template's prompt is its prefix")
 
 
 def check_terminator(tokenizer, example: dict | None) -> Check:
     name = "terminator tokens are supervised"
     if example is None:
-        return Check(name, True, "no render_check.json (not a sftlab run): checked by the generation test below")
+        return Check(name, "skip", "no render_check.json here (not a sftlab run), so no training labels to read; "
+                                   "the generation check below still tests stopping")
     stops = stop_token_ids(tokenizer)
     labels, ids = example["labels"], example["input_ids"]
     ends = [i for i in range(1, len(labels)) if labels[i - 1] != IGNORE_INDEX and ids[i] in stops]
     masked = [i for i in ends if labels[i] == IGNORE_INDEX]
     if labels[-1] == IGNORE_INDEX or masked:
         where = masked[0] if masked else len(labels) - 1
-        return Check(name, False, f"the turn's end token {tokenizer.decode([ids[where]])!r} at position {where} has "
+        return Check(name, "FAIL", f"the turn's end token {tokenizer.decode([ids[where]])!r} at position {where} has "
                                   "label -100: the model never learned to stop",
                      "retrain with sftlab's renderer (it supervises <|endoftext|> / the next role token)")
-    return Check(name, True, f"every assistant turn ends on a supervised stop token ({len(ends)} in the sample)")
+    return Check(name, "pass", f"every assistant turn ends on a supervised stop token ({len(ends)} in the sample)")
 
 
 def check_pad_eos(tokenizer, example: dict | None) -> Check:
     name = "pad and eos do not mask the terminator"
     if tokenizer.eos_token_id is None or tokenizer.pad_token_id is None:
-        return Check(name, False, f"eos={tokenizer.eos_token_id}, pad={tokenizer.pad_token_id}",
+        return Check(name, "FAIL", f"eos={tokenizer.eos_token_id}, pad={tokenizer.pad_token_id}",
                      "set both in tokenizer_config.json (GLM-4: <|endoftext|> for both)")
     if tokenizer.pad_token_id == tokenizer.eos_token_id:
         if example is not None and example["labels"][-1] == tokenizer.eos_token_id:
-            return Check(name, True, "pad == eos, but labels are built by position, not by id: eos stays supervised")
+            return Check(name, "pass", "pad == eos, but labels are built by position, not by id: eos stays supervised")
         if example is not None:
-            return Check(name, False, "pad == eos and the final eos label is masked: a collator masked it as padding",
+            return Check(name, "FAIL", "pad == eos and the final eos label is masked: a collator masked it as padding",
                          "build labels from the renderer's mask (pad only by position), or use a distinct pad token")
-    return Check(name, True, f"eos={tokenizer.eos_token_id}, pad={tokenizer.pad_token_id}")
+        return Check(name, "skip", f"pad == eos ({tokenizer.eos_token_id}) and no render_check.json here, so no "
+                                   "training labels to see whether a collator masked the final eos")
+    return Check(name, "pass", f"eos={tokenizer.eos_token_id}, pad={tokenizer.pad_token_id}")
 
 
 def check_generation_config(folder: Path, tokenizer) -> Check:
@@ -96,15 +106,15 @@ def check_generation_config(folder: Path, tokenizer) -> Check:
     path = folder / "generation_config.json"
     wanted = stop_token_ids(tokenizer)
     if not path.exists():
-        return Check(name, False, "no generation_config.json", f"write one with eos_token_id {wanted}")
+        return Check(name, "FAIL", "no generation_config.json", f"write one with eos_token_id {wanted}")
     eos = json.loads(path.read_text()).get("eos_token_id")
     eos = eos if isinstance(eos, list) else [eos]
     missing = [i for i in wanted if i not in eos]
     if missing:
         names = ", ".join(tokenizer.convert_ids_to_tokens(missing))
-        return Check(name, False, f"eos_token_id {eos} lacks {missing} ({names}): generation runs on past the turn",
+        return Check(name, "FAIL", f"eos_token_id {eos} lacks {missing} ({names}): generation runs on past the turn",
                      f"set eos_token_id to {wanted} in {path}")
-    return Check(name, True, f"eos_token_id {eos}")
+    return Check(name, "pass", f"eos_token_id {eos}")
 
 
 def check_generation(model, tokenizer, example: dict | None, max_new_tokens: int) -> Check:
@@ -112,11 +122,12 @@ def check_generation(model, tokenizer, example: dict | None, max_new_tokens: int
 
     name = "greedy generation stops"
     messages = (example["messages"] if example else FALLBACK_EXAMPLE)[:-1]
-    reply = generate_replies(model, tokenizer, [messages], SamplingArgs(max_new_tokens=max_new_tokens, temperature=0))[0]
+    greedy = SamplingArgs(max_new_tokens=max_new_tokens, temperature=0)
+    reply = generate_replies(model, tokenizer, [messages], greedy, progress="doctor: greedy generation")[0]
     if reply.finish_reason != "stop":
-        return Check(name, False, f"no stop token in {max_new_tokens} new tokens: {reply.text[:80]!r}...",
+        return Check(name, "FAIL", f"no stop token in {max_new_tokens} new tokens: {reply.text[:80]!r}...",
                      "train with the terminator supervised and check the stop ids above")
-    return Check(name, True, f"stopped after {reply.new_tokens} tokens: {reply.text[:60]!r}")
+    return Check(name, "pass", f"stopped after {reply.new_tokens} tokens: {reply.text[:60]!r}")
 
 
 def run_checks(model: str | None, adapter: str | None, max_new_tokens: int = 64) -> list[Check]:
@@ -131,6 +142,9 @@ def run_checks(model: str | None, adapter: str | None, max_new_tokens: int = 64)
               check_pad_eos(tokenizer, example), check_generation_config(folder, tokenizer)]
     if checks[0].passed:
         checks.append(check_generation(net, tokenizer, example, max_new_tokens))
+    else:
+        checks.append(Check("greedy generation stops", "skip", "the chat template check failed, so a prompt would not "
+                            "be rendered as in training"))
     return checks
 
 
@@ -144,9 +158,9 @@ def main(argv: list[str]) -> int:
         raise UserError("pass --adapter DIR or --model PATH")
     checks = run_checks(args.model, args.adapter, args.max_new_tokens)
     for check in checks:
-        print(f"[{'pass' if check.passed else 'FAIL'}] {check.name}: {check.detail}")
-        if not check.passed:
+        print(f"[{check.status}] {check.name}: {check.detail}")
+        if check.status == "FAIL":
             print(f"       fix: {check.fix}")
-    failed = [c for c in checks if not c.passed]
-    print(f"\n{len(checks) - len(failed)} passed, {len(failed)} failed")
-    return 1 if failed else 0
+    counts = {status: sum(c.status == status for c in checks) for status in ("pass", "FAIL", "skip")}
+    print(f"\n{counts['pass']} passed, {counts['FAIL']} failed, {counts['skip']} skipped")
+    return 1 if counts["FAIL"] else 0

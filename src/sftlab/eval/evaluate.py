@@ -7,26 +7,30 @@ import math
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from sftlab.chat_format import IGNORE_INDEX, ChatRenderer
 from sftlab.errors import UserError
 from sftlab.eval.metrics import text_scores
 from sftlab.files import write_atomic
 from sftlab.infer.generate import SamplingArgs, generate_replies
-from sftlab.model.load import load_for_inference
+from sftlab.model.load import inference_tokenizer, load_for_inference
 
 METRICS = ("eval_loss", "perplexity", "rouge_1", "rouge_2", "rouge_l", "bleu_4", "stop_rate", "mean_new_tokens")
+SETTINGS = ("max_new_tokens", "n")  # shown beside the metrics: a stop rate means little without its limit
 HIGHER_IS_BETTER = {"rouge_1", "rouge_2", "rouge_l", "bleu_4", "stop_rate"}
 
 
 @torch.no_grad()
-def supervised_loss(model, tokenizer, conversations: list[list[dict]], batch_size: int = 8) -> float:
+def supervised_loss(model, tokenizer, conversations: list[list[dict]], batch_size: int = 8,
+                    progress: str | None = None) -> float:
     """Mean cross-entropy over the supervised tokens (the replies and their terminators), as in training."""
     renderer = ChatRenderer(tokenizer)
     samples = [renderer.render(c) for c in conversations]
     total_loss, total_tokens = 0.0, 0
     model.eval()
-    for start in range(0, len(samples), batch_size):
+    for start in tqdm(range(0, len(samples), batch_size), desc=progress, unit="batch", leave=False,
+                      disable=not progress):
         batch = samples[start:start + batch_size]
         width = max(len(s.input_ids) for s in batch)
         ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
@@ -46,17 +50,20 @@ def supervised_loss(model, tokenizer, conversations: list[list[dict]], batch_siz
 
 
 def evaluate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 256,
-             batch_size: int = 16) -> tuple[dict, list]:
-    """Metrics over conversations whose last message is the reference reply; and the replies."""
-    loss = supervised_loss(model, tokenizer, conversations)
+             batch_size: int = 16, label: str = "") -> tuple[dict, list]:
+    """Metrics over conversations whose last message is the reference reply; and the replies. `label` names
+    the model in the progress bars."""
+    loss = supervised_loss(model, tokenizer, conversations, progress=f"{label} loss".strip())
     greedy = SamplingArgs(max_new_tokens=max_new_tokens, temperature=0)
-    replies = generate_replies(model, tokenizer, [c[:-1] for c in conversations], greedy, batch_size=batch_size)
+    replies = generate_replies(model, tokenizer, [c[:-1] for c in conversations], greedy, batch_size=batch_size,
+                               progress=f"{label} replies".strip())
     scores = [text_scores(r.text, c[-1]["content"]) for r, c in zip(replies, conversations)]
     n = len(conversations)
     results = {"eval_loss": round(loss, 4), "perplexity": round(math.exp(min(loss, 50)), 3),
                **{k: round(sum(s[k] for s in scores) / n, 4) for k in ("rouge_1", "rouge_2", "rouge_l", "bleu_4")},
                "stop_rate": round(sum(r.finish_reason == "stop" for r in replies) / n, 4),
-               "mean_new_tokens": round(sum(r.new_tokens for r in replies) / n, 2), "n": n}
+               "mean_new_tokens": round(sum(r.new_tokens for r in replies) / n, 2), "max_new_tokens": max_new_tokens,
+               "n": n}
     return results, replies
 
 
@@ -77,6 +84,9 @@ def load_conversations(data: str | None, run_dir: Path | None, tokenizer) -> lis
                         enabled=False)
     if result.rejected:
         print(f"eval: {len(result.rejected)} of {result.rows_read} rows left out: {result.reasons()}")
+    if not result.kept:
+        raise UserError(f"--data {data}: no conversation to evaluate ({result.rows_read} rows read, all left out: "
+                        f"{result.reasons()})")
     return [kept.messages for kept in result.kept]
 
 
@@ -85,10 +95,10 @@ def comparison_markdown(results: dict, samples: list[dict], limit: int = 10) -> 
     sides = [side for side in ("base", "tuned") if side in results]
     header = "| metric | " + " | ".join(sides) + (" | change |" if len(sides) == 2 else " |")
     lines += [header, "|" + " --- |" * (len(sides) + 1 + (len(sides) == 2))]
-    for metric in METRICS + ("n",):
-        values = [results[side][metric] for side in sides]
+    for metric in METRICS + SETTINGS:
+        values = [results[side].get(metric, "") for side in sides]
         row = f"| {metric} | " + " | ".join(str(v) for v in values)
-        if len(sides) == 2 and metric != "n":
+        if len(sides) == 2 and metric not in SETTINGS:
             delta = values[1] - values[0]
             better = (delta > 0) == (metric in HIGHER_IS_BETTER) and delta != 0
             row += f" | {delta:+.4g}{' ✓' if better else ''}"
@@ -107,8 +117,8 @@ def table_text(results: dict) -> str:
     """The before/after table for the terminal."""
     sides = [side for side in ("base", "tuned") if side in results]
     lines = [f"{'metric':16s}" + "".join(f"{side:>12s}" for side in sides)]
-    for metric in METRICS + ("n",):
-        lines.append(f"{metric:16s}" + "".join(f"{results[side][metric]:>12}" for side in sides))
+    for metric in METRICS + SETTINGS:
+        lines.append(f"{metric:16s}" + "".join(f"{results[side].get(metric, ''):>12}" for side in sides))
     return "\n".join(lines)
 
 
@@ -124,20 +134,27 @@ def run_eval(model: str | None, adapter: str | None, data: str | None, compare_b
     run_dir = Path(adapter or model)
     if output is None and not run_dir.is_dir():
         raise UserError(f"{adapter or model} is not a run folder: pass --output DIR for the results")
+    # the data first: a file with nothing usable is an error before a (possibly 9B) model is loaded
+    conversations = load_conversations(data, run_dir if run_dir.is_dir() else None, inference_tokenizer(model, adapter))
     tuned, tokenizer = load_for_inference(model, adapter)
-    conversations = load_conversations(data, run_dir if run_dir.is_dir() else None, tokenizer)
     results, replies = {}, {}
-    results["tuned"], replies["tuned"] = evaluate(tuned, tokenizer, conversations, max_new_tokens, batch_size)
+    results["tuned"], replies["tuned"] = evaluate(tuned, tokenizer, conversations, max_new_tokens, batch_size, "tuned")
     if compare_base:
         # loaded afresh: PeftModel.unload() would keep trained modules_to_save copies (e.g. lm_head)
         del tuned
         from sftlab.model.load import adapter_base
 
         base, _ = load_for_inference(model or adapter_base(Path(adapter)))
-        results["base"], replies["base"] = evaluate(base, tokenizer, conversations, max_new_tokens, batch_size)
-    out = Path(output) if output else run_dir / "eval"
+        results["base"], replies["base"] = evaluate(base, tokenizer, conversations, max_new_tokens, batch_size, "base")
+    out = Path(output) if output else eval_folder(run_dir, data)
     write_eval(out, {k: results[k] for k in ("base", "tuned") if k in results}, with_replies(conversations, replies))
     return out
+
+
+def eval_folder(run_dir: Path, data: str | None) -> Path:
+    """RUN/eval for the run's own held-out split; RUN/eval/<data file stem> for any other data, so an
+    evaluation on other data never replaces the held-out results."""
+    return run_dir / "eval" if data is None else run_dir / "eval" / Path(data).stem
 
 
 def with_replies(conversations: list[list[dict]], replies: dict[str, list]) -> list[dict]:
@@ -161,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Also evaluate the base model, and write a side-by-side.")
     p.add_argument("--max_new_tokens", type=int, default=256)
     p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--output", help="Output folder (default: RUN/eval).")
+    p.add_argument("--output", help="Output folder (default: RUN/eval, or RUN/eval/<data file stem> with --data).")
     return p
 
 
@@ -175,7 +192,7 @@ def main(argv: list[str]) -> int:
     print(table_text(results))
     print(f"\nwrote {out}/results.json, report.md, samples.jsonl")
     run_dir = Path(args.adapter or args.model)
-    if (run_dir / "trainer_state.json").exists():
+    if args.data is None and args.output is None and (run_dir / "trainer_state.json").exists():
         from sftlab.eval.run_report import write_run_report
 
         write_run_report(run_dir)

@@ -4,6 +4,7 @@ GLM-4's stop tokens, returns only the new tokens."""
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from sftlab.chat_format import ChatRenderer, stop_token_ids
 
@@ -64,17 +65,38 @@ def split_reply(tokenizer, new_ids: list[int], stop_ids: list[int]) -> Reply:
     return Reply(decode_complete(tokenizer, new_ids).strip(), "length", len(new_ids))
 
 
+class TokenProgress:
+    """A generate() streamer that moves a progress bar by one step per new token (one conversation)."""
+
+    def __init__(self, total: int, desc: str):
+        self.bar, self.prompt_seen = tqdm(total=total, desc=desc, unit="token", leave=False), False
+
+    def put(self, value):
+        if self.prompt_seen:  # generate() first hands the streamer the prompt
+            self.bar.update(1)
+        self.prompt_seen = True
+
+    def end(self):
+        self.bar.close()
+
+
 @torch.no_grad()
 def generate_replies(model, tokenizer, conversations: list[list[dict]], sampling: SamplingArgs,
-                     batch_size: int = 16, streamer=None) -> list[Reply]:
-    """Replies to each conversation (the last message is the user's). Runs in eval mode, then restores."""
+                     batch_size: int = 16, streamer=None, progress: str | None = None) -> list[Reply]:
+    """Replies to each conversation (the last message is the user's). Runs in eval mode, then restores.
+    `progress`: a description for a progress bar (per batch, or per token for one conversation)."""
     renderer = ChatRenderer(tokenizer)
     stop_ids = stop_token_ids(tokenizer)
     was_training = model.training
     model.eval()
     replies = []
+    starts = range(0, len(conversations), batch_size)
+    if progress and len(conversations) == 1 and streamer is None:
+        streamer = TokenProgress(sampling.max_new_tokens, progress)
+    elif progress:
+        starts = tqdm(starts, desc=progress, unit="batch", leave=False)
     try:
-        for start in range(0, len(conversations), batch_size):
+        for start in starts:
             prompts = [renderer.prompt_ids(c) for c in conversations[start:start + batch_size]]
             ids, mask = left_pad(prompts, tokenizer.pad_token_id, model.device)
             out = model.generate(

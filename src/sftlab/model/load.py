@@ -134,18 +134,27 @@ def best_device_and_dtype():
     return "cpu", "float32"
 
 
-def load_for_inference(model: str | None = None, adapter: str | None = None, device: str | None = None,
-                       dtype: str | None = None, trust_remote_code: bool = False):
-    """(model, tokenizer) for chat and evaluation: the base from `model` or from the adapter's record."""
+def inference_paths(model: str | None = None, adapter: str | None = None) -> tuple[Path, Path]:
+    """(base model folder, tokenizer folder) for chat and evaluation: the base from `model` or from the
+    adapter's record; the tokenizer saved with a training run, which carries the template it was trained with."""
     if model is None and adapter is None:
         raise UserError("pass --model PATH, or --adapter DIR (its base model is read from it)")
     if adapter is not None and not Path(adapter).is_dir():
         raise UserError(f"adapter path {adapter} does not exist")
-    base_name = model or adapter_base(Path(adapter))
-    auto_device, auto_dtype = best_device_and_dtype()
-    base_path = resolve_model_path(base_name)
-    # the tokenizer saved with a training run carries the template it was trained with: prefer it
+    base_path = resolve_model_path(model or adapter_base(Path(adapter)))
     tokenizer_dir = Path(adapter) if adapter and (Path(adapter) / "tokenizer_config.json").exists() else base_path
+    return base_path, tokenizer_dir
+
+
+def inference_tokenizer(model: str | None = None, adapter: str | None = None, trust_remote_code: bool = False):
+    return load_tokenizer(inference_paths(model, adapter)[1], trust_remote_code)
+
+
+def load_for_inference(model: str | None = None, adapter: str | None = None, device: str | None = None,
+                       dtype: str | None = None, trust_remote_code: bool = False):
+    """(model, tokenizer) for chat and evaluation: the base from `model` or from the adapter's record."""
+    base_path, tokenizer_dir = inference_paths(model, adapter)
+    auto_device, auto_dtype = best_device_and_dtype()
     tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code)
     net = load_model(base_path, dtype or auto_dtype, trust_remote_code, device=device or auto_device)
     if adapter is not None:

@@ -79,12 +79,16 @@ class TrainConfig(SFTConfig):
         default_factory=lambda: list(DEFAULT_PROBES),
         metadata={"help": "Prompts answered (greedy) at every save, logged to predictions.jsonl and SwanLab."},
     )
-    probe_max_new_tokens: int = field(default=128, metadata={"help": "Max new tokens per probe reply."})
+    probe_max_new_tokens: int | None = field(
+        default=None, metadata={"help": "Max new tokens per probe reply. None: from the data (reply_limit)."}
+    )
     final_eval_samples: int = field(
         default=200, metadata={"help": "Held-out conversations evaluated after training (eval/results.json); 0: none."}
     )
-    final_eval_max_new_tokens: int = field(
-        default=256, metadata={"help": "Max new tokens per reply in that evaluation."}
+    final_eval_max_new_tokens: int | None = field(
+        default=None, metadata={"help": "Max new tokens per reply in that evaluation. None: twice the 99th "
+                                "percentile of the training replies' length (at least 32, at most 1024), so a "
+                                "correct reply is not counted as 'did not stop' for being long."}
     )
     max_tokens_per_batch: int | None = field(
         default=8192, metadata={"help": "Token budget of one micro-batch: samples are grouped by length so each "
@@ -186,6 +190,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, clean_args: Clea
     print(data.summary())
     if not data.train:
         raise UserError(f"no training samples left from {', '.join(data_args.data_files)} ({data.summary()})")
+    set_reply_limits(train_args, data.report)
     is_main = train_args.process_index == 0
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -227,6 +232,23 @@ def train(model_args: ModelArguments, data_args: DataArguments, clean_args: Clea
         if "swanlab" in reports and is_main:
             finish_swanlab()
     return out
+
+
+def reply_limit(report: dict) -> int:
+    """Twice the 99th percentile of the training replies' token length, within [32, 1024]."""
+    p99 = report.get("tokens", {}).get("response", {}).get("p99") or 128
+    return max(32, min(1024, 2 * int(p99)))
+
+
+def set_reply_limits(train_args: TrainConfig, report: dict) -> None:
+    """Fills the probe and final-evaluation generation limits the config left unset, from the data."""
+    limit = reply_limit(report)
+    unset = [name for name in ("probe_max_new_tokens", "final_eval_max_new_tokens") if getattr(train_args, name) is None]
+    for name in unset:
+        setattr(train_args, name, limit)
+    if unset and train_args.process_index == 0:
+        print(f"replies in probes and the final evaluation: up to {limit} new tokens (twice the p99 reply length "
+              f"of the training data; set {' / '.join(unset)} to change it)")
 
 
 class SftlabTrainer(SFTTrainer):
@@ -284,7 +306,8 @@ def finish_run(trainer, tokenizer, out: Path, model_args, data_args, clean_args,
     append_jsonl(out / "predictions.jsonl", final)
     conversations = data.test_messages[:train_args.final_eval_samples]
     if conversations:
-        results, replies = evaluate(trainer.model, tokenizer, conversations, train_args.final_eval_max_new_tokens)
+        results, replies = evaluate(trainer.model, tokenizer, conversations, train_args.final_eval_max_new_tokens,
+                                    label="held-out")
         write_eval(out / "eval", {"tuned": results}, with_replies(conversations, {"tuned": replies}))
         print(f"\nHeld-out evaluation ({len(conversations)} conversations):\n{table_text({'tuned': results})}")
     write_run_report(out)
