@@ -7,14 +7,22 @@ BIN := $(VENV)/bin
 DEMO_OUT := output/demo
 IDENTITY := "你是谁？" "你叫什么名字？" "Who are you?"
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-quick bench clean
+
+# The torch choice is part of what setup checks: another TORCH=... gets its own stamp, so it is installed.
+TORCH_STAMP := $(VENV)/.torch-$(shell printf '%s' '$(TORCH)' | cksum | cut -d' ' -f1)
 
 setup: $(VENV)/.installed
+	@echo "sftlab is installed in $(VENV): run 'source $(VENV)/bin/activate' to use the sftlab command"
 
-$(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+$(TORCH_STAMP):
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
+	rm -f $(VENV)/.torch-*
+	touch $@
+
+$(VENV)/.installed: pyproject.toml $(TORCH_STAMP)
 	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $@
 
@@ -30,6 +38,9 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+test-quick: setup
+	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: setup
 	$(BIN)/python benchmarks/data_pipeline.py

@@ -4,7 +4,7 @@ the only module that imports trl."""
 
 from dataclasses import dataclass, field
 
-from sftlab.model.tiny import TINY_MODEL_NAME
+from sftlab.environment import TINY_MODEL_NAME
 
 
 @dataclass

@@ -4,7 +4,7 @@ import pytest
 
 from sftlab.errors import UserError
 from sftlab.model.load import adapter_base, load_tokenizer, resolve_model_path
-from sftlab.model.tiny import TINY_MODEL_NAME
+from sftlab.environment import TINY_MODEL_NAME
 
 
 def test_tiny_name_resolves(tiny_model_dir):

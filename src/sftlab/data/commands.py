@@ -18,7 +18,7 @@ from sftlab.data.prepare import read_all
 from sftlab.data.report import build_report, length_stats, summary_line, write_clean_outputs
 from sftlab.errors import UserError
 from sftlab.model.load import load_tokenizer, resolve_model_path
-from sftlab.model.tiny import TINY_MODEL_NAME
+from sftlab.environment import TINY_MODEL_NAME
 
 
 def add_common(parser: argparse.ArgumentParser) -> None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from sftlab.environment import hub_offline
 from sftlab.errors import UserError
 
 DEMO_DATA = "sftlab:demo"  # the demo data shipped in the package
@@ -132,7 +133,6 @@ def _drop_nulls(row: dict) -> dict:
 
 
 def read_hub_dataset(dataset_id: str) -> list[SourceRow]:
-    from sftlab.model.load import hub_offline
 
     if hub_offline():
         raise UserError(f"{dataset_id} is a Hub dataset id, and the Hub is offline (HF_HUB_OFFLINE=1): download it "

@@ -20,7 +20,7 @@ from sftlab.data import clean, convert, load
 from sftlab.data.clean import clean_rows
 from sftlab.data.load import expand_inputs, read_source
 from sftlab.data.report import build_report, summary_line
-from sftlab.model.tiny import cache_root
+from sftlab.environment import cache_root
 
 
 @dataclass

@@ -7,6 +7,7 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
+from sftlab.eval.tables import table_text
 from sftlab.files import write_atomic
 
 LIBRARIES = ("sftlab", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "swanlab", "tokenizers")
@@ -75,8 +76,6 @@ def write_run_report(run_dir: Path) -> Path:
     speed = {**throughput(state, logs), "peak_memory_mb": manifest.get("peak_memory_mb")}
     lines += [f"- {key}: {value}" for key, value in speed.items() if value is not None] + [""]
     if results:
-        from sftlab.eval.evaluate import table_text
-
         lines += ["## Evaluation (held-out split)", "", "```", table_text(results), "```",
                   "", "Replies side by side: eval/report.md", ""]
     predictions = read_jsonl(run_dir / "predictions.jsonl")

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from sftlab.errors import UserError
 from sftlab.model import attention  # noqa: F401  registers sdpa_varlen with transformers
-from sftlab.model.tiny import TINY_MODEL_NAME, ensure_tiny_model, glm4_chat_template
+from sftlab.environment import TINY_MODEL_NAME, hub_offline
+from sftlab.model.tiny import ensure_tiny_model, glm4_chat_template
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -31,11 +32,6 @@ def resolve_model_path(name_or_path: str) -> Path:
             f"THUDM/glm-4-9b-hf, or {TINY_MODEL_NAME}"
         )
     return download_from_hub(name_or_path)
-
-
-def hub_offline() -> bool:
-    """HF_HUB_OFFLINE read at call time (huggingface_hub reads it once, at import)."""
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
 
 
 def download_from_hub(repo_id: str) -> Path:

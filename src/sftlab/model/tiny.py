@@ -14,7 +14,8 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
-TINY_MODEL_NAME = "sftlab:tiny-glm4"
+from sftlab.environment import cache_root
+
 TINY_VERSION = "v1"  # bump when the build below changes, so old caches are not reused
 
 GLM4_SPECIAL_TOKENS = [
@@ -27,10 +28,6 @@ TINY_ARCH = dict(
     num_key_value_heads=2, head_dim=32, partial_rotary_factor=0.5, attention_bias=True,
     rms_norm_eps=1.5625e-07, rope_theta=10000.0, max_position_embeddings=4096, tie_word_embeddings=False,
 )
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("SFTLAB_HOME", Path.home() / ".cache" / "sftlab"))
 
 
 def glm4_chat_template() -> str:

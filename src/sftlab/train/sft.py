@@ -293,7 +293,8 @@ def forget_after(out: Path, step: int) -> None:
 
 def finish_run(trainer, tokenizer, out: Path, model_args, data_args, clean_args, train_args, data) -> None:
     """After training, on the main process: final weights, probe replies, held-out evaluation, report."""
-    from sftlab.eval.evaluate import evaluate, table_text, with_replies, write_eval
+    from sftlab.eval.evaluate import evaluate, with_replies, write_eval
+    from sftlab.eval.tables import table_text
     from sftlab.eval.run_report import peak_memory_mb, write_manifest, write_run_report
 
     save_final(trainer, tokenizer, out, model_args)
