@@ -37,6 +37,7 @@ demo: setup
 	@$(BIN)/sftlab eval --adapter $(DEMO_OUT) --compare-base --max_new_tokens 64 2>/dev/null
 
 test: setup
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 test-quick: setup

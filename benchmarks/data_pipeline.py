@@ -35,7 +35,7 @@ def text(rng: random.Random, n_chars: int) -> str:
 def make_rows(n: int, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     rows = []
-    for i in range(n):
+    for _ in range(n):
         if rows and rng.random() < 0.03:  # exact or near duplicate of an earlier row
             twin = dict(rng.choice(rows))
             if rng.random() < 0.5:

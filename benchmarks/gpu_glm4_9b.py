@@ -81,9 +81,8 @@ def run(arch, device, dtype, lora_targets, lora_r, fast, checkpointing, warmup, 
     """One epoch over `data`; the clock starts after `warmup` micro-batches."""
     from peft import LoraConfig, get_peft_model
 
-    from sftlab.train.loss import add_supervised_lm_head
-
     from sftlab.train.batching import resolve_padding_free, training_attention
+    from sftlab.train.loss import add_supervised_lm_head
 
     # sftlab's own choice: FlashAttention-2 where flash_attn is installed, else sdpa_varlen; padding-free with either
     attention = (training_attention(None, None) if fast else None) or "sdpa"
@@ -94,7 +93,7 @@ def run(arch, device, dtype, lora_targets, lora_r, fast, checkpointing, warmup, 
     model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.1,
                                              target_modules=lora_targets, task_type="CAUSAL_LM"))
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -143,7 +142,8 @@ def main(argv=None):
           f"{statistics.mean(len(s['input_ids']) for s in data):.0f} tokens, per configuration; the clock starts "
           f"after {args.warmup} micro-batches")
     rows = []
-    for lora_name, targets, r in (("r=8 q/k/v", ["q_proj", "k_proj", "v_proj"], 8), ("r=16 all-linear", "all-linear", 16)):
+    loras = (("r=8 q/k/v", ["q_proj", "k_proj", "v_proj"], 8), ("r=16 all-linear", "all-linear", 16))
+    for lora_name, targets, r in loras:
         tutorial = run(arch, device, dtype, targets, r, False, True, args.warmup, args.max_tokens_per_batch, data)
         rows.append((lora_name, "tutorial (batch 2 padded, full logits, ckpt)", True, tutorial, tutorial))
         for checkpointing in (True, False):
@@ -152,7 +152,8 @@ def main(argv=None):
             name = (f"sftlab ({'padding-free' if best['padding_free'] else 'length-grouped'} {best['attention']}, "
                     f"{args.max_tokens_per_batch} tokens, supervised head, {'ckpt' if checkpointing else 'no ckpt'})")
             rows.append((lora_name, name, checkpointing, best, tutorial))
-    print("\n| LoRA | configuration | tokens/s | MFU | peak memory | vs tutorial |\n| --- | --- | ---: | ---: | ---: | ---: |")
+    print("\n| LoRA | configuration | tokens/s | MFU | peak memory | vs tutorial |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
     for lora_name, name, checkpointing, result, tutorial in rows:
         mfu = result["tokens_per_s"] * GFLOP_PER_TOKEN[checkpointing] * 1e9 / (PEAK_TFLOPS * 1e12)
         mfu, peak = ("n/a", "n/a") if args.tiny else (f"{mfu:.1%}", f"{result['peak_gib']:.1f} GiB")

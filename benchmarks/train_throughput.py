@@ -135,7 +135,8 @@ def run_sftlab(data_file: str, out: str, variant: str) -> float:
     from sftlab.train.sft import parse_args, train
 
     extra = {"b": [], "c": FAST, "d": FAST[2:] + ["--padding_free", "false"],
-             "e": FAST + ["--activation_checkpointing", "false"], "f": FAST + ["--attn_implementation", "sdpa"]}[variant]
+             "e": FAST + ["--activation_checkpointing", "false"],
+             "f": FAST + ["--attn_implementation", "sdpa"]}[variant]
     args = parse_args([
         "--config", str(REPO / "configs/glm4-9b-lora.yaml"), "--model_name_or_path", "sftlab:tiny-glm4",
         "--dtype", "float32", "--bf16", "false", "--bf16_full_eval", "false", "--data_files", data_file,
@@ -202,8 +203,10 @@ def main() -> None:
             runs[v].append(r)
             print(f"  round {repeat + 1} ({v}): {r['real'] / r['seconds']:,.0f} tokens/s, {r['seconds']:.1f} s",
                   flush=True)
-    print(f"\nmedian of {args.repeats} (wall {time.time() - start:.0f} s; load average after: {os.getloadavg()[0]:.2f})")
-    print(f"| variant | real tokens/s | samples/s | padding | peak RSS | vs (a) |\n| --- | ---: | ---: | ---: | ---: | ---: |")
+    print(f"\nmedian of {args.repeats} (wall {time.time() - start:.0f} s; "
+          f"load average after: {os.getloadavg()[0]:.2f})")
+    print("| variant | real tokens/s | samples/s | padding | peak RSS | vs (a) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
     baseline = statistics.median(r["real"] / r["seconds"] for r in runs[variants[0]])
     for v in variants:
         speed = statistics.median(r["real"] / r["seconds"] for r in runs[v])

@@ -3,7 +3,12 @@
 import pytest
 
 from sftlab.chat_format import (
-    IGNORE_INDEX, ChatRenderer, MessageError, SampleTooLong, mark_supervised, stop_token_ids,
+    IGNORE_INDEX,
+    ChatRenderer,
+    MessageError,
+    SampleTooLong,
+    mark_supervised,
+    stop_token_ids,
 )
 from sftlab.data.convert import alpaca_to_messages
 

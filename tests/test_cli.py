@@ -121,3 +121,24 @@ def test_eval_on_a_data_file_with_a_model_name_needs_an_output(tmp_path, capsys)
     assert "eval: 1 of 2 rows left out: {'empty_instruction': 1}" in result.stdout
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert list(results) == ["tuned"] and results["tuned"]["n"] == 1 and results["tuned"]["mean_new_tokens"] == 4
+
+
+def test_data_clean_takes_a_yaml_config_flags_win_and_choices_come_from_one_place(tmp_path, capsys):
+    config = tmp_path / "clean.yaml"
+    config.write_text("near_dedup: false\nboilerplate: []\nmin_response_chars: 1000\n")
+    result = sftlab("data", "clean", "sftlab:demo", "--output", str(tmp_path / "a"), "--config", str(config),
+                    "--min_response_chars", "1", capsys=capsys)
+    assert result.returncode == 0 and "177 kept" in result.stdout  # the flag beat the YAML's 1000
+    config.write_text("data_format: yaml\n")
+    result = sftlab("data", "clean", "sftlab:demo", "--output", str(tmp_path / "b"), "--config", str(config),
+                    capsys=capsys)
+    assert result.returncode == 2 and "data_format: 'yaml' is not one of auto, alpaca, sharegpt, openai, " \
+                                      "prompt_completion" in result.stderr
+    config.write_text("near_dedupe: false\n")
+    result = sftlab("data", "clean", "sftlab:demo", "--output", str(tmp_path / "c"), "--config", str(config),
+                    capsys=capsys)
+    assert result.returncode == 2 and "unknown config key(s): near_dedupe" in result.stderr
+    bad_train = tmp_path / "train.yaml"
+    bad_train.write_text("model_name_or_path: sftlab:tiny-glm4\nbf16: false\ndtype: float8\n")
+    result = sftlab("train", "--config", str(bad_train), capsys=capsys)
+    assert result.returncode == 2 and "dtype: 'float8' is not one of auto, bfloat16, float16, float32" in result.stderr

@@ -141,16 +141,15 @@ class ChatRenderer:
         validate_messages(messages, for_training=False)
         return self.encode(self.render_text(messages, add_generation_prompt=True))
 
-    def render(self, messages: list[dict], fit: bool = True) -> RenderedSample:
-        """Ids and labels for a training conversation; raises MessageError, or SampleTooLong when `fit` is on
-        and the sample is over max_length (fit=False returns it whole, for length statistics)."""
+    def render(self, messages: list[dict]) -> RenderedSample:
+        """Ids and labels for a training conversation, fitted to max_length; raises MessageError, or
+        SampleTooLong for a sample over max_length that cannot be kept."""
         pieces = self.pieces(messages)
-        sample = self.assemble(pieces, [self.encode(text) for text, _ in pieces])
-        return self.fit(sample) if fit else sample
+        return self.fit(self.assemble(pieces, [self.encode(text) for text, _ in pieces]))
 
     def render_batch(self, conversations: list[list[dict]]) -> list:
-        """render(c, fit=False) for each conversation, tokenized in one batch; a MessageError in place of a
-        conversation that cannot be rendered."""
+        """Each conversation's whole sample (before max_length, for length statistics; the caller fits it),
+        tokenized in one batch; a MessageError in place of a conversation that cannot be rendered."""
         all_pieces = []
         for messages in conversations:
             try:

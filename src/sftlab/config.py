@@ -2,9 +2,52 @@
 so the tutorial's YAML files keep working. The training config (SFTConfig subclass) lives in train/sft.py,
 the only module that imports trl."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Literal, get_args, get_origin
+
+import yaml
 
 from sftlab.environment import TINY_MODEL_NAME
+from sftlab.errors import UserError
+
+# Each choice is declared once, as the field's type: the parser lists it, check_choices enforces it (YAML
+# values become parser defaults, which argparse does not check against its choices).
+Dtype = Literal["auto", "bfloat16", "float16", "float32"]
+Overflow = Literal["drop", "truncate"]
+DataFormat = Literal["auto", "alpaca", "sharegpt", "openai", "prompt_completion"]
+
+
+def check_choices(config) -> None:
+    """Raises ValueError naming the field and its allowed values for a value outside a Literal field's."""
+    for f in fields(config):
+        if get_origin(f.type) is Literal and getattr(config, f.name) not in get_args(f.type):
+            allowed = ", ".join(get_args(f.type))
+            raise ValueError(f"{f.name}: {getattr(config, f.name)!r} is not one of {allowed}")
+
+
+def parse_with_config(parser, argv: list[str]) -> tuple:
+    """`--config FILE.yaml` then flags, which win: TrlParser's convention, for the verbs outside train/ (which
+    alone imports trl). Unknown keys and bad values are one-line errors."""
+    argv = list(argv)
+    if "--config" in argv:
+        at = argv.index("--config")
+        path = argv[at + 1] if at + 1 < len(argv) else ""
+        del argv[at:at + 2]
+        if not Path(path).is_file():
+            raise UserError(f"config file {path or '(missing)'} does not exist")
+        values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        if not isinstance(values, dict):
+            raise UserError(f"{path}: expected a mapping of field: value, got a {type(values).__name__}")
+        known = {action.dest for action in parser._actions}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UserError(f"{path}: unknown config key(s): {', '.join(unknown)}")
+        parser.set_defaults(**values)
+    try:
+        return parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as exc:
+        raise UserError(str(exc).splitlines()[0]) from exc
 
 
 @dataclass
@@ -13,10 +56,7 @@ class ModelArguments:
         default="./weights/glm-4-9b-hf",
         metadata={"help": f"Local model folder, a Hub id (needs network), or {TINY_MODEL_NAME} (built locally)."},
     )
-    dtype: str = field(
-        default="bfloat16",
-        metadata={"help": "Weights dtype when loading.", "choices": ["auto", "bfloat16", "float16", "float32"]},
-    )
+    dtype: Dtype = field(default="bfloat16", metadata={"help": "Weights dtype when loading."})
     attn_implementation: str | None = field(
         default=None,
         metadata={"help": "Attention kernel: eager, sdpa, sdpa_varlen (sftlab's: sdpa per sample of a padding-free "
@@ -40,8 +80,7 @@ class ModelArguments:
     )
 
     def __post_init__(self):
-        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
-            raise ValueError(f"dtype: {self.dtype!r} is not one of auto, bfloat16, float16, float32")
+        check_choices(self)
         if self.lora_r <= 0:
             raise ValueError(f"lora_r: must be positive, got {self.lora_r}")
 
@@ -61,10 +100,9 @@ class DataArguments:
     system_prompt: str | None = field(
         default=None, metadata={"help": "System message put before rows that have no system field of their own."}
     )
-    overflow: str = field(
-        default="drop",
-        metadata={"help": "Samples over max_length: drop (counted) or truncate (part of the answer and its "
-                  "terminator kept).", "choices": ["drop", "truncate"]},
+    overflow: Overflow = field(
+        default="drop", metadata={"help": "Samples over max_length: drop (counted) or truncate (part of the answer "
+                                  "and its terminator kept)."},
     )
 
     def __post_init__(self):
@@ -72,8 +110,7 @@ class DataArguments:
             self.data_files = [self.data_files]
         if not 0 <= self.test_size < 1:
             raise ValueError(f"test_size: must be in [0, 1), got {self.test_size}")
-        if self.overflow not in ("drop", "truncate"):
-            raise ValueError(f"overflow: {self.overflow!r} is not one of drop, truncate")
+        check_choices(self)
 
 
 DEFAULT_BOILERPLATE = ["作为一个AI语言模型", "作为一个人工智能语言模型", "As an AI language model"]  # case-insensitive
@@ -84,9 +121,8 @@ class CleanArguments:
     """The cleaning stage: `sftlab data clean`, and `sftlab train` before it tokenizes."""
 
     clean: bool = field(default=True, metadata={"help": "Run the cleaning filters before training (train only)."})
-    data_format: str = field(
-        default="auto", metadata={"help": "Row format, or auto to detect it per file.",
-                                  "choices": ["auto", "alpaca", "sharegpt", "openai", "prompt_completion"]},
+    data_format: DataFormat = field(
+        default="auto", metadata={"help": "Row format, or auto to detect it per file.", "aliases": ["--format"]},
     )
     near_dedup: bool = field(default=True, metadata={"help": "Drop near-duplicate rows (MinHash/LSH)."})
     near_dedup_threshold: float = field(
@@ -108,8 +144,6 @@ class CleanArguments:
     def __post_init__(self):
         if not 0 < self.near_dedup_threshold <= 1:
             raise ValueError(f"near_dedup_threshold: must be in (0, 1], got {self.near_dedup_threshold}")
-        if self.data_format not in ("auto", "alpaca", "sharegpt", "openai", "prompt_completion"):
-            raise ValueError(f"data_format: {self.data_format!r} is not one of auto, alpaca, sharegpt, openai, "
-                             "prompt_completion")
+        check_choices(self)
         if self.boilerplate == ["none"]:
             self.boilerplate = []

@@ -2,9 +2,9 @@ import json
 
 import pytest
 
+from sftlab.environment import TINY_MODEL_NAME
 from sftlab.errors import UserError
 from sftlab.model.load import adapter_base, load_tokenizer, resolve_model_path
-from sftlab.environment import TINY_MODEL_NAME
 
 
 def test_tiny_name_resolves(tiny_model_dir):

@@ -39,7 +39,7 @@ def test_activation_arithmetic_matches_what_autograd_keeps(tiny_model_dir):
         add_supervised_lm_head(base)
         model = get_peft_model(base, LoraConfig(r=8, target_modules=["q_proj", "k_proj", "v_proj"], lora_dropout=0.1))
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
         model.train()
         measured[checkpointing] = saved_activation_bytes(model, batch)

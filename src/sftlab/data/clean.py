@@ -22,8 +22,8 @@ import hashlib
 import multiprocessing as mp
 import os
 import re
-from concurrent.futures import ProcessPoolExecutor
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -241,7 +241,7 @@ class RowChecker:
         try:
             return to_messages(source_row.row, row_format, self.system_prompt)
         except FieldError as exc:
-            raise _Reject("malformed_record", str(exc))
+            raise _Reject("malformed_record", str(exc)) from exc
 
     def _check_structure(self, messages: list[dict]) -> None:
         for message in messages:
@@ -252,7 +252,7 @@ class RowChecker:
         try:
             validate_messages(messages)
         except MessageError as exc:
-            raise _Reject("role_order", str(exc))
+            raise _Reject("role_order", str(exc)) from exc
 
     def _check_content(self, messages: list[dict]) -> str:
         """The text filters; returns the normalized text that duplicates are found on."""
@@ -298,7 +298,7 @@ class Cleaner:
             except _Reject as reject:
                 if self.config.strict and reject.reason in MALFORMED:
                     raise UserError(f"{source_row.source}:{source_row.line}: {reject.reason}: {reject.detail} "
-                                    "(--strict)")
+                                    "(--strict)") from reject
                 self.result.rejected.append(Rejected(source_row.source, source_row.line, reject.reason,
                                                      reject.detail, source_row.row))
 
@@ -319,7 +319,7 @@ class Cleaner:
         try:
             return Kept(source_row.source, source_row.line, messages, self.renderer.fit(sample))
         except SampleTooLong as exc:
-            raise _Reject("too_long", str(exc))
+            raise _Reject("too_long", str(exc)) from exc
 
 
 class _Reject(Exception):

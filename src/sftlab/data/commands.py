@@ -1,107 +1,83 @@
 """`sftlab data clean` and `sftlab data inspect`: the cleaning stage on its own, and a look at a data file
 as the model will see it."""
 
-import argparse
 import json
 from collections import Counter
-from dataclasses import fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
+from transformers import HfArgumentParser
 
 from sftlab.chat_format import ChatRenderer, mark_supervised
-from sftlab.config import CleanArguments
+from sftlab.config import CleanArguments, Overflow, check_choices, parse_with_config
 from sftlab.data.clean import clean_rows
 from sftlab.data.convert import detect_format
 from sftlab.data.load import expand_inputs, read_source
 from sftlab.data.prepare import read_all
 from sftlab.data.report import build_report, length_stats, summary_line, write_clean_outputs
-from sftlab.errors import UserError
-from sftlab.model.load import load_tokenizer, resolve_model_path
 from sftlab.environment import TINY_MODEL_NAME
+from sftlab.model.load import load_tokenizer, resolve_model_path
 
 
-def add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=TINY_MODEL_NAME,
-                        help="Model whose tokenizer and chat template measure lengths (default: the tiny GLM-4, "
-                             "whose tokenizer is not GLM-4-9B's: pass ./weights/glm-4-9b-hf for real counts).")
-    parser.add_argument("--max_length", type=int, default=512, help="Token limit (template included).")
-    parser.add_argument("--overflow", choices=["drop", "truncate"], default="drop",
-                        help="Samples over max_length: drop, or truncate keeping part of the answer.")
-    parser.add_argument("--system_prompt", help="System message for rows without one.")
+@dataclass
+class RenderArguments:
+    """How `data clean` and `data inspect` render rows: the model's tokenizer and template, and the limit."""
+
+    model: str = field(
+        default=TINY_MODEL_NAME,
+        metadata={"help": "Model whose tokenizer and chat template measure lengths (default: the tiny GLM-4, whose "
+                  "tokenizer is not GLM-4-9B's: pass ./weights/glm-4-9b-hf for real counts)."},
+    )
+    max_length: int = field(default=512, metadata={"help": "Token limit (template included)."})
+    overflow: Overflow = field(
+        default="drop", metadata={"help": "Samples over max_length: drop, or truncate keeping part of the answer."}
+    )
+    system_prompt: str | None = field(default=None, metadata={"help": "System message for rows without one."})
+
+    def __post_init__(self):
+        check_choices(self)
 
 
-def clean_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sftlab data clean", description="Clean data files and report what was wrong.")
-    p.add_argument("inputs", nargs="+", help="Files (.json .jsonl .parquet .csv), globs, or a Hub dataset id.")
-    p.add_argument("--output", required=True, help="Folder for clean.jsonl, rejected.jsonl, report.json/.md.")
-    p.add_argument("--config", help="YAML with cleaning fields (as below); flags win.")
-    add_common(p)
-    for f in fields(CleanArguments):
-        if f.name == "clean":
-            continue
-        help_text = f.metadata.get("help", "")
-        if f.type == bool or f.type == "bool":
-            p.add_argument(f"--{f.name}", type=_bool, default=None, help=help_text)
-        elif f.name == "boilerplate":
-            p.add_argument("--boilerplate", nargs="*", default=None, help=help_text)
-        else:
-            p.add_argument(f"--{f.name}", type=type(f.default), default=None, help=help_text)
-    p.add_argument("--format", dest="data_format", default=None, help="Alias of --data_format.")
-    return p
+@dataclass
+class CleanOutput:
+    output: str = field(metadata={"help": "Folder for clean.jsonl, rejected.jsonl, report.json/.md."})
 
 
-def _bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+@dataclass
+class InspectArguments:
+    num_records: int = field(default=3, metadata={"help": "Records to render.", "aliases": ["-n"]})
 
 
-def clean_args_from(args) -> CleanArguments:
-    values = {}
-    if args.config:
-        if not Path(args.config).is_file():
-            raise UserError(f"config file {args.config} does not exist")
-        values = yaml.safe_load(Path(args.config).read_text()) or {}
-        known = {f.name for f in fields(CleanArguments)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise UserError(f"{args.config}: unknown config key(s): {', '.join(unknown)}")
-    values.update({f.name: getattr(args, f.name) for f in fields(CleanArguments)
-                   if getattr(args, f.name, None) is not None})
-    try:
-        return CleanArguments(**values)
-    except ValueError as exc:
-        raise UserError(str(exc))
+def clean_parser() -> HfArgumentParser:
+    parser = HfArgumentParser((CleanOutput, RenderArguments, CleanArguments), prog="sftlab data clean",
+                              description="Clean data files and report what was wrong. --config FILE.yaml sets "
+                                          "any field below; flags win.")
+    parser.add_argument("inputs", nargs="+", help="Files (.json .jsonl .parquet .csv), globs, or a Hub dataset id.")
+    return parser
 
 
-def renderer_for(args) -> ChatRenderer:
+def renderer_for(args: RenderArguments) -> ChatRenderer:
     tokenizer = load_tokenizer(resolve_model_path(args.model))
     return ChatRenderer(tokenizer, args.max_length, args.overflow)
 
 
 def clean_main(argv: list[str]) -> int:
-    args = clean_parser().parse_args(argv)
-    config = clean_args_from(args)
-    sources = expand_inputs(args.inputs)
-    renderer = renderer_for(args)
-    result = clean_rows(read_all(sources), config, renderer, args.system_prompt, progress=True)
-    report = build_report(result, sources, args.max_length, args.model)
-    write_clean_outputs(Path(args.output), result, report)
+    output, render, config, extra = parse_with_config(clean_parser(), argv)
+    sources = expand_inputs(extra.inputs)
+    renderer = renderer_for(render)
+    result = clean_rows(read_all(sources), config, renderer, render.system_prompt, enabled=config.clean, progress=True)
+    report = build_report(result, sources, render.max_length, render.model)
+    write_clean_outputs(Path(output.output), result, report)
     print(summary_line(report))
-    print(f"wrote {args.output}/clean.jsonl, rejected.jsonl, report.json, report.md, lengths.png")
+    print(f"wrote {output.output}/clean.jsonl, rejected.jsonl, report.json, report.md, lengths.png")
     return 0
 
 
-def inspect_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sftlab data inspect",
-                                description="Show a data file as the model will see it.")
-    p.add_argument("file", help="A data file (.json .jsonl .parquet .csv).")
-    p.add_argument("-n", "--num_records", type=int, default=3, help="Records to render.")
-    add_common(p)
-    return p
+def inspect_parser() -> HfArgumentParser:
+    parser = HfArgumentParser((InspectArguments, RenderArguments), prog="sftlab data inspect",
+                              description="Show a data file as the model will see it.")
+    parser.add_argument("file", help="A data file (.json .jsonl .parquet .csv).")
+    return parser
 
 
 def schema(rows) -> dict[str, Counter]:
@@ -115,26 +91,26 @@ def schema(rows) -> dict[str, Counter]:
 
 
 def inspect_main(argv: list[str]) -> int:
-    args = inspect_parser().parse_args(argv)
-    sources = expand_inputs([args.file])
+    inspect, args, extra = parse_with_config(inspect_parser(), argv)
+    sources = expand_inputs([extra.file])
     rows = [row for source in sources for row in read_source(source)]
     formats = Counter(detect_format(r.row) for r in rows if r.error is None)
     renderer = renderer_for(args)
     result = clean_rows(rows, CleanArguments(near_dedup=False), renderer, args.system_prompt, enabled=False)
-    print(f"file: {args.file}")
+    print(f"file: {extra.file}")
     detected = ", ".join(f"{name or 'unknown'} ({count} rows)" for name, count in formats.most_common())
     print(f"format: {detected}")
     print(f"rows: {len(rows)}  (renderable: {len(result.kept)}, not: {len(result.rejected)})")
     print("schema:")
     for key, counts in schema(rows).items():
         print(f"  {key}: {', '.join(f'{t} x{n}' for t, n in counts.most_common())}")
-    print(f"\nfirst {min(args.num_records, len(result.kept))} records as the model sees them "
+    print(f"\nfirst {min(inspect.num_records, len(result.kept))} records as the model sees them "
           f"(«supervised tokens» are trained on):")
-    for kept in result.kept[:args.num_records]:
+    for kept in result.kept[:inspect.num_records]:
         print(f"\n--- {kept.source}:{kept.line} ({len(kept.sample.input_ids)} tokens, "
               f"{kept.sample.num_supervised} supervised)")
         print(mark_supervised(renderer.tokenizer, kept.sample))
-    for rejected in result.rejected[:args.num_records]:
+    for rejected in result.rejected[:inspect.num_records]:
         print(f"\n--- {rejected.source}:{rejected.line}: not usable: {rejected.reason}: {rejected.detail}")
     print(f"\ntokens ({args.model}, max_length {args.max_length}):")
     for name, values in (("prompt", [p for p, _ in result.lengths]), ("response", [r for _, r in result.lengths]),

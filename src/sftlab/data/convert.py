@@ -8,7 +8,6 @@ the loader adds the file and line.
 
 import json
 
-FORMATS = ("alpaca", "sharegpt", "openai", "prompt_completion")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system", "observation": "observation", "tool": "observation",
                   "function_call": "assistant"}
@@ -76,7 +75,7 @@ def parse_tools(value, field: str = "tools") -> list[dict]:
         try:
             value = json.loads(value) if value.strip() else []
         except json.JSONDecodeError as exc:
-            raise FieldError(field, f"not valid JSON ({exc.msg})")
+            raise FieldError(field, f"not valid JSON ({exc.msg})") from exc
     if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
         raise FieldError(field, "expected a list of tool objects")
     return [t if "type" in t else {"type": "function", "function": t} for t in value]
@@ -87,7 +86,7 @@ def _tool_call(value: str, field: str) -> dict:
     try:
         call = json.loads(value)
     except json.JSONDecodeError as exc:
-        raise FieldError(field, f"function_call is not valid JSON ({exc.msg})")
+        raise FieldError(field, f"function_call is not valid JSON ({exc.msg})") from exc
     if not isinstance(call, dict) or not isinstance(call.get("name"), str):
         raise FieldError(field, "function_call needs a name")
     arguments = call.get("arguments", {})

@@ -95,12 +95,12 @@ def _read_json_array(path: Path, data: bytes) -> list[SourceRow]:
     except UnicodeDecodeError as exc:
         line = data[:exc.start].count(b"\n") + 1
         raise UserError(f"{path}:{line}: invalid UTF-8 at byte {exc.start}; a JSON array cannot be read around "
-                        "it (JSON Lines can: one bad line is skipped and counted)")
+                        "it (JSON Lines can: one bad line is skipped and counted)") from exc
     decoder = json.JSONDecoder()
     try:
         values = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise UserError(f"{path}:{exc.lineno}: bad JSON: {exc.msg} at column {exc.colno}")
+        raise UserError(f"{path}:{exc.lineno}: bad JSON: {exc.msg} at column {exc.colno}") from exc
     if not isinstance(values, list):
         raise UserError(f"{path}: expected a JSON array of records, or JSON Lines")
     rows, index, line = [], text.index("[") + 1, 1 + text[:text.index("[")].count("\n")
@@ -122,7 +122,7 @@ def _read_table(path: Path, kind: str) -> list[SourceRow]:
     try:
         table = Dataset.from_parquet(str(path)) if kind == "parquet" else Dataset.from_csv(str(path))
     except Exception as exc:
-        raise UserError(f"{path}: cannot be read as {kind} ({type(exc).__name__}: {str(exc).splitlines()[0]})")
+        raise UserError(f"{path}: cannot be read as {kind} ({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
     first_line = 2 if kind == "csv" else 1  # csv: line 1 is the header
     return [SourceRow(str(path), first_line + i, _drop_nulls(row)) for i, row in enumerate(table)]
 
@@ -144,5 +144,5 @@ def read_hub_dataset(dataset_id: str) -> list[SourceRow]:
         table = load_dataset(dataset_id, split="train")
     except Exception as exc:
         raise UserError(f"could not load the Hub dataset {dataset_id} ({type(exc).__name__}): download its files "
-                        "where there is network and pass them")
+                        "where there is network and pass them") from exc
     return [SourceRow(f"hub:{dataset_id}", i + 1, _drop_nulls(row)) for i, row in enumerate(table)]

@@ -19,7 +19,6 @@ from sftlab.infer.generate import SamplingArgs, generate_replies
 from sftlab.model.load import inference_tokenizer, load_for_inference
 
 
-
 @torch.no_grad()
 def supervised_loss(model, tokenizer, conversations: list[list[dict]], batch_size: int = 8,
                     progress: str | None = None) -> float:

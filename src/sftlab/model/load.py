@@ -9,9 +9,9 @@ import os
 from importlib.util import find_spec
 from pathlib import Path
 
+from sftlab.environment import TINY_MODEL_NAME, hub_offline
 from sftlab.errors import UserError
 from sftlab.model import attention  # noqa: F401  registers sdpa_varlen with transformers
-from sftlab.environment import TINY_MODEL_NAME, hub_offline
 from sftlab.model.tiny import ensure_tiny_model, glm4_chat_template
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -49,7 +49,8 @@ def download_from_hub(repo_id: str) -> Path:
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as exc:
-        raise UserError(f"could not download {repo_id} from the Hugging Face Hub ({type(exc).__name__}): {hint}")
+        raise UserError(f"could not download {repo_id} from the Hugging Face Hub ({type(exc).__name__}): "
+                        f"{hint}") from exc
 
 
 def load_tokenizer(model_path: Path, trust_remote_code: bool = False):
@@ -97,7 +98,8 @@ def load_model(model_path: Path, dtype: str = "auto", trust_remote_code: bool = 
     quantization = quantization_config(load_in_4bit)
     model = AutoModelForCausalLM.from_pretrained(
         model_path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code, use_safetensors=True,
-        attn_implementation=attn_implementation, device_map=device if quantization is None else {"": int(os.environ.get("LOCAL_RANK", 0))},
+        attn_implementation=attn_implementation,
+        device_map=device if quantization is None else {"": int(os.environ.get("LOCAL_RANK", 0))},  # this rank's GPU
         quantization_config=quantization,
     )
     if record_name is not None:

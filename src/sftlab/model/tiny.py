@@ -8,7 +8,6 @@ bytes every time (fixed seed, fixed corpus), so the name `sftlab:tiny-glm4` reso
 """
 
 import json
-import os
 import shutil
 import tempfile
 from importlib import resources

@@ -30,15 +30,14 @@ class ProbeCallback(TrainerCallback):
         self.tokenizer, self.prompts, self.max_new_tokens = tokenizer, prompts, max_new_tokens
         self.path = Path(output_dir) / "predictions.jsonl"
         self.system_prompt = system_prompt
-        self.last = []
 
     def on_save(self, args, state, control, model=None, **kwargs):
         if not self.prompts or not state.is_world_process_zero:
             return
         replies = run_probes(model, self.tokenizer, self.prompts, self.max_new_tokens, self.system_prompt)
-        self.last = [dict(step=state.global_step, prompt=p, reply=r.text, finish_reason=r.finish_reason,
-                          new_tokens=r.new_tokens) for p, r in zip(self.prompts, replies)]
-        append_jsonl(self.path, self.last)
+        records = [dict(step=state.global_step, prompt=p, reply=r.text, finish_reason=r.finish_reason,
+                        new_tokens=r.new_tokens) for p, r in zip(self.prompts, replies)]
+        append_jsonl(self.path, records)
         log_text_to_swanlab([f"{p}\n→ {r.text}" for p, r in zip(self.prompts, replies)], state.global_step)
 
 

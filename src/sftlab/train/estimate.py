@@ -109,7 +109,11 @@ def estimate(model_args, data_args, clean_args, train_args, probe: bool | None =
     from sftlab.data.prepare import prepare_data
     from sftlab.model.load import load_tokenizer, resolve_model_path
     from sftlab.train.batching import (
-        batch_plan, fixed_size_batches, resolve_padding_free, token_budget_batches, training_attention,
+        batch_plan,
+        fixed_size_batches,
+        resolve_padding_free,
+        token_budget_batches,
+        training_attention,
     )
 
     model_path = resolve_model_path(model_args.model_name_or_path)
@@ -143,15 +147,17 @@ def estimate(model_args, data_args, clean_args, train_args, probe: bool | None =
     trainable_bytes = 4 if weight_bytes == 4 else 2
     optimizer = trainable * (trainable_bytes + 8)  # gradients + AdamW's two fp32 moments
     compute_bytes = 2 if (train_args.bf16 or train_args.fp16) else weight_bytes
-    act = {ckpt: activation_elements_per_token(shapes, lora_modules, model_args.lora_r, ckpt) * positions * compute_bytes
-           for ckpt in (True, False)}
+    per_token = {ckpt: activation_elements_per_token(shapes, lora_modules, model_args.lora_r, ckpt)
+                 for ckpt in (True, False)}
+    act = {ckpt: elements * positions * compute_bytes for ckpt, elements in per_token.items()}
     head_trainable = not model_args.use_peft or "lm_head" in (model_args.lora_modules_to_save or [])
     logits = {chunked: logits_bytes(positions, largest_supervised, shapes.vocab, shapes.hidden, compute_bytes, chunked,
                                     head_trainable) for chunked in (True, False)}
     checkpointing = bool(train_args.activation_checkpointing)
     chunked = bool(train_args.supervised_head)
     gib = 2**30
-    memory = {"weights": weights / gib, "trainable + gradients + AdamW": (trainable * trainable_bytes + optimizer) / gib,
+    memory = {"weights": weights / gib,
+              "trainable + gradients + AdamW": (trainable * trainable_bytes + optimizer) / gib,
               "activations": act[checkpointing] / gib, "logits": logits[chunked] / gib}
     total_gib = sum(memory.values())
     lines = [

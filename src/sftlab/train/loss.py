@@ -70,7 +70,8 @@ def supervised_loss(hidden: torch.Tensor, next_labels: torch.Tensor, head, num_i
         hidden[mask], head.weight, head.bias, next_labels[mask], 1.0, VOCAB_CHUNK, None, 1.0, METRIC_OUTPUTS,
     )
     # masked_scatter keeps the result connected to the graph even when no position is supervised
-    log_probs, entropy, is_top1 = (x.new_zeros(mask.shape).masked_scatter(mask, x) for x in (log_probs, entropy, is_top1))
+    log_probs, entropy, is_top1 = (x.new_zeros(mask.shape).masked_scatter(mask, x)
+                                   for x in (log_probs, entropy, is_top1))
     denominator = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
     return FusedCausalLMOutput(loss=-log_probs.sum() / denominator, log_probs=log_probs, entropy=entropy,
                                is_top1=is_top1, label_mask=mask)

@@ -27,11 +27,20 @@ from sftlab.data.prepare import PreparedData, prepare_data
 from sftlab.errors import UserError
 from sftlab.files import append_jsonl, write_atomic
 from sftlab.model.load import (
-    ADAPTER_CONFIG, load_model, load_tokenizer, quantization_config, recorded_base_name, resolve_model_path,
+    ADAPTER_CONFIG,
+    load_model,
+    load_tokenizer,
+    quantization_config,
+    recorded_base_name,
+    resolve_model_path,
     save_tokenizer,
 )
 from sftlab.train.batching import (
-    SamplerEpochCallback, TokenBudgetSampler, batch_plan, resolve_padding_free, training_attention,
+    SamplerEpochCallback,
+    TokenBudgetSampler,
+    batch_plan,
+    resolve_padding_free,
+    training_attention,
 )
 from sftlab.train.callbacks import DEFAULT_PROBES, JsonlLogCallback, ProbeCallback, run_probes
 from sftlab.train.loss import add_supervised_lm_head
@@ -135,7 +144,7 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, CleanArg
     try:
         return parser.parse_args_and_config(args=argv)
     except ValueError as exc:
-        raise UserError(_config_error_line(exc))
+        raise UserError(_config_error_line(exc)) from exc
 
 
 def _config_error_line(exc: ValueError) -> str:
@@ -243,7 +252,8 @@ def reply_limit(report: dict) -> int:
 def set_reply_limits(train_args: TrainConfig, report: dict) -> None:
     """Fills the probe and final-evaluation generation limits the config left unset, from the data."""
     limit = reply_limit(report)
-    unset = [name for name in ("probe_max_new_tokens", "final_eval_max_new_tokens") if getattr(train_args, name) is None]
+    names = ("probe_max_new_tokens", "final_eval_max_new_tokens")
+    unset = [name for name in names if getattr(train_args, name) is None]
     for name in unset:
         setattr(train_args, name, limit)
     if unset and train_args.process_index == 0:
@@ -294,8 +304,8 @@ def forget_after(out: Path, step: int) -> None:
 def finish_run(trainer, tokenizer, out: Path, model_args, data_args, clean_args, train_args, data) -> None:
     """After training, on the main process: final weights, probe replies, held-out evaluation, report."""
     from sftlab.eval.evaluate import evaluate, with_replies, write_eval
-    from sftlab.eval.tables import table_text
     from sftlab.eval.run_report import peak_memory_mb, write_manifest, write_run_report
+    from sftlab.eval.tables import table_text
 
     save_final(trainer, tokenizer, out, model_args)
     write_manifest(out, resolved_config(model_args, data_args, clean_args, train_args), data.fingerprint,
