@@ -7,7 +7,7 @@ import pytest
 from sftlab.chat_format import ChatRenderer
 from sftlab.config import CleanArguments
 from sftlab.data.clean import clean_rows, repair_text
-from sftlab.data.load import expand_inputs, read_source
+from sftlab.data.load import SourceRow, expand_inputs, read_source
 from sftlab.data.prepare import read_all
 from sftlab.data.report import build_report, write_clean_outputs
 from sftlab.errors import UserError
@@ -160,7 +160,7 @@ def test_hub_dataset_id_offline_is_one_clear_error():
 
 
 def test_near_duplicate_decision_is_the_exact_jaccard_not_the_estimate():
-    from sftlab.data.clean import NearDuplicateIndex
+    from sftlab.data.near_dedup import NearDuplicateIndex
 
     index = NearDuplicateIndex(0.9)
     first = "user:who are you? assistant:i am lingxi, an ai assistant made by the sftlab team. how can i help you?"
@@ -171,3 +171,23 @@ def test_near_duplicate_decision_is_the_exact_jaccard_not_the_estimate():
     assert index.find_or_add("a", signatures[0], first) is None
     assert index.find_or_add("b", signatures[1], close) == "a"
     assert index.find_or_add("c", signatures[2], farther) is None
+
+
+def test_parallel_cleaning_restores_the_environment_and_keeps_no_worker_state(tokenizer, monkeypatch):
+    """The pool path (>= 4,096 rows, several cores) gives the serial path's result, leaves
+    TOKENIZERS_PARALLELISM as it found it, and leaves no checker behind in this process."""
+    import os
+
+    from sftlab.data import clean
+
+    rows = [SourceRow("mem.jsonl", i + 1, {"instruction": f"问题 {i} 是什么？", "input": "", "output": f"答案是 {i}。"})
+            for i in range(clean.PARALLEL_MIN_ROWS)]
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    renderer = ChatRenderer(tokenizer, 256)
+    parallel = clean_rows(rows, CleanArguments(), renderer)
+    assert "TOKENIZERS_PARALLELISM" not in os.environ and clean._worker_checker is None
+    monkeypatch.setattr(clean, "PARALLEL_MIN_ROWS", 10**9)
+    serial = clean_rows(rows, CleanArguments(), renderer)
+    assert [k.line for k in parallel.kept] == [k.line for k in serial.kept]
+    assert parallel.reasons() == serial.reasons() and len(parallel.kept) + len(parallel.rejected) == len(rows)

@@ -24,14 +24,17 @@ import os
 import re
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from sftlab.chat_format import ChatRenderer, MessageError, RenderedSample, SampleTooLong, validate_messages
 from sftlab.config import CleanArguments
 from sftlab.data.convert import FieldError, detect_format, to_messages
 from sftlab.data.load import SourceRow
+from sftlab.data.near_dedup import NearDuplicateIndex
 from sftlab.errors import UserError
 
 MALFORMED = ("bad_json", "invalid_utf8", "mixed_format", "malformed_record", "role_order")
@@ -49,6 +52,17 @@ class Kept:
     line: int
     messages: list[dict]
     sample: RenderedSample  # fitted to max_length
+
+
+@dataclass
+class Checked:
+    """A row that passed the per-row checks, with what the cross-row decisions need."""
+
+    messages: list[dict]
+    text: str | None  # normalized for duplicate detection (None when cleaning is off)
+    digest: bytes | None
+    signature_row: int | None  # its row in the batch's signature array, for near-duplicate detection
+    sample: RenderedSample | MessageError  # rendered whole (before max_length), or why it cannot be
 
 
 @dataclass
@@ -96,89 +110,6 @@ def dedup_text(messages: list[dict]) -> str:
     return _SPACES.sub(" ", "\n".join(f"{m['role']}:{m.get('metadata', '')}{m['content']}" for m in messages)).lower()
 
 
-def lsh_bands(threshold: float, num_perm: int, false_negative_weight: float = 0.9) -> tuple[int, int]:
-    """(bands, rows per band) minimizing the weighted false-positive and false-negative areas around the
-    threshold, as datasketch's MinHashLSH chooses them. Missing a duplicate is weighted up: a false candidate
-    only costs one signature comparison, which then rejects it."""
-    similarity = np.linspace(0.0, 1.0, 501)
-    best, best_error = (1, num_perm), float("inf")
-    for bands in range(1, num_perm + 1):
-        rows = num_perm // bands
-        candidate = 1 - (1 - similarity ** rows) ** bands
-        false_positive = candidate[similarity < threshold].sum() / 500
-        false_negative = (1 - candidate[similarity >= threshold]).sum() / 500
-        error = (1 - false_negative_weight) * false_positive + false_negative_weight * false_negative
-        if error < best_error:
-            best, best_error = (bands, rows), error
-    return best
-
-
-class NearDuplicateIndex:
-    """MinHash signatures of character 5-grams in banded LSH buckets.
-
-    Written here rather than taken from datasketch: its MinHash hashes each shingle with SHA-1 in Python and
-    builds its permutations per object, which alone caps cleaning far below 3,000 rows/s on 2 cores. Here a
-    row's signature is a few numpy operations (multiply-shift hashing), and the bands are chosen as datasketch
-    chooses them. 64 permutations: the Jaccard estimate's standard error is about 0.04 at 0.9, and halving
-    the default 128 took the 50,000-row benchmark from about 2,700 to 4,000 rows/s."""
-
-    def __init__(self, threshold: float, num_perm: int = 64, ngram: int = 5):
-        self.threshold, self.ngram = threshold, ngram
-        rng = np.random.RandomState(1)  # fixed: the same rows are found near-duplicate on every run
-        self.a = (rng.randint(0, 1 << 62, size=num_perm, dtype=np.uint64) << np.uint64(1)) | np.uint64(1)
-        self.b = rng.randint(0, 1 << 62, size=num_perm, dtype=np.uint64)
-        self.bands, self.rows = lsh_bands(threshold, num_perm)
-        self.buckets = [{} for _ in range(self.bands)]
-        self.texts = {}
-
-    def signatures_of(self, texts: list[str], group: int = 32) -> np.ndarray:
-        """One signature row per text. Groups of 32 texts share a few numpy operations: larger groups are
-        slower, their hash matrix no longer fits in the CPU caches (measured: 88 us/row at 32, 405 at 512)."""
-        if len(texts) > group:
-            return np.concatenate([self.signatures_of(texts[i:i + group], group)
-                                   for i in range(0, len(texts), group)])
-        shingles, starts, offset = [], [], 0
-        for text in texts:
-            codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
-            if len(codes) < self.ngram:
-                codes = np.concatenate([codes, np.zeros(self.ngram - len(codes), dtype=np.uint64)])
-            width = len(codes) - self.ngram + 1
-            hashed = np.zeros(width, dtype=np.uint64)
-            with np.errstate(over="ignore"):  # wrap-around multiplication is the hash
-                for k in range(self.ngram):
-                    hashed = hashed * np.uint64(1000003) + codes[k:k + width]
-            starts.append(offset)
-            shingles.append(hashed)
-            offset += width
-        flat = np.concatenate(shingles)
-        with np.errstate(over="ignore"):
-            permuted = (self.a[:, None] * flat[None, :] + self.b[:, None]) >> np.uint64(32)
-        return np.ascontiguousarray(np.minimum.reduceat(permuted, starts, axis=1).T, dtype=np.uint32)
-
-    def find_or_add(self, key: str, signature: np.ndarray, text: str) -> str | None:
-        """The key of an earlier near-duplicate, or None (and the row is added under `key`). LSH only proposes
-        candidates; the decision is the exact Jaccard similarity of the two texts' 5-gram sets, so the noise
-        of the signature estimate never rejects a row."""
-        raw, width = signature.tobytes(), self.rows * signature.itemsize
-        band_keys = [raw[i * width:(i + 1) * width] for i in range(self.bands)]
-        checked = set()
-        for bucket, band_key in zip(self.buckets, band_keys):
-            for other in bucket.get(band_key, ()):
-                if other not in checked and self.jaccard(text, self.texts[other]) >= self.threshold:
-                    return other
-                checked.add(other)
-        for bucket, band_key in zip(self.buckets, band_keys):
-            bucket.setdefault(band_key, []).append(key)
-        self.texts[key] = text
-        return None
-
-    def jaccard(self, a: str, b: str) -> float:
-        n = self.ngram
-        shingles_a = {a[i:i + n] for i in range(max(1, len(a) - n + 1))}
-        shingles_b = {b[i:i + n] for i in range(max(1, len(b) - n + 1))}
-        return len(shingles_a & shingles_b) / len(shingles_a | shingles_b)
-
-
 class RowChecker:
     """The per-row work, free of cross-row state so that it can run in worker processes: parse, convert,
     repair, filter, hash, and render in batches (the tokenizer encodes a batch on all cores)."""
@@ -191,11 +122,9 @@ class RowChecker:
         self.near = NearDuplicateIndex(config.near_dedup_threshold) if enabled and config.near_dedup else None
         self.max_token_chars = max(len(token) for token in renderer.tokenizer.get_vocab())
 
-    def check_batch(self, rows: list[SourceRow]) -> tuple[list, Counter]:
-        """Per row: a _Reject, or (messages, normalized text, digest, signature row, rendered sample or
-        MessageError). The
-        signatures come back as one array (one row per passing row): far cheaper to send between processes
-        than an array per row."""
+    def check_batch(self, rows: list[SourceRow]) -> tuple[list, Counter, np.ndarray | None]:
+        """Per row a _Reject or a Checked; the text repairs; and the near-duplicate signatures as one array
+        (one row per passing row): far cheaper to send between processes than an array per row."""
         repairs, results, passed = Counter(), [], []
         for source_row in rows:
             try:
@@ -211,7 +140,7 @@ class RowChecker:
         for row, (i, sample) in enumerate(zip(passed, samples)):
             messages, text = results[i]
             digest = hashlib.blake2b(text.encode(), digest_size=16).digest() if text is not None else None
-            results[i] = (messages, text, digest, None if signatures is None else row, sample)
+            results[i] = Checked(messages, text, digest, None if signatures is None else row, sample)
         return results, repairs, signatures
 
     def _check_text(self, source_row: SourceRow, repairs: Counter) -> tuple[list[dict], str | None]:
@@ -279,7 +208,7 @@ def first_formats(rows: list[SourceRow]) -> dict[str, str]:
 class Cleaner:
     """The cross-row decisions, in file order, so the first occurrence of a duplicate wins."""
 
-    def __init__(self, config: CleanArguments, renderer: ChatRenderer, near: "NearDuplicateIndex | None"):
+    def __init__(self, config: CleanArguments, renderer: ChatRenderer, near: NearDuplicateIndex | None):
         self.config, self.renderer = config, renderer
         self.seen = {}
         self.near = near  # the index whose hash functions made the signatures (in this process, not a worker's)
@@ -292,9 +221,8 @@ class Cleaner:
             try:
                 if isinstance(outcome, _Reject):
                     raise outcome
-                messages, text, digest, signature_row, sample = outcome
-                signature = None if signature_row is None else signatures[signature_row]
-                self.result.kept.append(self._decide(source_row, messages, text, digest, signature, sample))
+                signature = None if outcome.signature_row is None else signatures[outcome.signature_row]
+                self.result.kept.append(self._decide(source_row, outcome, signature))
             except _Reject as reject:
                 if self.config.strict and reject.reason in MALFORMED:
                     raise UserError(f"{source_row.source}:{source_row.line}: {reject.reason}: {reject.detail} "
@@ -302,22 +230,23 @@ class Cleaner:
                 self.result.rejected.append(Rejected(source_row.source, source_row.line, reject.reason,
                                                      reject.detail, source_row.row))
 
-    def _decide(self, source_row: SourceRow, messages, text, digest, signature, sample) -> Kept:
+    def _decide(self, source_row: SourceRow, checked: Checked, signature) -> Kept:
         key = f"{source_row.source}:{source_row.line}"
-        if digest is not None:
-            if digest in self.seen:
-                raise _Reject("duplicate", f"same as {self.seen[digest]}")
-            self.seen[digest] = key
+        if checked.digest is not None:
+            if checked.digest in self.seen:
+                raise _Reject("duplicate", f"same as {self.seen[checked.digest]}")
+            self.seen[checked.digest] = key
         if signature is not None and self.near is not None:
-            twin = self.near.find_or_add(key, signature, text)
+            twin = self.near.find_or_add(key, signature, checked.text)
             if twin is not None:
                 raise _Reject("near_duplicate", f"near {twin}")
+        sample = checked.sample
         if isinstance(sample, MessageError):
             raise _Reject("role_order", str(sample))
         supervised = sample.num_supervised
         self.result.lengths.append((len(sample.input_ids) - supervised, supervised))
         try:
-            return Kept(source_row.source, source_row.line, messages, self.renderer.fit(sample))
+            return Kept(source_row.source, source_row.line, checked.messages, self.renderer.fit(sample))
         except SampleTooLong as exc:
             raise _Reject("too_long", str(exc)) from exc
 
@@ -330,45 +259,58 @@ class _Reject(Exception):
 
 BATCH_ROWS = 512
 PARALLEL_MIN_ROWS = 4096  # below this, starting worker processes costs more than it saves
-_WORKER_CHECKER = None
-
-
-def _check_in_worker(rows):
-    return _WORKER_CHECKER.check_batch(rows)
 
 
 def clean_rows(rows, config: CleanArguments, renderer: ChatRenderer, system_prompt: str | None = None,
                enabled: bool = True, progress: bool = False) -> CleanResult:
     """Cleans `rows` (SourceRows in file order). Large inputs are checked in one worker process per core
     (forked, so they share the tokenizer), while the duplicate decisions stay in order here."""
-    global _WORKER_CHECKER
     rows = list(rows)
     if not enabled:
         config = CleanArguments(**{**config.__dict__, "near_dedup": False})
     checker = RowChecker(config, renderer, system_prompt, enabled, first_formats(rows))
     cleaner = Cleaner(config, renderer, checker.near)
     batches = [rows[i:i + BATCH_ROWS] for i in range(0, len(rows), BATCH_ROWS)]
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(rows), desc="cleaning", unit="rows", mininterval=1.0)
+    bar = tqdm(total=len(rows), desc="cleaning", unit="rows", mininterval=1.0, disable=not progress)
     workers = min(os.cpu_count() or 1, len(batches))
     if len(rows) >= PARALLEL_MIN_ROWS and workers > 1 and "fork" in mp.get_all_start_methods():
-        _WORKER_CHECKER = checker
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one encoding thread per worker process
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
-            outcomes = pool.map(_check_in_worker, batches)
-            for batch, outcome in zip(batches, outcomes):
+        with one_tokenizer_thread(), ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"),
+                                                         initializer=_start_worker, initargs=(checker,)) as pool:
+            for batch, outcome in zip(batches, pool.map(_check_in_worker, batches)):
                 cleaner.add_batch(batch, *outcome)
-                if bar:
-                    bar.update(len(batch))
-        _WORKER_CHECKER = None
+                bar.update(len(batch))
     else:
         for batch in batches:
             cleaner.add_batch(batch, *checker.check_batch(batch))
-            if bar:
-                bar.update(len(batch))
-    if bar:
-        bar.close()
+            bar.update(len(batch))
+    bar.close()
     return cleaner.result
+
+
+@contextmanager
+def one_tokenizer_thread():
+    """One encoding thread per worker process while the pool runs (the Rust tokenizer would otherwise start
+    a thread per core in every worker, or warn about the fork); the caller's setting is restored after."""
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
+
+
+# The worker's checker. It exists in worker processes only: the pool's initializer sets it there, and fork
+# hands the checker over without pickling it (its tokenizer and index would be costly to send per task).
+_worker_checker: RowChecker | None = None
+
+
+def _start_worker(checker: RowChecker) -> None:
+    global _worker_checker
+    _worker_checker = checker
+
+
+def _check_in_worker(rows: list[SourceRow]):
+    return _worker_checker.check_batch(rows)

@@ -16,7 +16,7 @@ from pathlib import Path
 from sftlab import __version__, chat_format
 from sftlab.chat_format import ChatRenderer
 from sftlab.config import CleanArguments, DataArguments
-from sftlab.data import clean, convert, load
+from sftlab.data import clean, convert, load, near_dedup
 from sftlab.data.clean import clean_rows
 from sftlab.data.load import expand_inputs, read_source
 from sftlab.data.report import build_report, summary_line
@@ -99,7 +99,8 @@ def cache_key(sources: list[str], data_args: DataArguments, clean_args: CleanArg
     digest.update((backend.to_str() if backend is not None else str(sorted(tokenizer.get_vocab().items()))).encode())
     settings = dict(template=tokenizer.chat_template, max_length=renderer.max_length, overflow=renderer.overflow,
                     data=asdict(data_args), clean=asdict(clean_args), version=__version__)
-    for module in (chat_format, clean, convert, load, sys.modules[__name__]):  # new preparing code: a new key
+    # a change to the preparing code is a new key too
+    for module in (chat_format, clean, convert, load, near_dedup, sys.modules[__name__]):
         digest.update(Path(module.__file__).read_bytes())
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:24]
