@@ -23,8 +23,14 @@ def test_prepared_data_is_cached_under_a_content_hash(tokenizer, tmp_path, monke
     args = DataArguments(data_files=[str(data_file)], test_size=0.1)
     first = prepare_data(args, CleanArguments(), renderer)
     monkeypatch.setattr(prepare, "clean_rows", lambda *a, **k: pytest.fail("the cache was not used"))
-    assert prepare_data(args, CleanArguments(), renderer) == first
+    again = prepare_data(args, CleanArguments(), renderer)
+    assert again.fingerprint == first.fingerprint and again.report == first.report
+    assert again.train.to_dict() == first.train.to_dict() and again.test_messages == first.test_messages
     monkeypatch.undo()
+    # Arrow files on disk, read memory-mapped: the token ids are not held in Python objects
+    assert again.train.cache_files and again.train.column_names == ["input_ids", "labels", "length", "num_supervised"]
+    row = again.train[0]
+    assert row["length"] == len(row["input_ids"]) and row["num_supervised"] == sum(x != -100 for x in row["labels"])
     data_file.write_text(data_file.read_text() + json.dumps({"instruction": "new", "output": "row here"}) + "\n")
     changed = prepare_data(args, CleanArguments(), renderer)  # new content, new key: prepared again
     assert changed.report["rows_read"] == 21

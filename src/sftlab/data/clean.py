@@ -22,6 +22,7 @@ import hashlib
 import multiprocessing as mp
 import os
 import re
+from array import array
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
@@ -208,8 +209,9 @@ def first_formats(rows: list[SourceRow]) -> dict[str, str]:
 class Cleaner:
     """The cross-row decisions, in file order, so the first occurrence of a duplicate wins."""
 
-    def __init__(self, config: CleanArguments, renderer: ChatRenderer, near: NearDuplicateIndex | None):
-        self.config, self.renderer = config, renderer
+    def __init__(self, config: CleanArguments, renderer: ChatRenderer, near: NearDuplicateIndex | None,
+                 compact: bool = False):
+        self.config, self.renderer, self.compact = config, renderer, compact
         self.seen = {}
         self.near = near  # the index whose hash functions made the signatures (in this process, not a worker's)
         self.result = CleanResult()
@@ -246,7 +248,10 @@ class Cleaner:
         supervised = sample.num_supervised
         self.result.lengths.append((len(sample.input_ids) - supervised, supervised))
         try:
-            return Kept(source_row.source, source_row.line, checked.messages, self.renderer.fit(sample))
+            fitted = self.renderer.fit(sample)
+            if self.compact:  # 4 bytes a token instead of a Python int object and a list slot (~36 bytes)
+                fitted = RenderedSample(array("i", fitted.input_ids), array("i", fitted.labels))
+            return Kept(source_row.source, source_row.line, checked.messages, fitted)
         except SampleTooLong as exc:
             raise _Reject("too_long", str(exc)) from exc
 
@@ -262,14 +267,15 @@ PARALLEL_MIN_ROWS = 4096  # below this, starting worker processes costs more tha
 
 
 def clean_rows(rows, config: CleanArguments, renderer: ChatRenderer, system_prompt: str | None = None,
-               enabled: bool = True, progress: bool = False) -> CleanResult:
+               enabled: bool = True, progress: bool = False, compact: bool = False) -> CleanResult:
     """Cleans `rows` (SourceRows in file order). Large inputs are checked in one worker process per core
-    (forked, so they share the tokenizer), while the duplicate decisions stay in order here."""
+    (forked, so they share the tokenizer), while the duplicate decisions stay in order here. `compact`: the
+    kept samples' ids and labels as int32 arrays (array('i')) rather than lists, for large datasets."""
     rows = list(rows)
     if not enabled:
         config = CleanArguments(**{**config.__dict__, "near_dedup": False})
     checker = RowChecker(config, renderer, system_prompt, enabled, first_formats(rows))
-    cleaner = Cleaner(config, renderer, checker.near)
+    cleaner = Cleaner(config, renderer, checker.near, compact)
     batches = [rows[i:i + BATCH_ROWS] for i in range(0, len(rows), BATCH_ROWS)]
     bar = tqdm(total=len(rows), desc="cleaning", unit="rows", mininterval=1.0, disable=not progress)
     workers = min(os.cpu_count() or 1, len(batches))

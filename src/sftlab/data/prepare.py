@@ -2,19 +2,28 @@
 
 The cache key covers the data files' bytes, the tokenizer and its chat template, max_length, the cleaning
 config and the split, so a second run (and every process of a multi-process run) reuses the result, and any
-change to one of them prepares the data again."""
+change to one of them prepares the data again.
+
+The samples are `datasets` Arrow datasets, saved with save_to_disk and read back memory-mapped, so neither a
+cached run nor the trainer holds a second copy of the token ids in Python objects; the rest (report, rejected
+rows, held-out conversations) is one small JSON file beside them."""
 
 import hashlib
+import itertools
 import json
-import os
 import random
+import shutil
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+from datasets import Dataset, load_from_disk
+
 from sftlab import __version__, chat_format
-from sftlab.chat_format import ChatRenderer
+from sftlab.chat_format import IGNORE_INDEX, ChatRenderer
 from sftlab.config import CleanArguments, DataArguments
 from sftlab.data import clean, convert, load, near_dedup
 from sftlab.data.clean import clean_rows
@@ -25,8 +34,8 @@ from sftlab.environment import cache_root
 
 @dataclass
 class PreparedData:
-    train: list[dict]  # {"input_ids": [...], "labels": [...]}
-    test: list[dict]
+    train: "Dataset"  # columns input_ids, labels, length (tokens), num_supervised
+    test: "Dataset"
     test_messages: list[list[dict]]  # the held-out conversations, for evaluation
     rejected: list[dict]  # {"reason", "source", "line", "detail"}
     report: dict
@@ -54,17 +63,16 @@ def prepare_data(data_args: DataArguments, clean_args: CleanArguments, renderer:
                  use_cache: bool = True) -> PreparedData:
     sources = expand_inputs(data_args.data_files)
     key = cache_key(sources, data_args, clean_args, renderer)
-    cached = cache_root() / "datasets" / f"{key}.json"
-    if use_cache and cached.exists():
-        return PreparedData(**json.loads(cached.read_text(encoding="utf-8")))
+    cached = cache_root() / "datasets" / key
+    if use_cache and (cached / META).exists():
+        return read_cache(cached)
     result = clean_rows(read_all(sources), clean_args, renderer, data_args.system_prompt, enabled=clean_args.clean,
-                        progress=True)
+                        progress=True, compact=True)
     report = build_report(result, sources, renderer.max_length, renderer.tokenizer.name_or_path)
     train_idx, test_idx = split_indices(len(result.kept), data_args.test_size, data_args.split_seed)
 
     def samples(indices):
-        return [{"input_ids": result.kept[i].sample.input_ids, "labels": result.kept[i].sample.labels}
-                for i in indices]
+        return samples_dataset([result.kept[i].sample for i in indices])
 
     data = PreparedData(
         train=samples(train_idx), test=samples(test_idx),
@@ -76,12 +84,33 @@ def prepare_data(data_args: DataArguments, clean_args: CleanArguments, renderer:
     )
     if use_cache:
         write_cache(cached, data)
+        return read_cache(cached)  # memory-mapped: the in-memory copy above is freed
     return data
+
+
+def samples_dataset(samples: list) -> Dataset:
+    """The samples as an Arrow dataset, built from flat int32 buffers: never from per-token Python lists,
+    which take about ten times the memory of the ids themselves."""
+    supervised = [len(s.labels) - s.labels.count(IGNORE_INDEX) for s in samples]
+    table = pa.table({"input_ids": int32_lists([s.input_ids for s in samples]),
+                      "labels": int32_lists([s.labels for s in samples]),
+                      "length": pa.array([len(s.input_ids) for s in samples], type=pa.int32()),
+                      "num_supervised": pa.array(supervised, type=pa.int32())})
+    return Dataset(table)
+
+
+def int32_lists(rows: list) -> pa.ListArray:
+    """A list<int32> Arrow column from sequences of ints (lists, or the compact array('i') of clean_rows)."""
+    lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+    offsets = np.zeros(len(rows) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int32, count=int(lengths.sum()))
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
 
 
 def _example(kept, renderer: ChatRenderer) -> dict:
     """One training sample as rendered, with the length settings that shaped it (for `sftlab doctor`)."""
-    return {"messages": kept.messages, "input_ids": kept.sample.input_ids, "labels": kept.sample.labels,
+    return {"messages": kept.messages, "input_ids": list(kept.sample.input_ids), "labels": list(kept.sample.labels),
             "max_length": renderer.max_length, "overflow": renderer.overflow}
 
 
@@ -106,9 +135,30 @@ def cache_key(sources: list[str], data_args: DataArguments, clean_args: CleanArg
     return digest.hexdigest()[:24]
 
 
-def write_cache(path: Path, data: PreparedData) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".prepared-", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(asdict(data), f, ensure_ascii=False)
-    os.replace(tmp, path)  # atomic: another process never reads a half-written cache
+META = "prepared.json"
+SPLITS = ("train", "test")
+
+
+def write_cache(folder: Path, data: PreparedData) -> None:
+    """Arrow datasets and a JSON file, written into a temporary folder that is renamed into place: another
+    process never reads a half-written cache (the JSON file, written last, marks it complete)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        for split in SPLITS:
+            getattr(data, split).save_to_disk(str(staging / split))
+        meta = {f.name: getattr(data, f.name) for f in fields(data) if f.name not in SPLITS}
+        (staging / META).write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
+        try:
+            staging.rename(folder)
+        except OSError:
+            if not (folder / META).exists():  # not a lost race with another process writing the same data
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def read_cache(folder: Path) -> PreparedData:
+    meta = json.loads((folder / META).read_text(encoding="utf-8"))
+    splits = {split: load_from_disk(str(folder / split)) for split in SPLITS}
+    return PreparedData(**splits, **meta)

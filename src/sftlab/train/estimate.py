@@ -119,10 +119,9 @@ def estimate(model_args, data_args, clean_args, train_args, probe: bool | None =
     model_path = resolve_model_path(model_args.model_name_or_path)
     tokenizer = load_tokenizer(model_path, train_args.trust_remote_code)
     data = prepare_data(data_args, clean_args, ChatRenderer(tokenizer, train_args.max_length, data_args.overflow))
-    if not data.train:
+    if not len(data.train):
         raise UserError(f"no training samples left ({data.summary()})")
-    lengths = [len(s["input_ids"]) for s in data.train]
-    supervised = [sum(label != -100 for label in s["labels"]) for s in data.train]
+    lengths, supervised = data.train["length"], data.train["num_supervised"]
     attention = training_attention(model_args.attn_implementation, train_args.padding_free)
     padding_free = resolve_padding_free(train_args.padding_free, attention, verbose=False)
     world, accum = max(1, train_args.world_size), train_args.gradient_accumulation_steps

@@ -197,7 +197,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, clean_args: Clea
     with train_args.main_process_first(desc="data preparation"):  # the others then read the main's cache
         data = prepare_data(data_args, clean_args, renderer)
     print(data.summary())
-    if not data.train:
+    if not len(data.train):
         raise UserError(f"no training samples left from {', '.join(data_args.data_files)} ({data.summary()})")
     set_reply_limits(train_args, data.report)
     is_main = train_args.process_index == 0
@@ -212,8 +212,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, clean_args: Clea
                        record_name=recorded_base_name(model_args.model_name_or_path),
                        load_in_4bit=model_args.load_in_4bit)
     padding_free = resolve_padding_free(train_args.padding_free, model.config._attn_implementation, is_main)
-    sampler = token_sampler(train_args, data.train, padding_free, is_main)
-    from datasets import Dataset
+    sampler = token_sampler(train_args, data.train["length"], padding_free, is_main)
 
     reports = [train_args.report_to] if isinstance(train_args.report_to, str) else train_args.report_to
     if "swanlab" in reports and is_main:
@@ -223,8 +222,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, clean_args: Clea
     train_args.padding_free = False  # TRL's own padding-free path refuses max_length; sftlab's collator does it
     trainer = SftlabTrainer(
         model=model, args=train_args, processing_class=tokenizer,
-        train_dataset=Dataset.from_list(data.train),
-        eval_dataset=Dataset.from_list(data.test) if data.test and train_args.eval_strategy != "no" else None,
+        train_dataset=data.train.select_columns(["input_ids", "labels"]),
+        eval_dataset=(data.test.select_columns(["input_ids", "labels"])
+                      if len(data.test) and train_args.eval_strategy != "no" else None),
         peft_config=lora_config(model_args) if model_args.use_peft else None,
         data_collator=DataCollatorForLanguageModeling(tokenizer.pad_token_id, padding_free=padding_free),
         callbacks=[probe, JsonlLogCallback(str(out))], token_sampler=sampler,
@@ -274,12 +274,11 @@ class SftlabTrainer(SFTTrainer):
         return self.token_sampler if self.token_sampler is not None else super()._get_train_sampler(train_dataset)
 
 
-def token_sampler(train_args: TrainConfig, train: list[dict], padding_free: bool,
+def token_sampler(train_args: TrainConfig, lengths: list[int], padding_free: bool,
                   verbose: bool) -> TokenBudgetSampler | None:
     """The token-budget sampler of this process, or None for TRL's fixed-size batches; prints the plan."""
     if train_args.max_tokens_per_batch is None:
         return None
-    lengths = [len(sample["input_ids"]) for sample in train]
     sampler = TokenBudgetSampler(lengths, train_args.max_tokens_per_batch, padding_free, train_args.seed,
                                  num_shards=train_args.world_size, shard=train_args.process_index)
     if verbose:
