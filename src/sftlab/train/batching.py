@@ -164,7 +164,9 @@ def resolve_padding_free(setting: bool | None, attention: str | None, verbose: b
     varlen = attention == VARLEN_SDPA or "flash" in (attention or "")
     use = varlen if setting is None else setting
     if verbose:
-        if use and not varlen:
+        if use and varlen:
+            print(f"padding-free: on ({attention}: each sample of a row attends only to itself)")
+        elif use and not varlen:
             print(f"padding-free: on with {attention or 'sdpa'} attention: exact (block-diagonal mask from "
                   f"position_ids), but attention is quadratic in the packed row; {VARLEN_SDPA} or FlashAttention "
                   "is faster")

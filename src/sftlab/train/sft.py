@@ -220,6 +220,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, clean_args: Clea
     probe = ProbeCallback(tokenizer, train_args.probe_prompts, train_args.probe_max_new_tokens, str(out),
                           data_args.system_prompt)
     train_args.padding_free = False  # TRL's own padding-free path refuses max_length; sftlab's collator does it
+    # the samples are already tokenized, fitted to max_length and each has supervised tokens: TRL's own
+    # preparation (a truncation pass and a filter over every row) would only re-read them
+    train_args.dataset_kwargs = {**(train_args.dataset_kwargs or {}), "skip_prepare_dataset": True}
     trainer = SftlabTrainer(
         model=model, args=train_args, processing_class=tokenizer,
         train_dataset=data.train.select_columns(["input_ids", "labels"]),
