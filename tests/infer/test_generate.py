@@ -46,3 +46,21 @@ def test_a_reply_cut_mid_character_drops_the_incomplete_bytes(tokenizer):
         reply = split_reply(tokenizer, ids[:n], stops)
         assert "\ufffd" not in reply.text and reply.finish_reason == "length" and reply.new_tokens == n
         assert "你好，今天天气很好".startswith(reply.text)
+
+
+def test_progress_bar_counts_batches_or_the_tokens_of_one_reply(tiny_model_dir, tokenizer, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    import sftlab.infer.generate as generate
+
+    bars = []
+    real_tqdm = generate.tqdm
+    monkeypatch.setattr(generate, "tqdm", lambda *a, **k: bars.append(real_tqdm(*a, **{**k, "disable": False}))
+                        or bars[-1])
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    greedy = SamplingArgs(max_new_tokens=5, temperature=0)
+    one = [[{"role": "user", "content": "你好"}]]
+    generate_replies(model, tokenizer, one, greedy, progress="doctor")
+    assert bars[-1].desc == "doctor" and bars[-1].n == 5 and bars[-1].unit == "token"
+    generate_replies(model, tokenizer, one * 3, greedy, batch_size=2, progress="replies")
+    assert bars[-1].n == 2 and bars[-1].unit == "batch"
