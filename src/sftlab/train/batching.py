@@ -142,15 +142,15 @@ class SamplerEpochCallback(TrainerCallback):
         self.sampler.set_epoch(math.floor(state.epoch or 0))
 
 
-def training_attention(requested: str | None, padding_free: bool | None) -> str | None:
+def training_attention(requested: str | None, padding_free: bool | None, dtype: str = "bfloat16") -> str | None:
     """The attention kernel to train with: as requested; else FlashAttention-2 on a CUDA GPU where flash_attn
-    is installed; else sftlab's `sdpa_varlen` (sdpa per sample of a padding-free row), unless padding-free
-    is turned off, where transformers' default (sdpa) stays."""
+    is installed and the weights are 16-bit (its only dtypes); else sftlab's `sdpa_varlen` (sdpa per sample of
+    a padding-free row), unless padding-free is turned off, where transformers' default (sdpa) stays."""
     if requested is not None:
         return requested
     import torch
 
-    if torch.cuda.is_available() and find_spec("flash_attn"):
+    if torch.cuda.is_available() and find_spec("flash_attn") and dtype in ("bfloat16", "float16", "auto"):
         return "flash_attention_2"
     return VARLEN_SDPA if padding_free is not False else None
 

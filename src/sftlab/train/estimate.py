@@ -122,7 +122,7 @@ def estimate(model_args, data_args, clean_args, train_args, probe: bool | None =
     if not len(data.train):
         raise UserError(f"no training samples left ({data.summary()})")
     lengths, supervised = data.train["length"], data.train["num_supervised"]
-    attention = training_attention(model_args.attn_implementation, train_args.padding_free)
+    attention = training_attention(model_args.attn_implementation, train_args.padding_free, model_args.dtype)
     padding_free = resolve_padding_free(train_args.padding_free, attention, verbose=False)
     world, accum = max(1, train_args.world_size), train_args.gradient_accumulation_steps
     batches = (token_budget_batches(lengths, train_args.max_tokens_per_batch, padding_free, train_args.seed, world)

@@ -207,7 +207,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, clean_args: Clea
         if resume_from:
             forget_after(out, int(Path(resume_from).name.split("-")[-1]))
 
-    attention = training_attention(model_args.attn_implementation, train_args.padding_free)
+    attention = training_attention(model_args.attn_implementation, train_args.padding_free, model_args.dtype)
     model = load_model(model_path, model_args.dtype, train_args.trust_remote_code, attention,
                        record_name=recorded_base_name(model_args.model_name_or_path),
                        load_in_4bit=model_args.load_in_4bit)
