@@ -35,3 +35,13 @@ def test_prepared_data_is_cached_under_a_content_hash(tokenizer, tmp_path, monke
     changed = prepare_data(args, CleanArguments(), renderer)  # new content, new key: prepared again
     assert changed.report["rows_read"] == 21
     assert len(changed.train) + len(changed.test) == 21 and len(first.train) + len(first.test) == 20
+
+
+def test_an_empty_held_out_split_is_cached_too(tokenizer, tmp_path):
+    data_file = tmp_path / "one.jsonl"
+    data_file.write_text(json.dumps({"instruction": "q", "output": "the only answer"}) + "\n")
+    args = DataArguments(data_files=[str(data_file)], test_size=0.1)
+    renderer = ChatRenderer(tokenizer, 64)
+    first = prepare_data(args, CleanArguments(), renderer)
+    again = prepare_data(args, CleanArguments(), renderer)
+    assert (len(first.train), len(first.test)) == (len(again.train), len(again.test)) == (1, 0)

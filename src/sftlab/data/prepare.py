@@ -146,7 +146,8 @@ def write_cache(folder: Path, data: PreparedData) -> None:
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
         for split in SPLITS:
-            getattr(data, split).save_to_disk(str(staging / split))
+            if len(getattr(data, split)):  # datasets cannot load an empty saved dataset; read_cache makes one
+                getattr(data, split).save_to_disk(str(staging / split))
         meta = {f.name: getattr(data, f.name) for f in fields(data) if f.name not in SPLITS}
         (staging / META).write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
         try:
@@ -160,5 +161,6 @@ def write_cache(folder: Path, data: PreparedData) -> None:
 
 def read_cache(folder: Path) -> PreparedData:
     meta = json.loads((folder / META).read_text(encoding="utf-8"))
-    splits = {split: load_from_disk(str(folder / split)) for split in SPLITS}
+    splits = {split: load_from_disk(str(folder / split)) if (folder / split).exists() else samples_dataset([])
+              for split in SPLITS}
     return PreparedData(**splits, **meta)

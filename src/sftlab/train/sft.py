@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 import yaml
-from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer, TrlParser
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
@@ -43,10 +42,11 @@ from sftlab.train.batching import (
     training_attention,
 )
 from sftlab.train.callbacks import DEFAULT_PROBES, JsonlLogCallback, ProbeCallback, run_probes
+from sftlab.train.checkpoints import RunLock, commit, rotate
 from sftlab.train.loss import add_supervised_lm_head
+from sftlab.train.resume import RESOLVED_CONFIG, check_output_dir, check_resume_config, forget_after, has_final
 from sftlab.train.tracking import REPORT_TO_CHOICES, finish_swanlab, start_swanlab
 
-RESOLVED_CONFIG = "sftlab_config.yaml"
 # PEFT still calls transformers' old name on every step; the warning says nothing a user can act on
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
 
@@ -155,9 +155,10 @@ def _config_error_line(exc: ValueError) -> str:
     return f"config: {text.splitlines()[0]}"
 
 
-def resolved_config(model_args, data_args, clean_args, train_args) -> dict:
+def resolved_config(model_args, data_args, clean_args, train_args, fingerprint: str | None = None) -> dict:
     train = {k: v for k, v in train_args.to_dict().items() if not k.startswith("_")}
-    return {"model": asdict(model_args), "data": asdict(data_args), "clean": asdict(clean_args), "train": train}
+    return {"model": asdict(model_args), "data": asdict(data_args), "clean": asdict(clean_args), "train": train,
+            "world_size": train_args.world_size, "data_fingerprint": fingerprint}
 
 
 def lora_config(model_args: ModelArguments):
@@ -171,26 +172,30 @@ def lora_config(model_args: ModelArguments):
     )
 
 
-def check_output_dir(train_args: TrainConfig) -> str | None:
-    """The checkpoint to resume from, or None for a fresh run. Never silently trains over an old run."""
-    out = Path(train_args.output_dir)
-    last = get_last_checkpoint(str(out)) if out.is_dir() else None
-    if train_args.resume:
-        if last is None:
-            raise UserError(f"--resume: no checkpoint-* folder in {out} to resume from")
-        return last
-    if last is not None or (out / ADAPTER_CONFIG).exists() or (out / "model.safetensors").exists():
-        raise UserError(f"output_dir {out} already holds a run: pass --resume to continue it, "
-                        "or choose another output_dir")
-    return None
-
-
 def train(model_args: ModelArguments, data_args: DataArguments, clean_args: CleanArguments,
           train_args: TrainConfig) -> Path:
-    """Runs one SFT job and returns the run directory, which then holds the final adapter or model."""
-    resume_from = check_output_dir(train_args)
-    quantization_config(model_args.load_in_4bit)  # no GPU or no bitsandbytes: say so before preparing data
+    """Runs one SFT job and returns the run directory, which then holds the final adapter or model. The main
+    process holds the output_dir's lock for the whole run."""
     out = Path(train_args.output_dir)
+    quantization_config(model_args.load_in_4bit)  # no GPU or no bitsandbytes: say so before anything else
+    if train_args.resume and has_final(out):
+        print(f"run {out} is finished (its final weights are there): nothing to resume, nothing changed")
+        return out
+    lock = RunLock(out) if train_args.process_index == 0 else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        return run_training(model_args, data_args, clean_args, train_args)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def run_training(model_args: ModelArguments, data_args: DataArguments, clean_args: CleanArguments,
+                 train_args: TrainConfig) -> Path:
+    out = Path(train_args.output_dir)
+    is_main = train_args.process_index == 0
+    resume_from = check_output_dir(out, train_args.resume, is_main)
     model_path = resolve_model_path(model_args.model_name_or_path)
     tokenizer = load_tokenizer(model_path, train_args.trust_remote_code)
     renderer = ChatRenderer(tokenizer, train_args.max_length, data_args.overflow)
@@ -200,12 +205,15 @@ def train(model_args: ModelArguments, data_args: DataArguments, clean_args: Clea
     if not len(data.train):
         raise UserError(f"no training samples left from {', '.join(data_args.data_files)} ({data.summary()})")
     set_reply_limits(train_args, data.report)
-    is_main = train_args.process_index == 0
-    if is_main:
+    config = resolved_config(model_args, data_args, clean_args, train_args, data.fingerprint)
+    if resume_from:  # checked on every process (the others would wait forever for a main that stopped)
+        step = int(Path(resume_from).name.split("-")[-1])
+        check_resume_config(out, config, step, record=is_main)
+        if is_main:
+            forget_after(out, step)
+    elif is_main:
         out.mkdir(parents=True, exist_ok=True)
-        write_run_inputs(out, model_args, data_args, clean_args, train_args, data)
-        if resume_from:
-            forget_after(out, int(Path(resume_from).name.split("-")[-1]))
+        write_run_inputs(out, config, data)
 
     attention = training_attention(model_args.attn_implementation, train_args.padding_free, model_args.dtype)
     model = load_model(model_path, model_args.dtype, train_args.trust_remote_code, attention,
@@ -276,6 +284,21 @@ class SftlabTrainer(SFTTrainer):
     def _get_train_sampler(self, train_dataset=None):
         return self.token_sampler if self.token_sampler is not None else super()._get_train_sampler(train_dataset)
 
+    def _save_checkpoint(self, model, trial):
+        """The Trainer's checkpoint, then sftlab's commit marker (train/checkpoints.py), then the rotation: the
+        Trainer would delete old checkpoints before the new one is complete."""
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            folder = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
+            commit(folder)
+            rotate(folder.parent, limit, folder)
+
 
 def token_sampler(train_args: TrainConfig, lengths: list[int], padding_free: bool,
                   verbose: bool) -> TokenBudgetSampler | None:
@@ -292,17 +315,6 @@ def token_sampler(train_args: TrainConfig, lengths: list[int], padding_free: boo
     return sampler
 
 
-def forget_after(out: Path, step: int) -> None:
-    """On resume, drops the log and probe lines that the crashed run wrote after its last checkpoint: the
-    resumed run writes those steps again, and each step should be in the logs once."""
-    for name in ("trainer_log.jsonl", "predictions.jsonl"):
-        path = out / name
-        if path.exists():
-            lines = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
-                     if line.strip() and json.loads(line)["step"] <= step]
-            write_atomic(path, "".join(lines))
-
-
 def finish_run(trainer, tokenizer, out: Path, model_args, data_args, clean_args, train_args, data) -> None:
     """After training, on the main process: final weights, probe replies, held-out evaluation, report."""
     from sftlab.eval.evaluate import evaluate, with_replies, write_eval
@@ -310,8 +322,10 @@ def finish_run(trainer, tokenizer, out: Path, model_args, data_args, clean_args,
     from sftlab.eval.tables import table_text
 
     save_final(trainer, tokenizer, out, model_args)
-    write_manifest(out, resolved_config(model_args, data_args, clean_args, train_args), data.fingerprint,
-                   train_args.seed, {"peak_memory_mb": peak_memory_mb()})
+    # the record is the run's own config (a resume may only amend it, in amendments.jsonl), plus what was chosen
+    record = yaml.safe_load((out / RESOLVED_CONFIG).read_text(encoding="utf-8"))
+    chosen = {"attention": trainer.model.config._attn_implementation, "padding_free": train_args.padding_free}
+    write_manifest(out, record, data.fingerprint, train_args.seed, {"peak_memory_mb": peak_memory_mb(), **chosen})
     replies = run_probes(trainer.model, tokenizer, train_args.probe_prompts, train_args.probe_max_new_tokens,
                          data_args.system_prompt)
     final = [dict(step=trainer.state.global_step, prompt=p, reply=r.text, finish_reason=r.finish_reason,
@@ -327,13 +341,12 @@ def finish_run(trainer, tokenizer, out: Path, model_args, data_args, clean_args,
     print_probes(final)
 
 
-def write_run_inputs(out: Path, model_args, data_args, clean_args, train_args, data: PreparedData) -> None:
+def write_run_inputs(out: Path, config: dict, data: PreparedData) -> None:
     """How the run was made, written before training so even a crashed run says it."""
     from sftlab.eval.run_report import write_manifest
 
-    config = resolved_config(model_args, data_args, clean_args, train_args)
     write_atomic(out / RESOLVED_CONFIG, yaml.safe_dump(config, allow_unicode=True, sort_keys=False))
-    write_manifest(out, config, data.fingerprint, train_args.seed)
+    write_manifest(out, config, data.fingerprint, config["train"]["seed"])
     if data.example is not None:  # what `sftlab doctor` checks the saved template against
         write_atomic(out / "render_check.json", json.dumps(data.example, ensure_ascii=False) + "\n")
     heldout = "".join(json.dumps({"messages": m}, ensure_ascii=False) + "\n" for m in data.test_messages)

@@ -1,0 +1,202 @@
+"""Runs that lose nothing: checkpoints count only when committed, a torn one is skipped by --resume, old ones go
+only after a new one is committed, a changed recipe is refused on resume, and one run holds a folder at a time."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import sftlab.train.sft as sft
+from sftlab.errors import UserError
+from sftlab.train.checkpoints import MARKER, RunLock, newest_committed, why_not_committed
+from sftlab.train.sft import parse_args, train
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def args_for(out, *extra):
+    return parse_args([
+        "--config", str(REPO / "configs/demo.yaml"), "--output_dir", str(out), "--report_to", "none",
+        "--max_steps", "6", "--save_steps", "3", "--eval_strategy", "no", "--logging_steps", "1",
+        "--probe_prompts", "hi", "--probe_max_new_tokens", "2", "--final_eval_samples", "0",
+        "--save_total_limit", "1", *extra,
+    ])
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """An uninterrupted run: checkpoints at steps 3 and 6 (only the newest kept), the final adapter."""
+    out = tmp_path_factory.mktemp("reliability") / "straight"
+    train(*args_for(out))
+    return out
+
+
+def losses(out):
+    return [(r["step"], r["loss"]) for r in map(json.loads, (out / "trainer_log.jsonl").read_text().splitlines())
+            if "loss" in r]
+
+
+def assert_same_run(a, b):
+    assert losses(a) == losses(b)
+    first, second = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_a_finished_run_keeps_one_committed_checkpoint(straight):
+    assert [p.name for p in straight.glob("checkpoint-*")] == ["checkpoint-6"]
+    assert why_not_committed(straight / "checkpoint-6") is None
+    marker = json.loads((straight / "checkpoint-6" / MARKER).read_text())["files"]
+    assert {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json"} <= set(marker)
+
+
+@pytest.mark.parametrize("damage, reason", [
+    ("no_marker", "no commit marker"),
+    ("missing_file", "scheduler.pt is missing"),
+    ("truncated", "adapter_model.safetensors has"),
+    ("bit_flip", "adapter_model.safetensors differs from what was committed"),
+])
+def test_resume_skips_a_damaged_newest_checkpoint(straight, tmp_path, damage, reason):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(straight, run)
+    shutil.copytree(run / "checkpoint-6", run / "checkpoint-9")  # a newer checkpoint, then damaged
+    target = run / "checkpoint-9"
+    adapter = target / "adapter_model.safetensors"
+    if damage == "no_marker":
+        (target / MARKER).unlink()
+    elif damage == "missing_file":
+        (target / "scheduler.pt").unlink()
+    elif damage == "truncated":
+        adapter.write_bytes(adapter.read_bytes()[:-10])
+    else:
+        data = bytearray(adapter.read_bytes())
+        data[-5] ^= 0x01
+        adapter.write_bytes(bytes(data))
+    committed, skipped = newest_committed(run)
+    assert committed == run / "checkpoint-6"
+    assert len(skipped) == 1 and skipped[0].startswith("checkpoint-9: ") and reason in skipped[0]
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: nothing after it runs."""
+
+
+@pytest.mark.parametrize("stage", ["model_saved", "optimizer_saved", "before_marker", "writing_marker"])
+def test_kill_while_writing_a_checkpoint_then_resume_ends_as_the_uninterrupted_run(straight, tmp_path, monkeypatch,
+                                                                                  stage):
+    """The second checkpoint (step 6) is torn at `stage`; --resume goes back to the committed step 3 (still
+    there: rotation waits for the commit) and ends bit-identical to the uninterrupted run."""
+    from transformers import Trainer
+
+    import sftlab.train.checkpoints as checkpoints
+
+    def kill_at_step_6(original):
+        def wrapper(self_or_path, *args, **kwargs):
+            step = self_or_path.state.global_step if isinstance(self_or_path, Trainer) else int(
+                str(Path(self_or_path).parent.name).split("-")[-1])
+            if step == 6:
+                raise Killed(stage)
+            return original(self_or_path, *args, **kwargs)
+        return wrapper
+
+    if stage == "model_saved":
+        monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler",
+                            kill_at_step_6(Trainer._save_optimizer_and_scheduler))
+    elif stage == "optimizer_saved":
+        monkeypatch.setattr(Trainer, "_save_rng_state", kill_at_step_6(Trainer._save_rng_state))
+    elif stage == "before_marker":
+        monkeypatch.setattr(sft, "commit", lambda folder: (_ for _ in ()).throw(Killed(stage))
+                            if folder.name == "checkpoint-6" else checkpoints.commit(folder))
+    else:
+        monkeypatch.setattr(checkpoints, "write_atomic", kill_at_step_6(checkpoints.write_atomic))
+    run = tmp_path / "run"
+    with pytest.raises(Killed):
+        train(*args_for(run))
+    monkeypatch.undo()
+    committed, skipped = newest_committed(run)
+    assert committed == run / "checkpoint-3" and skipped and skipped[0].startswith("checkpoint-6: ")
+    with pytest.raises(UserError, match="already holds a run: pass --resume"):
+        train(*args_for(run))
+    train(*args_for(run, "--resume"))
+    assert_same_run(straight, run)
+    assert [s for s, _ in losses(run)] == [1, 2, 3, 4, 5, 6]  # every step logged once
+
+
+def test_a_run_killed_in_its_first_checkpoint_can_start_again(straight, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    monkeypatch.setattr(sft, "commit", lambda folder: (_ for _ in ()).throw(Killed("first checkpoint")))
+    with pytest.raises(Killed):
+        train(*args_for(run))
+    monkeypatch.undo()
+    with pytest.raises(UserError, match="no committed checkpoint .*checkpoint-3: no commit marker.*run without"):
+        train(*args_for(run, "--resume"))
+    train(*args_for(run))  # the torn checkpoint and the interrupted logs are cleared, with a line
+    assert_same_run(straight, run)
+
+
+def test_resume_refuses_a_changed_recipe_before_writing_anything(straight, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(straight, run)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (run / name).unlink()  # as if killed after checkpoint-6, before the final save
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(UserError) as error:
+        train(*args_for(run, "--resume", "--learning_rate", "1e-2", "--lora_r", "8", "--seed", "7"))
+    message = str(error.value)
+    assert "learning_rate: 0.003 -> 0.01" in message and "lora_r: 32 -> 8" in message and "seed: 42 -> 7" in message
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    other = tmp_path / "other.jsonl"
+    other.write_text('{"instruction": "hi", "output": "hello"}\n' * 3)
+    with pytest.raises(UserError, match="data_files: .* data_fingerprint: "):
+        train(*args_for(run, "--resume", "--data_files", str(other)))
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_resume_records_allowed_changes_as_an_amendment(straight, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(straight, run)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (run / name).unlink()
+    record = (run / "sftlab_config.yaml").read_text()
+    train(*args_for(run, "--resume", "--max_steps", "6", "--logging_steps", "2", "--probe_max_new_tokens", "3"))
+    assert "resume: amended logging_steps, probe_max_new_tokens" in capsys.readouterr().out
+    assert (run / "sftlab_config.yaml").read_text() == record
+    amendment = json.loads((run / "amendments.jsonl").read_text())
+    assert amendment == {"resumed_at_step": 6, "changed": {"train.logging_steps": [1, 2],
+                                                           "train.probe_max_new_tokens": [2, 3]}}
+
+
+def test_resuming_a_finished_run_changes_nothing(straight, capsys):
+    before = {p: p.stat().st_mtime_ns for p in straight.rglob("*")}
+    train(*args_for(straight, "--resume"))
+    assert "is finished" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in straight.rglob("*")} == before
+
+
+def test_a_second_run_on_a_locked_folder_is_refused_and_a_stale_lock_is_taken_over(tmp_path, capsys):
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        out.mkdir()
+        (out / ".sftlab.lock").write_text(f"{holder.pid}\n")
+        with pytest.raises(UserError, match=f"in use by another sftlab train \\(PID {holder.pid}\\)"):
+            train(*args_for(out))
+    finally:
+        holder.kill()
+        holder.wait()
+    lock = RunLock(out)
+    lock.acquire()  # the holder is gone: its lock is stale
+    assert f"taking over a stale lock of PID {holder.pid}" in capsys.readouterr().out
+    assert (out / ".sftlab.lock").read_text().strip() == str(os.getpid())
+    lock.release()
+    assert not (out / ".sftlab.lock").exists()
