@@ -200,3 +200,81 @@ def test_a_second_run_on_a_locked_folder_is_refused_and_a_stale_lock_is_taken_ov
     assert (out / ".sftlab.lock").read_text().strip() == str(os.getpid())
     lock.release()
     assert not (out / ".sftlab.lock").exists()
+
+
+def test_a_non_finite_step_leaves_weights_and_optimizer_state_bitwise_unchanged():
+    import copy
+
+    from sftlab.train.guards import NonFiniteSteps
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1)
+    guard = NonFiniteSteps(limit=3)
+    guard.guard(optimizer)
+    layer(torch.randn(3, 4)).sum().backward()
+    optimizer.step()  # a good step: Adam has state now
+    weights, state = copy.deepcopy(layer.state_dict()), copy.deepcopy(optimizer.state_dict())
+    (layer(torch.randn(3, 4)) * float("nan")).sum().backward()
+    optimizer.step()
+    assert all(torch.equal(weights[k], v) for k, v in layer.state_dict().items())
+    after = optimizer.state_dict()["state"]
+    assert all(torch.equal(state["state"][i][k], after[i][k]) for i in after for k in after[i])
+    assert (guard.skipped, guard.in_a_row) == (1, 1) and all(p.grad is None for p in layer.parameters())
+    layer(torch.randn(3, 4)).sum().backward()
+    optimizer.step()
+    assert guard.in_a_row == 0 and not torch.equal(weights["weight"], layer.weight)
+
+
+def test_non_finite_steps_in_a_row_stop_the_run_and_are_logged_as_such(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match="3 optimizer steps in a row had a non-finite loss or gradient and were "
+                                        "skipped .*the last committed checkpoint is .*checkpoint-"):
+        train(*args_for(out, "--learning_rate", "1e6", "--max_bad_steps", "3", "--max_steps", "30",
+                        "--save_steps", "2"))
+    records = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+    assert records[-1]["skipped_steps"] == 2 and all(r["loss"] != 0.0 for r in records)  # never shown as 0.0
+    assert not (out / "adapter_model.safetensors").exists()  # no final save
+    committed, _ = newest_committed(out)
+    assert committed is not None and all(torch.isfinite(t).all()
+                                         for t in load_file(committed / "adapter_model.safetensors").values())
+
+
+def test_weights_with_a_nan_are_never_saved(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from sftlab.train.guards import refuse_non_finite
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("inf")
+    with pytest.raises(UserError, match="refusing to save the final weights: model.layers.1.mlp.down_proj.weight has "
+                                        "1 non-finite values"):
+        refuse_non_finite(model, "final weights")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, code", [(15, 143), (2, 130)])
+def test_sigterm_and_sigint_commit_a_checkpoint_and_say_how_to_resume(tmp_path, signum, code):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "sftlab.cli", "train", "--config", str(REPO / "configs/demo.yaml"),
+               "--output_dir", str(out), "--report_to", "none", "--max_steps", "100000", "--save_steps", "100000",
+               "--eval_strategy", "no", "--logging_steps", "1"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=dict(os.environ))
+    log = out / "trainer_log.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    process.send_signal(signum)
+    stdout, stderr = process.communicate(timeout=240)
+    assert process.returncode == code, stderr[-2000:]
+    line = next(x for x in stdout.splitlines() if x.startswith(f"stopped by {signal.Signals(signum).name}"))
+    step = int(line.split("after step ")[1].split(":")[0])
+    assert line.endswith("--resume") and f"checkpoint-{step} is committed" in line
+    assert newest_committed(out) == (out / f"checkpoint-{step}", [])
+    assert json.loads((out / f"checkpoint-{step}" / "trainer_state.json").read_text())["global_step"] == step
+    assert not (out / "adapter_model.safetensors").exists() and not (out / ".sftlab.lock").exists()

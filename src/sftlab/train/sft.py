@@ -8,7 +8,9 @@ once; the split is seeded; probes run in eval mode and decode only new tokens; c
 import json
 import os
 import re
+import shlex
 import shutil
+import signal
 import sys
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -43,6 +45,7 @@ from sftlab.train.batching import (
 )
 from sftlab.train.callbacks import DEFAULT_PROBES, JsonlLogCallback, ProbeCallback, run_probes
 from sftlab.train.checkpoints import RunLock, commit, rotate
+from sftlab.train.guards import NonFiniteSteps, StopOnSignal, refuse_non_finite
 from sftlab.train.loss import add_supervised_lm_head
 from sftlab.train.resume import RESOLVED_CONFIG, check_output_dir, check_resume_config, forget_after, has_final
 from sftlab.train.tracking import REPORT_TO_CHOICES, finish_swanlab, start_swanlab
@@ -111,6 +114,14 @@ class TrainConfig(SFTConfig):
                                 "(FlashAttention-2 on GPU, sftlab's sdpa_varlen elsewhere, chosen when "
                                 "attn_implementation is unset); off with plain sdpa or eager, where it is exact but "
                                 "slower than length-grouped padded batches."}
+    )
+    max_bad_steps: int = field(
+        default=10, metadata={"help": "Optimizer steps with a non-finite loss or gradient are skipped (weights and "
+                              "optimizer state untouched) and counted; this many in a row stop the run."}
+    )
+    logging_nan_inf_filter: bool = field(
+        default=False, metadata={"help": "Replace a non-finite logged loss by the running mean (transformers' "
+                                 "default, which shows 0.0 when every step is NaN). sftlab logs it as it is."}
     )
     supervised_head: bool = field(
         default=True, metadata={"help": "Run the LM head and loss only on supervised positions, in chunks (no "
@@ -227,6 +238,7 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, clean_arg
         start_swanlab(str(out), train_args.run_name, resolved_config(model_args, data_args, clean_args, train_args))
     probe = ProbeCallback(tokenizer, train_args.probe_prompts, train_args.probe_max_new_tokens, str(out),
                           data_args.system_prompt)
+    stopper = StopOnSignal()
     train_args.padding_free = False  # TRL's own padding-free path refuses max_length; sftlab's collator does it
     # the samples are already tokenized, fitted to max_length and each has supervised tokens: TRL's own
     # preparation (a truncation pass and a filter over every row) would only re-read them
@@ -238,17 +250,22 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, clean_arg
                       if len(data.test) and train_args.eval_strategy != "no" else None),
         peft_config=lora_config(model_args) if model_args.use_peft else None,
         data_collator=DataCollatorForLanguageModeling(tokenizer.pad_token_id, padding_free=padding_free),
-        callbacks=[probe, JsonlLogCallback(str(out))], token_sampler=sampler,
+        callbacks=[probe, JsonlLogCallback(str(out)), stopper], token_sampler=sampler,
+        non_finite=NonFiniteSteps(train_args.max_bad_steps),
     )
     train_args.padding_free = padding_free  # what was used, for the manifest
     if train_args.supervised_head:
         unwrapped = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
         add_supervised_lm_head(unwrapped)
+    stopper.install()
     try:
         trainer.train(resume_from_checkpoint=resume_from)
+        if stopper.received is not None:
+            stopped_by_signal(stopper.received, trainer.state.global_step, out, is_main)
         if is_main:
             finish_run(trainer, tokenizer, out, model_args, data_args, clean_args, train_args, data)
     finally:
+        stopper.uninstall()
         if "swanlab" in reports and is_main:
             finish_swanlab()
     return out
@@ -273,13 +290,24 @@ def set_reply_limits(train_args: TrainConfig, report: dict) -> None:
 
 
 class SftlabTrainer(SFTTrainer):
-    """TRL's SFTTrainer, fed by token-budget micro-batches when a sampler is given."""
+    """TRL's SFTTrainer, fed by token-budget micro-batches when a sampler is given, with committed checkpoints
+    and non-finite steps skipped."""
 
-    def __init__(self, *args, token_sampler: TokenBudgetSampler | None = None, **kwargs):
-        self.token_sampler = token_sampler
+    def __init__(self, *args, token_sampler: TokenBudgetSampler | None = None,
+                 non_finite: NonFiniteSteps | None = None, **kwargs):
+        self.token_sampler, self.non_finite = token_sampler, non_finite
+        if non_finite is not None:  # first, so that the log record it annotates is the one written to disk
+            kwargs["callbacks"] = [non_finite, *(kwargs.get("callbacks") or [])]
         super().__init__(*args, **kwargs)
         if token_sampler is not None:
             self.add_callback(SamplerEpochCallback(token_sampler))
+
+    def create_optimizer(self, *args, **kwargs):
+        optimizer = super().create_optimizer(*args, **kwargs)
+        if self.non_finite is not None and not getattr(optimizer, "_sftlab_guarded", False):
+            self.non_finite.guard(optimizer)
+            optimizer._sftlab_guarded = True
+        return optimizer
 
     def _get_train_sampler(self, train_dataset=None):
         return self.token_sampler if self.token_sampler is not None else super()._get_train_sampler(train_dataset)
@@ -287,6 +315,7 @@ class SftlabTrainer(SFTTrainer):
     def _save_checkpoint(self, model, trial):
         """The Trainer's checkpoint, then sftlab's commit marker (train/checkpoints.py), then the rotation: the
         Trainer would delete old checkpoints before the new one is complete."""
+        refuse_non_finite(self.model, f"checkpoint of step {self.state.global_step}")
         limit = self.args.save_total_limit
         self.args.save_total_limit = None
         try:
@@ -313,6 +342,16 @@ def token_sampler(train_args: TrainConfig, lengths: list[int], padding_free: boo
         print(f"batches: up to {train_args.max_tokens_per_batch:,} tokens per micro-batch "
               f"(per_device_train_batch_size is not used): {plan.summary()}")
     return sampler
+
+
+def stopped_by_signal(signum: int, step: int, out: Path, is_main: bool) -> None:
+    """One line on where the run stopped and how to go on; exits 143 (SIGTERM) or 130 (SIGINT)."""
+    if is_main:
+        command = shlex.join(["sftlab", *sys.argv[1:]]) if sys.argv[1:2] == ["train"] else "sftlab train ..."
+        command += "" if "--resume" in sys.argv else " --resume"
+        print(f"stopped by {signal.Signals(signum).name} after step {step}: {out / f'checkpoint-{step}'} is "
+              f"committed; continue with: {command}", flush=True)
+    raise SystemExit(128 + signum)
 
 
 def finish_run(trainer, tokenizer, out: Path, model_args, data_args, clean_args, train_args, data) -> None:
@@ -361,6 +400,7 @@ def save_final(trainer, tokenizer, out: Path, model_args: ModelArguments) -> Non
 
     The marker of a loadable folder (adapter_config.json, or config.json for a full model) is moved last,
     so a crash mid-save never leaves a folder that looks complete."""
+    refuse_non_finite(trainer.model, "final weights")
     staging = out / ".final.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     trainer.save_model(str(staging))
