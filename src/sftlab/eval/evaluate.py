@@ -150,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    if not (args.adapter or args.model):
+        raise UserError("pass --adapter RUN (a LoRA run) or --model PATH (a full model or run)")
+    for flag in ("max_new_tokens", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag}: must be an integer >= 1, got {getattr(args, flag)}")
     if args.compare_base and not args.adapter:
         raise UserError("--compare-base needs --adapter (a full model has no separate base)")
     out = run_eval(args.model, args.adapter, args.data, args.compare_base, args.max_new_tokens, args.batch_size,

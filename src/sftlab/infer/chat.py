@@ -2,11 +2,15 @@
 
 import argparse
 import json
+import math
 import sys
 from threading import Thread
 
+import torch
+
+from sftlab.errors import UserError
 from sftlab.infer.generate import Reply, SamplingArgs, generate_replies
-from sftlab.model.load import load_for_inference
+from sftlab.model.load import inference_paths, inference_tokenizer, load_for_inference
 
 HELP = "commands: /clear (forget the history), /system TEXT (set the system prompt), /exit (also exit, quit)"
 
@@ -30,12 +34,47 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_args(args) -> None:
+    """Every bad flag is one line naming it and its range, before any model is loaded."""
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max_new_tokens: must be an integer >= 1, got {args.max_new_tokens}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise UserError(f"--temperature: must be >= 0 (0 is greedy), got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise UserError(f"--top_p: must be in (0, 1], got {args.top_p}")
+    if args.repetition_penalty is not None and not args.repetition_penalty > 0:
+        raise UserError(f"--repetition_penalty: must be > 0, got {args.repetition_penalty}")
+    if args.prompt is not None and not args.prompt.strip():
+        raise UserError("--prompt is empty")
+    if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device}: this machine has no CUDA GPU (use --device cpu, or leave it out)")
+
+
+def check_prompt_fits(tokenizer, base_path, conversation: list[dict], max_new_tokens: int) -> None:
+    """A prompt plus the reply must fit the model's context (else the model would generate garbage)."""
+    from transformers import AutoConfig
+
+    from sftlab.chat_format import ChatRenderer
+
+    context = getattr(AutoConfig.from_pretrained(base_path).get_text_config(), "max_position_embeddings", None)
+    length = len(ChatRenderer(tokenizer).prompt_ids(conversation))
+    if context is not None and length + max_new_tokens > context:
+        raise UserError(f"the prompt is {length} tokens; with --max_new_tokens {max_new_tokens} it exceeds the model's "
+                        f"context of {context} tokens")
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    check_args(args)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    if args.prompt is not None:
+        base_path, _ = inference_paths(args.model, args.adapter)
+        tokenizer = inference_tokenizer(args.model, args.adapter, args.trust_remote_code)
+        check_prompt_fits(tokenizer, base_path, system + [{"role": "user", "content": args.prompt}],
+                          args.max_new_tokens)
     model, tokenizer = load_for_inference(args.model, args.adapter, args.device,
                                           trust_remote_code=args.trust_remote_code)
     sampling = SamplingArgs(args.max_new_tokens, args.temperature, args.top_p, args.repetition_penalty)
-    system = [{"role": "system", "content": args.system}] if args.system else []
     if args.prompt is not None:
         reply = generate_replies(model, tokenizer, [system + [{"role": "user", "content": args.prompt}]], sampling)[0]
         if args.json:

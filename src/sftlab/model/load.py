@@ -158,7 +158,14 @@ def load_for_inference(model: str | None = None, adapter: str | None = None, dev
     if adapter is not None:
         from peft import PeftModel
 
-        net = PeftModel.from_pretrained(net, adapter)
+        try:
+            net = PeftModel.from_pretrained(net, adapter)
+        except RuntimeError as exc:
+            if "size mismatch" not in str(exc):
+                raise
+            first = next(line.strip() for line in str(exc).splitlines() if "size mismatch" in line)
+            raise UserError(f"adapter {adapter} does not fit the base model {base_path} (trained on another base?): "
+                            f"{first.rstrip('.')}; pass --model with the base it was trained on") from exc
     net.eval()
     return net, tokenizer
 

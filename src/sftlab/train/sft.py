@@ -6,6 +6,7 @@ once; the split is seeded; probes run in eval mode and decode only new tokens; c
 """
 
 import json
+import math
 import os
 import re
 import shlex
@@ -141,9 +142,44 @@ class TrainConfig(SFTConfig):
             self.bf16_full_eval = self.bf16
         if not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # pinning needs an accelerator; on CPU it only warns
-        if self.max_tokens_per_batch is not None and self.max_tokens_per_batch <= 0:
-            raise ValueError(f"max_tokens_per_batch: must be positive or None, got {self.max_tokens_per_batch}")
+        check_ranges(self)
         super().__post_init__()
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# (field, test, what the value must be): checked before transformers sees the config, so a bad value is one
+# line naming the field and its range, never a traceback from deep inside a library
+RANGES = [
+    ("learning_rate", lambda v: _number(v) and v > 0, "a positive number"),
+    ("num_train_epochs", lambda v: _number(v) and v > 0, "a positive number"),
+    ("max_steps", lambda v: isinstance(v, int) and (v == -1 or v > 0), "-1 (use num_train_epochs) or positive"),
+    ("per_device_train_batch_size", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    ("per_device_eval_batch_size", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    ("gradient_accumulation_steps", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    ("max_tokens_per_batch", lambda v: v is None or (isinstance(v, int) and v >= 1), "an integer >= 1, or null"),
+    ("max_length", lambda v: v is None or (isinstance(v, int) and v >= 8), "an integer >= 8, or null"),
+    ("save_steps", lambda v: _number(v) and v > 0, "a positive number (< 1: a share of all steps)"),
+    ("eval_steps", lambda v: v is None or (_number(v) and v > 0), "a positive number (< 1: a share of all steps)"),
+    ("logging_steps", lambda v: _number(v) and v > 0, "a positive number (< 1: a share of all steps)"),
+    ("warmup_steps", lambda v: _number(v) and v >= 0, "a number >= 0 (< 1: a share of all steps)"),
+    ("weight_decay", lambda v: _number(v) and v >= 0, "a number >= 0"),
+    ("max_grad_norm", lambda v: _number(v) and v >= 0, "a number >= 0 (0: no clipping)"),
+    ("save_total_limit", lambda v: v is None or (isinstance(v, int) and v >= 1), "an integer >= 1, or null"),
+    ("max_bad_steps", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    ("final_eval_samples", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
+    ("probe_max_new_tokens", lambda v: v is None or (isinstance(v, int) and v >= 1), "an integer >= 1, or null"),
+    ("final_eval_max_new_tokens", lambda v: v is None or (isinstance(v, int) and v >= 1), "an integer >= 1, or null"),
+]
+
+
+def check_ranges(config: TrainConfig) -> None:
+    for name, valid, allowed in RANGES:
+        value = getattr(config, name)
+        if not valid(value):
+            raise ValueError(f"{name}: must be {allowed}, got {value!r}")
 
 
 def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, CleanArguments, TrainConfig]:
@@ -152,6 +188,10 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, CleanArg
         config_path = argv[argv.index("--config") + 1] if argv.index("--config") + 1 < len(argv) else ""
         if not Path(config_path).is_file():
             raise UserError(f"config file {config_path or '(missing)'} does not exist")
+        values = yaml.safe_load(Path(config_path).read_text(encoding="utf-8"))
+        if values is not None and not isinstance(values, dict):
+            raise UserError(f"config file {config_path}: expected a mapping of field: value, got a "
+                            f"{type(values).__name__}")
     try:
         return parser.parse_args_and_config(args=argv)
     except ValueError as exc:
@@ -172,6 +212,22 @@ def resolved_config(model_args, data_args, clean_args, train_args, fingerprint: 
             "world_size": train_args.world_size, "data_fingerprint": fingerprint}
 
 
+def check_lora_targets(model_path: Path, model_args: ModelArguments) -> None:
+    """Every LoRA target names a module of the model (checked on the meta device: nothing is loaded)."""
+    if not model_args.use_peft or model_args.lora_target_modules == ["all-linear"]:
+        return
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
+    names = {name.split(".")[-1] for name, _ in model.named_modules()}
+    missing = [t for t in model_args.lora_target_modules if t not in names]
+    if missing:
+        linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise UserError(f"lora_target_modules: {', '.join(missing)} matches no module of the model; its linear "
+                        f"layers are {', '.join(linear)} (or use all-linear)")
+
+
 def lora_config(model_args: ModelArguments):
     from peft import LoraConfig
 
@@ -188,6 +244,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, clean_args: Clea
     """Runs one SFT job and returns the run directory, which then holds the final adapter or model. The main
     process holds the output_dir's lock for the whole run."""
     out = Path(train_args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output_dir {out} is a file, not a folder")
     quantization_config(model_args.load_in_4bit)  # no GPU or no bitsandbytes: say so before anything else
     if train_args.resume and has_final(out):
         print(f"run {out} is finished (its final weights are there): nothing to resume, nothing changed")
@@ -215,6 +273,12 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, clean_arg
     print(data.summary())
     if not len(data.train):
         raise UserError(f"no training samples left from {', '.join(data_args.data_files)} ({data.summary()})")
+    if not len(data.test) and train_args.eval_strategy != "no":
+        strategy = getattr(train_args.eval_strategy, "value", train_args.eval_strategy)
+        raise UserError(f"eval_strategy {strategy} needs a held-out split, and there is none "
+                        f"(test_size {data_args.test_size}, {len(data.train)} training samples): set eval_strategy: "
+                        "no, or test_size > 0 with at least 2 usable rows")
+    check_lora_targets(model_path, model_args)
     set_reply_limits(train_args, data.report)
     config = resolved_config(model_args, data_args, clean_args, train_args, data.fingerprint)
     if resume_from:  # checked on every process (the others would wait forever for a main that stopped)
