@@ -9,7 +9,7 @@ from sftlab.config import CleanArguments
 from sftlab.data.clean import clean_rows, repair_text
 from sftlab.data.load import SourceRow, expand_inputs, read_source
 from sftlab.data.prepare import read_all
-from sftlab.data.report import build_report, write_clean_outputs
+from sftlab.data.report import build_report, summary_line, write_clean_outputs
 from sftlab.errors import UserError
 
 GOOD = [
@@ -20,7 +20,9 @@ GOOD = [
 # line -> (row text, expected reason); line numbers are 1-based lines of the JSONL file
 PLANTED = [
     ('{"instruction": "broken", ', "bad_json"),
-    ('{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}', "mixed_format"),
+    ('{"instruction": "lone \\ud800 surrogate", "input": "", "output": "x"}', "invalid_text"),
+    ('{"instruction": ' + "[" * 40 + "]" * 40 + ', "output": "x"}', "too_deep"),
+    ('[' * 10000 + ']' * 10000, "too_deep"),
     ('{"instruction": 5, "input": "", "output": "x"}', "malformed_record"),
     ('{"instruction": "   ", "input": "", "output": "Some answer here."}', "empty_instruction"),
     ('{"instruction": "Say nothing.", "input": "", "output": ""}', "empty_response"),
@@ -56,7 +58,8 @@ def test_each_planted_defect_gets_its_reason_and_line(tokenizer, planted_file):
     assert [k.line for k in result.kept] == [1, 2, 3]
     assert [(r.line, r.reason) for r in result.rejected] == [(len(GOOD) + 1 + i, reason)
                                                            for i, (_, reason) in enumerate(PLANTED)]
-    assert result.reasons() == {"bad_json": 1, "mixed_format": 1, "malformed_record": 1, "empty_instruction": 1,
+    assert result.reasons() == {"bad_json": 1, "invalid_text": 1, "too_deep": 2, "malformed_record": 1,
+                                "empty_instruction": 1,
                                 "empty_response": 2, "boilerplate": 1, "short_response": 1, "duplicate": 1,
                                 "near_duplicate": 1, "too_long": 1}
 
@@ -71,7 +74,7 @@ def test_outputs_are_complete_and_deterministic(tokenizer, planted_file, tmp_pat
     assert first == second
     assert sorted(first) == ["clean.jsonl", "lengths.png", "rejected.jsonl", "report.json", "report.md"]
     report = json.loads(first["report.json"])
-    assert report["rows_read"] == 14 and report["kept"] == 3 and report["rejected"] == 11
+    assert report["rows_read"] == 16 and report["kept"] == 3 and report["rejected"] == 13
     assert report["kept"] + report["rejected"] == report["rows_read"]
     assert set(report["tokens"]) == {"prompt", "response", "total"}
     assert {"p50", "p90", "p95", "p99", "max"} <= set(report["tokens"]["total"])
@@ -106,7 +109,7 @@ def test_near_dedup_can_be_turned_off(tokenizer, planted_file):
 def test_truncate_keeps_the_long_row_with_its_terminator(tokenizer, planted_file):
     renderer = ChatRenderer(tokenizer, max_length=256, overflow="truncate")
     result = clean_rows(read_all([str(planted_file)]), CleanArguments(min_response_chars=2), renderer)
-    long_row = [k for k in result.kept if k.line == 14][0]
+    long_row = [k for k in result.kept if k.line == len(GOOD) + len(PLANTED)][0]
     assert len(long_row.sample.input_ids) == 256 and long_row.sample.labels[-1] == tokenizer.eos_token_id
 
 
@@ -191,3 +194,26 @@ def test_parallel_cleaning_restores_the_environment_and_keeps_no_worker_state(to
     serial = clean_rows(rows, CleanArguments(), renderer)
     assert [k.line for k in parallel.kept] == [k.line for k in serial.kept]
     assert parallel.reasons() == serial.reasons() and len(parallel.kept) + len(parallel.rejected) == len(rows)
+
+
+def test_each_row_is_read_in_its_own_format_unless_one_is_forced(tokenizer, tmp_path):
+    rows = [{"conversations": [{"from": "human", "value": "你好"}, {"from": "gpt", "value": "你好！我是灵犀。"}]}] + GOOD
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    result, sources = run_clean(tokenizer, [path])
+    assert len(result.kept) == 4 and result.rejected == []
+    report = build_report(result, sources, 256, "tiny")
+    assert report["formats"] == {str(path): {"alpaca": 3, "sharegpt": 1}}
+    assert "mixed.jsonl mixes formats (alpaca 3, sharegpt 1): each row was read in its own format" in \
+        summary_line(report)
+    forced, _ = run_clean(tokenizer, [path], data_format="alpaca")
+    assert [(r.line, r.reason, r.detail) for r in forced.rejected] == [
+        (1, "mixed_format", "a sharegpt row, and data_format forces alpaca")]
+
+
+def test_bidirectional_override_characters_are_kept_and_counted():
+    from collections import Counter
+
+    repairs = Counter()
+    assert repair_text("abc\u202edef", repairs) == "abc\u202edef"
+    assert repairs == {"bidi_controls_kept": 1}

@@ -3,7 +3,10 @@ reason, so kept + rejected = rows read; nothing is dropped silently.
 
 Reason codes, in the order they are checked:
   bad_json, invalid_utf8   the line could not be read
-  mixed_format             the row's fields are of another format than the file's
+  invalid_text             a string that cannot be encoded as UTF-8 (an escaped lone surrogate, "\ud800")
+  too_deep                 nested past 32 levels (no chat record is; it would crash a recursive reader)
+  mixed_format             the row is of another format than --data_format forces (with auto, each row is
+                           read in its own format, and the report counts the formats of each file)
   malformed_record         a field is missing or of the wrong type
   empty_instruction        a user message is empty
   empty_response           an assistant message is empty
@@ -16,6 +19,8 @@ Reason codes, in the order they are checked:
 
 Text repairs (counted, never a rejection): CRLF and CR to LF, control characters removed, zero-width spaces
 and NBSP fixed, surrounding whitespace stripped. Chinese text and full-width punctuation are never altered.
+Bidirectional-override characters (U+202A-U+202E, U+2066-U+2069) are kept, since right-to-left text needs some,
+and counted (bidi_controls_kept), since they can also hide what a text says.
 """
 
 import hashlib
@@ -38,13 +43,14 @@ from sftlab.data.load import SourceRow
 from sftlab.data.near_dedup import NearDuplicateIndex
 from sftlab.errors import UserError
 
-MALFORMED = ("bad_json", "invalid_utf8", "mixed_format", "malformed_record", "role_order")
-REASONS = MALFORMED[:4] + ("empty_instruction", "empty_response", "role_order", "boilerplate", "short_response",
+MALFORMED = ("bad_json", "invalid_utf8", "invalid_text", "too_deep", "mixed_format", "malformed_record", "role_order")
+REASONS = MALFORMED[:6] + ("empty_instruction", "empty_response", "role_order", "boilerplate", "short_response",
                           "duplicate", "near_duplicate", "too_long")
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 _ZERO_WIDTH = re.compile(r"[\u200b\u200c\u200d\u2060\ufeff]")
 _SPACES = re.compile(r"\s+")
+_BIDI = re.compile("[\u202a-\u202e\u2066-\u2069]")
 
 
 @dataclass
@@ -82,6 +88,10 @@ class CleanResult:
     repairs: Counter = field(default_factory=Counter)
     lengths: list[tuple[int, int]] = field(default_factory=list)  # (prompt, response) tokens of every rendered row
     rows_read: int = 0
+    formats: dict = field(default_factory=dict)  # source -> {format: rows}
+
+    def mixed_files(self) -> dict[str, dict]:
+        return {source: counts for source, counts in self.formats.items() if len(counts) > 1}
 
     def reasons(self) -> dict[str, int]:
         counts = Counter(r.reason for r in self.rejected)
@@ -103,6 +113,8 @@ def repair_text(text: str, repairs: Counter) -> str:
     if fixed != fixed.strip():
         fixed = fixed.strip()
         repairs["surrounding_whitespace"] += 1
+    if _BIDI.search(fixed):
+        repairs["bidi_controls_kept"] += 1
     return fixed
 
 
@@ -115,10 +127,8 @@ class RowChecker:
     """The per-row work, free of cross-row state so that it can run in worker processes: parse, convert,
     repair, filter, hash, and render in batches (the tokenizer encodes a batch on all cores)."""
 
-    def __init__(self, config: CleanArguments, renderer: ChatRenderer, system_prompt: str | None,
-                 enabled: bool, file_formats: dict[str, str]):
+    def __init__(self, config: CleanArguments, renderer: ChatRenderer, system_prompt: str | None, enabled: bool):
         self.config, self.renderer, self.system_prompt, self.enabled = config, renderer, system_prompt, enabled
-        self.file_formats = file_formats
         self.boilerplate = [phrase.lower() for phrase in config.boilerplate]
         self.near = NearDuplicateIndex(config.near_dedup_threshold) if enabled and config.near_dedup else None
         self.max_token_chars = max(len(token) for token in renderer.tokenizer.get_vocab())
@@ -160,14 +170,12 @@ class RowChecker:
 
     def _messages(self, source_row: SourceRow) -> list[dict]:
         row_format = detect_format(source_row.row)
-        file_format = self.config.data_format
-        if file_format == "auto":
-            file_format = self.file_formats.get(source_row.source)
         if row_format is None:
             raise _Reject("malformed_record", "no known fields (alpaca instruction/output, sharegpt conversations, "
                           "openai messages, or prompt/completion)")
-        if file_format is not None and row_format != file_format:
-            raise _Reject("mixed_format", f"a {row_format} row in a {file_format} file")
+        forced = self.config.data_format
+        if forced != "auto" and row_format != forced:
+            raise _Reject("mixed_format", f"a {row_format} row, and data_format forces {forced}")
         try:
             return to_messages(source_row.row, row_format, self.system_prompt)
         except FieldError as exc:
@@ -195,15 +203,14 @@ class RowChecker:
         return dedup_text(messages)
 
 
-def first_formats(rows: list[SourceRow]) -> dict[str, str]:
-    """Each file's format: the one its first readable row has."""
-    formats = {}
+def formats_by_file(rows: list[SourceRow]) -> dict[str, dict]:
+    """Each file's formats, with how many readable rows have each (the report shows files that mix them)."""
+    counts = {}
     for source_row in rows:
-        if source_row.source not in formats:
-            row_format = detect_format(source_row.row)
-            if row_format is not None:
-                formats[source_row.source] = row_format
-    return formats
+        if source_row.error is None:
+            row_format = detect_format(source_row.row) or "unknown"
+            counts.setdefault(source_row.source, Counter())[row_format] += 1
+    return {source: dict(counter.most_common()) for source, counter in counts.items()}
 
 
 class Cleaner:
@@ -274,8 +281,9 @@ def clean_rows(rows, config: CleanArguments, renderer: ChatRenderer, system_prom
     rows = list(rows)
     if not enabled:
         config = CleanArguments(**{**config.__dict__, "near_dedup": False})
-    checker = RowChecker(config, renderer, system_prompt, enabled, first_formats(rows))
+    checker = RowChecker(config, renderer, system_prompt, enabled)
     cleaner = Cleaner(config, renderer, checker.near, compact)
+    cleaner.result.formats = formats_by_file(rows)
     batches = [rows[i:i + BATCH_ROWS] for i in range(0, len(rows), BATCH_ROWS)]
     bar = tqdm(total=len(rows), desc="cleaning", unit="rows", mininterval=1.0, disable=not progress)
     workers = min(os.cpu_count() or 1, len(batches))

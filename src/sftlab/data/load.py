@@ -8,6 +8,7 @@ file:line and the rest of the file is still read.
 import glob
 import json
 import os
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -25,7 +26,7 @@ class SourceRow:
     line: int  # 1-based line (a JSON array: where the object starts; parquet: row number; csv: data row + 1)
     row: object  # the parsed value, or None when the line could not be read
     error: str | None = None  # why it could not be read
-    error_reason: str | None = None  # the reason code for that: bad_json or invalid_utf8
+    error_reason: str | None = None  # the reason code for that: bad_json, invalid_utf8, invalid_text, too_deep
 
 
 def demo_data_path() -> Path:
@@ -50,6 +51,38 @@ def expand_inputs(names: list[str]) -> list[str]:
         else:
             raise UserError(f"data file {name} does not exist")
     return sources
+
+
+MAX_DEPTH = 32  # a chat record is 4 or 5 levels deep; far deeper is broken or hostile data
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def unusable(value) -> tuple[str, str] | None:
+    """(reason, detail) for a parsed row no text stage can take: nested past MAX_DEPTH (too_deep), or a string
+    that cannot be encoded as UTF-8, such as an escaped lone surrogate "\\ud800" (invalid_text). Walked with a
+    stack, not recursion, so no input depth can crash it."""
+    stack = [(value, 1, "")]
+    while stack:
+        item, depth, where = stack.pop()
+        if depth > MAX_DEPTH:
+            return "too_deep", f"nested deeper than {MAX_DEPTH} levels"
+        if isinstance(item, str):
+            match = _SURROGATE.search(item)
+            if match:
+                return "invalid_text", (f"{where or 'the row'}: a lone surrogate \\u{ord(match.group()):04x} "
+                                        "(not encodable as UTF-8)")
+        elif isinstance(item, dict):
+            stack.extend((key, depth + 1, where) for key in item)
+            stack.extend((v, depth + 1, f"{where}.{_printable(k)}" if where else _printable(k))
+                         for k, v in item.items())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1, f"{where}[{i}]") for i, v in enumerate(item))
+    return None
+
+
+def _printable(key) -> str:
+    """A field name fit for a report line, even one holding a lone surrogate (written as \\udxxx)."""
+    return str(key).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def read_source(source: str) -> list[SourceRow]:
@@ -81,9 +114,16 @@ def _read_jsonl(path: Path, data: bytes) -> list[SourceRow]:
             rows.append(SourceRow(str(path), number, None, f"invalid UTF-8 at byte {exc.start}", "invalid_utf8"))
             continue
         try:
-            rows.append(SourceRow(str(path), number, json.loads(line)))
+            value = json.loads(line)
         except json.JSONDecodeError as exc:
             rows.append(SourceRow(str(path), number, None, f"bad JSON: {exc.msg} at column {exc.colno}", "bad_json"))
+            continue
+        except RecursionError:
+            rows.append(SourceRow(str(path), number, None, "nested too deep to parse", "too_deep"))
+            continue
+        problem = unusable(value)
+        rows.append(SourceRow(str(path), number, None, problem[1], problem[0]) if problem
+                    else SourceRow(str(path), number, value))
     if not rows:
         raise UserError(f"data file {path} has no rows")
     return rows
@@ -101,6 +141,9 @@ def _read_json_array(path: Path, data: bytes) -> list[SourceRow]:
         values = json.loads(text)
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}:{exc.lineno}: bad JSON: {exc.msg} at column {exc.colno}") from exc
+    except RecursionError:
+        raise UserError(f"{path}: a record is nested too deep for the JSON parser; as JSON Lines such a row is "
+                        "rejected on its own (too_deep) and the rest is read") from None
     if not isinstance(values, list):
         raise UserError(f"{path}: expected a JSON array of records, or JSON Lines")
     rows, index, line = [], text.index("[") + 1, 1 + text[:text.index("[")].count("\n")
@@ -110,7 +153,9 @@ def _read_json_array(path: Path, data: bytes) -> list[SourceRow]:
             index += 1
         line += text.count("\n", start, index)
         _, end = decoder.raw_decode(text, index)
-        rows.append(SourceRow(str(path), line, value))
+        problem = unusable(value)
+        rows.append(SourceRow(str(path), line, None, problem[1], problem[0]) if problem
+                    else SourceRow(str(path), line, value))
         line += text.count("\n", index, end)
         index = end
     return rows

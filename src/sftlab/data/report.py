@@ -50,6 +50,7 @@ def build_report(result: CleanResult, inputs: list[str], max_length: int | None,
         "rejected": len(result.rejected),
         "reasons": result.reasons(),
         "repairs": dict(sorted(result.repairs.items())),
+        "formats": result.formats,
         "tokens": {"prompt": length_stats(prompts), "response": length_stats(responses),
                    "total": length_stats([p + r for p, r in result.lengths])},
         "max_length_suggestion": max_length_suggestion(result.lengths),
@@ -60,8 +61,11 @@ def summary_line(report: dict) -> str:
     reasons = ", ".join(f"{k} {v}" for k, v in report["reasons"].items()) or "none"
     total = report["tokens"]["total"]
     tokens = f"; tokens p50 {total['p50']}, p99 {total['p99']}, max {total['max']}" if total.get("n") else ""
+    mixed = "".join(f"; {Path(source).name} mixes formats ({', '.join(f'{k} {v}' for k, v in counts.items())}): "
+                    "each row was read in its own format" for source, counts in report.get("formats", {}).items()
+                    if len(counts) > 1)
     return (f"data: {report['rows_read']} rows read, {report['kept']} kept, {report['rejected']} rejected "
-            f"({reasons}){tokens}")
+            f"({reasons}){tokens}{mixed}")
 
 
 def plot_lengths(result: CleanResult, max_length: int | None, path: Path) -> None:
