@@ -278,3 +278,50 @@ def test_sigterm_and_sigint_commit_a_checkpoint_and_say_how_to_resume(tmp_path, 
     assert newest_committed(out) == (out / f"checkpoint-{step}", [])
     assert json.loads((out / f"checkpoint-{step}" / "trainer_state.json").read_text())["global_step"] == step
     assert not (out / "adapter_model.safetensors").exists() and not (out / ".sftlab.lock").exists()
+
+
+def test_a_second_signal_exits_at_once(monkeypatch):
+    import signal
+
+    from sftlab.train.guards import StopOnSignal
+
+    exits = []
+    monkeypatch.setattr(os, "_exit", exits.append)
+    stopper = StopOnSignal()
+    stopper._handle(signal.SIGTERM, None)
+    assert stopper.received == signal.SIGTERM and exits == []  # the first one only asks to stop after the step
+    stopper._handle(signal.SIGTERM, None)
+    assert exits == [143]
+
+
+class Payload:
+    """A pickle that would create a file when unpickled without weights_only."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_safe_by_default_no_remote_code_and_pickles_only_with_weights_only(straight, tmp_path):
+    """trust_remote_code is off unless asked for; a checkpoint's pickles (optimizer, scheduler, RNG) are opened
+    with weights_only=True, so a malicious one raises instead of running, even when it is committed."""
+    import shutil
+
+    from sftlab.config import ModelArguments
+    from sftlab.train.checkpoints import commit
+
+    model_args, _, _, train_args = args_for(tmp_path / "x")
+    assert train_args.trust_remote_code is False and not hasattr(ModelArguments(), "trust_remote_code")
+    run = tmp_path / "run"
+    shutil.copytree(straight, run)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (run / name).unlink()
+    planted = tmp_path / "pwned"
+    torch.save(Payload(str(planted)), run / "checkpoint-6" / "optimizer.pt")
+    (run / "checkpoint-6" / MARKER).unlink()
+    commit(run / "checkpoint-6")  # even a committed checkpoint with a planted pickle
+    with pytest.raises(Exception, match="Weights only load failed|Unsupported global"):
+        train(*args_for(run, "--resume"))
+    assert not planted.exists()
