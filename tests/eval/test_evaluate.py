@@ -30,6 +30,15 @@ def test_training_derives_the_reply_limit_from_the_data_and_reports_it(run_dir):
     assert f"max_new_tokens            {limit}" in (run_dir / "report.md").read_text()
 
 
+def test_the_run_records_what_the_optimizer_saw_per_step(run_dir):
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    batches = manifest["batches"]
+    assert (batches["micro_batches_per_epoch"], batches["optimizer_steps_per_epoch"]) == (8, 8)
+    assert batches["padding_share"] == 0.0 and manifest["padding_free"] is True
+    assert manifest["attention"] == "sdpa_varlen"
+    assert f"- batches: {batches['summary']}" in (run_dir / "report.md").read_text()
+
+
 def test_eval_on_other_data_goes_to_its_own_folder(run_dir, tmp_path, capsys):
     heldout = (run_dir / "eval" / "results.json").read_text()
     report = (run_dir / "report.md").read_text()

@@ -73,7 +73,8 @@ def write_run_report(run_dir: Path) -> Path:
 
         lines += [summary_line(data), ""]
     lines += ["## Time and throughput", ""]
-    speed = {**throughput(state, logs), "peak_memory_mb": manifest.get("peak_memory_mb")}
+    speed = {**throughput(state, logs), "peak_memory_mb": manifest.get("peak_memory_mb"),
+             "batches": manifest.get("batches", {}).get("summary"), "attention": manifest.get("attention")}
     lines += [f"- {key}: {value}" for key, value in speed.items() if value is not None] + [""]
     if results:
         lines += ["## Evaluation (held-out split)", "", "```", table_text(results), "```",

@@ -38,9 +38,11 @@ from sftlab.model.load import (
     save_tokenizer,
 )
 from sftlab.train.batching import (
+    BatchPlan,
     SamplerEpochCallback,
     TokenBudgetSampler,
     batch_plan,
+    fixed_size_batches,
     resolve_padding_free,
     training_attention,
 )
@@ -295,7 +297,7 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, clean_arg
                        record_name=recorded_base_name(model_args.model_name_or_path),
                        load_in_4bit=model_args.load_in_4bit)
     padding_free = resolve_padding_free(train_args.padding_free, model.config._attn_implementation, is_main)
-    sampler = token_sampler(train_args, data.train["length"], padding_free, is_main)
+    sampler, plan = token_sampler(train_args, data.train["length"], padding_free, is_main)
 
     reports = [train_args.report_to] if isinstance(train_args.report_to, str) else train_args.report_to
     if "swanlab" in reports and is_main:
@@ -327,7 +329,7 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, clean_arg
         if stopper.received is not None:
             stopped_by_signal(stopper.received, trainer.state.global_step, out, is_main)
         if is_main:
-            finish_run(trainer, tokenizer, out, model_args, data_args, clean_args, train_args, data)
+            finish_run(trainer, tokenizer, out, model_args, data_args, train_args, data, plan)
     finally:
         stopper.uninstall()
         if "swanlab" in reports and is_main:
@@ -394,18 +396,23 @@ class SftlabTrainer(SFTTrainer):
 
 
 def token_sampler(train_args: TrainConfig, lengths: list[int], padding_free: bool,
-                  verbose: bool) -> TokenBudgetSampler | None:
-    """The token-budget sampler of this process, or None for TRL's fixed-size batches; prints the plan."""
+                  verbose: bool) -> tuple[TokenBudgetSampler | None, BatchPlan]:
+    """The token-budget sampler of this process (None for TRL's fixed-size batches), and what the optimizer
+    sees per step (printed, and kept in the manifest and the run report)."""
+    world, accumulation = train_args.world_size, train_args.gradient_accumulation_steps
     if train_args.max_tokens_per_batch is None:
-        return None
+        batches = fixed_size_batches(len(lengths), train_args.per_device_train_batch_size, train_args.seed)
+        plan = batch_plan(batches, lengths, padding_free, world, accumulation)
+        if verbose:
+            print(f"batches: {train_args.per_device_train_batch_size} samples per micro-batch: {plan.summary()}")
+        return None, plan
     sampler = TokenBudgetSampler(lengths, train_args.max_tokens_per_batch, padding_free, train_args.seed,
-                                 num_shards=train_args.world_size, shard=train_args.process_index)
+                                 num_shards=world, shard=train_args.process_index)
+    plan = batch_plan(sampler.epoch_batches(0), lengths, padding_free, world, accumulation)
     if verbose:
-        plan = batch_plan(sampler.epoch_batches(0), lengths, padding_free, train_args.world_size,
-                          train_args.gradient_accumulation_steps)
         print(f"batches: up to {train_args.max_tokens_per_batch:,} tokens per micro-batch "
               f"(per_device_train_batch_size is not used): {plan.summary()}")
-    return sampler
+    return sampler, plan
 
 
 def stopped_by_signal(signum: int, step: int, out: Path, is_main: bool) -> None:
@@ -418,7 +425,7 @@ def stopped_by_signal(signum: int, step: int, out: Path, is_main: bool) -> None:
     raise SystemExit(128 + signum)
 
 
-def finish_run(trainer, tokenizer, out: Path, model_args, data_args, clean_args, train_args, data) -> None:
+def finish_run(trainer, tokenizer, out: Path, model_args, data_args, train_args, data, plan: BatchPlan) -> None:
     """After training, on the main process: final weights, probe replies, held-out evaluation, report."""
     from sftlab.eval.evaluate import evaluate, with_replies, write_eval
     from sftlab.eval.run_report import peak_memory_mb, write_manifest, write_run_report
@@ -427,7 +434,8 @@ def finish_run(trainer, tokenizer, out: Path, model_args, data_args, clean_args,
     save_final(trainer, tokenizer, out, model_args)
     # the record is the run's own config (a resume may only amend it, in amendments.jsonl), plus what was chosen
     record = yaml.safe_load((out / RESOLVED_CONFIG).read_text(encoding="utf-8"))
-    chosen = {"attention": trainer.model.config._attn_implementation, "padding_free": train_args.padding_free}
+    chosen = {"attention": trainer.model.config._attn_implementation, "padding_free": train_args.padding_free,
+              "batches": {**asdict(plan), "summary": plan.summary()}}
     write_manifest(out, record, data.fingerprint, train_args.seed, {"peak_memory_mb": peak_memory_mb(), **chosen})
     replies = run_probes(trainer.model, tokenizer, train_args.probe_prompts, train_args.probe_max_new_tokens,
                          data_args.system_prompt)
