@@ -44,8 +44,8 @@ def planted_file(tmp_path):
     return path
 
 
-def run_clean(tokenizer, paths, **config):
-    renderer = ChatRenderer(tokenizer, max_length=256)
+def run_clean(tokenizer, paths, max_length=256, **config):
+    renderer = ChatRenderer(tokenizer, max_length=max_length)
     config = CleanArguments(**{"min_response_chars": 2, **config})
     sources = expand_inputs([str(p) for p in paths])
     return clean_rows(read_all(sources), config, renderer), sources
@@ -217,3 +217,38 @@ def test_bidirectional_override_characters_are_kept_and_counted():
     repairs = Counter()
     assert repair_text("abc\u202edef", repairs) == "abc\u202edef"
     assert repairs == {"bidi_controls_kept": 1}
+
+
+def glaive_row(tool_name="get_weather", city_type="string", call='{"name": "get_weather", "arguments": {"city": "Paris"}}',
+               reply_before_observation=False):
+    tool = {"name": tool_name, "description": "weather of a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": city_type}}, "required": ["city"]}}
+    turns = [{"from": "human", "value": "What is the weather in Paris?"}]
+    turns += ([{"from": "gpt", "value": "Let me look."}] if reply_before_observation
+              else [{"from": "function_call", "value": call}])
+    turns += [{"from": "observation", "value": '{"weather": "sunny"}'}, {"from": "gpt", "value": "It is sunny in Paris."}]
+    return {"conversations": turns, "tools": json.dumps([tool])}
+
+
+def test_tool_definitions_and_calls_are_part_of_the_duplicate_key(tokenizer, tmp_path):
+    rows = [glaive_row(), glaive_row(tool_name="get_forecast"), glaive_row(city_type="integer"), glaive_row(),
+            glaive_row(call='{"name": "get_weather", "arguments": {"city": "Lyon"}}')]
+    path = tmp_path / "tools.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    result, _ = run_clean(tokenizer, [path], max_length=2048, near_dedup=False)  # GLM-4's tool preamble is long
+    assert [k.line for k in result.kept] == [1, 2, 3, 5]  # other tools, another argument: kept
+    assert [(r.line, r.reason, r.detail) for r in result.rejected] == [(4, "duplicate", f"same as {path}:1")]
+
+
+def test_tool_results_need_a_function_call_and_calls_need_json_arguments(tokenizer, tmp_path):
+    rows = [glaive_row(reply_before_observation=True),
+            glaive_row(call='{"name": "get_weather", "arguments": "{city: Paris"}'),
+            glaive_row(call='{"arguments": {"city": "Paris"}}'),
+            glaive_row(call="get_weather(Paris)")]
+    path = tmp_path / "tools.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    result, _ = run_clean(tokenizer, [path], max_length=2048)
+    assert [(r.line, r.reason) for r in result.rejected] == [
+        (1, "role_order"), (2, "invalid_tool_call"), (3, "invalid_tool_call"), (4, "invalid_tool_call")]
+    assert "a tool result (observation) follows a plain reply, not a function call" in result.rejected[0].detail
+    assert "the arguments of get_weather are not valid JSON" in result.rejected[1].detail

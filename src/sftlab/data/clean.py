@@ -8,9 +8,11 @@ Reason codes, in the order they are checked:
   mixed_format             the row is of another format than --data_format forces (with auto, each row is
                            read in its own format, and the report counts the formats of each file)
   malformed_record         a field is missing or of the wrong type
+  invalid_tool_call        a function call that is not JSON, has no name, or whose arguments are not a JSON object
   empty_instruction        a user message is empty
   empty_response           an assistant message is empty
-  role_order               the roles are not user -> assistant [-> observation -> assistant ...]
+  role_order               the roles are not user -> assistant [-> observation -> assistant ...]; an
+                           observation (tool result) must follow an assistant function call
   boilerplate              a reply contains a configured phrase ("As an AI language model", ...)
   short_response           the last reply is shorter than min_response_chars
   duplicate                the same conversation as an earlier row, after normalization
@@ -24,6 +26,7 @@ and counted (bidi_controls_kept), since they can also hide what a text says.
 """
 
 import hashlib
+import json
 import multiprocessing as mp
 import os
 import re
@@ -38,13 +41,14 @@ from tqdm.auto import tqdm
 
 from sftlab.chat_format import ChatRenderer, MessageError, RenderedSample, SampleTooLong, validate_messages
 from sftlab.config import CleanArguments
-from sftlab.data.convert import FieldError, detect_format, to_messages
+from sftlab.data.convert import FieldError, ToolCallError, detect_format, to_messages
 from sftlab.data.load import SourceRow
 from sftlab.data.near_dedup import NearDuplicateIndex
 from sftlab.errors import UserError
 
-MALFORMED = ("bad_json", "invalid_utf8", "invalid_text", "too_deep", "mixed_format", "malformed_record", "role_order")
-REASONS = MALFORMED[:6] + ("empty_instruction", "empty_response", "role_order", "boilerplate", "short_response",
+MALFORMED = ("bad_json", "invalid_utf8", "invalid_text", "too_deep", "mixed_format", "malformed_record",
+             "invalid_tool_call", "role_order")
+REASONS = MALFORMED[:7] + ("empty_instruction", "empty_response", "role_order", "boilerplate", "short_response",
                           "duplicate", "near_duplicate", "too_long")
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
@@ -119,8 +123,14 @@ def repair_text(text: str, repairs: Counter) -> str:
 
 
 def dedup_text(messages: list[dict]) -> str:
-    """The normalized conversation that duplicates are found on: lowercased, whitespace collapsed."""
-    return _SPACES.sub(" ", "\n".join(f"{m['role']}:{m.get('metadata', '')}{m['content']}" for m in messages)).lower()
+    """The normalized conversation that duplicates are found on: lowercased, whitespace collapsed. It includes
+    the tool definitions and each function call's name and arguments (metadata and content): rows that differ
+    only there teach different calls, which is the point of tool-call data."""
+    parts = []
+    for m in messages:
+        tools = f"tools:{json.dumps(m['tools'], sort_keys=True, ensure_ascii=False)}" if m.get("tools") else ""
+        parts.append(f"{m['role']}:{m.get('metadata', '')}{tools}{m['content']}")
+    return _SPACES.sub(" ", "\n".join(parts)).lower()
 
 
 class RowChecker:
@@ -178,6 +188,8 @@ class RowChecker:
             raise _Reject("mixed_format", f"a {row_format} row, and data_format forces {forced}")
         try:
             return to_messages(source_row.row, row_format, self.system_prompt)
+        except ToolCallError as exc:
+            raise _Reject("invalid_tool_call", str(exc)) from exc
         except FieldError as exc:
             raise _Reject("malformed_record", str(exc)) from exc
 
@@ -191,6 +203,10 @@ class RowChecker:
             validate_messages(messages)
         except MessageError as exc:
             raise _Reject("role_order", str(exc)) from exc
+        for i in range(1, len(messages)):
+            if messages[i]["role"] == "observation" and not messages[i - 1].get("metadata"):
+                raise _Reject("role_order", f"messages[{i}]: a tool result (observation) follows a plain reply, not a "
+                                            "function call")
 
     def _check_content(self, messages: list[dict]) -> str:
         """The text filters; returns the normalized text that duplicates are found on."""

@@ -21,6 +21,10 @@ class FieldError(ValueError):
         self.field = field
 
 
+class ToolCallError(FieldError):
+    """A function call that a model could not be trained to write: not JSON, no name, arguments not JSON."""
+
+
 def detect_format(row) -> str | None:
     """The format a row's keys say, or None."""
     if not isinstance(row, dict):
@@ -86,16 +90,18 @@ def _tool_call(value: str, field: str) -> dict:
     try:
         call = json.loads(value)
     except json.JSONDecodeError as exc:
-        raise FieldError(field, f"function_call is not valid JSON ({exc.msg})") from exc
-    if not isinstance(call, dict) or not isinstance(call.get("name"), str):
-        raise FieldError(field, "function_call needs a name")
+        raise ToolCallError(field, f"function_call is not valid JSON ({exc.msg})") from exc
+    if not isinstance(call, dict) or not isinstance(call.get("name"), str) or not call["name"].strip():
+        raise ToolCallError(field, "function_call needs a name")
     arguments = call.get("arguments", {})
-    if isinstance(arguments, str):
+    if isinstance(arguments, str):  # OpenAI and glaive write the arguments as a JSON string
         try:
-            arguments = json.loads(arguments)
-        except json.JSONDecodeError:
-            pass  # keep the string as the model should write it
-    content = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except json.JSONDecodeError as exc:
+            raise ToolCallError(field, f"the arguments of {call['name']} are not valid JSON ({exc.msg})") from exc
+    if not isinstance(arguments, dict):
+        raise ToolCallError(field, f"the arguments of {call['name']} are not a JSON object")
+    content = json.dumps(arguments, ensure_ascii=False)
     return {"role": "assistant", "metadata": call["name"], "content": content}
 
 
