@@ -142,3 +142,21 @@ def test_data_clean_takes_a_yaml_config_flags_win_and_choices_come_from_one_plac
     bad_train.write_text("model_name_or_path: sftlab:tiny-glm4\nbf16: false\ndtype: float8\n")
     result = sftlab("train", "--config", str(bad_train), capsys=capsys)
     assert result.returncode == 2 and "dtype: 'float8' is not one of auto, bfloat16, float16, float32" in result.stderr
+
+
+def test_data_clean_without_a_model_counts_characters_and_filters_no_length(tmp_path, capsys):
+    rows = tmp_path / "rows.jsonl"
+    long_answer = "很长的回答。" * 600  # 3,600 characters: too long for a 512-token limit with most tokenizers
+    rows.write_text(json.dumps({"instruction": "写一篇长文。", "output": long_answer}, ensure_ascii=False) + "\n" +
+                    json.dumps({"instruction": "你是谁？", "output": "我是灵犀。"}, ensure_ascii=False) + "\n",
+                    encoding="utf-8")
+    result = sftlab("data", "clean", str(rows), "--output", str(tmp_path / "chars"), capsys=capsys)
+    assert result.returncode == 0
+    assert "note: lengths are in characters: token counts and the too_long filter need --model PATH" in result.stdout
+    assert "2 kept, 0 rejected (none); characters p50 9, p99 9, max 3606" in result.stdout
+    report = json.loads((tmp_path / "chars" / "report.json").read_text())
+    assert "tokens" not in report and report["characters"]["total"]["max"] == 3606 and report["tokenizer"] is None
+    assert "## Lengths in characters" in (tmp_path / "chars" / "report.md").read_text()
+    result = sftlab("data", "clean", str(rows), "--output", str(tmp_path / "tokens"), "--model", "sftlab:tiny-glm4",
+                    capsys=capsys)
+    assert "1 kept, 1 rejected (too_long 1); tokens p50" in result.stdout and "note:" not in result.stdout

@@ -17,7 +17,8 @@ Reason codes, in the order they are checked:
   short_response           the last reply is shorter than min_response_chars
   duplicate                the same conversation as an earlier row, after normalization
   near_duplicate           MinHash/LSH: estimated 5-gram Jaccard >= the threshold with an earlier row
-  too_long                 over max_length tokens, measured with the model's tokenizer and chat template
+  too_long                 over max_length tokens, measured with the model's tokenizer and chat template (only
+                           with a model: without one, lengths are counted in characters and nothing is too long)
 
 Text repairs (counted, never a rejection): CRLF and CR to LF, control characters removed, zero-width spaces
 and NBSP fixed, surrounding whitespace stripped. Chinese text and full-width punctuation are never altered.
@@ -62,7 +63,7 @@ class Kept:
     source: str
     line: int
     messages: list[dict]
-    sample: RenderedSample  # fitted to max_length
+    sample: RenderedSample | None  # fitted to max_length; None when cleaning without a model
 
 
 @dataclass
@@ -90,7 +91,8 @@ class CleanResult:
     kept: list[Kept] = field(default_factory=list)
     rejected: list[Rejected] = field(default_factory=list)
     repairs: Counter = field(default_factory=Counter)
-    lengths: list[tuple[int, int]] = field(default_factory=list)  # (prompt, response) tokens of every rendered row
+    lengths: list[tuple[int, int]] = field(default_factory=list)  # (prompt, response) of every rendered row
+    unit: str = "tokens"  # of `lengths`: "characters" when cleaning without a model
     rows_read: int = 0
     formats: dict = field(default_factory=dict)  # source -> {format: rows}
 
@@ -137,11 +139,12 @@ class RowChecker:
     """The per-row work, free of cross-row state so that it can run in worker processes: parse, convert,
     repair, filter, hash, and render in batches (the tokenizer encodes a batch on all cores)."""
 
-    def __init__(self, config: CleanArguments, renderer: ChatRenderer, system_prompt: str | None, enabled: bool):
+    def __init__(self, config: CleanArguments, renderer: ChatRenderer | None, system_prompt: str | None,
+                 enabled: bool):
         self.config, self.renderer, self.system_prompt, self.enabled = config, renderer, system_prompt, enabled
         self.boilerplate = [phrase.lower() for phrase in config.boilerplate]
         self.near = NearDuplicateIndex(config.near_dedup_threshold) if enabled and config.near_dedup else None
-        self.max_token_chars = max(len(token) for token in renderer.tokenizer.get_vocab())
+        self.max_token_chars = max(map(len, renderer.tokenizer.get_vocab())) if renderer is not None else None
 
     def check_batch(self, rows: list[SourceRow]) -> tuple[list, Counter, np.ndarray | None]:
         """Per row a _Reject or a Checked; the text repairs; and the near-duplicate signatures as one array
@@ -157,7 +160,8 @@ class RowChecker:
             results.append((messages, text))
         texts = [results[i][1] for i in passed]
         signatures = self.near.signatures_of(texts) if self.near is not None and texts else None
-        samples = self.renderer.render_batch([results[i][0] for i in passed])
+        samples = (self.renderer.render_batch([results[i][0] for i in passed]) if self.renderer is not None
+                   else [None] * len(passed))
         for row, (i, sample) in enumerate(zip(passed, samples)):
             messages, text = results[i]
             digest = hashlib.blake2b(text.encode(), digest_size=16).digest() if text is not None else None
@@ -172,7 +176,8 @@ class RowChecker:
             for message in messages:
                 message["content"] = repair_text(message["content"], repairs)
         self._check_structure(messages)
-        max_length, chars = self.renderer.max_length, sum(len(m["content"]) for m in messages)
+        max_length = self.renderer.max_length if self.renderer is not None else None
+        chars = sum(len(m["content"]) for m in messages)
         if max_length is not None and chars > max_length * self.max_token_chars:
             # certainly too long: neither hashed nor tokenized (a single 10 MB row would take seconds)
             raise _Reject("too_long", f"{chars} characters: over {max_length} tokens")
@@ -268,6 +273,10 @@ class Cleaner:
         sample = checked.sample
         if isinstance(sample, MessageError):
             raise _Reject("role_order", str(sample))
+        if sample is None:  # no model: lengths in characters, no token limit
+            response = sum(len(m["content"]) for m in checked.messages if m["role"] == "assistant")
+            self.result.lengths.append((sum(len(m["content"]) for m in checked.messages) - response, response))
+            return Kept(source_row.source, source_row.line, checked.messages, None)
         supervised = sample.num_supervised
         self.result.lengths.append((len(sample.input_ids) - supervised, supervised))
         try:
@@ -289,7 +298,7 @@ BATCH_ROWS = 512
 PARALLEL_MIN_ROWS = 4096  # below this, starting worker processes costs more than it saves
 
 
-def clean_rows(rows, config: CleanArguments, renderer: ChatRenderer, system_prompt: str | None = None,
+def clean_rows(rows, config: CleanArguments, renderer: ChatRenderer | None, system_prompt: str | None = None,
                enabled: bool = True, progress: bool = False, compact: bool = False) -> CleanResult:
     """Cleans `rows` (SourceRows in file order). Large inputs are checked in one worker process per core
     (forked, so they share the tokenizer), while the duplicate decisions stay in order here. `compact`: the
@@ -300,6 +309,7 @@ def clean_rows(rows, config: CleanArguments, renderer: ChatRenderer, system_prom
     checker = RowChecker(config, renderer, system_prompt, enabled)
     cleaner = Cleaner(config, renderer, checker.near, compact)
     cleaner.result.formats = formats_by_file(rows)
+    cleaner.result.unit = "tokens" if renderer is not None else "characters"
     batches = [rows[i:i + BATCH_ROWS] for i in range(0, len(rows), BATCH_ROWS)]
     bar = tqdm(total=len(rows), desc="cleaning", unit="rows", mininterval=1.0, disable=not progress)
     workers = min(os.cpu_count() or 1, len(batches))

@@ -14,7 +14,7 @@ from sftlab.data.clean import clean_rows
 from sftlab.data.convert import detect_format
 from sftlab.data.load import expand_inputs, read_source
 from sftlab.data.prepare import read_all
-from sftlab.data.report import build_report, length_stats, summary_line, write_clean_outputs
+from sftlab.data.report import NO_MODEL, build_report, length_stats, summary_line, write_clean_outputs
 from sftlab.environment import TINY_MODEL_NAME
 from sftlab.model.load import load_tokenizer, resolve_model_path
 
@@ -23,10 +23,11 @@ from sftlab.model.load import load_tokenizer, resolve_model_path
 class RenderArguments:
     """How `data clean` and `data inspect` render rows: the model's tokenizer and template, and the limit."""
 
-    model: str = field(
-        default=TINY_MODEL_NAME,
-        metadata={"help": "Model whose tokenizer and chat template measure lengths (default: the tiny GLM-4, whose "
-                  "tokenizer is not GLM-4-9B's: pass ./weights/glm-4-9b-hf for real counts)."},
+    model: str | None = field(
+        default=None,
+        metadata={"help": "The model you will train (folder, Hub id or sftlab:tiny-glm4): its tokenizer and chat "
+                  "template measure lengths in tokens and apply max_length. Without it, data clean reports lengths "
+                  "in characters and applies no length filter; data inspect renders with the tiny GLM-4."},
     )
     max_length: int = field(default=512, metadata={"help": "Token limit (template included)."})
     overflow: Overflow = field(
@@ -57,14 +58,16 @@ def clean_parser() -> HfArgumentParser:
 
 
 def renderer_for(args: RenderArguments) -> ChatRenderer:
-    tokenizer = load_tokenizer(resolve_model_path(args.model))
+    tokenizer = load_tokenizer(resolve_model_path(args.model or TINY_MODEL_NAME))
     return ChatRenderer(tokenizer, args.max_length, args.overflow)
 
 
 def clean_main(argv: list[str]) -> int:
     output, render, config, extra = parse_with_config(clean_parser(), argv)
     sources = expand_inputs(extra.inputs)
-    renderer = renderer_for(render)
+    renderer = renderer_for(render) if render.model else None
+    if renderer is None:
+        print(f"note: {NO_MODEL}")
     result = clean_rows(read_all(sources), config, renderer, render.system_prompt, enabled=config.clean, progress=True)
     report = build_report(result, sources, render.max_length, render.model)
     write_clean_outputs(Path(output.output), result, report)
@@ -112,7 +115,10 @@ def inspect_main(argv: list[str]) -> int:
         print(mark_supervised(renderer.tokenizer, kept.sample))
     for rejected in result.rejected[:inspect.num_records]:
         print(f"\n--- {rejected.source}:{rejected.line}: not usable: {rejected.reason}: {rejected.detail}")
-    print(f"\ntokens ({args.model}, max_length {args.max_length}):")
+    if args.model is None:
+        print(f"\nnote: rendered with {TINY_MODEL_NAME}, whose tokenizer is not your model's: pass --model PATH "
+              "for its real token counts")
+    print(f"\ntokens ({args.model or TINY_MODEL_NAME}, max_length {args.max_length}):")
     for name, values in (("prompt", [p for p, _ in result.lengths]), ("response", [r for _, r in result.lengths]),
                          ("total", [p + r for p, r in result.lengths])):
         print(f"  {name:8s} {json.dumps(length_stats(values))}")

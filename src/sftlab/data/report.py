@@ -39,8 +39,20 @@ def max_length_suggestion(lengths: list[tuple[int, int]]) -> list[dict]:
     return rows
 
 
-def build_report(result: CleanResult, inputs: list[str], max_length: int | None, tokenizer_name: str) -> dict:
+NO_MODEL = "lengths are in characters: token counts and the too_long filter need --model PATH (the model you train)"
+
+
+def build_report(result: CleanResult, inputs: list[str], max_length: int | None, tokenizer_name: str | None) -> dict:
+    """The report. Lengths are in tokens of `tokenizer_name`'s tokenizer and template; without a model
+    (tokenizer_name None) in characters, under "characters", with no max_length advice."""
     prompts, responses = [p for p, _ in result.lengths], [r for _, r in result.lengths]
+    stats = {"prompt": length_stats(prompts), "response": length_stats(responses),
+             "total": length_stats([p + r for p, r in result.lengths])}
+    if result.unit == "characters":
+        return {"inputs": inputs, "tokenizer": None, "note": NO_MODEL, "max_length": None,
+                "rows_read": result.rows_read, "kept": len(result.kept), "rejected": len(result.rejected),
+                "reasons": result.reasons(), "repairs": dict(sorted(result.repairs.items())),
+                "formats": result.formats, "characters": stats}
     return {
         "inputs": inputs,
         "tokenizer": tokenizer_name,
@@ -51,16 +63,16 @@ def build_report(result: CleanResult, inputs: list[str], max_length: int | None,
         "reasons": result.reasons(),
         "repairs": dict(sorted(result.repairs.items())),
         "formats": result.formats,
-        "tokens": {"prompt": length_stats(prompts), "response": length_stats(responses),
-                   "total": length_stats([p + r for p, r in result.lengths])},
+        "tokens": stats,
         "max_length_suggestion": max_length_suggestion(result.lengths),
     }
 
 
 def summary_line(report: dict) -> str:
     reasons = ", ".join(f"{k} {v}" for k, v in report["reasons"].items()) or "none"
-    total = report["tokens"]["total"]
-    tokens = f"; tokens p50 {total['p50']}, p99 {total['p99']}, max {total['max']}" if total.get("n") else ""
+    unit = "tokens" if "tokens" in report else "characters"
+    total = report[unit]["total"]
+    tokens = f"; {unit} p50 {total['p50']}, p99 {total['p99']}, max {total['max']}" if total.get("n") else ""
     mixed = "".join(f"; {Path(source).name} mixes formats ({', '.join(f'{k} {v}' for k, v in counts.items())}): "
                     "each row was read in its own format" for source, counts in report.get("formats", {}).items()
                     if len(counts) > 1)
@@ -75,12 +87,13 @@ def plot_lengths(result: CleanResult, max_length: int | None, path: Path) -> Non
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    series = {"prompt tokens": [p for p, _ in result.lengths], "response tokens": [r for _, r in result.lengths],
-              "total tokens": [p + r for p, r in result.lengths]}
+    unit = result.unit
+    series = {f"prompt {unit}": [p for p, _ in result.lengths], f"response {unit}": [r for _, r in result.lengths],
+              f"total {unit}": [p + r for p, r in result.lengths]}
     for ax, (title, values) in zip(axes, series.items()):
         ax.hist(values or [0], bins=50, color="#4C72B0")
         ax.set_title(title)
-        ax.set_xlabel("tokens")
+        ax.set_xlabel(unit)
         if max_length and title == "total tokens":
             if max_length <= 1.2 * max(values or [0]):  # far beyond the data, the line would squash the bars
                 ax.axvline(max_length, color="#C44E52", linestyle="--", label=f"max_length {max_length}")
@@ -94,19 +107,24 @@ def plot_lengths(result: CleanResult, max_length: int | None, path: Path) -> Non
 
 
 def render_markdown(report: dict) -> str:
-    lines = ["# Data report", "", f"Inputs: {', '.join(report['inputs'])}  ",
-             f"Tokenizer and template: {report['tokenizer']}, max_length {report['max_length']}", "",
+    unit = "tokens" if "tokens" in report else "characters"
+    measured = (f"Tokenizer and template: {report['tokenizer']}, max_length {report['max_length']}"
+                if unit == "tokens" else f"No model: {report['note']}")
+    lines = ["# Data report", "", f"Inputs: {', '.join(report['inputs'])}  ", measured, "",
              f"**{report['rows_read']} rows read, {report['kept']} kept, {report['rejected']} rejected.**", "",
              "| reason | rows |", "| --- | ---: |"]
     lines += [f"| {reason} | {count} |" for reason, count in report["reasons"].items()] or ["| (none) | 0 |"]
     if report["repairs"]:
         lines += ["", "Repaired in place (kept): " + ", ".join(f"{k} {v}" for k, v in report["repairs"].items())]
-    lines += ["", "## Token lengths", "", "| | mean | p50 | p90 | p95 | p99 | max |", "| --- |" + " ---: |" * 6]
-    for name, stats in report["tokens"].items():
+    lines += ["", f"## Lengths in {unit}", "", "| | mean | p50 | p90 | p95 | p99 | max |", "| --- |" + " ---: |" * 6]
+    for name, stats in report[unit].items():
         if stats.get("n"):
             lines.append(f"| {name} | {stats['mean']} | {stats['p50']} | {stats['p90']} | {stats['p95']} | "
                          f"{stats['p99']} | {stats['max']} |")
-    lines += ["", "![token lengths](lengths.png)", "", "## Choosing max_length", "",
+    lines += ["", f"![lengths in {unit}](lengths.png)"]
+    if unit == "characters":
+        return "\n".join(lines) + "\n"
+    lines += ["", "## Choosing max_length", "",
               "| max_length | samples lost | supervised tokens lost |", "| ---: | ---: | ---: |"]
     lines += [f"| {row['max_length']} | {row['samples_lost']:.2%} | {row['supervised_tokens_lost']:.2%} |"
               for row in report["max_length_suggestion"]]
