@@ -252,3 +252,17 @@ def test_tool_results_need_a_function_call_and_calls_need_json_arguments(tokeniz
         (1, "role_order"), (2, "invalid_tool_call"), (3, "invalid_tool_call"), (4, "invalid_tool_call")]
     assert "a tool result (observation) follows a plain reply, not a function call" in result.rejected[0].detail
     assert "the arguments of get_weather are not valid JSON" in result.rejected[1].detail
+
+
+def test_near_duplicates_are_looked_for_among_rows_with_the_same_tools_and_calls(tokenizer, tmp_path):
+    def variant(**kwargs):
+        row = glaive_row(**kwargs)
+        row["conversations"][-1]["value"] = "It is sunny in Paris today!"  # near the base row's reply
+        return row
+
+    rows = [glaive_row(), variant(), variant(tool_name="get_forecast")]
+    path = tmp_path / "tools.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    result, _ = run_clean(tokenizer, [path], max_length=2048, near_dedup_threshold=0.7)
+    assert [k.line for k in result.kept] == [1, 3]
+    assert [(r.line, r.reason) for r in result.rejected] == [(2, "near_duplicate")]

@@ -72,7 +72,8 @@ class Checked:
 
     messages: list[dict]
     text: str | None  # normalized for duplicate detection (None when cleaning is off)
-    digest: bytes | None
+    digest: bytes | None  # of the text and the tool key: the exact-duplicate key
+    tools: bytes  # tool_key: near duplicates are looked for among rows with the same one
     signature_row: int | None  # its row in the batch's signature array, for near-duplicate detection
     sample: RenderedSample | MessageError  # rendered whole (before max_length), or why it cannot be
 
@@ -125,14 +126,21 @@ def repair_text(text: str, repairs: Counter) -> str:
 
 
 def dedup_text(messages: list[dict]) -> str:
-    """The normalized conversation that duplicates are found on: lowercased, whitespace collapsed. It includes
-    the tool definitions and each function call's name and arguments (metadata and content): rows that differ
-    only there teach different calls, which is the point of tool-call data."""
-    parts = []
-    for m in messages:
-        tools = f"tools:{json.dumps(m['tools'], sort_keys=True, ensure_ascii=False)}" if m.get("tools") else ""
-        parts.append(f"{m['role']}:{m.get('metadata', '')}{tools}{m['content']}")
-    return _SPACES.sub(" ", "\n".join(parts)).lower()
+    """The normalized conversation that duplicates are found on: lowercased, whitespace collapsed."""
+    return _SPACES.sub(" ", "\n".join(f"{m['role']}:{m.get('metadata', '')}{m['content']}" for m in messages)).lower()
+
+
+def tool_key(messages: list[dict]) -> bytes:
+    """What a tool-call row teaches beyond its text: the tool definitions and every function call's name and
+    arguments, exactly. Rows are duplicates or near duplicates only when this is the same (b"" without tools):
+    rows that differ only there teach different calls, which is the point of tool-call data. (Adding the tools'
+    JSON to the near-duplicate text instead would make unrelated rows that share a long tool list look alike.)"""
+    tools = [m["tools"] for m in messages if m.get("tools")]
+    calls = [(m["metadata"], m["content"]) for m in messages if m["role"] == "assistant" and m.get("metadata")]
+    if not tools and not calls:
+        return b""
+    return hashlib.blake2b(json.dumps([tools, calls], sort_keys=True, ensure_ascii=False).encode(),
+                           digest_size=16).digest()
 
 
 class RowChecker:
@@ -164,8 +172,9 @@ class RowChecker:
                    else [None] * len(passed))
         for row, (i, sample) in enumerate(zip(passed, samples)):
             messages, text = results[i]
-            digest = hashlib.blake2b(text.encode(), digest_size=16).digest() if text is not None else None
-            results[i] = Checked(messages, text, digest, None if signatures is None else row, sample)
+            tools = tool_key(messages)
+            digest = None if text is None else hashlib.blake2b(text.encode() + b"\0" + tools, digest_size=16).digest()
+            results[i] = Checked(messages, text, digest, tools, None if signatures is None else row, sample)
         return results, repairs, signatures
 
     def _check_text(self, source_row: SourceRow, repairs: Counter) -> tuple[list[dict], str | None]:
@@ -242,6 +251,7 @@ class Cleaner:
         self.config, self.renderer, self.compact = config, renderer, compact
         self.seen = {}
         self.near = near  # the index whose hash functions made the signatures (in this process, not a worker's)
+        self.near_by_tools = {}  # tool_key -> the index of the rows with those tools and calls
         self.result = CleanResult()
 
     def add_batch(self, rows: list[SourceRow], results: list, repairs: Counter, signatures) -> None:
@@ -267,7 +277,9 @@ class Cleaner:
                 raise _Reject("duplicate", f"same as {self.seen[checked.digest]}")
             self.seen[checked.digest] = key
         if signature is not None and self.near is not None:
-            twin = self.near.find_or_add(key, signature, checked.text)
+            if checked.tools not in self.near_by_tools:  # same seed: the same hash functions as self.near's
+                self.near_by_tools[checked.tools] = NearDuplicateIndex(self.near.threshold)
+            twin = self.near_by_tools[checked.tools].find_or_add(key, signature, checked.text)
             if twin is not None:
                 raise _Reject("near_duplicate", f"near {twin}")
         sample = checked.sample
