@@ -160,3 +160,17 @@ def test_data_clean_without_a_model_counts_characters_and_filters_no_length(tmp_
     result = sftlab("data", "clean", str(rows), "--output", str(tmp_path / "tokens"), "--model", "sftlab:tiny-glm4",
                     capsys=capsys)
     assert "1 kept, 1 rejected (too_long 1); tokens p50" in result.stdout and "note:" not in result.stdout
+
+
+def test_report_to_accepts_every_tracker_transformers_knows_and_names_a_missing_package(capsys):
+    import importlib.util
+
+    from sftlab.train.tracking import REPORT_TO_CHOICES
+
+    assert {"swanlab", "tensorboard", "wandb", "mlflow", "trackio"} <= set(REPORT_TO_CHOICES)
+    if importlib.util.find_spec("wandb"):
+        pytest.skip("wandb is installed")
+    result = sftlab("train", "--model_name_or_path", "sftlab:tiny-glm4", "--report_to", "wandb", capsys=capsys)
+    assert result.returncode == 2 and "report_to: wandb needs `pip install wandb`" in result.stderr
+    result = sftlab("train", "--model_name_or_path", "sftlab:tiny-glm4", "--report_to", "tensorbored", capsys=capsys)
+    assert result.returncode == 2 and "report_to: 'tensorbored' is not one of none, azure_ml" in result.stderr

@@ -15,12 +15,14 @@ import random
 import shutil
 import sys
 import tempfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 from datasets import Dataset, load_from_disk
+from datasets import utils as datasets_progress
 
 from sftlab import __version__, chat_format
 from sftlab.chat_format import IGNORE_INDEX, ChatRenderer
@@ -147,7 +149,8 @@ def write_cache(folder: Path, data: PreparedData) -> None:
     try:
         for split in SPLITS:
             if len(getattr(data, split)):  # datasets cannot load an empty saved dataset; read_cache makes one
-                getattr(data, split).save_to_disk(str(staging / split))
+                with quiet_datasets():
+                    getattr(data, split).save_to_disk(str(staging / split))
         meta = {f.name: getattr(data, f.name) for f in fields(data) if f.name not in SPLITS}
         (staging / META).write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
         try:
@@ -157,6 +160,18 @@ def write_cache(folder: Path, data: PreparedData) -> None:
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextmanager
+def quiet_datasets():
+    """No progress bar from `datasets` for a cache save that takes a moment (the cleaning bar said it all)."""
+    was_enabled = datasets_progress.is_progress_bar_enabled()
+    datasets_progress.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets_progress.enable_progress_bars()
 
 
 def read_cache(folder: Path) -> PreparedData:

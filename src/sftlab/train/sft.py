@@ -15,7 +15,6 @@ import signal
 import sys
 import warnings
 from dataclasses import asdict, dataclass, field
-from importlib.util import find_spec
 from pathlib import Path
 
 import torch
@@ -51,7 +50,7 @@ from sftlab.train.checkpoints import RunLock, commit, rotate
 from sftlab.train.guards import NonFiniteSteps, StopOnSignal, refuse_non_finite
 from sftlab.train.loss import add_supervised_lm_head
 from sftlab.train.resume import RESOLVED_CONFIG, check_output_dir, check_resume_config, forget_after, has_final
-from sftlab.train.tracking import REPORT_TO_CHOICES, finish_swanlab, start_swanlab
+from sftlab.train.tracking import check_report_to, finish_swanlab, start_swanlab
 
 # PEFT still calls transformers' old name on every step; the warning says nothing a user can act on
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
@@ -87,7 +86,8 @@ class TrainConfig(SFTConfig):
     )
     save_total_limit: int | None = field(default=3, metadata={"help": "Checkpoints kept (oldest deleted)."})
     report_to: None | str | list[str] = field(
-        default="swanlab", metadata={"help": "none, swanlab or tensorboard (SwanLab runs locally without login)."}
+        default="swanlab", metadata={"help": "none, or any tracker transformers supports (swanlab, tensorboard, wandb, "
+                                     "mlflow, trackio, ...); SwanLab runs locally without a login."}
     )
     resume: bool = field(default=False, metadata={"help": "Continue from the last checkpoint in output_dir."})
     probe_prompts: list[str] = field(
@@ -133,11 +133,7 @@ class TrainConfig(SFTConfig):
 
     def __post_init__(self):
         reports = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to or ["none"])
-        unknown = [r for r in reports if r not in REPORT_TO_CHOICES]
-        if unknown:
-            raise ValueError(f"report_to: {unknown[0]!r} is not one of {', '.join(REPORT_TO_CHOICES)}")
-        if "tensorboard" in reports and not (find_spec("tensorboard") or find_spec("tensorboardX")):
-            raise ValueError("report_to: tensorboard needs `pip install tensorboard`")
+        check_report_to(reports)
         if self.bf16 is None:
             self.bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         if self.bf16_full_eval is None:

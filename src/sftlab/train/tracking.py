@@ -1,9 +1,26 @@
 """Experiment tracking that never blocks: SwanLab online only with credentials, else local mode."""
 
 import os
+from importlib.util import find_spec
 from pathlib import Path
 
-REPORT_TO_CHOICES = ("none", "swanlab", "tensorboard")
+from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+REPORT_TO_CHOICES = ("none", *INTEGRATION_TO_CALLBACK)  # every tracker transformers has a callback for
+# the package each tracker needs, where its name differs from the tracker's (pip name, import names)
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", ("tensorboard", "tensorboardX")),
+                    "azure_ml": ("azureml-core", ("azureml",)), "flyte": ("flytekit", ("flytekit",)),
+                    "kubeflow": ("kfp", ("kfp",))}
+
+
+def check_report_to(reports: list[str]) -> None:
+    """Raises ValueError for a tracker transformers does not know, or whose package is not installed."""
+    for name in reports:
+        if name not in REPORT_TO_CHOICES:
+            raise ValueError(f"report_to: {name!r} is not one of {', '.join(REPORT_TO_CHOICES)}")
+        pip_name, modules = TRACKER_PACKAGES.get(name, (name, (name,)))
+        if name != "none" and not any(find_spec(module) for module in modules):
+            raise ValueError(f"report_to: {name} needs `pip install {pip_name}`")
 
 
 def swanlab_has_credentials() -> bool:
