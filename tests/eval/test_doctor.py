@@ -47,9 +47,9 @@ def test_removed_chat_template_fails_the_template_check(run_dir, tmp_path):
 
 def test_terminator_masked_in_training_fails_the_terminator_check(run_dir, tmp_path):
     copy = broken_copy(run_dir, tmp_path)
-    example = json.loads((copy / "render_check.json").read_text())
-    example["labels"][-1] = -100  # what the tutorial's collator did: eos == pad, masked as padding
-    (copy / "render_check.json").write_text(json.dumps(example))
+    saved = json.loads((copy / "render_check.json").read_text())
+    saved["samples"][0]["labels"][-1] = -100  # what the tutorial's collator did: eos == pad, masked as padding
+    (copy / "render_check.json").write_text(json.dumps(saved))
     names = failed(run_checks(None, str(copy)))
     assert "terminator tokens are supervised" in names
     assert "pad and eos do not mask the terminator" in names
@@ -105,7 +105,7 @@ def test_a_sample_truncated_in_training_is_checked_as_truncated(tmp_path):
     out = train(*parse_args(["--config", str(REPO / "configs/demo.yaml"), "--output_dir", str(tmp_path / "run"),
                              "--report_to", "none", "--max_steps", "1", "--eval_strategy", "no",
                              "--final_eval_samples", "0", "--overflow", "truncate", "--max_length", "12"]))
-    example = json.loads((out / "render_check.json").read_text())
+    example = json.loads((out / "render_check.json").read_text())["samples"][0]
     whole = ChatRenderer(load_tokenizer(out)).render(example["messages"])
     assert len(example["input_ids"]) <= 12 < len(whole.input_ids)  # training really cut this sample
     checks = statuses(run_checks(None, str(out), max_new_tokens=4))
@@ -120,3 +120,32 @@ def test_doctor_prints_skips_and_counts_them(tiny_model_dir, capsys):
     out = capsys.readouterr().out
     assert "[skip] terminator tokens are supervised: no render_check.json here" in out
     assert out.strip().endswith("2 passed, 1 failed, 2 skipped")
+
+
+def test_the_doctor_checks_one_sample_of_each_kind_and_names_undertraining(tmp_path, capsys):
+    """A run on plain, system, multi-turn and tool-call rows keeps one sample of each kind; the template and
+    terminator checks hold for all four. After a single step the model does not stop yet: since the terminators
+    were supervised, the doctor says it may be undertrained, with the final loss."""
+    tools = json.dumps([{"name": "get_time", "description": "the time", "parameters": {"type": "object",
+                                                                                       "properties": {}}}])
+    rows = [{"instruction": "你好", "output": "你好！我是灵犀。"},
+            {"instruction": "你是谁？", "output": "我是灵犀。", "system": "你是灵犀。"},
+            {"instruction": "再说一遍", "output": "我是灵犀。", "history": [["你是谁？", "我是灵犀。"]]},
+            {"conversations": [{"from": "human", "value": "几点了？"},
+                               {"from": "function_call", "value": '{"name": "get_time", "arguments": {}}'},
+                               {"from": "observation", "value": '{"time": "12:00"}'},
+                               {"from": "gpt", "value": "现在是12点。"}], "tools": tools}]
+    data = tmp_path / "kinds.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows * 2), encoding="utf-8")
+    out = train(*parse_args(["--config", str(REPO / "configs/demo.yaml"), "--output_dir", str(tmp_path / "run"),
+                             "--report_to", "none", "--max_steps", "1", "--eval_strategy", "no", "--test_size", "0",
+                             "--final_eval_samples", "0", "--data_files", str(data), "--max_length", "2048",
+                             "--near_dedup", "false"]))
+    kinds = [s["kind"] for s in json.loads((out / "render_check.json").read_text())["samples"]]
+    assert sorted(kinds) == ["multi-turn", "plain", "system", "tool call"]
+    checks = {c.name: c for c in run_checks(None, str(out), max_new_tokens=4)}
+    template = checks["chat template renders training samples as training did"]
+    assert template.status == "pass" and "4 training sample(s)" in template.detail
+    assert checks["terminator tokens are supervised"].status == "pass"
+    generation = checks["greedy generation stops"]
+    assert generation.status == "FAIL" and "may be undertrained (final training loss " in generation.fix

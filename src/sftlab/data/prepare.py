@@ -42,7 +42,7 @@ class PreparedData:
     rejected: list[dict]  # {"reason", "source", "line", "detail"}
     report: dict
     fingerprint: str  # the content hash the prepared data is cached under
-    example: dict | None  # the first training conversation with its ids and labels, for `sftlab doctor`
+    examples: list[dict]  # the first training sample of each kind present, as rendered, for `sftlab doctor`
 
     def summary(self) -> str:
         return summary_line(self.report) + f"; {len(self.train)} train, {len(self.test)} held out"
@@ -82,7 +82,7 @@ def prepare_data(data_args: DataArguments, clean_args: CleanArguments, renderer:
         rejected=[{"reason": r.reason, "source": r.source, "line": r.line, "detail": r.detail}
                   for r in result.rejected],
         report=report, fingerprint=key,
-        example=_example(result.kept[train_idx[0]], renderer) if train_idx else None,
+        examples=examples_by_kind([result.kept[i] for i in train_idx], renderer),
     )
     if use_cache:
         write_cache(cached, data)
@@ -110,9 +110,27 @@ def int32_lists(rows: list) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
 
 
-def _example(kept, renderer: ChatRenderer) -> dict:
+def sample_kind(messages: list[dict]) -> str:
+    if any(m.get("tools") or (m["role"] == "assistant" and m.get("metadata")) for m in messages):
+        return "tool call"
+    if sum(m["role"] == "assistant" for m in messages) > 1:
+        return "multi-turn"
+    return "system" if messages[0]["role"] == "system" else "plain"
+
+
+def examples_by_kind(kept: list, renderer: ChatRenderer) -> list[dict]:
+    """The first training sample of each kind present (plain, system, multi-turn, tool call): the doctor checks
+    the saved template against each, since a template can render one kind right and another wrong."""
+    firsts = {}
+    for row in kept:
+        firsts.setdefault(sample_kind(row.messages), row)
+    return [_example(row, renderer, kind) for kind, row in firsts.items()]
+
+
+def _example(kept, renderer: ChatRenderer, kind: str) -> dict:
     """One training sample as rendered, with the length settings that shaped it (for `sftlab doctor`)."""
-    return {"messages": kept.messages, "input_ids": list(kept.sample.input_ids), "labels": list(kept.sample.labels),
+    return {"kind": kind, "messages": kept.messages, "input_ids": list(kept.sample.input_ids),
+            "labels": list(kept.sample.labels),
             "max_length": renderer.max_length, "overflow": renderer.overflow}
 
 

@@ -24,10 +24,14 @@ class Check:
         return self.status == "pass"
 
 
-def training_example(run_dir: Path) -> dict | None:
-    """The first training sample as training rendered it (render_check.json), when the folder is a run."""
+def training_examples(run_dir: Path) -> list[dict]:
+    """One training sample of each kind present (plain, system, multi-turn, tool call) as training rendered it
+    (render_check.json), when the folder is a run; [] otherwise."""
     path = run_dir / "render_check.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+    if not path.exists():
+        return []
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    return saved["samples"] if "samples" in saved else [{"kind": "plain", **saved}]  # older runs saved one
 
 
 def saved_template(folder: Path) -> str | None:
@@ -38,55 +42,69 @@ def saved_template(folder: Path) -> str | None:
     return json.loads(config.read_text(encoding="utf-8")).get("chat_template") if config.exists() else None
 
 
-def check_template(folder: Path, tokenizer, example: dict | None) -> Check:
+def check_template(folder: Path, tokenizer, examples: list[dict]) -> Check:
     name = "chat template renders training samples as training did"
     if saved_template(folder) is None:
         return Check(name, "FAIL", f"no chat template saved in {folder} (tokenizer_config.json or "
                                   "chat_template.jinja): a server would format prompts its own way",
                      "save the tokenizer with its template (sftlab writes it into tokenizer_config.json), or copy "
                      "chat_template from the training run's tokenizer_config.json")
-    messages = example["messages"] if example else FALLBACK_EXAMPLE
+    for example in examples or [{"kind": "built-in", "messages": FALLBACK_EXAMPLE}]:
+        problem = template_problem(tokenizer, example)
+        if problem is not None:
+            return Check(name, "FAIL", f"{example['kind']} sample: {problem[0]}", problem[1])
+    if not examples:
+        return Check(name, "pass", "a built-in sample renders prefix-by-prefix (no render_check.json to compare with)")
+    kinds = ", ".join(e["kind"] for e in examples)
+    return Check(name, "pass", f"{len(examples)} training sample(s) ({kinds}) identical to training "
+                               "(render_check.json); apply_chat_template's prompt is each one's prefix")
+
+
+def template_problem(tokenizer, example: dict) -> tuple[str, str] | None:
+    """(what is wrong, the fix) when the saved template does not render `example` as training did."""
+    messages = example["messages"]
     try:
         # as training rendered it: a sample cut by overflow=truncate is cut again the same way
-        settings = example or {}
-        renderer = ChatRenderer(tokenizer, settings.get("max_length"), settings.get("overflow", "drop"))
+        renderer = ChatRenderer(tokenizer, example.get("max_length"), example.get("overflow", "drop"))
         sample = renderer.render(messages)
     except MessageError as exc:
-        return Check(name, "FAIL", f"the saved template cannot render a training sample: {exc}",
-                     "restore the template the model was trained with")
-    if example and sample.input_ids != example["input_ids"]:  # the mask is the terminator check's business
+        return f"the saved template cannot render it: {exc}", "restore the template the model was trained with"
+    if "input_ids" in example and sample.input_ids != example["input_ids"]:  # the mask: the terminator check
         first = next(i for i, (a, b) in enumerate(zip(sample.input_ids + [None], example["input_ids"] + [None]))
                      if a != b)
-        return Check(name, "FAIL", f"tokens differ from training at position {first}",
-                     "serve with the tokenizer saved in the run directory, not the base model's")
+        return (f"tokens differ from training at position {first}",
+                "serve with the tokenizer saved in the run directory, not the base model's")
     prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, return_dict=True)["input_ids"]
     if sample.input_ids[:len(prompt)] != list(prompt):
-        return Check(name, "FAIL", "apply_chat_template's prompt is not a prefix of the training sample",
-                     "the template must render the conversation prefix-by-prefix")
-    source = "render_check.json" if example else "a built-in sample"
-    return Check(name, "pass", f"{len(sample.input_ids)} tokens identical to training ({source}); "
-                             "apply_chat_template's prompt is its prefix")
+        return ("apply_chat_template's prompt is not a prefix of the training sample",
+                "the template must render the conversation prefix-by-prefix")
+    return None
 
 
-def check_terminator(tokenizer, example: dict | None) -> Check:
+def check_terminator(tokenizer, examples: list[dict]) -> Check:
     name = "terminator tokens are supervised"
-    if example is None:
+    if not examples:
         return Check(name, "skip", "no render_check.json here (not a sftlab run), so no training labels to read; "
                                    "the generation check below still tests stopping")
-    stops = stop_token_ids(tokenizer)
-    labels, ids = example["labels"], example["input_ids"]
-    ends = [i for i in range(1, len(labels)) if labels[i - 1] != IGNORE_INDEX and ids[i] in stops]
-    masked = [i for i in ends if labels[i] == IGNORE_INDEX]
-    if labels[-1] == IGNORE_INDEX or masked:
-        where = masked[0] if masked else len(labels) - 1
-        return Check(name, "FAIL", f"the turn's end token {tokenizer.decode([ids[where]])!r} at position {where} has "
-                                  "label -100: the model never learned to stop",
-                     "retrain with sftlab's renderer (it supervises <|endoftext|> / the next role token)")
-    return Check(name, "pass", f"every assistant turn ends on a supervised stop token ({len(ends)} in the sample)")
+    stops, total = stop_token_ids(tokenizer), 0
+    for example in examples:
+        labels, ids = example["labels"], example["input_ids"]
+        ends = [i for i in range(1, len(labels)) if labels[i - 1] != IGNORE_INDEX and ids[i] in stops]
+        masked = [i for i in ends if labels[i] == IGNORE_INDEX]
+        if labels[-1] == IGNORE_INDEX or masked:
+            where = masked[0] if masked else len(labels) - 1
+            return Check(name, "FAIL", f"{example['kind']} sample: the turn's end token "
+                                      f"{tokenizer.decode([ids[where]])!r} at position {where} has label -100: the "
+                                      "model never learned to stop",
+                         "retrain with sftlab's renderer (it supervises <|endoftext|> / the next role token)")
+        total += len(ends)
+    return Check(name, "pass", f"every assistant turn ends on a supervised stop token ({total} in "
+                               f"{len(examples)} sample(s))")
 
 
-def check_pad_eos(tokenizer, example: dict | None) -> Check:
+def check_pad_eos(tokenizer, examples: list[dict]) -> Check:
     name = "pad and eos do not mask the terminator"
+    example = examples[0] if examples else None
     if tokenizer.eos_token_id is None or tokenizer.pad_token_id is None:
         return Check(name, "FAIL", f"eos={tokenizer.eos_token_id}, pad={tokenizer.pad_token_id}",
                      "set both in tokenizer_config.json (GLM-4: <|endoftext|> for both)")
@@ -117,17 +135,33 @@ def check_generation_config(folder: Path, tokenizer) -> Check:
     return Check(name, "pass", f"eos_token_id {eos}")
 
 
-def check_generation(model, tokenizer, example: dict | None, max_new_tokens: int) -> Check:
+def check_generation(model, tokenizer, examples: list[dict], max_new_tokens: int, terminators_ok: bool,
+                     folder: Path) -> Check:
     from sftlab.infer.generate import SamplingArgs, generate_replies
 
     name = "greedy generation stops"
+    example = next((e for e in examples if e["kind"] == "plain"), examples[0] if examples else None)
     messages = (example["messages"] if example else FALLBACK_EXAMPLE)[:-1]
     greedy = SamplingArgs(max_new_tokens=max_new_tokens, temperature=0)
     reply = generate_replies(model, tokenizer, [messages], greedy, progress="doctor: greedy generation")[0]
-    if reply.finish_reason != "stop":
-        return Check(name, "FAIL", f"no stop token in {max_new_tokens} new tokens: {reply.text[:80]!r}...",
-                     "train with the terminator supervised and check the stop ids above")
-    return Check(name, "pass", f"stopped after {reply.new_tokens} tokens: {reply.text[:60]!r}")
+    if reply.finish_reason == "stop":
+        return Check(name, "pass", f"stopped after {reply.new_tokens} tokens: {reply.text[:60]!r}")
+    detail = f"no stop token in {max_new_tokens} new tokens: {reply.text[:80]!r}..."
+    if terminators_ok:  # the model was taught to stop: it has not learned it yet
+        loss = final_loss(folder)
+        return Check(name, "FAIL", detail, "the terminators were supervised, so the model may be undertrained"
+                     + (f" (final training loss {loss:.3f})" if loss is not None else "") + ": train longer or check "
+                     "the learning rate")
+    return Check(name, "FAIL", detail, "train with the terminator supervised and check the stop ids above")
+
+
+def final_loss(folder: Path) -> float | None:
+    log = folder / "trainer_log.jsonl"
+    if not log.exists():
+        return None
+    records = list(map(json.loads, log.read_text(encoding="utf-8").splitlines()))
+    losses = [r["loss"] for r in records if "loss" in r] or [r["train_loss"] for r in records if "train_loss" in r]
+    return losses[-1] if losses else None
 
 
 def run_checks(model: str | None, adapter: str | None, max_new_tokens: int = 64) -> list[Check]:
@@ -137,11 +171,11 @@ def run_checks(model: str | None, adapter: str | None, max_new_tokens: int = 64)
     if not folder.is_dir():
         raise UserError(f"{'adapter' if adapter else 'model'} path {folder} does not exist")
     net, tokenizer = load_for_inference(model, adapter)
-    example = training_example(folder)
-    checks = [check_template(folder, tokenizer, example), check_terminator(tokenizer, example),
-              check_pad_eos(tokenizer, example), check_generation_config(folder, tokenizer)]
+    examples = training_examples(folder)
+    checks = [check_template(folder, tokenizer, examples), check_terminator(tokenizer, examples),
+              check_pad_eos(tokenizer, examples), check_generation_config(folder, tokenizer)]
     if checks[0].passed:
-        checks.append(check_generation(net, tokenizer, example, max_new_tokens))
+        checks.append(check_generation(net, tokenizer, examples, max_new_tokens, checks[1].passed, folder))
     else:
         checks.append(Check("greedy generation stops", "skip", "the chat template check failed, so a prompt would not "
                             "be rendered as in training"))

@@ -454,8 +454,8 @@ def write_run_inputs(out: Path, config: dict, data: PreparedData) -> None:
 
     write_atomic(out / RESOLVED_CONFIG, yaml.safe_dump(config, allow_unicode=True, sort_keys=False))
     write_manifest(out, config, data.fingerprint, config["train"]["seed"])
-    if data.example is not None:  # what `sftlab doctor` checks the saved template against
-        write_atomic(out / "render_check.json", json.dumps(data.example, ensure_ascii=False) + "\n")
+    if data.examples:  # what `sftlab doctor` checks the saved template against
+        write_atomic(out / "render_check.json", json.dumps({"samples": data.examples}, ensure_ascii=False) + "\n")
     heldout = "".join(json.dumps({"messages": m}, ensure_ascii=False) + "\n" for m in data.test_messages)
     write_atomic(out / "heldout.jsonl", heldout)
     rejected = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in data.rejected)
