@@ -266,3 +266,16 @@ def test_near_duplicates_are_looked_for_among_rows_with_the_same_tools_and_calls
     result, _ = run_clean(tokenizer, [path], max_length=2048, near_dedup_threshold=0.7)
     assert [k.line for k in result.kept] == [1, 3]
     assert [(r.line, r.reason) for r in result.rejected] == [(2, "near_duplicate")]
+
+
+def test_hub_datasets_take_a_subset_and_a_split():
+    from sftlab.data.load import hub_parts
+
+    assert hub_parts("hub:org/name") == ("org/name", None, "train")
+    assert hub_parts("hub:org/name:zh") == ("org/name", "zh", "train")
+    assert hub_parts("hub:org/name:zh:validation") == ("org/name", "zh", "validation")
+    for bad in ("hub:name", "hub:org/name::train", "hub:org/name:a:b:c"):
+        with pytest.raises(UserError, match="a Hub dataset is hub:org/name, hub:org/name:subset or"):
+            expand_inputs([bad])
+    with pytest.raises(UserError, match="org/name is a Hub dataset id, and the Hub is offline"):
+        read_all(expand_inputs(["hub:org/name:zh:validation"])).__next__()

@@ -46,6 +46,9 @@ def expand_inputs(names: list[str]) -> list[str]:
             sources += matches
         elif Path(name).expanduser().is_file():
             sources.append(str(Path(name).expanduser()))
+        elif name.startswith("hub:"):
+            hub_parts(name)  # checks the form: hub:org/name[:subset[:split]]
+            sources.append(name)
         elif name.count("/") == 1 and not name.startswith((".", "/", "~")) and Path(name).suffix not in SUFFIXES:
             sources.append("hub:" + name)
         else:
@@ -177,8 +180,17 @@ def _drop_nulls(row: dict) -> dict:
     return {k: v for k, v in row.items() if v is not None}
 
 
-def read_hub_dataset(dataset_id: str) -> list[SourceRow]:
+def hub_parts(source: str) -> tuple[str, str | None, str]:
+    """(dataset id, subset or None, split) of `hub:org/name[:subset[:split]]` (split: train unless given)."""
+    parts = source.removeprefix("hub:").split(":")
+    if len(parts) > 3 or parts[0].count("/") != 1 or not all(parts):
+        raise UserError(f"{source}: a Hub dataset is hub:org/name, hub:org/name:subset or hub:org/name:subset:split "
+                        "(an empty subset is not allowed: name it, e.g. default)")
+    return parts[0], (parts[1] if len(parts) > 1 else None), (parts[2] if len(parts) > 2 else "train")
 
+
+def read_hub_dataset(source: str) -> list[SourceRow]:
+    dataset_id, subset, split = hub_parts("hub:" + source)
     if hub_offline():
         raise UserError(f"{dataset_id} is a Hub dataset id, and the Hub is offline (HF_HUB_OFFLINE=1): download it "
                         f"where there is network (`hf download {dataset_id} --repo-type dataset --local-dir ./data`) "
@@ -186,8 +198,8 @@ def read_hub_dataset(dataset_id: str) -> list[SourceRow]:
     from datasets import load_dataset
 
     try:
-        table = load_dataset(dataset_id, split="train")
+        table = load_dataset(dataset_id, subset, split=split)
     except Exception as exc:
-        raise UserError(f"could not load the Hub dataset {dataset_id} ({type(exc).__name__}): download its files "
-                        "where there is network and pass them") from exc
-    return [SourceRow(f"hub:{dataset_id}", i + 1, _drop_nulls(row)) for i, row in enumerate(table)]
+        raise UserError(f"could not load the Hub dataset {dataset_id} (subset {subset}, split {split}; "
+                        f"{type(exc).__name__}): download its files where there is network and pass them") from exc
+    return [SourceRow(f"hub:{source}", i + 1, _drop_nulls(row)) for i, row in enumerate(table)]
