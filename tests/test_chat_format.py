@@ -131,3 +131,56 @@ def test_malformed_conversations_name_the_message(tokenizer, messages, field):
 def test_stop_ids_are_glm4s_three(tokenizer):
     assert stop_token_ids(tokenizer) == [tokenizer.convert_tokens_to_ids(t)
                                          for t in ("<|endoftext|>", "<|user|>", "<|observation|>")]
+
+
+# A ChatML template (Qwen2.5's, without its tool and system defaults): the template itself ends each turn
+CHATML = ("{%- for message in messages %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' "
+          "+ '\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
+@pytest.fixture
+def chatml_tokenizer(tiny_model_dir):
+    from sftlab.model.load import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+def test_a_template_that_ends_turns_supervises_its_end_token_and_nothing_after(chatml_tokenizer):
+    """One terminator rule: ChatML writes <|im_end|> after each reply. It is supervised (the model learns to stop),
+    the newline after it and the next <|im_start|> are not, and no eos is appended."""
+    tok = chatml_tokenizer
+    messages = [{"role": "user", "content": "你是谁？"}, {"role": "assistant", "content": "我是灵犀。"},
+                {"role": "user", "content": "再说一遍"}, {"role": "assistant", "content": "我是灵犀。"}]
+    sample = render(tok, messages)
+    assert mark_supervised(tok, sample) == (
+        "<|im_start|>user\n你是谁？<|im_end|>\n<|im_start|>assistant\n«我是灵犀。<|im_end|>»\n"
+        "<|im_start|>user\n再说一遍<|im_end|>\n<|im_start|>assistant\n«我是灵犀。<|im_end|>»\n")
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert sample.input_ids[-2] == end and tok.decode(sample.input_ids[-1:]) == "\n"
+    assert sample.labels[-1] == IGNORE_INDEX and sample.labels[-2] == end and tok.eos_token_id not in sample.input_ids
+    assert stop_token_ids(tok)[:2] == [tok.eos_token_id, end]  # (this test tokenizer also has GLM-4's role tokens)
+    # the generation prompt is exactly apply_chat_template's
+    prompt = ChatRenderer(tok).prompt_ids(messages[:1])
+    assert prompt == tok.apply_chat_template(messages[:1], add_generation_prompt=True, return_dict=True)["input_ids"]
+
+
+def test_truncation_closes_with_the_templates_end_token(chatml_tokenizer):
+    messages = [{"role": "user", "content": "写"}, {"role": "assistant", "content": "很长的回答。" * 50}]
+    sample = render(chatml_tokenizer, messages, max_length=24, overflow="truncate")
+    end = chatml_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert len(sample.input_ids) <= 24 and sample.input_ids[-1] == end and sample.labels[-1] == end
+
+
+def test_the_doctors_label_checks_hold_for_a_template_that_ends_turns(chatml_tokenizer):
+    from sftlab.eval.doctor import check_pad_eos, check_terminator
+
+    messages = [{"role": "user", "content": "你是谁？"}, {"role": "assistant", "content": "我是灵犀。"}]
+    sample = render(chatml_tokenizer, messages)
+    example = {"kind": "plain", "messages": messages, "input_ids": sample.input_ids, "labels": sample.labels}
+    assert check_terminator(chatml_tokenizer, [example]).status == "pass"
+    assert check_pad_eos(chatml_tokenizer, [example]).status == "pass"
+    masked = dict(example, labels=sample.labels[:-2] + [IGNORE_INDEX, IGNORE_INDEX])  # <|im_end|> masked
+    assert check_terminator(chatml_tokenizer, [masked]).status == "FAIL"

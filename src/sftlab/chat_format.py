@@ -47,9 +47,32 @@ class RenderedSample:
         return len(self.labels) - self.labels.count(IGNORE_INDEX)
 
 
+END_PROBE = "sftlab-end-of-turn-probe"
+
+
+def end_of_turn_id(tokenizer) -> int | None:
+    """The special token the chat template writes right after an assistant's content (ChatML's `<|im_end|>`,
+    Llama-3's `<|eot_id|>`), or None where it writes none (GLM-4: the next role token ends the turn)."""
+    if tokenizer.chat_template is None:
+        return None
+    conversation = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": END_PROBE}]
+    try:
+        text = tokenizer.apply_chat_template(conversation, tokenize=False)
+    except Exception:  # a template that cannot render this plain conversation: no end token to learn from it
+        return None
+    after = text[text.find(END_PROBE) + len(END_PROBE):] if END_PROBE in text else ""
+    ids = tokenizer.encode(after, add_special_tokens=False) if after else []
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    return ids[0] if ids and ids[0] in special else None
+
+
 def stop_token_ids(tokenizer) -> list[int]:
-    """The ids generation must stop on: eos, plus GLM-4's `<|user|>` and `<|observation|>` when present."""
+    """The ids generation must stop on: eos, the template's end-of-turn token where it writes one, and GLM-4's
+    `<|user|>` and `<|observation|>` when present."""
     ids = [tokenizer.eos_token_id]
+    end = end_of_turn_id(tokenizer)
+    if end is not None and end not in ids:
+        ids.append(end)
     for token in GLM4_STOP_TOKENS:
         token_id = tokenizer.convert_tokens_to_ids(token)
         if token_id is not None and token_id != tokenizer.unk_token_id and token_id not in ids:
@@ -108,6 +131,11 @@ class ChatRenderer:
         self.max_length = max_length
         self.overflow = overflow
         self.eos_id = tokenizer.eos_token_id
+        # one terminator rule for every template: where the template ends a turn with its own token, that token
+        # is supervised and nothing after it, and nothing is appended; where it writes none (GLM-4), the first
+        # token after the turn (the next role token) is supervised, and eos is appended after the last turn
+        self.end_of_turn = end_of_turn_id(tokenizer)
+        self.terminator_id = self.end_of_turn if self.end_of_turn is not None else self.eos_id
         self._template_kwargs = dict(tokenizer.special_tokens_map)
         self._backend = getattr(tokenizer, "_tokenizer", None)  # the Rust tokenizer, when there is one
         self._empty = None  # the template's rendering of no messages, computed once
@@ -184,14 +212,18 @@ class ChatRenderer:
         input_ids, labels = [], []
         for n, ((_, kind), ids) in enumerate(zip(pieces, piece_ids)):
             input_ids.extend(ids)
-            if kind == "completion":
+            if kind == "completion" and self.end_of_turn in ids:  # through the template's end token, not after
+                end = ids.index(self.end_of_turn) + 1
+                labels.extend(ids[:end] + [IGNORE_INDEX] * (len(ids) - end))
+            elif kind == "completion":
                 labels.extend(ids)
-            elif n > 0 and ids:  # the first token after an assistant turn ends it: supervised
+            elif n > 0 and ids and self.end_of_turn is None:  # the first token after the turn ends it (GLM-4)
                 labels.extend([ids[0]] + [IGNORE_INDEX] * (len(ids) - 1))
             else:
                 labels.extend([IGNORE_INDEX] * len(ids))
-        input_ids.append(self.eos_id)  # the template writes no end token: the conversation ends here
-        labels.append(self.eos_id)
+        if self.end_of_turn is None:  # the template writes no end token: the conversation ends here
+            input_ids.append(self.eos_id)
+            labels.append(self.eos_id)
         return RenderedSample(input_ids, labels)
 
     def _extend(self, prefix: str, text: str, index: int) -> str:
@@ -216,7 +248,7 @@ class ChatRenderer:
             raise SampleTooLong(len(sample.input_ids), self.max_length)
         ids, labels = sample.input_ids[:cut], sample.labels[:cut]
         if ids[-1] not in stop_token_ids(self.tokenizer):
-            ids, labels = ids + [self.eos_id], labels + [self.eos_id]
+            ids, labels = ids + [self.terminator_id], labels + [self.terminator_id]
         return RenderedSample(ids, labels)
 
 

@@ -91,8 +91,10 @@ def check_terminator(tokenizer, examples: list[dict]) -> Check:
         labels, ids = example["labels"], example["input_ids"]
         ends = [i for i in range(1, len(labels)) if labels[i - 1] != IGNORE_INDEX and ids[i] in stops]
         masked = [i for i in ends if labels[i] == IGNORE_INDEX]
-        if labels[-1] == IGNORE_INDEX or masked:
-            where = masked[0] if masked else len(labels) - 1
+        supervised = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
+        last_unended = bool(supervised) and ids[supervised[-1]] not in stops  # the last reply has no end token
+        if last_unended or masked:
+            where = masked[0] if masked else min(supervised[-1] + 1, len(labels) - 1)
             return Check(name, "FAIL", f"{example['kind']} sample: the turn's end token "
                                       f"{tokenizer.decode([ids[where]])!r} at position {where} has label -100: the "
                                       "model never learned to stop",
@@ -109,6 +111,8 @@ def check_pad_eos(tokenizer, examples: list[dict]) -> Check:
         return Check(name, "FAIL", f"eos={tokenizer.eos_token_id}, pad={tokenizer.pad_token_id}",
                      "set both in tokenizer_config.json (GLM-4: <|endoftext|> for both)")
     if tokenizer.pad_token_id == tokenizer.eos_token_id:
+        if example is not None and tokenizer.eos_token_id not in example["input_ids"]:
+            return Check(name, "pass", "pad == eos, but turns end on the template's own end token, not on eos")
         if example is not None and example["labels"][-1] == tokenizer.eos_token_id:
             return Check(name, "pass", "pad == eos, but labels are built by position, not by id: eos stays supervised")
         if example is not None:
