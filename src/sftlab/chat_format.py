@@ -8,7 +8,9 @@ message prefix at a time; the loss mask follows GLM-4's own fine-tuning demo:
 
 - for each assistant message, the supervised tokens are everything after the generation prompt
   (for GLM-4: after `<|assistant|>`, i.e. the newline, any metadata and the content);
-- plus the one token that ends the turn: the first token of the next message (GLM-4: `<|user|>` or
+- plus the token that ends the turn, by one rule for every template: where the template writes its own
+  end-of-turn token after the reply (ChatML's `<|im_end|>`, Llama-3's `<|eot_id|>`), that token, and nothing
+  after it; where it writes none (GLM-4), the first token of the next message (`<|user|>` or
   `<|observation|>`), or the end-of-text token appended after the last message;
 - every other token (system, user, observation, role tokens, `[gMASK]<sop>`) has label -100.
 
