@@ -23,29 +23,18 @@ def batch_cost(lengths: list[int], padding_free: bool) -> int:
 
 
 def token_budget_batches(lengths: list[int], max_tokens: int, padding_free: bool, seed: int,
-                         num_shards: int = 1) -> list[list[int]]:
+                         num_shards: int = 1, cuts: list[int] | None = None) -> list[list[int]]:
     """One epoch's micro-batches (lists of sample indices), in training order.
 
     Sorted by length (ties broken at random under `seed`), cut greedily at `max_tokens`, shuffled under
     `seed`. A sample longer than the budget gets a micro-batch of its own. The count is padded to a
     multiple of `num_shards` by splitting the largest micro-batches (no sample is repeated), so every
     process gets the same number of micro-batches. The count depends only on the lengths, never on the
-    seed, so every epoch has the same number of steps."""
+    seed, so every epoch has the same number of steps; `cuts` (from even_cuts) can be computed once."""
     rng = random.Random(seed)
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], rng.random()))
-    sorted_lengths = [lengths[i] for i in order]
-    count = len(greedy_cuts(sorted_lengths, max_tokens, padding_free)) + 1
-    count = -(-count // num_shards) * num_shards  # every process gets the same number
-    # the greedy cut leaves a small remnant at the end: the smallest budget that needs no more micro-batches
-    # spreads the tokens evenly instead (binary search; the count only falls as the budget grows)
-    low, high = 1, max_tokens
-    while low < high:
-        middle = (low + high) // 2
-        if len(greedy_cuts(sorted_lengths, middle, padding_free)) + 1 <= count:
-            high = middle
-        else:
-            low = middle + 1
-    cuts = greedy_cuts(sorted_lengths, low, padding_free)
+    if cuts is None:
+        cuts = even_cuts(sorted(lengths), max_tokens, padding_free, num_shards)
     batches = [order[start:end] for start, end in zip([0] + cuts, cuts + [len(order)])]
     while len(batches) % num_shards and any(len(b) > 1 for b in batches):
         largest = max(range(len(batches)), key=lambda b: (len(batches[b]) > 1, len(batches[b]), -b))
@@ -55,6 +44,23 @@ def token_budget_batches(lengths: list[int], max_tokens: int, padding_free: bool
     if len(batches) % num_shards:  # fewer samples than processes: the only case where one repeats
         batches += batches[: num_shards - len(batches) % num_shards]
     return batches
+
+
+def even_cuts(sorted_lengths: list[int], max_tokens: int, padding_free: bool, num_shards: int) -> list[int]:
+    """Where to cut the length-sorted samples: as many micro-batches as the greedy cut at `max_tokens` makes
+    (rounded up to a multiple of `num_shards`), but with the tokens spread evenly, since the greedy cut leaves a
+    small remnant at the end. The smallest budget that needs no more micro-batches, by binary search (the count
+    only falls as the budget grows). Depends on the lengths alone, never on the seed."""
+    count = len(greedy_cuts(sorted_lengths, max_tokens, padding_free)) + 1
+    count = -(-count // num_shards) * num_shards  # every process gets the same number
+    low, high = 1, max_tokens
+    while low < high:
+        middle = (low + high) // 2
+        if len(greedy_cuts(sorted_lengths, middle, padding_free)) + 1 <= count:
+            high = middle
+        else:
+            low = middle + 1
+    return greedy_cuts(sorted_lengths, low, padding_free)
 
 
 def greedy_cuts(sorted_lengths: list[int], max_tokens: int, padding_free: bool) -> list[int]:
@@ -82,15 +88,20 @@ class TokenBudgetSampler(BatchRebalanceSampler):
         self.lengths, self.max_tokens, self.padding_free = list(lengths), max_tokens, padding_free
         self.seed, self.num_shards, self.shard = seed, num_shards, shard
         self.epoch = 0
-        self._num_batches = len(token_budget_batches(self.lengths, max_tokens, padding_free, seed, num_shards))
+        self.cuts = even_cuts(sorted(self.lengths), max_tokens, padding_free, num_shards)  # the same every epoch
+        self._last = None  # (epoch, its micro-batches): the plan, len() and the first epoch share one computation
+        self._num_batches = len(self.epoch_batches(0))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """All processes' micro-batches of `epoch`; process p trains batches p, p + n, p + 2n, ..."""
-        return token_budget_batches(self.lengths, self.max_tokens, self.padding_free,
-                                    self.seed * 1_000_003 + epoch, self.num_shards)
+        if self._last is None or self._last[0] != epoch:
+            batches = token_budget_batches(self.lengths, self.max_tokens, self.padding_free,
+                                           self.seed * 1_000_003 + epoch, self.num_shards, self.cuts)
+            self._last = (epoch, batches)
+        return self._last[1]
 
     def __iter__(self):
         yield from self.epoch_batches(self.epoch)[self.shard::self.num_shards]
