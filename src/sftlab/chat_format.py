@@ -68,11 +68,14 @@ def end_of_turn_id(tokenizer) -> int | None:
     return ids[0] if ids and ids[0] in special else None
 
 
-def stop_token_ids(tokenizer) -> list[int]:
-    """The ids generation must stop on: eos, the template's end-of-turn token where it writes one, and GLM-4's
-    `<|user|>` and `<|observation|>` when present."""
+_UNKNOWN = object()
+
+
+def stop_token_ids(tokenizer, end_of_turn=_UNKNOWN) -> list[int]:
+    """The ids generation must stop on: eos, the template's end-of-turn token where it writes one (found by
+    rendering, unless the caller already knows it), and GLM-4's `<|user|>` and `<|observation|>` when present."""
     ids = [tokenizer.eos_token_id]
-    end = end_of_turn_id(tokenizer)
+    end = end_of_turn_id(tokenizer) if end_of_turn is _UNKNOWN else end_of_turn
     if end is not None and end not in ids:
         ids.append(end)
     for token in GLM4_STOP_TOKENS:
@@ -138,6 +141,7 @@ class ChatRenderer:
         # token after the turn (the next role token) is supervised, and eos is appended after the last turn
         self.end_of_turn = end_of_turn_id(tokenizer)
         self.terminator_id = self.end_of_turn if self.end_of_turn is not None else self.eos_id
+        self.stop_ids = stop_token_ids(tokenizer, self.end_of_turn)
         self._template_kwargs = dict(tokenizer.special_tokens_map)
         self._backend = getattr(tokenizer, "_tokenizer", None)  # the Rust tokenizer, when there is one
         self._empty = None  # the template's rendering of no messages, computed once
@@ -249,7 +253,7 @@ class ChatRenderer:
         if cut == 0:
             raise SampleTooLong(len(sample.input_ids), self.max_length)
         ids, labels = sample.input_ids[:cut], sample.labels[:cut]
-        if ids[-1] not in stop_token_ids(self.tokenizer):
+        if ids[-1] not in self.stop_ids:
             ids, labels = ids + [self.terminator_id], labels + [self.terminator_id]
         return RenderedSample(ids, labels)
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from sftlab.chat_format import ChatRenderer, stop_token_ids
+from sftlab.chat_format import ChatRenderer
 
 
 @dataclass
@@ -86,7 +86,7 @@ def generate_replies(model, tokenizer, conversations: list[list[dict]], sampling
     """Replies to each conversation (the last message is the user's). Runs in eval mode, then restores.
     `progress`: a description for a progress bar (per batch, or per token for one conversation)."""
     renderer = ChatRenderer(tokenizer)
-    stop_ids = stop_token_ids(tokenizer)
+    stop_ids = renderer.stop_ids
     was_training = model.training
     model.eval()
     replies = []
