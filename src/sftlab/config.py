@@ -26,19 +26,29 @@ def check_choices(config) -> None:
             raise ValueError(f"{f.name}: {getattr(config, f.name)!r} is not one of {allowed}")
 
 
+def read_config_file(argv: list[str]) -> tuple[str, dict] | None:
+    """(path, values) of `--config FILE.yaml` in argv, or None; a missing file or a YAML that is not a mapping
+    of field: value is one line (shared by every verb's parser)."""
+    if "--config" not in argv:
+        return None
+    at = argv.index("--config")
+    path = argv[at + 1] if at + 1 < len(argv) else ""
+    if not Path(path).is_file():
+        raise UserError(f"config file {path or '(missing)'} does not exist")
+    values = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    if values is not None and not isinstance(values, dict):
+        raise UserError(f"config file {path}: expected a mapping of field: value, got a {type(values).__name__}")
+    return path, values or {}
+
+
 def parse_with_config(parser, argv: list[str]) -> tuple:
     """`--config FILE.yaml` then flags, which win: TrlParser's convention, for the verbs outside train/ (which
     alone imports trl). Unknown keys and bad values are one-line errors."""
     argv = list(argv)
-    if "--config" in argv:
-        at = argv.index("--config")
-        path = argv[at + 1] if at + 1 < len(argv) else ""
-        del argv[at:at + 2]
-        if not Path(path).is_file():
-            raise UserError(f"config file {path or '(missing)'} does not exist")
-        values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        if not isinstance(values, dict):
-            raise UserError(f"{path}: expected a mapping of field: value, got a {type(values).__name__}")
+    config = read_config_file(argv)
+    if config is not None:
+        path, values = config
+        del argv[argv.index("--config"):argv.index("--config") + 2]
         known = {action.dest for action in parser._actions}
         unknown = sorted(set(values) - known)
         if unknown:

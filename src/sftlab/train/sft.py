@@ -23,7 +23,7 @@ from trl import SFTConfig, SFTTrainer, TrlParser
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from sftlab.chat_format import ChatRenderer, stop_token_ids
-from sftlab.config import CleanArguments, DataArguments, ModelArguments
+from sftlab.config import CleanArguments, DataArguments, ModelArguments, read_config_file
 from sftlab.data.prepare import PreparedData, prepare_data
 from sftlab.errors import UserError
 from sftlab.files import append_jsonl, write_atomic
@@ -182,14 +182,7 @@ def check_ranges(config: TrainConfig) -> None:
 
 def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, CleanArguments, TrainConfig]:
     parser = TrlParser((ModelArguments, DataArguments, CleanArguments, TrainConfig), prog="sftlab train")
-    if "--config" in argv:
-        config_path = argv[argv.index("--config") + 1] if argv.index("--config") + 1 < len(argv) else ""
-        if not Path(config_path).is_file():
-            raise UserError(f"config file {config_path or '(missing)'} does not exist")
-        values = yaml.safe_load(Path(config_path).read_text(encoding="utf-8"))
-        if values is not None and not isinstance(values, dict):
-            raise UserError(f"config file {config_path}: expected a mapping of field: value, got a "
-                            f"{type(values).__name__}")
+    read_config_file(argv)  # a missing file or a YAML that is not a mapping: one line before TrlParser reads it
     try:
         return parser.parse_args_and_config(args=argv)
     except ValueError as exc:
@@ -297,7 +290,7 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, clean_arg
 
     reports = [train_args.report_to] if isinstance(train_args.report_to, str) else train_args.report_to
     if "swanlab" in reports and is_main:
-        start_swanlab(str(out), train_args.run_name, resolved_config(model_args, data_args, clean_args, train_args))
+        start_swanlab(str(out), train_args.run_name, config)
     probe = ProbeCallback(tokenizer, train_args.probe_prompts, train_args.probe_max_new_tokens, str(out),
                           data_args.system_prompt)
     stopper = StopOnSignal()
