@@ -101,8 +101,9 @@ def run_eval(model: str | None, adapter: str | None, data: str | None, compare_b
     if output is None and not run_dir.is_dir():
         raise UserError(f"{adapter or model} is not a run folder: pass --output DIR for the results")
     # the data first: a file with nothing usable is an error before a (possibly 9B) model is loaded
-    conversations = load_conversations(data, run_dir if run_dir.is_dir() else None, inference_tokenizer(model, adapter))
-    tuned, tokenizer = load_for_inference(model, adapter)
+    tokenizer = inference_tokenizer(model, adapter)
+    conversations = load_conversations(data, run_dir if run_dir.is_dir() else None, tokenizer)
+    tuned, tokenizer = load_for_inference(model, adapter, tokenizer=tokenizer)
     results, replies = {}, {}
     results["tuned"], replies["tuned"] = evaluate(tuned, tokenizer, conversations, max_new_tokens, batch_size, "tuned")
     if compare_base:

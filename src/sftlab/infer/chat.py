@@ -67,13 +67,13 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     check_args(args)
     system = [{"role": "system", "content": args.system}] if args.system else []
+    tokenizer = inference_tokenizer(args.model, args.adapter, args.trust_remote_code)
     if args.prompt is not None:
         base_path, _ = inference_paths(args.model, args.adapter)
-        tokenizer = inference_tokenizer(args.model, args.adapter, args.trust_remote_code)
         check_prompt_fits(tokenizer, base_path, system + [{"role": "user", "content": args.prompt}],
                           args.max_new_tokens)
     model, tokenizer = load_for_inference(args.model, args.adapter, args.device,
-                                          trust_remote_code=args.trust_remote_code)
+                                          trust_remote_code=args.trust_remote_code, tokenizer=tokenizer)
     sampling = SamplingArgs(args.max_new_tokens, args.temperature, args.top_p, args.repetition_penalty)
     if args.prompt is not None:
         reply = generate_replies(model, tokenizer, [system + [{"role": "user", "content": args.prompt}]], sampling)[0]

@@ -149,11 +149,12 @@ def inference_tokenizer(model: str | None = None, adapter: str | None = None, tr
 
 
 def load_for_inference(model: str | None = None, adapter: str | None = None, device: str | None = None,
-                       dtype: str | None = None, trust_remote_code: bool = False):
-    """(model, tokenizer) for chat and evaluation: the base from `model` or from the adapter's record."""
+                       dtype: str | None = None, trust_remote_code: bool = False, tokenizer=None):
+    """(model, tokenizer) for chat and evaluation: the base from `model` or from the adapter's record
+    (`tokenizer`: one the caller already loaded with inference_tokenizer)."""
     base_path, tokenizer_dir = inference_paths(model, adapter)
     auto_device, auto_dtype = best_device_and_dtype()
-    tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code)
+    tokenizer = tokenizer or load_tokenizer(tokenizer_dir, trust_remote_code)
     net = load_model(base_path, dtype or auto_dtype, trust_remote_code, device=device or auto_device)
     if adapter is not None:
         from peft import PeftModel
