@@ -97,9 +97,6 @@ class CleanResult:
     rows_read: int = 0
     formats: dict = field(default_factory=dict)  # source -> {format: rows}
 
-    def mixed_files(self) -> dict[str, dict]:
-        return {source: counts for source, counts in self.formats.items() if len(counts) > 1}
-
     def reasons(self) -> dict[str, int]:
         counts = Counter(r.reason for r in self.rejected)
         return {reason: counts[reason] for reason in REASONS if counts[reason]}

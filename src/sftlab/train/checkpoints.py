@@ -99,7 +99,9 @@ def rotate(out: Path, keep: int | None, newest: Path) -> None:
     for folder in checkpoints(out):
         if int(CHECKPOINT.match(folder.name).group(1)) > step:
             continue  # newer than the one just committed: not ours to judge
-        committed = why_not_committed(folder) is None
+        # the marker is this run's own commit: re-hashing every kept checkpoint at every save would read
+        # gigabytes for nothing (--resume is where the hashes are checked)
+        committed = (folder / MARKER).exists()
         if committed and (keep is None or kept < keep):
             kept += 1
             continue
