@@ -124,6 +124,8 @@ def examples_by_kind(kept: list, renderer: ChatRenderer) -> list[dict]:
     firsts = {}
     for row in kept:
         firsts.setdefault(sample_kind(row.messages), row)
+        if len(firsts) == 4:  # every kind found: no need to look at the rest of a large dataset
+            break
     return [_example(row, renderer, kind) for kind, row in firsts.items()]
 
 
