@@ -15,16 +15,25 @@ message prefix at a time; the loss mask follows GLM-4's own fine-tuning demo:
 - every other token (system, user, observation, role tokens, `[gMASK]<sop>`) has label -100.
 
 Without the supervised terminator the model never learns to stop (the tutorial's first defect).
+
+Conversations are in sftlab's message form: tools on the system message (`"tools": [...]`), a tool call as an
+assistant message whose `metadata` is the function name and whose content is the JSON arguments, a tool
+result as an `observation` message. Each template is probed once for how it wants them: in that form (GLM-4),
+with the tools passed to the template (GLM-4-0414), or in OpenAI's form, `tools` passed to the template,
+assistant `tool_calls`, `tool` results (Qwen, Llama-3 and most others).
+
+A template that renders an earlier assistant turn differently once more messages follow (Qwen3 drops the
+empty think block from history) gets every assistant turn in the form the model generates it, as TRL's
+prefix-preserving Qwen3 training template does: what is supervised is what the model will be asked to write.
 """
 
+import json
 from dataclasses import dataclass
 
 from transformers.utils.chat_template_utils import render_jinja_template
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant", "observation")
-# GLM-4 stops on any of these three; its maintainers say all three are needed.
-GLM4_STOP_TOKENS = ("<|endoftext|>", "<|user|>", "<|observation|>")
 
 
 class MessageError(ValueError):
@@ -64,25 +73,18 @@ def end_of_turn_id(tokenizer) -> int | None:
         return None
     after = text[text.find(END_PROBE) + len(END_PROBE):] if END_PROBE in text else ""
     ids = tokenizer.encode(after, add_special_tokens=False) if after else []
-    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
-    return ids[0] if ids and ids[0] in special else None
+    return ids[0] if ids and ids[0] in special_ids(tokenizer) else None
 
 
-_UNKNOWN = object()
+def special_ids(tokenizer) -> set[int]:
+    """The named special tokens and every added special token (GLM-4's role tokens, ChatML's markers)."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return set(tokenizer.all_special_ids) | {i for i, token in added.items() if getattr(token, "special", True)}
 
 
-def stop_token_ids(tokenizer, end_of_turn=_UNKNOWN) -> list[int]:
-    """The ids generation must stop on: eos, the template's end-of-turn token where it writes one (found by
-    rendering, unless the caller already knows it), and GLM-4's `<|user|>` and `<|observation|>` when present."""
-    ids = [tokenizer.eos_token_id]
-    end = end_of_turn_id(tokenizer) if end_of_turn is _UNKNOWN else end_of_turn
-    if end is not None and end not in ids:
-        ids.append(end)
-    for token in GLM4_STOP_TOKENS:
-        token_id = tokenizer.convert_tokens_to_ids(token)
-        if token_id is not None and token_id != tokenizer.unk_token_id and token_id not in ids:
-            ids.append(token_id)
-    return ids
+def stop_token_ids(tokenizer, generation_eos=None) -> list[int]:
+    """The ids generation must stop on (see ChatRenderer.stop_ids)."""
+    return ChatRenderer(tokenizer, generation_eos=generation_eos).stop_ids
 
 
 def validate_messages(messages: list[dict], for_training: bool = True) -> None:
@@ -124,10 +126,54 @@ def _compiled_template(template: str):
         return None
 
 
-class ChatRenderer:
-    """Renders conversations with `tokenizer`'s chat template into ids, labels and prompts."""
+PROBE_TOOL = {"type": "function", "function": {
+    "name": "sftlab_probe_fn", "description": "sftlab_probe_description",
+    "parameters": {"type": "object", "properties": {"sftlab_probe_arg": {"type": "string"}}}}}
+PROBE_TOOL_CONVERSATION = [
+    {"role": "system", "content": "", "tools": [PROBE_TOOL]},
+    {"role": "user", "content": "hi"},
+    {"role": "assistant", "metadata": "sftlab_probe_fn", "content": '{"sftlab_probe_arg": "sftlab_probe_value"}'},
+    {"role": "observation", "content": "sftlab_probe_result"},
+]
+# (tools passed to the template, calls and results in OpenAI's form): sftlab's own form first
+TOOL_DIALECTS = ((False, False), (True, False), (True, True))
 
-    def __init__(self, tokenizer, max_length: int | None = None, overflow: str = "drop"):
+
+def has_tool_parts(messages: list[dict]) -> bool:
+    return any(m.get("tools") or m.get("metadata") or m["role"] == "observation" for m in messages)
+
+
+def to_template_form(messages: list[dict], tools_as_kwarg: bool, openai_calls: bool) -> tuple[list[dict], list]:
+    """sftlab's messages -> (messages, tools) in the form a template wants (see TOOL_DIALECTS)."""
+    if not (tools_as_kwarg or openai_calls) or not has_tool_parts(messages):
+        return messages, []
+    out, tools = [], []
+    for i, message in enumerate(messages):
+        if message.get("tools"):
+            tools = message["tools"]
+            message = {k: v for k, v in message.items() if k != "tools"}
+            if message["role"] == "system" and not message["content"].strip():
+                continue  # a tools-only system message: the template writes the tools itself
+        if openai_calls and message["role"] == "assistant" and message.get("metadata"):
+            try:
+                arguments = json.loads(message["content"]) if message["content"].strip() else {}
+            except json.JSONDecodeError as exc:
+                raise MessageError(f"messages[{i}].content: the arguments of {message['metadata']} are not valid "
+                                   f"JSON ({exc.msg})") from exc
+            call = {"type": "function", "function": {"name": message["metadata"], "arguments": arguments}}
+            message = {"role": "assistant", "content": "", "tool_calls": [call]}
+        elif openai_calls and message["role"] == "observation":
+            message = {"role": "tool", "content": message["content"]}
+        out.append(message)
+    return out, (tools if tools_as_kwarg else [])
+
+
+class ChatRenderer:
+    """Renders conversations with `tokenizer`'s chat template into ids, labels and prompts.
+
+    `generation_eos`: the model's generation_config eos ids, which stop generation too."""
+
+    def __init__(self, tokenizer, max_length: int | None = None, overflow: str = "drop", generation_eos=None):
         if tokenizer.chat_template is None:
             raise ValueError("the tokenizer has no chat template (sftlab.model.load sets GLM-4's when missing)")
         if overflow not in ("drop", "truncate"):
@@ -136,26 +182,79 @@ class ChatRenderer:
         self.max_length = max_length
         self.overflow = overflow
         self.eos_id = tokenizer.eos_token_id
+        self._template_kwargs = dict(tokenizer.special_tokens_map)
+        self._backend = getattr(tokenizer, "_tokenizer", None)  # the Rust tokenizer, when there is one
+        self._compiled = _compiled_template(tokenizer.chat_template)
+        self.tool_dialect = self._probe_tool_dialect()
         # one terminator rule for every template: where the template ends a turn with its own token, that token
         # is supervised and nothing after it, and nothing is appended; where it writes none (GLM-4), the first
         # token after the turn (the next role token) is supervised, and eos is appended after the last turn
         self.end_of_turn = end_of_turn_id(tokenizer)
+        self._end_text = None if self.end_of_turn is None else tokenizer.convert_ids_to_tokens(self.end_of_turn)
         self.terminator_id = self.end_of_turn if self.end_of_turn is not None else self.eos_id
-        self.stop_ids = stop_token_ids(tokenizer, self.end_of_turn)
-        self._template_kwargs = dict(tokenizer.special_tokens_map)
-        self._backend = getattr(tokenizer, "_tokenizer", None)  # the Rust tokenizer, when there is one
-        self._empty = None  # the template's rendering of no messages, computed once
-        self._compiled = _compiled_template(tokenizer.chat_template)
+        self.stop_ids = self._stop_ids(generation_eos)
+        self.reply_opening = self._reply_opening()
+
+    def _probe_tool_dialect(self) -> tuple[bool, bool] | None:
+        """The first form in TOOL_DIALECTS in which the template writes a tool's definition, a call's name
+        and arguments and the result; None if it writes tools in none of them."""
+        for dialect in TOOL_DIALECTS:
+            try:
+                text = self._render(*to_template_form(PROBE_TOOL_CONVERSATION, *dialect), False)
+            except Exception:  # the template refuses this form
+                continue
+            if ("sftlab_probe_description" in text and text.count("sftlab_probe_fn") >= 2
+                    and "sftlab_probe_value" in text and "sftlab_probe_result" in text):
+                return dialect
+        return None
+
+    def _after_turn(self, messages: list[dict]) -> int | None:
+        """The first token the template writes after the assistant turn that ends `messages[:-1]`, if special."""
+        before, after = self.render_text(messages[:-1]), self.render_text(messages)
+        if not after.startswith(before) or after == before:
+            return None
+        token = self.encode(after[len(before):])[0]
+        return token if token in special_ids(self.tokenizer) else None
+
+    def _stop_ids(self, generation_eos) -> list[int]:
+        """eos, the model's generation_config eos ids, and the template's end of a turn: its end-of-turn token,
+        or where it writes none, the tokens that can follow a turn (GLM-4's `<|user|>` and `<|observation|>`)."""
+        extra = generation_eos if isinstance(generation_eos, list) else [generation_eos]
+        ids = [i for i in [self.eos_id, *extra] if i is not None]
+        if self.end_of_turn is not None:
+            ids.append(self.end_of_turn)
+        else:
+            reply = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": END_PROBE}]
+            ids.append(self._after_turn([*reply, {"role": "user", "content": "hi"}]))
+            if self.tool_dialect is not None:
+                ids.append(self._after_turn(PROBE_TOOL_CONVERSATION))
+        return list(dict.fromkeys(i for i in ids if i is not None))
+
+    def _reply_opening(self) -> str:
+        """What the template writes between the generation prompt and a final reply's content (GLM-4: a
+        newline; Qwen3: an empty think block), which chat and evaluation leave out of the reply text."""
+        user = [{"role": "user", "content": "hi"}]
+        prompt = self.render_text(user, add_generation_prompt=True)
+        full = self.render_text([*user, {"role": "assistant", "content": END_PROBE}])
+        return full[len(prompt):full.find(END_PROBE)] if full.startswith(prompt) and END_PROBE in full else ""
 
     def render_text(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        if self.tool_dialect is None:
+            if any(m.get("tools") or m.get("metadata") for m in messages):
+                raise MessageError("messages: this model's chat template does not render tools or tool calls")
+            return self._render(messages, [], add_generation_prompt)
+        return self._render(*to_template_form(messages, *self.tool_dialect), add_generation_prompt)
+
+    def _render(self, messages: list[dict], tools: list, add_generation_prompt: bool) -> str:
+        extra = {"tools": tools} if tools else {}
         if self._compiled is not None:
             # transformers' compiled template, called directly: render_jinja_template would deep-copy every
             # message first, a third of the rendering time when cleaning a large dataset
             return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         **self._template_kwargs)
+                                         **self._template_kwargs, **extra)
         rendered, _ = render_jinja_template(
             conversations=[messages], chat_template=self.tokenizer.chat_template,
-            add_generation_prompt=add_generation_prompt, **self._template_kwargs,
+            add_generation_prompt=add_generation_prompt, tools=tools or None, **self._template_kwargs,
         )
         return rendered[0]
 
@@ -199,20 +298,40 @@ class ChatRenderer:
         """The rendered text cut where the mask changes: (text, "prompt" | "completion") pieces.
 
         A "prompt" piece runs from the end of the last assistant turn to the generation prompt of the next;
-        its first token is the previous turn's terminator (supervised), unless it is the first piece."""
+        its first token is the previous turn's terminator (supervised), unless it is the first piece. Each
+        assistant turn is in the form the template gives a final turn, the form the model generates."""
         validate_messages(messages)
-        if self._empty is None:
-            self._empty = self.render_text([])  # e.g. "[gMASK]<sop>": written once, by the template
-        pieces, done = [], self._empty
+        pieces, last_prompt, last_turn = [], None, ""
         for i, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            prompt = self._extend(done, self.render_text(messages[:i], add_generation_prompt=True), i)
-            full = self._extend(prompt, self.render_text(messages[: i + 1]), i)
-            pieces.append((prompt[len(done):] if pieces else prompt, "prompt"))
-            pieces.append((full[len(prompt):], "completion"))
-            done = full
+            prompt = self.render_text(messages[:i], add_generation_prompt=True)
+            turn = self._extend(prompt, self.render_text(messages[: i + 1]), i)
+            if not pieces:
+                between = prompt
+            elif prompt.startswith(last_turn):  # the template renders earlier turns the same whatever follows
+                between = prompt[len(last_turn):]
+            else:
+                between = self._after_history_turn(prompt, last_prompt, i)
+                text, kind = pieces[-1]  # the previous turn ends at its end token; the rest follows the prompt's
+                pieces[-1] = (text[:text.index(self._end_text) + len(self._end_text)], kind)
+            pieces.append((between, "prompt"))
+            pieces.append((turn[len(prompt):], "completion"))
+            last_prompt, last_turn = prompt, turn
         return pieces
+
+    def _after_history_turn(self, prompt: str, last_prompt: str | None, index: int) -> str:
+        """The text of `prompt` after the previous assistant turn, which the template re-rendered in its history
+        form (Qwen3: without the think block); only where a turn ends with the template's own end token."""
+        end = -1
+        if last_prompt is not None and self._end_text is not None and prompt.startswith(last_prompt):
+            end = prompt.find(self._end_text, len(last_prompt))
+        if end < 0:
+            raise MessageError(
+                f"messages[{index}]: the chat template does not render this conversation prefix-by-prefix, "
+                "so the loss mask cannot be placed exactly"
+            )
+        return prompt[end + len(self._end_text):]
 
     def assemble(self, pieces: list[tuple[str, str]], piece_ids: list[list[int]]) -> RenderedSample:
         input_ids, labels = [], []
@@ -233,6 +352,7 @@ class ChatRenderer:
         return RenderedSample(input_ids, labels)
 
     def _extend(self, prefix: str, text: str, index: int) -> str:
+        """`text`, which must start with `prefix` (a turn must start with its own generation prompt)."""
         if not text.startswith(prefix):
             raise MessageError(
                 f"messages[{index}]: the chat template does not render this conversation prefix-by-prefix, "

@@ -9,7 +9,8 @@ from threading import Thread
 import torch
 
 from sftlab.errors import UserError
-from sftlab.infer.generate import Reply, SamplingArgs, generate_replies
+from sftlab.chat_format import ChatRenderer
+from sftlab.infer.generate import Reply, SamplingArgs, generate_replies, reply_text
 from sftlab.model.load import inference_paths, inference_tokenizer, load_for_inference
 
 HELP = "commands: /clear (forget the history), /system TEXT (set the system prompt), /exit (also exit, quit)"
@@ -96,7 +97,13 @@ def stream_reply(model, tokenizer, conversation, sampling) -> Reply:
     worker = Thread(target=lambda: result.extend(
         generate_replies(model, tokenizer, [conversation], sampling, streamer=streamer)))
     worker.start()
+    opening, pending = ChatRenderer(tokenizer).reply_opening.strip(), ""
     for piece in streamer:
+        if opening:  # hold back what may be the template's opening (Qwen3's empty think block), then drop it
+            pending += piece
+            if opening.startswith(pending.lstrip()):
+                continue
+            piece, opening = reply_text(pending, opening) if pending.lstrip().startswith(opening) else pending, ""
         print(piece, end="", flush=True)
     worker.join()
     print()

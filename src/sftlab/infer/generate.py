@@ -1,5 +1,5 @@
-"""Generation shared by chat, the training probes and evaluation: batched, left-padded, stops on all of
-GLM-4's stop tokens, returns only the new tokens."""
+"""Generation shared by chat, the training probes and evaluation: batched, left-padded, stops on all the
+model's stop ids (the renderer's rule), returns only the new tokens."""
 
 from dataclasses import dataclass
 
@@ -57,12 +57,18 @@ def decode_complete(tokenizer, ids: list[int]) -> str:
     return text
 
 
-def split_reply(tokenizer, new_ids: list[int], stop_ids: list[int]) -> Reply:
+def reply_text(text: str, opening: str = "") -> str:
+    """The reply without the template's opening (Qwen3's empty think block) and surrounding whitespace."""
+    text, opening = text.strip(), opening.strip()
+    return text[len(opening):].strip() if opening and text.startswith(opening) else text
+
+
+def split_reply(tokenizer, new_ids: list[int], stop_ids: list[int], opening: str = "") -> Reply:
     """Cuts at the first stop token; the reply text excludes it and anything after (padding)."""
     for n, token_id in enumerate(new_ids):
         if token_id in stop_ids:
-            return Reply(tokenizer.decode(new_ids[:n], skip_special_tokens=True).strip(), "stop", n + 1)
-    return Reply(decode_complete(tokenizer, new_ids).strip(), "length", len(new_ids))
+            return Reply(reply_text(tokenizer.decode(new_ids[:n], skip_special_tokens=True), opening), "stop", n + 1)
+    return Reply(reply_text(decode_complete(tokenizer, new_ids), opening), "length", len(new_ids))
 
 
 class TokenProgress:
@@ -85,7 +91,7 @@ def generate_replies(model, tokenizer, conversations: list[list[dict]], sampling
                      batch_size: int = 16, streamer=None, progress: str | None = None) -> list[Reply]:
     """Replies to each conversation (the last message is the user's). Runs in eval mode, then restores.
     `progress`: a description for a progress bar (per batch, or per token for one conversation)."""
-    renderer = ChatRenderer(tokenizer)
+    renderer = ChatRenderer(tokenizer, generation_eos=model.generation_config.eos_token_id)
     stop_ids = renderer.stop_ids
     was_training = model.training
     model.eval()
@@ -104,7 +110,8 @@ def generate_replies(model, tokenizer, conversations: list[list[dict]], sampling
                 eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id, streamer=streamer,
                 **sampling.generate_kwargs(),
             )
-            replies += [split_reply(tokenizer, row[ids.shape[1]:].tolist(), stop_ids) for row in out]
+            replies += [split_reply(tokenizer, row[ids.shape[1]:].tolist(), stop_ids, renderer.reply_opening)
+                        for row in out]
     finally:
         model.train(was_training)
     return replies

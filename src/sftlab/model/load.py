@@ -12,15 +12,15 @@ from pathlib import Path
 from sftlab.environment import TINY_MODEL_NAME, hub_offline
 from sftlab.errors import UserError
 from sftlab.model import attention  # noqa: F401  registers sdpa_varlen with transformers
-from sftlab.model.tiny import ensure_tiny_model, glm4_chat_template
+from sftlab.model.tiny import FAMILIES, ensure_tiny_model, glm4_chat_template
 
 ADAPTER_CONFIG = "adapter_config.json"
 
 
 def resolve_model_path(name_or_path: str) -> Path:
     """A local folder for `name_or_path`: the tiny model, a local checkpoint, or a Hub snapshot."""
-    if name_or_path == TINY_MODEL_NAME:
-        return ensure_tiny_model()
+    if name_or_path.startswith("sftlab:"):
+        return ensure_tiny_model(name_or_path)  # one of FAMILIES, or a clear error listing them
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
@@ -29,7 +29,7 @@ def resolve_model_path(name_or_path: str) -> Path:
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1 or path.exists():
         raise UserError(
             f"model path {name_or_path} does not exist. Pass a local model folder, a Hub id like "
-            f"THUDM/glm-4-9b-hf, or {TINY_MODEL_NAME}"
+            f"THUDM/glm-4-9b-hf, or {TINY_MODEL_NAME} (or another embedded model: {', '.join(FAMILIES)})"
         )
     return download_from_hub(name_or_path)
 

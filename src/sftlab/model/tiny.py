@@ -1,19 +1,29 @@
-"""The embedded default model: a tiny GLM-4 (`GlmForCausalLM`) with a GLM-4-style tokenizer.
+"""The embedded models: a tiny GLM-4 (the default) and tiny models of the other families sftlab supports.
 
-It has the architecture of glm-4-9b-hf at toy size (grouped-query attention, partial rotary, q/k/v bias,
-fused gate_up_proj, untied embeddings) and a byte-level BPE tokenizer, trained on the demo data, that
-carries GLM-4's ten special tokens in GLM-4's order after the ordinary vocabulary, GLM-4's chat template,
-and GLM-4's post-processor that prefixes `[gMASK]<sop>`. It is built on first use, offline, and is the same
-bytes every time (fixed seed, fixed corpus), so the name `sftlab:tiny-glm4` resolves on any machine.
+`sftlab:tiny-glm4` has the architecture of glm-4-9b-hf at toy size (grouped-query attention, partial rotary,
+q/k/v bias, fused gate_up_proj, untied embeddings) and a byte-level BPE tokenizer, trained on the demo data,
+that carries GLM-4's ten special tokens in GLM-4's order after the ordinary vocabulary, GLM-4's chat template,
+and GLM-4's post-processor that prefixes `[gMASK]<sop>`. The other families are built the same way, each
+with its own architecture class, special tokens, chat template (the published one, byte for byte), eos,
+padding and generation config:
+
+- `sftlab:tiny-glm4-0414`: `Glm4ForCausalLM`, GLM-4-0414's template (tools passed to the template);
+- `sftlab:tiny-qwen3`: `Qwen3ForCausalLM`, Qwen3's ChatML template (`<|im_start|>`, `<|im_end|>`, think blocks);
+- `sftlab:tiny-llama3`: `LlamaForCausalLM`, Llama-3.1-Instruct's template (`<|start_header_id|>`, `<|eot_id|>`).
+
+Each is built on first use, offline, and is the same bytes every time (fixed seed, fixed corpus), so its name
+resolves on any machine.
 """
 
 import json
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 from sftlab.environment import cache_root
+from sftlab.errors import UserError
 
 TINY_VERSION = "v1"  # bump when the build below changes, so old caches are not reused
 
@@ -24,24 +34,79 @@ GLM4_SPECIAL_TOKENS = [
 ORDINARY_VOCAB_SIZE = 2048
 TINY_ARCH = dict(
     hidden_size=128, intermediate_size=320, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, head_dim=32, partial_rotary_factor=0.5, attention_bias=True,
-    rms_norm_eps=1.5625e-07, rope_theta=10000.0, max_position_embeddings=4096, tie_word_embeddings=False,
+    num_key_value_heads=2, head_dim=32, rms_norm_eps=1.5625e-07, rope_theta=10000.0, max_position_embeddings=4096,
+    tie_word_embeddings=False,
 )
+GLM_ARCH = dict(partial_rotary_factor=0.5, attention_bias=True)  # GLM-4 and GLM-4-0414 rotate half of each head
+
+
+@dataclass(frozen=True)
+class Family:
+    """What makes a tiny model look like its family to sftlab and transformers: the same tokens, template and
+    stop ids as the real checkpoints, at toy size."""
+
+    folder: str
+    config_class: str  # a transformers config class; the model class is the matching *ForCausalLM
+    template: str  # file under sftlab/model/templates: the family's published chat template
+    special_tokens: list[str]  # in the family's order, after the ordinary vocabulary
+    eos: str
+    pad: str | None  # None: the real tokenizer has no pad token (load_tokenizer then uses eos)
+    generation_eos: list[str]  # the real generation_config.json's eos_token_id, as tokens
+    prefix: list[str] = field(default_factory=list)  # what add_special_tokens=True puts first
+    bos: str | None = None
+    plain_tokens: list[str] = field(default_factory=list)  # added tokens that are not special (Qwen's <think>)
+    arch: dict = field(default_factory=dict)
+
+
+QWEN3_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                 "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                 "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+QWEN3_PLAIN = ["<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+               "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>", "<think>", "</think>"]
+# Llama 3.1's first eleven special tokens; the real tokenizer also has 245 reserved ones, left out at toy size
+LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                  "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>",
+                  "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
+
+FAMILIES = {
+    "sftlab:tiny-glm4": Family(
+        "tiny-glm4", "GlmConfig", "glm4.jinja", GLM4_SPECIAL_TOKENS, eos="<|endoftext|>", pad="<|endoftext|>",
+        generation_eos=["<|endoftext|>", "<|user|>", "<|observation|>"], prefix=["[gMASK]", "<sop>"], arch=GLM_ARCH),
+    "sftlab:tiny-glm4-0414": Family(
+        "tiny-glm4-0414", "Glm4Config", "glm4_0414.jinja", GLM4_SPECIAL_TOKENS, eos="<|endoftext|>",
+        pad="<|endoftext|>", generation_eos=["<|endoftext|>", "<|user|>", "<|observation|>"],
+        prefix=["[gMASK]", "<sop>"], arch=GLM_ARCH),
+    "sftlab:tiny-qwen3": Family(
+        "tiny-qwen3", "Qwen3Config", "qwen3.jinja", QWEN3_SPECIAL, eos="<|im_end|>", pad="<|endoftext|>",
+        generation_eos=["<|im_end|>", "<|endoftext|>"], plain_tokens=QWEN3_PLAIN),
+    "sftlab:tiny-llama3": Family(
+        "tiny-llama3", "LlamaConfig", "llama3.jinja", LLAMA3_SPECIAL, eos="<|eot_id|>", pad=None,
+        generation_eos=["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"], prefix=["<|begin_of_text|>"],
+        bos="<|begin_of_text|>"),
+}
+
+
+def chat_template(file_name: str) -> str:
+    return resources.files("sftlab.model").joinpath("templates", file_name).read_text(encoding="utf-8")
 
 
 def glm4_chat_template() -> str:
-    return resources.files("sftlab.model").joinpath("glm4_chat_template.jinja").read_text(encoding="utf-8")
+    return chat_template("glm4.jinja")
 
 
-def ensure_tiny_model() -> Path:
-    """Returns the folder of the tiny model, building it there first if needed."""
-    target = cache_root() / "models" / f"tiny-glm4-{TINY_VERSION}"
+def ensure_tiny_model(name: str = "sftlab:tiny-glm4") -> Path:
+    """Returns the folder of the tiny model `name`, building it there first if needed."""
+    if name not in FAMILIES:
+        raise UserError(f"model {name}: there is no such embedded model; the embedded ones are "
+                        f"{', '.join(FAMILIES)}")
+    family = FAMILIES[name]
+    target = cache_root() / "models" / f"{family.folder}-{TINY_VERSION}"
     if (target / "model.safetensors").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-glm4-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{family.folder}-", dir=target.parent))
     try:
-        build_tiny_model(staging)
+        build_tiny_model(staging, family)
         staging.chmod(0o755)  # mkdtemp makes it private; the cache is shared like any model folder
         try:
             staging.rename(target)  # atomic: a half-built model is never seen under the final name
@@ -64,8 +129,8 @@ def _tokenizer_corpus() -> list[str]:
     return texts
 
 
-def build_tiny_tokenizer(out_dir: Path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+def build_tiny_tokenizer(out_dir: Path, family: Family = FAMILIES["sftlab:tiny-glm4"]):
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -76,30 +141,43 @@ def build_tiny_tokenizer(out_dir: Path):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(_tokenizer_corpus(), trainer=trainer)
-    tok.add_special_tokens(GLM4_SPECIAL_TOKENS)  # appended after the ordinary vocabulary, as in GLM-4
-    # GLM-4's tokenizer prefixes [gMASK]<sop> when add_special_tokens=True (the tutorial's defect 4 comes from it)
-    tok.post_processor = processors.TemplateProcessing(
-        single="[gMASK] <sop> $A", pair="[gMASK] <sop> $A $B",
-        special_tokens=[("[gMASK]", tok.token_to_id("[gMASK]")), ("<sop>", tok.token_to_id("<sop>"))],
-    )
+    tok.add_special_tokens(family.special_tokens)  # appended after the ordinary vocabulary, as in the family
+    if family.plain_tokens:  # whole tokens that decoding keeps (Qwen's <think>, <tool_call>)
+        tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in family.plain_tokens])
+    if family.prefix:
+        # GLM-4's tokenizer prefixes [gMASK]<sop> when add_special_tokens=True (the tutorial's defect 4 comes
+        # from it), Llama-3's <|begin_of_text|>
+        prefix = " ".join(family.prefix)
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{prefix} $A", pair=f"{prefix} $A $B",
+            special_tokens=[(t, tok.token_to_id(t)) for t in family.prefix],
+        )
+    named = {"eos_token": family.eos, "pad_token": family.pad, "bos_token": family.bos}
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-        padding_side="left", clean_up_tokenization_spaces=False, model_max_length=8192,
+        tokenizer_object=tok, padding_side="left", clean_up_tokenization_spaces=False, model_max_length=8192,
+        **{key: token for key, token in named.items() if token is not None},
     )
-    tokenizer.chat_template = glm4_chat_template()
+    tokenizer.chat_template = chat_template(family.template)
     tokenizer.save_pretrained(out_dir, save_jinja_files=False)  # template inside tokenizer_config.json
     return tokenizer
 
 
-def build_tiny_model(out_dir: Path) -> None:
+def build_tiny_model(out_dir: Path, family: Family = FAMILIES["sftlab:tiny-glm4"]) -> None:
     import torch
-    from transformers import GenerationConfig, GlmConfig, GlmForCausalLM
+    import transformers
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
-    tokenizer = build_tiny_tokenizer(out_dir)
-    stop_ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|user|>", "<|observation|>")]
+    tokenizer = build_tiny_tokenizer(out_dir, family)
+    stop_ids = tokenizer.convert_tokens_to_ids(family.generation_eos)
+    pad_id = tokenizer.convert_tokens_to_ids(family.pad) if family.pad else None
     vocab_size = (len(tokenizer) + 63) // 64 * 64  # padded like GLM-4's 151552
-    config = GlmConfig(vocab_size=vocab_size, pad_token_id=stop_ids[0], eos_token_id=stop_ids, **TINY_ARCH)
+    config_class = getattr(transformers, family.config_class)
+    config = config_class(vocab_size=vocab_size, pad_token_id=pad_id, eos_token_id=stop_ids, **TINY_ARCH,
+                          **family.arch)
+    if family.bos:
+        config.bos_token_id = tokenizer.convert_tokens_to_ids(family.bos)
     torch.manual_seed(0)
-    model = GlmForCausalLM(config)
-    model.generation_config = GenerationConfig(eos_token_id=stop_ids, pad_token_id=stop_ids[0])
+    model = AutoModelForCausalLM.from_config(config)
+    model.generation_config = GenerationConfig(eos_token_id=stop_ids, pad_token_id=pad_id,
+                                               bos_token_id=config.bos_token_id if family.bos else None)
     model.save_pretrained(out_dir)

@@ -468,7 +468,8 @@ def save_final(trainer, tokenizer, out: Path, model_args: ModelArguments) -> Non
     (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; sftlab_config.yaml says the same in YAML
     save_tokenizer(tokenizer, staging)
     generation_config = trainer.model.generation_config
-    generation_config.eos_token_id = stop_token_ids(tokenizer)  # all three GLM-4 stop ids
+    # the model's own stop ids plus the template's end of a turn (GLM-4: <|endoftext|>, <|user|>, <|observation|>)
+    generation_config.eos_token_id = stop_token_ids(tokenizer, generation_config.eos_token_id)
     generation_config.pad_token_id = tokenizer.pad_token_id
     generation_config.save_pretrained(staging)
     if (staging / ADAPTER_CONFIG).exists():
