@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("doctor") / "run"
     return train(*parse_args(["--config", str(REPO / "configs/demo.yaml"), "--output_dir", str(out),
-                              "--report_to", "none", "--num_train_epochs", "20", "--save_steps", "1.0",
+                              "--report_to", "none", "--num_train_epochs", "20", "--save_steps", "0.5",
                               "--eval_strategy", "no", "--final_eval_samples", "0"]))
 
 
@@ -69,7 +69,7 @@ def test_model_trained_without_terminator_does_not_stop(tmp_path, monkeypatch):
 
     monkeypatch.setattr(chat_format.ChatRenderer, "assemble", masked_end)
     out = train(*parse_args(["--config", str(REPO / "configs/demo.yaml"), "--output_dir", str(tmp_path / "run"),
-                             "--report_to", "none", "--num_train_epochs", "20", "--save_steps", "1.0",
+                             "--report_to", "none", "--num_train_epochs", "20", "--save_steps", "0.5",
                              "--eval_strategy", "no", "--final_eval_samples", "0", "--probe_prompts", "hi",
                              "--clean", "false"]))
     monkeypatch.undo()

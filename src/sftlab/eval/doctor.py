@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from sftlab.chat_format import IGNORE_INDEX, ChatRenderer, MessageError, stop_token_ids
+from sftlab.chat_format import IGNORE_INDEX, ChatRenderer, MessageError, stop_token_ids, to_template_form
 from sftlab.errors import UserError
 
 FALLBACK_EXAMPLE = [{"role": "user", "content": "你好，告诉我你的名字。"}, {"role": "assistant", "content": "你好！"}]
@@ -74,10 +74,19 @@ def template_problem(tokenizer, example: dict) -> tuple[str, str] | None:
                      if a != b)
         return (f"tokens differ from training at position {first}",
                 "serve with the tokenizer saved in the run directory, not the base model's")
-    prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, return_dict=True)["input_ids"]
-    if sample.input_ids[:len(prompt)] != list(prompt):
-        return ("apply_chat_template's prompt is not a prefix of the training sample",
-                "the template must render the conversation prefix-by-prefix")
+    # what a server sends (apply_chat_template) for the first reply must start the sample; later prompts may
+    # re-render history (Qwen3 drops think blocks), so for the last reply sftlab's prompt must equal the server's
+    first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    for end, exact in ((first, False), (len(messages) - 1, True)):
+        conversation, tools = to_template_form(messages[:end], *(renderer.tool_dialect or (False, False)))
+        served = list(tokenizer.apply_chat_template(conversation, tools=tools or None, add_generation_prompt=True,
+                                                    return_dict=True)["input_ids"])
+        if exact and served != renderer.prompt_ids(messages[:end]):
+            return ("apply_chat_template's prompt differs from sftlab's for the last reply",
+                    "the template must render the conversation prefix-by-prefix")
+        if not exact and sample.input_ids[:len(served)] != served:
+            return ("apply_chat_template's prompt is not a prefix of the training sample",
+                    "the template must render the conversation prefix-by-prefix")
     return None
 
 
