@@ -99,7 +99,10 @@ class ModelArguments:
 class DataArguments:
     data_files: list[str] = field(
         default_factory=lambda: ["./data/alpaca_gpt4_data_zh.json"],
-        metadata={"help": "Alpaca-format .json/.jsonl files (instruction, input, output[, system])."},
+        metadata={"help": "Datasets: files (.json .jsonl .parquet .csv; alpaca, sharegpt, openai messages or "
+                  "prompt/completion rows), globs, Hub ids (hub:org/name[:subset[:split]]) or sftlab:demo; or, per "
+                  "dataset, a mapping {path, columns, max_samples, weight} (JSON on the command line; see "
+                  "sftlab.data.sources)."},
     )
     test_size: float = field(
         default=0.05, metadata={"help": "Share of rows held out for evaluation (0 disables the split)."}

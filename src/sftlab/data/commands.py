@@ -13,8 +13,8 @@ from sftlab.config import CleanArguments, Overflow, check_choices, parse_with_co
 from sftlab.data.clean import clean_rows
 from sftlab.data.convert import detect_format
 from sftlab.data.load import expand_inputs, read_source
-from sftlab.data.prepare import read_all
-from sftlab.data.report import NO_MODEL, build_report, length_stats, summary_line, write_clean_outputs
+from sftlab.data.report import NO_MODEL, build_report, dataset_rows, length_stats, summary_line, write_clean_outputs
+from sftlab.data.sources import dataset_specs, read_datasets
 from sftlab.environment import TINY_MODEL_NAME
 from sftlab.model.load import load_tokenizer, resolve_model_path
 
@@ -53,7 +53,9 @@ def clean_parser() -> HfArgumentParser:
     parser = HfArgumentParser((CleanOutput, RenderArguments, CleanArguments), prog="sftlab data clean",
                               description="Clean data files and report what was wrong. --config FILE.yaml sets "
                                           "any field below; flags win.")
-    parser.add_argument("inputs", nargs="+", help="Files (.json .jsonl .parquet .csv), globs, or a Hub dataset id.")
+    parser.add_argument("inputs", nargs="+", help="Files (.json .jsonl .parquet .csv), globs, Hub dataset ids, or "
+                        "JSON with per-dataset options: '{\"path\": \"a.jsonl\", \"columns\": {\"output\": "
+                        "\"answer\"}, \"max_samples\": 500}'.")
     return parser
 
 
@@ -64,12 +66,14 @@ def renderer_for(args: RenderArguments) -> ChatRenderer:
 
 def clean_main(argv: list[str]) -> int:
     output, render, config, extra = parse_with_config(clean_parser(), argv)
-    sources = expand_inputs(extra.inputs)
+    rows, per_dataset = read_datasets(dataset_specs(extra.inputs), seed=42)
+    sources = [source for info in per_dataset.values() for source in info["sources"]]
     renderer = renderer_for(render) if render.model else None
     if renderer is None:
         print(f"note: {NO_MODEL}")
-    result = clean_rows(read_all(sources), config, renderer, render.system_prompt, enabled=config.clean, progress=True)
+    result = clean_rows(rows, config, renderer, render.system_prompt, enabled=config.clean, progress=True)
     report = build_report(result, sources, render.max_length, render.model)
+    report["datasets"] = dataset_rows(per_dataset, result)
     write_clean_outputs(Path(output.output), result, report)
     print(summary_line(report))
     print(f"wrote {output.output}/clean.jsonl, rejected.jsonl, report.json, report.md, lengths.png")

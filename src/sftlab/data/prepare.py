@@ -15,6 +15,7 @@ import random
 import shutil
 import sys
 import tempfile
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -28,9 +29,11 @@ from sftlab import __version__, chat_format
 from sftlab.chat_format import IGNORE_INDEX, ChatRenderer
 from sftlab.config import CleanArguments, DataArguments
 from sftlab.data import clean, convert, load, near_dedup
+from sftlab.data import sources as dataset_sources
 from sftlab.data.clean import clean_rows
 from sftlab.data.load import expand_inputs, read_source
-from sftlab.data.report import build_report, summary_line
+from sftlab.data.report import build_report, dataset_rows, summary_line
+from sftlab.data.sources import dataset_specs, read_datasets, weighted
 from sftlab.environment import cache_root
 
 
@@ -45,7 +48,10 @@ class PreparedData:
     examples: list[dict]  # the first training sample of each kind present, as rendered, for `sftlab doctor`
 
     def summary(self) -> str:
-        return summary_line(self.report) + f"; {len(self.train)} train, {len(self.test)} held out"
+        datasets = self.report.get("datasets", {})
+        mix = "".join(f"\n  {name}: {d['kept']} kept, weight {d['weight']:g}, {d['train_rows']} training rows"
+                      for name, d in datasets.items()) if len(datasets) > 1 else ""
+        return summary_line(self.report) + f"; {len(self.train)} train, {len(self.test)} held out" + mix
 
 
 def split_indices(n: int, test_size: float, seed: int) -> tuple[list[int], list[int]]:
@@ -63,15 +69,21 @@ def read_all(sources: list[str]):
 
 def prepare_data(data_args: DataArguments, clean_args: CleanArguments, renderer: ChatRenderer,
                  use_cache: bool = True) -> PreparedData:
-    sources = expand_inputs(data_args.data_files)
+    specs = dataset_specs(data_args.data_files)
+    sources = [source for spec in specs for source in expand_inputs([spec.path])]
     key = cache_key(sources, data_args, clean_args, renderer)
     cached = cache_root() / "datasets" / key
     if use_cache and (cached / META).exists():
         return read_cache(cached)
-    result = clean_rows(read_all(sources), clean_args, renderer, data_args.system_prompt, enabled=clean_args.clean,
+    rows, per_dataset = read_datasets(specs, data_args.split_seed)
+    result = clean_rows(rows, clean_args, renderer, data_args.system_prompt, enabled=clean_args.clean,
                         progress=True, compact=True)
     report = build_report(result, sources, renderer.max_length, renderer.tokenizer.name_or_path)
     train_idx, test_idx = split_indices(len(result.kept), data_args.test_size, data_args.split_seed)
+    weights = {source: info["weight"] for info in per_dataset.values() for source in info["sources"]}
+    kept_sources = [kept.source for kept in result.kept]
+    train_idx = weighted(train_idx, kept_sources, weights, data_args.split_seed)
+    report["datasets"] = dataset_rows(per_dataset, result, Counter(kept_sources[i] for i in train_idx))
 
     def samples(indices):
         return samples_dataset([result.kept[i].sample for i in indices])
@@ -151,7 +163,7 @@ def cache_key(sources: list[str], data_args: DataArguments, clean_args: CleanArg
     settings = dict(template=tokenizer.chat_template, max_length=renderer.max_length, overflow=renderer.overflow,
                     data=asdict(data_args), clean=asdict(clean_args), version=__version__)
     # a change to the preparing code is a new key too
-    for module in (chat_format, clean, convert, load, near_dedup, sys.modules[__name__]):
+    for module in (chat_format, clean, convert, load, near_dedup, dataset_sources, sys.modules[__name__]):
         digest.update(Path(module.__file__).read_bytes())
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:24]

@@ -5,6 +5,7 @@ Everything here is deterministic (no timestamps), so two runs over the same data
 import json
 import os
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +69,29 @@ def build_report(result: CleanResult, inputs: list[str], max_length: int | None,
     }
 
 
+def dataset_rows(per_dataset: dict[str, dict], result: CleanResult, train_rows: dict[str, int] | None = None
+                 ) -> dict[str, dict]:
+    """Per dataset: rows read, not sampled (max_samples), kept, rejected, weight and, for training, the training
+    rows after weighting; `per_dataset` comes from sftlab.data.sources.read_datasets."""
+    kept, rejected = Counter(k.source for k in result.kept), Counter(r.source for r in result.rejected)
+    table = {}
+    for label, info in per_dataset.items():
+        row = {"read": info["read"], "not_sampled": info["not_sampled"],
+               "kept": sum(kept[s] for s in info["sources"]), "rejected": sum(rejected[s] for s in info["sources"]),
+               "weight": info["weight"]}
+        if train_rows is not None:
+            row["train_rows"] = sum(train_rows.get(s, 0) for s in info["sources"])
+        table[label] = row
+    return table
+
+
+def datasets_table(datasets: dict[str, dict]) -> list[str]:
+    """Markdown lines: one row per dataset."""
+    lines = ["| dataset | read | not sampled | kept | rejected | weight | training rows |", "| --- |" + " ---: |" * 6]
+    return lines + [f"| {name} | {d['read']} | {d['not_sampled']} | {d['kept']} | {d['rejected']} | {d['weight']:g} | "
+                    f"{d.get('train_rows', '-')} |" for name, d in datasets.items()]
+
+
 def summary_line(report: dict) -> str:
     reasons = ", ".join(f"{k} {v}" for k, v in report["reasons"].items()) or "none"
     unit = "tokens" if "tokens" in report else "characters"
@@ -116,6 +140,8 @@ def render_markdown(report: dict) -> str:
     lines += [f"| {reason} | {count} |" for reason, count in report["reasons"].items()] or ["| (none) | 0 |"]
     if report["repairs"]:
         lines += ["", "Repaired in place (kept): " + ", ".join(f"{k} {v}" for k, v in report["repairs"].items())]
+    if report.get("datasets"):
+        lines += ["", "## Datasets", "", *datasets_table(report["datasets"])]
     lines += ["", f"## Lengths in {unit}", "", "| | mean | p50 | p90 | p95 | p99 | max |", "| --- |" + " ---: |" * 6]
     for name, stats in report[unit].items():
         if stats.get("n"):

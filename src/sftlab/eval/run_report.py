@@ -69,9 +69,11 @@ def write_run_report(run_dir: Path) -> Path:
         lines += ["![loss curves](loss_curves.png)", ""]
     lines += ["## Data", ""]
     if data:
-        from sftlab.data.report import summary_line
+        from sftlab.data.report import datasets_table, summary_line
 
         lines += [summary_line(data), ""]
+        if len(data.get("datasets", {})) > 1:
+            lines += datasets_table(data["datasets"]) + [""]
     lines += ["## Time and throughput", ""]
     speed = {**throughput(state, logs), "peak_memory_mb": manifest.get("peak_memory_mb"),
              "batches": manifest.get("batches", {}).get("summary"), "attention": manifest.get("attention")}

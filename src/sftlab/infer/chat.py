@@ -8,8 +8,8 @@ from threading import Thread
 
 import torch
 
-from sftlab.errors import UserError
 from sftlab.chat_format import ChatRenderer
+from sftlab.errors import UserError
 from sftlab.infer.generate import Reply, SamplingArgs, generate_replies, reply_text
 from sftlab.model.load import inference_paths, inference_tokenizer, load_for_inference
 
