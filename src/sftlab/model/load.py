@@ -9,7 +9,7 @@ import os
 from importlib.util import find_spec
 from pathlib import Path
 
-from sftlab.environment import TINY_MODEL_NAME, hub_offline
+from sftlab.environment import hub_offline
 from sftlab.errors import UserError
 from sftlab.model import attention  # noqa: F401  registers sdpa_varlen with transformers
 from sftlab.model.tiny import FAMILIES, ensure_tiny_model, glm4_chat_template
@@ -29,7 +29,7 @@ def resolve_model_path(name_or_path: str) -> Path:
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1 or path.exists():
         raise UserError(
             f"model path {name_or_path} does not exist. Pass a local model folder, a Hub id like "
-            f"THUDM/glm-4-9b-hf, or {TINY_MODEL_NAME} (or another embedded model: {', '.join(FAMILIES)})"
+            f"THUDM/glm-4-9b-hf, or an embedded model ({', '.join(FAMILIES)})"
         )
     return download_from_hub(name_or_path)
 
