@@ -15,9 +15,11 @@ Each is built on first use, offline, and is the same bytes every time (fixed see
 resolves on any machine.
 """
 
+import fcntl
 import json
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -103,18 +105,40 @@ def ensure_tiny_model(name: str = "sftlab:tiny-glm4") -> Path:
     target = cache_root() / "models" / f"{family.folder}-{TINY_VERSION}"
     if (target / "model.safetensors").exists():
         return target
+    if _other_rank():
+        return _wait_for(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{family.folder}-", dir=target.parent))
-    try:
-        build_tiny_model(staging, family)
-        staging.chmod(0o755)  # mkdtemp makes it private; the cache is shared like any model folder
+    # one builder at a time (the processes of a multi-process run all ask for it at once); the others wait,
+    # then find it built
+    with open(target.parent / f".{family.folder}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / "model.safetensors").exists():
+            return target
+        shutil.rmtree(target, ignore_errors=True)  # a folder left without its weights is not a model
+        staging = Path(tempfile.mkdtemp(prefix=f".{family.folder}-", dir=target.parent))
         try:
+            build_tiny_model(staging, family)
+            staging.chmod(0o755)  # mkdtemp makes it private; the cache is shared like any model folder
             staging.rename(target)  # atomic: a half-built model is never seen under the final name
-        except OSError:
-            if not (target / "model.safetensors").exists():  # not a lost race with another process
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _other_rank() -> bool:
+    """A process other than the first of a torch.distributed group: transformers' save_pretrained writes the
+    weights on rank 0 only, so only rank 0 can build the model."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_rank() != 0
+
+
+def _wait_for(target: Path, timeout_s: float = 600) -> Path:
+    deadline = time.monotonic() + timeout_s
+    while not (target / "model.safetensors").exists():
+        if time.monotonic() > deadline:
+            raise UserError(f"{target}: the first process did not build the tiny model within {timeout_s:.0f} s")
+        time.sleep(0.2)
     return target
 
 

@@ -309,6 +309,12 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, clean_arg
         non_finite=NonFiniteSteps(train_args.max_bad_steps),
     )
     train_args.padding_free = padding_free  # what was used, for the manifest
+    sharded = sharded_engine(trainer)
+    if sharded and probe.prompts:
+        probe.prompts = []  # one process cannot generate with weights split across all of them
+        if is_main:
+            print(f"probes and the held-out evaluation are skipped under {sharded} (the weights are sharded across "
+                  f"processes): after training, run: sftlab eval --adapter {out}")
     if train_args.supervised_head:
         unwrapped = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
         add_supervised_lm_head(unwrapped)
@@ -317,8 +323,9 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, clean_arg
         trainer.train(resume_from_checkpoint=resume_from)
         if stopper.received is not None:
             stopped_by_signal(stopper.received, trainer.state.global_step, out, is_main)
+        save_final(trainer, tokenizer, out, model_args)  # every process: sharded engines gather the weights
         if is_main:
-            finish_run(trainer, tokenizer, out, model_args, data_args, train_args, data, plan)
+            finish_run(trainer, tokenizer, out, data_args, train_args, data, plan, sharded)
     finally:
         stopper.uninstall()
         if "swanlab" in reports and is_main:
@@ -414,18 +421,34 @@ def stopped_by_signal(signum: int, step: int, out: Path, is_main: bool) -> None:
     raise SystemExit(128 + signum)
 
 
-def finish_run(trainer, tokenizer, out: Path, model_args, data_args, train_args, data, plan: BatchPlan) -> None:
-    """After training, on the main process: final weights, probe replies, held-out evaluation, report."""
+def sharded_engine(trainer) -> str | None:
+    """"ZeRO-3" or "FSDP" where the weights are split across processes (the final save then needs every process,
+    and no single process can generate), else None (one GPU, DDP, ZeRO-2)."""
+    if getattr(trainer, "is_fsdp_enabled", False):
+        return "FSDP"
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        plugin = trainer.accelerator.state.deepspeed_plugin
+        if plugin is not None and plugin.zero_stage == 3:
+            return "ZeRO-3"
+    return None
+
+
+def finish_run(trainer, tokenizer, out: Path, data_args, train_args, data, plan: BatchPlan,
+               sharded: str | None = None) -> None:
+    """After training and the final save, on the main process: probe replies, held-out evaluation, report
+    (no generation where the weights are sharded: `sftlab eval` does it afterwards from the saved run)."""
     from sftlab.eval.evaluate import evaluate, with_replies, write_eval
     from sftlab.eval.run_report import peak_memory_mb, write_manifest, write_run_report
     from sftlab.eval.tables import table_text
 
-    save_final(trainer, tokenizer, out, model_args)
     # the record is the run's own config (a resume may only amend it, in amendments.jsonl), plus what was chosen
     record = yaml.safe_load((out / RESOLVED_CONFIG).read_text(encoding="utf-8"))
     chosen = {"attention": trainer.model.config._attn_implementation, "padding_free": train_args.padding_free,
               "batches": {**asdict(plan), "summary": plan.summary()}}
     write_manifest(out, record, data.fingerprint, train_args.seed, {"peak_memory_mb": peak_memory_mb(), **chosen})
+    if sharded:
+        write_run_report(out)
+        return
     replies = run_probes(trainer.model, tokenizer, train_args.probe_prompts, train_args.probe_max_new_tokens,
                          data_args.system_prompt)
     final = [dict(step=trainer.state.global_step, prompt=p, reply=r.text, finish_reason=r.finish_reason,
@@ -460,11 +483,17 @@ def save_final(trainer, tokenizer, out: Path, model_args: ModelArguments) -> Non
     """Writes the final weights, tokenizer and generation config into a staging folder, then moves them in.
 
     The marker of a loadable folder (adapter_config.json, or config.json for a full model) is moved last,
-    so a crash mid-save never leaves a folder that looks complete."""
-    refuse_non_finite(trainer.model, "final weights")
+    so a crash mid-save never leaves a folder that looks complete. Called on every process: under ZeRO-3 and FSDP
+    save_model gathers the sharded weights (a collective); everywhere only the main process writes."""
+    refuse_non_finite(trainer.model, "final weights")  # each process checks the weights it holds
     staging = out / ".final.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
+    is_main = trainer.is_world_process_zero()
+    if is_main:
+        shutil.rmtree(staging, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
     trainer.save_model(str(staging))
+    if not is_main:
+        return
     (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; sftlab_config.yaml says the same in YAML
     save_tokenizer(tokenizer, staging)
     generation_config = trainer.model.generation_config
