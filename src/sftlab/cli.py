@@ -12,6 +12,7 @@ verbs:
   eval    held-out metrics, before/after:   sftlab eval --adapter output/demo --compare-base
   doctor  check a run for template drift and stopping: sftlab doctor --adapter output/demo
   chat    chat with a base model or a run: sftlab chat --adapter output/demo [--prompt TEXT --json]
+  merge   merge a LoRA run into its base for serving: sftlab merge --adapter output/demo [--output DIR]
 
 `sftlab <verb> --help` lists each verb's options. --debug shows tracebacks."""
 
@@ -57,7 +58,14 @@ def _doctor(argv):
     return main(argv)
 
 
-VERBS = {"data": _data, "train": _train, "estimate": _estimate, "eval": _eval, "doctor": _doctor, "chat": _chat}
+def _merge(argv):
+    from sftlab.model.merge import main
+
+    return main(argv)
+
+
+VERBS = {"data": _data, "train": _train, "estimate": _estimate, "eval": _eval, "doctor": _doctor, "chat": _chat,
+         "merge": _merge}
 
 
 def main(argv: list[str] | None = None) -> int:

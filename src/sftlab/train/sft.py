@@ -438,6 +438,7 @@ def finish_run(trainer, tokenizer, out: Path, data_args, train_args, data, plan:
     """After training and the final save, on the main process: probe replies, held-out evaluation, report
     (no generation where the weights are sharded: `sftlab eval` does it afterwards from the saved run)."""
     from sftlab.eval.evaluate import evaluate, with_replies, write_eval
+    from sftlab.eval.model_card import write_model_card
     from sftlab.eval.run_report import peak_memory_mb, write_manifest, write_run_report
     from sftlab.eval.tables import table_text
 
@@ -448,6 +449,7 @@ def finish_run(trainer, tokenizer, out: Path, data_args, train_args, data, plan:
     write_manifest(out, record, data.fingerprint, train_args.seed, {"peak_memory_mb": peak_memory_mb(), **chosen})
     if sharded:
         write_run_report(out)
+        write_model_card(out)  # in place of PEFT's empty template
         return
     replies = run_probes(trainer.model, tokenizer, train_args.probe_prompts, train_args.probe_max_new_tokens,
                          data_args.system_prompt)
@@ -461,6 +463,7 @@ def finish_run(trainer, tokenizer, out: Path, data_args, train_args, data, plan:
         write_eval(out / "eval", {"tuned": results}, with_replies(conversations, {"tuned": replies}))
         print(f"\nHeld-out evaluation ({len(conversations)} conversations):\n{table_text({'tuned': results})}")
     write_run_report(out)
+    write_model_card(out)  # in place of PEFT's empty template
     print_probes(final)
 
 

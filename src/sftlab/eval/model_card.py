@@ -1,0 +1,118 @@
+"""README.md in the Hugging Face Hub's model-card format for a run folder or a merged model: a YAML header
+(base_model, library_name, pipeline_tag, tags, datasets where known; the license is left for the user: the
+base model's applies), then the training config in brief, the data counts, the held-out evaluation and the
+probe replies, all read from the run's own files. It replaces PEFT's empty template."""
+
+import json
+import re
+from pathlib import Path
+
+import yaml
+
+from sftlab.files import write_atomic
+
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def _read(path: Path, kind: str = "json"):
+    if not path.exists():
+        return None
+    text = path.read_text(encoding="utf-8")
+    if kind == "yaml":
+        return yaml.safe_load(text)
+    if kind == "jsonl":
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return json.loads(text)
+
+
+def hub_datasets(data_files: list) -> list[str]:
+    """The Hub ids among the run's datasets (local files have none)."""
+    ids = []
+    for entry in data_files or []:
+        name = entry.get("path", "") if isinstance(entry, dict) else str(entry)
+        name = name[4:].split(":")[0] if name.startswith("hub:") else name
+        if HUB_ID.match(name) and not Path(name).exists():
+            ids.append(name)
+    return ids
+
+
+def model_card(run_dir: Path, merged: bool = False) -> str:
+    """The card's text for `run_dir` (a training run); `merged`: for the merged full model made from it."""
+    config = _read(run_dir / "sftlab_config.yaml", "yaml") or {}
+    model, data, train = config.get("model", {}), config.get("data", {}), config.get("train", {})
+    base = str(model.get("model_name_or_path", ""))
+    lora = bool(model.get("use_peft")) and not merged
+    header = {"library_name": "peft" if lora else "transformers", "pipeline_tag": "text-generation",
+              "tags": ["sftlab", "sft", "trl", *(["lora"] if model.get("use_peft") else []),
+                       *(["merged"] if merged else [])]}
+    if HUB_ID.match(base) and not Path(base).exists():
+        header = {"base_model": base, **header}
+    datasets = hub_datasets(data.get("data_files"))
+    if datasets:
+        header["datasets"] = datasets
+    lines = ["---", yaml.safe_dump(header, sort_keys=False, allow_unicode=True).strip(),
+             "# license: set the license before publishing; the base model's license applies", "---", "",
+             f"# {run_dir.name}{' (merged)' if merged else ''}", "",
+             f"Supervised fine-tuning of `{base}` with sftlab (TRL + PEFT)"
+             f"{': the LoRA adapter merged into the base weights' if merged else ''}.", ""]
+    lines += _training(model, train) + _data(_read(run_dir / "data_report.json")) + _usage(run_dir, lora, merged)
+    lines += _evaluation(_read(run_dir / "eval" / "results.json"))
+    lines += _probes(_read(run_dir / "predictions.jsonl", "jsonl"))
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _training(model: dict, train: dict) -> list[str]:
+    rows = {"method": (f"LoRA r={model.get('lora_r')}, alpha={model.get('lora_alpha')}, dropout "
+                       f"{model.get('lora_dropout')} on {model.get('lora_target_modules')}"
+                       if model.get("use_peft") else "full fine-tuning"),
+            "epochs": train.get("num_train_epochs"), "max_steps": train.get("max_steps"),
+            "learning_rate": train.get("learning_rate"), "schedule": train.get("lr_scheduler_type"),
+            "max_length": train.get("max_length"), "tokens per micro-batch": train.get("max_tokens_per_batch"),
+            "seed": train.get("seed")}
+    return ["## Training", "", *[f"- {k}: {v}" for k, v in rows.items() if v not in (None, -1)], ""]
+
+
+def _data(report: dict | None) -> list[str]:
+    if not report:
+        return []
+    lines = ["## Data", "", f"{report['rows_read']} rows read, {report['kept']} kept, {report['rejected']} rejected"
+             + (f" ({', '.join(f'{k} {v}' for k, v in report['reasons'].items())})" if report.get("reasons") else "")
+             + ".", ""]
+    for name, d in (report.get("datasets") or {}).items():
+        lines.append(f"- {name}: {d['kept']} kept, weight {d['weight']:g}, {d.get('train_rows', '-')} training rows")
+    return lines + ([""] if report.get("datasets") else [])
+
+
+def _usage(run_dir: Path, lora: bool, merged: bool) -> list[str]:
+    name = run_dir.name + ("-merged" if merged else "")
+    load = ("from peft import AutoPeftModelForCausalLM\nmodel = AutoPeftModelForCausalLM.from_pretrained"
+            f"(\"{name}\")" if lora else
+            f"from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained(\"{name}\")")
+    return ["## Use", "", "```python", load, "from transformers import AutoTokenizer",
+            f"tokenizer = AutoTokenizer.from_pretrained(\"{name}\")  # the chat template it was trained with", "```",
+            "", "Generation stops on every id in `generation_config.json`'s `eos_token_id`.", ""]
+
+
+def _evaluation(results: dict | None) -> list[str]:
+    if not results:
+        return []
+    from sftlab.eval.tables import table_text
+
+    return ["## Evaluation (held-out split)", "", "```", table_text(results), "```", ""]
+
+
+def _probes(predictions: list[dict] | None) -> list[str]:
+    final = [p for p in predictions or [] if p.get("final")]
+    if not final:
+        return []
+    lines = ["## Probe replies (greedy, after training)", "", "| prompt | reply | end |", "| --- | --- | --- |"]
+    for p in final:
+        reply = p["reply"].replace("|", "\\|").replace("\n", " ")[:200]
+        lines.append(f"| {p['prompt']} | {reply} | {p['finish_reason']} |")
+    return lines + [""]
+
+
+def write_model_card(run_dir: Path, target: Path | None = None, merged: bool = False) -> Path:
+    target = Path(target or run_dir)
+    write_atomic(target / "README.md", model_card(Path(run_dir), merged))
+    return target / "README.md"

@@ -1,0 +1,77 @@
+"""`sftlab merge`: a LoRA run merged into its base, written as a plain transformers model folder that any
+serving engine loads (vLLM, TGI, SGLang, llama.cpp's converter): safetensors shards, the tokenizer with the chat
+template the run was trained with, the run's generation config (all its stop ids) and a model card.
+
+Written into a temporary folder beside the output and renamed into place, so a crash never leaves a folder
+that looks complete; a tensor with a NaN or an infinity is refused by name."""
+
+import argparse
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from sftlab.errors import UserError
+from sftlab.model.load import inference_paths, load_model, load_tokenizer, save_tokenizer
+
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+def merge(adapter: str, output: str | None = None, dtype: str = "bfloat16", device: str = "cpu",
+          max_shard_size: str = "5GB") -> Path:
+    """Merges the LoRA adapter of run folder `adapter` into its base; returns the merged folder."""
+    from peft import PeftModel
+
+    run = Path(adapter)
+    out = Path(output) if output else run.with_name(run.name + "-merged")
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"output {out} already exists and is not empty: choose another --output or remove it")
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
+    base_path, tokenizer_dir = inference_paths(adapter=adapter)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    model = load_model(base_path, dtype, device=device)
+    model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    refuse_non_finite_tensors(model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        model.save_pretrained(staging, max_shard_size=max_shard_size)
+        save_tokenizer(tokenizer, staging)
+        if (run / "generation_config.json").exists():  # the run's stop ids (the base's may lack the template's)
+            shutil.copy(run / "generation_config.json", staging / "generation_config.json")
+        from sftlab.eval.model_card import write_model_card
+
+        write_model_card(run, staging, merged=True)
+        staging.chmod(0o755)
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def refuse_non_finite_tensors(model) -> None:
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = (~torch.isfinite(tensor)).sum().item()
+            raise UserError(f"refusing to merge: {name} has {bad} non-finite values of {tensor.numel()} "
+                            "(the adapter or the base holds NaN or infinity)")
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="sftlab merge", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--adapter", required=True, help="A LoRA run folder (its base is read from it).")
+    parser.add_argument("--output", help="Merged model folder (default: the run folder's name + -merged).")
+    parser.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="Dtype of the merged weights.")
+    parser.add_argument("--device", default="cpu", help="Where to merge (cpu needs the base's size in RAM).")
+    parser.add_argument("--max_shard_size", default="5GB", help="Largest safetensors shard.")
+    args = parser.parse_args(argv)
+    if not Path(args.adapter).is_dir():
+        raise UserError(f"adapter path {args.adapter} does not exist")
+    out = merge(args.adapter, args.output, args.dtype, args.device, args.max_shard_size)
+    print(f"merged {args.adapter} into {out} ({args.dtype}): load it with transformers, vLLM (vllm serve {out}), "
+          f"or check it with: sftlab doctor --model {out}")
+    return 0

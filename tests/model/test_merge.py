@@ -1,0 +1,101 @@
+"""`sftlab merge`: the merged folder is a plain transformers model (loads without sftlab), its logits equal
+base + adapter, it carries the run's template, stop ids and a model card, and the doctor and chat accept it."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from sftlab.chat_format import ChatRenderer
+from sftlab.errors import UserError
+from sftlab.model.load import load_for_inference
+from sftlab.model.merge import merge
+from sftlab.train.sft import parse_args, train
+
+REPO = Path(__file__).resolve().parents[2]
+
+PLAIN_TRANSFORMERS = """
+import json, sys
+sys.modules["sftlab"] = None  # sftlab is not importable here
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+folder, ids, expected = sys.argv[1], json.loads(sys.argv[2]), torch.load(sys.argv[3])
+tokenizer = AutoTokenizer.from_pretrained(folder)
+model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+with torch.no_grad():
+    logits = model(torch.tensor([ids])).logits
+prompt = tokenizer.apply_chat_template([{"role": "user", "content": "你是谁？"}], add_generation_prompt=True)
+print(json.dumps({"max_diff": (logits - expected).abs().max().item(), "prompt": list(prompt["input_ids"])}))
+"""
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("merge") / "run"
+    return train(*parse_args(["--config", str(REPO / "configs/demo.yaml"), "--output_dir", str(out),
+                              "--report_to", "none", "--num_train_epochs", "3", "--eval_strategy", "no",
+                              "--final_eval_samples", "0", "--save_steps", "0.5"]))
+
+
+@pytest.fixture(scope="module")
+def merged(run, tmp_path_factory):
+    return merge(str(run), str(tmp_path_factory.mktemp("merged") / "model"), dtype="float32")
+
+
+def test_merged_folder_is_a_plain_transformers_model_equal_to_base_plus_adapter(run, merged, tmp_path):
+    assert sorted(p.name for p in merged.iterdir()) == [
+        "README.md", "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+        "tokenizer_config.json"]
+    tuned, tokenizer = load_for_inference(adapter=str(run), device="cpu", dtype="float32")
+    ids = ChatRenderer(tokenizer).prompt_ids([{"role": "user", "content": "你是谁？"}])
+    with torch.no_grad():
+        torch.save(tuned(torch.tensor([ids])).logits, tmp_path / "expected.pt")
+    result = subprocess.run([sys.executable, "-c", PLAIN_TRANSFORMERS, str(merged), json.dumps(ids),
+                             str(tmp_path / "expected.pt")], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": ""}, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["max_diff"] < 1e-5 and out["prompt"] == ids  # same logits, same chat template
+    assert json.loads((merged / "generation_config.json").read_text())["eos_token_id"] == json.loads(
+        (run / "generation_config.json").read_text())["eos_token_id"]
+    card = (merged / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: text-generation\n") and "merged" in card
+
+
+def test_the_doctor_and_chat_accept_the_merged_model(merged, capsys):
+    from sftlab.cli import main
+
+    assert main(["doctor", "--model", str(merged), "--max_new_tokens", "32"]) == 0
+    assert "0 failed" in capsys.readouterr().out
+    assert main(["chat", "--model", str(merged), "--prompt", "你是谁？", "--temperature", "0", "--json",
+                 "--max_new_tokens", "32"]) == 0
+    reply = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert reply["finish_reason"] == "stop" and reply["reply"]
+
+
+def test_a_non_finite_tensor_is_refused_by_name(run, tmp_path):
+    broken = tmp_path / "run"
+    shutil.copytree(run, broken, ignore=shutil.ignore_patterns("checkpoint-*"))
+    tensors = load_file(broken / "adapter_model.safetensors")
+    name = sorted(n for n in tensors if "lora_B" in n)[0]
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, broken / "adapter_model.safetensors")
+    with pytest.raises(UserError, match=r"refusing to merge: .* has \d+ non-finite values") as error:
+        merge(str(broken), str(tmp_path / "merged"), dtype="float32")
+    layer = name.split(".lora_B")[0].replace("base_model.model.", "")
+    assert layer in str(error.value)
+    assert not (tmp_path / "merged").exists() and not list(tmp_path.glob(".merged-*"))  # nothing half-written
+
+
+def test_the_run_folder_gets_a_model_card_instead_of_pefts_template(run):
+    card = (run / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: peft\npipeline_tag: text-generation\ntags:\n- sftlab\n")
+    assert "More Information Needed" not in card
+    for part in ("## Training", "LoRA r=32, alpha=64", "## Data", "177 rows read", "## Probe replies"):
+        assert part in card
