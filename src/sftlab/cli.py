@@ -13,6 +13,7 @@ verbs:
   doctor  check a run for template drift and stopping: sftlab doctor --adapter output/demo
   chat    chat with a base model or a run: sftlab chat --adapter output/demo [--prompt TEXT --json]
   merge   merge a LoRA run into its base for serving: sftlab merge --adapter output/demo [--output DIR]
+  serve   an OpenAI-compatible server with a chat page: sftlab serve --adapter output/demo [--port 8000]
 
 `sftlab <verb> --help` lists each verb's options. --debug shows tracebacks."""
 
@@ -64,8 +65,14 @@ def _merge(argv):
     return main(argv)
 
 
+def _serve(argv):
+    from sftlab.infer.serve import main
+
+    return main(argv)
+
+
 VERBS = {"data": _data, "train": _train, "estimate": _estimate, "eval": _eval, "doctor": _doctor, "chat": _chat,
-         "merge": _merge}
+         "merge": _merge, "serve": _serve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,207 @@
+"""`sftlab serve` on the tiny GLM-4: the official openai client (streaming and not, greedy equal to `sftlab chat`),
+auth on every route but /health (the route list read from the app), every limit a 4xx in OpenAI's shape, a
+client that leaves frees its slot, a bounded load run with no 5xx, and a schemathesis run with no 5xx."""
+
+import contextlib
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from sftlab.infer.serve import Limits, create_app
+from sftlab.model.load import load_for_inference
+
+
+@pytest.fixture(scope="module")
+def tiny(sftlab_home):
+    return load_for_inference(model="sftlab:tiny-glm4", device="cpu", dtype="float32")
+
+
+@contextlib.contextmanager
+def serving(app):
+    """The app on a free loopback port, in a thread; yields its base URL."""
+    import uvicorn
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        app.state.engine.close()
+
+
+@pytest.fixture(scope="module")
+def url(tiny):
+    model, tokenizer = tiny
+    app = create_app(model, tokenizer, "tiny-glm4", limits=Limits(max_tokens=64, max_queue=16), context=4096)
+    with serving(app) as base:
+        yield base
+
+
+QUESTION = [{"role": "user", "content": "你是谁？"}]
+
+
+def test_openai_client_gets_the_same_greedy_reply_as_sftlab_chat(url, capsys):
+    from openai import OpenAI
+
+    from sftlab.cli import main
+
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused")
+    assert [m.id for m in client.models.list().data] == ["tiny-glm4"]
+    reply = client.chat.completions.create(model="tiny-glm4", messages=QUESTION, temperature=0, max_tokens=12)
+    assert main(["chat", "--model", "sftlab:tiny-glm4", "--prompt", "你是谁？", "--temperature", "0",
+                 "--repetition_penalty", "1.0", "--json", "--max_new_tokens", "12", "--device", "cpu"]) == 0
+    chat = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert reply.choices[0].message.content == chat["reply"] and reply.choices[0].finish_reason == chat["finish_reason"]
+    assert reply.usage.completion_tokens == chat["new_tokens"] == 12 and reply.usage.prompt_tokens > 0
+
+    chunks = list(client.chat.completions.create(model="tiny-glm4", messages=QUESTION, temperature=0, max_tokens=12,
+                                                 stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == chat["reply"]
+    assert [c.choices[0].finish_reason for c in chunks][-1] == "length" and len(chunks) > 3
+
+
+def test_stop_strings_and_seeded_sampling(url):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused")
+    full = client.chat.completions.create(model="m", messages=QUESTION, temperature=0, max_tokens=12)
+    text = full.choices[0].message.content
+    cut = client.chat.completions.create(model="m", messages=QUESTION, temperature=0, max_tokens=12, stop=[text[3:5]])
+    assert cut.choices[0].message.content == text[:3] and cut.choices[0].finish_reason == "stop"
+    sampled = [client.chat.completions.create(model="m", messages=QUESTION, temperature=1.0, top_p=0.9, seed=7,
+                                              max_tokens=8).choices[0].message.content for _ in range(2)]
+    assert sampled[0] == sampled[1]
+
+
+@pytest.mark.parametrize("body, status, needle", [
+    (b'{"messages": [', 400, "malformed JSON"),
+    ({"messages": []}, 400, "messages"),
+    ({"messages": QUESTION, "n": 2}, 400, "n: only n=1"),
+    ({"messages": QUESTION, "max_tokens": 65}, 400, "over this server's cap of 64"),
+    ({"messages": [{"role": "bot", "content": "hi"}]}, 400, "messages.0.role: Input should be 'system'"),
+    ({"messages": [{"role": "assistant", "content": "hi"}]}, 400, "first non-system message must be a user"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}, 400, "two user messages"),
+    ({"messages": QUESTION, "temperature": -1}, 400, "temperature"),
+    ({"messages": [{"role": "user", "content": "x" * 2_000_000}]}, 413, "request body over"),
+])
+def test_every_limit_is_a_4xx_in_openais_error_shape(url, body, status, needle):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = httpx.post(f"{url}/v1/chat/completions", content=content,
+                          headers={"Content-Type": "application/json"}, timeout=30)
+    assert response.status_code == status, response.text
+    assert needle in response.json()["error"]["message"] and response.json()["error"]["type"]
+
+
+def test_a_prompt_over_the_models_context_is_refused(tiny):
+    model, tokenizer = tiny
+    app = create_app(model, tokenizer, "small", limits=Limits(max_tokens=64), context=20)
+    with serving(app) as base:
+        response = httpx.post(f"{base}/v1/chat/completions", json={"messages": [
+            {"role": "user", "content": "long question " * 20}]}, timeout=30)
+    assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_a_full_queue_answers_429_at_once_and_a_client_that_leaves_frees_its_slot(tiny):
+    model, tokenizer = tiny
+    app = create_app(model, tokenizer, "busy", limits=Limits(max_tokens=4000, max_queue=1, max_batch=1), context=4096)
+    with serving(app) as base:
+        with httpx.stream("POST", f"{base}/v1/chat/completions", timeout=60,
+                          json={"messages": QUESTION, "max_tokens": 4000, "stream": True, "temperature": 0}) as long:
+            lines = long.iter_lines()
+            next(lines)
+            next(lines)
+            assert json.loads(next(lines)[len("data: "):])["choices"][0]["finish_reason"] is None  # generating now
+            started = time.monotonic()
+            busy = httpx.post(f"{base}/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 4}, timeout=30)
+            assert busy.status_code == 429 and busy.json()["error"]["code"] == "queue_full"
+            assert time.monotonic() - started < 2
+        deadline = time.monotonic() + 20  # the stream was closed mid-reply: its row ends, its slot frees
+        while httpx.get(f"{base}/health").json()["load"] != 0:
+            assert time.monotonic() < deadline, "the disconnected request kept its slot"
+            time.sleep(0.1)
+        after = httpx.post(f"{base}/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 4}, timeout=30)
+        assert after.status_code == 200
+
+
+def test_with_a_key_every_route_but_health_needs_it(tiny):
+    from fastapi.routing import APIRoute
+    from starlette.routing import Route
+
+    model, tokenizer = tiny
+    app = create_app(model, tokenizer, "secret", api_key="s3cret", limits=Limits(max_tokens=4))
+    routes = [(r.path, sorted(r.methods - {"HEAD"})[0]) for r in app.routes if isinstance(r, (APIRoute, Route))]
+    assert {"/health", "/", "/v1/models", "/v1/chat/completions", "/openapi.json"} <= {p for p, _ in routes}
+    with serving(app) as base:
+        for path, method in routes:
+            body = {"messages": QUESTION, "max_tokens": 2} if method == "POST" else None
+            bare = httpx.request(method, base + path, json=body, timeout=30)
+            keyed = httpx.request(method, base + path, json=body, timeout=30,
+                                  headers={"Authorization": "Bearer s3cret"})
+            wrong = httpx.request(method, base + path, json=body, timeout=30,
+                                  headers={"Authorization": "Bearer s3cret-not"})
+            if path == "/health":
+                assert bare.status_code == 200
+            else:
+                assert bare.status_code == wrong.status_code == 401, path
+                assert bare.json()["error"]["type"] == "authentication_error"
+            assert keyed.status_code == 200, (path, keyed.text)
+
+
+def test_bounded_load_run_has_no_server_errors(url):
+    def ask(i):
+        return httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
+            "messages": [{"role": "user", "content": f"question {i}"}], "max_tokens": 4, "temperature": 0,
+            "stream": i % 2 == 0}).status_code
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(ask, range(200)))
+    assert statuses == [200] * 200 and time.monotonic() - started < 300
+
+
+def test_schemathesis_finds_no_server_error(tiny):
+    import schemathesis
+    from hypothesis import HealthCheck, settings
+    from schemathesis.checks import not_a_server_error
+
+    model, tokenizer = tiny
+    app = create_app(model, tokenizer, "fuzzed", limits=Limits(max_tokens=8, max_queue=64), context=4096)
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    failures, statuses = [], []
+
+    @settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    def run(case):
+        response = case.call()
+        statuses.append((case.path, response.status_code))
+        try:
+            case.validate_response(response, checks=(not_a_server_error,))
+        except AssertionError as exc:
+            failures.append(f"{case.method} {case.path}: {exc}")
+
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        from hypothesis import given
+
+        given(operation.as_strategy())(run)()
+    assert failures == [] and len(statuses) >= 60
+    assert {path for path, _ in statuses} == {"/", "/health", "/v1/models", "/v1/chat/completions"}
+    assert 400 in {code for path, code in statuses if path == "/v1/chat/completions"}
+    with serving(app) as base:  # the server still works afterwards
+        assert httpx.get(f"{base}/health").status_code == 200
+        ok = httpx.post(f"{base}/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 3}, timeout=30)
+        assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] == "length"
