@@ -1,13 +1,19 @@
 """`sftlab serve` on the tiny GLM-4: the official openai client (streaming and not, greedy equal to `sftlab chat`),
 auth on every route but /health (the route list read from the app), every limit a 4xx in OpenAI's shape, a
-client that leaves frees its slot, a bounded load run with no 5xx, and a schemathesis run with no 5xx."""
+client that leaves frees its slot, a bounded load run with no 5xx, a schemathesis run with no 5xx, and the chat
+page in headless Chromium (Debian's package, installed here when missing): a question typed and sent streams a
+reply into the page, the second turn sends the whole conversation with the system prompt, Clear empties it, and
+no asset comes from outside the server (the page works offline)."""
 
 import contextlib
 import json
+import shutil
 import socket
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlparse
 
 import httpx
 import pytest
@@ -205,3 +211,57 @@ def test_schemathesis_finds_no_server_error(tiny):
         assert httpx.get(f"{base}/health").status_code == 200
         ok = httpx.post(f"{base}/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 3}, timeout=30)
         assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] == "length"
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    if not shutil.which(CHROMIUM):
+        install = subprocess.run(["apt-get", "install", "-y", "chromium"], capture_output=True, text=True)
+        if install.returncode != 0:
+            pytest.fail(f"Debian's chromium is needed for the chat page test and could not be installed: "
+                        f"{install.stderr.strip().splitlines()[-1:]}")
+    return CHROMIUM
+
+
+@pytest.mark.browser
+def test_chat_page_streams_a_reply_keeps_the_conversation_and_clears(chromium, sftlab_home):
+    from playwright.sync_api import sync_playwright
+
+    model, tokenizer = load_for_inference(model="sftlab:tiny-glm4", device="cpu", dtype="float32")
+    app = create_app(model, tokenizer, "tiny-glm4", limits=Limits(max_tokens=24), context=4096)
+    with serving(app) as base, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
+        page = browser.new_page()
+        hosts, bodies = set(), []
+        page.on("request", lambda r: hosts.add(urlparse(r.url).netloc))
+        page.on("request", lambda r: bodies.append(json.loads(r.post_data)) if r.method == "POST" else None)
+        page.goto(base + "/")
+        page.wait_for_function("document.getElementById('model').textContent === 'tiny-glm4'")
+        assert "<|user|>" in page.text_content("#stops")
+        page.fill("#system", "Be brief.")
+        page.dispatch_event("#system", "change")
+        page.evaluate("""() => { window.updates = 0;
+            new MutationObserver(() => window.updates++).observe(document.getElementById('log'),
+                {childList: true, subtree: true, characterData: true}); }""")
+        page.fill("#prompt", "你是谁？")
+        page.press("#prompt", "Enter")
+        page.wait_for_selector(".msg.assistant[data-streaming='false']", timeout=60_000)
+        reply = page.text_content(".msg.assistant")
+        assert reply.strip() and page.evaluate("window.updates") > 5  # the reply arrived piece by piece
+        assert page.get_attribute(".msg.assistant", "data-finish") == "length"
+        assert "cut at the length limit" in reply
+
+        page.fill("#prompt", "再说一遍")
+        page.click("#send")
+        page.wait_for_function("document.querySelectorAll(\".msg.assistant[data-streaming='false']\").length == 2",
+                               timeout=60_000)
+        assert [m["role"] for m in bodies[-1]["messages"]] == ["system", "user", "assistant", "user"]
+        assert bodies[-1]["messages"][0]["content"] == "Be brief." and bodies[-1]["stream"] is True
+
+        page.click("#clear")
+        assert page.evaluate("document.getElementById('log').children.length") == 0
+        browser.close()
+    assert hosts == {urlparse(base).netloc}  # nothing fetched from anywhere else
