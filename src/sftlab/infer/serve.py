@@ -31,6 +31,7 @@ from sftlab.infer.engine import Engine, Job, QueueFull
 from sftlab.infer.generate import SamplingArgs
 
 DEFAULTS = SamplingArgs()
+STREAM_INTERVAL_S = 0.02  # at most one chunk per stream per 20 ms (the first one at once)
 
 
 class ChatMessage(BaseModel):
@@ -160,7 +161,7 @@ def create_app(model, tokenizer, name: str, api_key: str | None = None, limits: 
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": name, "load": engine.load}
+        return {"status": "ok", "model": name, "load": engine.load, **engine.stats}
 
     @app.get("/v1/models")
     async def models():
@@ -192,7 +193,7 @@ def create_app(model, tokenizer, name: str, api_key: str | None = None, limits: 
             return error(400, f"the prompt is {len(prompt)} tokens; with max_tokens {asked or 1} it exceeds the "
                               f"model's context of {context} tokens", param="messages", code="context_length_exceeded")
         job = Job(prompt, min(asked or limits.max_tokens, room), body.temperature, body.top_p, body.seed, stop,
-                  loop=asyncio.get_running_loop(), updates=asyncio.Queue())
+                  stream=body.stream, loop=asyncio.get_running_loop(), updates=asyncio.Event())
         try:
             engine.submit(job)
         except QueueFull as exc:
@@ -201,18 +202,17 @@ def create_app(model, tokenizer, name: str, api_key: str | None = None, limits: 
         usage = lambda: {"prompt_tokens": len(prompt), "completion_tokens": len(job.tokens),  # noqa: E731
                          "total_tokens": len(prompt) + len(job.tokens)}
         if body.stream:
-            return StreamingResponse(stream(job, completion_id, created, name, usage), media_type="text/event-stream")
+            return StreamingResponse(stream(job, engine, completion_id, created, name, usage),
+                                     media_type="text/event-stream")
         try:
             while not job.done:
                 try:
-                    await asyncio.wait_for(job.updates.get(), timeout=1.0)
+                    await asyncio.wait_for(job.wait(), timeout=1.0)
                 except TimeoutError:
                     if await request.is_disconnected():
-                        job.cancelled = True  # frees its row and its slot
                         return error(400, "client disconnected")
-        except asyncio.CancelledError:
-            job.cancelled = True
-            raise
+        finally:
+            engine.release(job)  # a job not done is cancelled: it frees its row and its slot
         return {"id": completion_id, "object": "chat.completion", "created": created, "model": name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": job.text},
                              "finish_reason": job.finish_reason}], "usage": usage()}
@@ -221,7 +221,7 @@ def create_app(model, tokenizer, name: str, api_key: str | None = None, limits: 
     return app
 
 
-async def stream(job: Job, completion_id: str, created: int, name: str, usage):
+async def stream(job: Job, engine: Engine, completion_id: str, created: int, name: str, usage):
     """OpenAI's chunks as server-sent events, ending with data: [DONE]; a client that leaves cancels its job."""
 
     def chunk(delta: dict, finish: str | None = None, with_usage: bool = False) -> str:
@@ -234,17 +234,20 @@ async def stream(job: Job, completion_id: str, created: int, name: str, usage):
     try:
         yield chunk({"role": "assistant", "content": ""})
         while True:
-            await job.updates.get()
+            if not job.done:
+                await job.wait()
             text = job.ready_text()
             if len(text) > job.sent:
                 yield chunk({"content": text[job.sent:]})
                 job.sent = len(text)
             if job.done:
                 break
+            # gather the next tokens into one chunk: a chunk per token costs more than generating it
+            await asyncio.sleep(STREAM_INTERVAL_S)
         yield chunk({}, job.finish_reason, with_usage=True)
         yield "data: [DONE]\n\n"
     finally:
-        job.cancelled = job.cancelled or not job.done  # the client went away mid-stream: free the row
+        engine.release(job)  # the client went away mid-stream: the job is cancelled, its row freed
 
 
 def build_parser() -> argparse.ArgumentParser:
