@@ -47,12 +47,12 @@ def start_server(args, port: int) -> subprocess.Popen:
     raise SystemExit(f"the server did not start: {server.stderr.read()[-2000:]}")
 
 
-def one_request(url: str, prompt: str, max_tokens: int) -> tuple[float, float, int]:
+def one_request(client: httpx.Client, url: str, prompt: str, max_tokens: int) -> tuple[float, float, int]:
     """(latency, time to first token, status) of one streaming request."""
     start, first = time.perf_counter(), None
     body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0,
             "stream": True}
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=300) as response:
+    with client.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=300) as response:
         for line in response.iter_lines():
             if first is None and line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get(
                     "content"):
@@ -63,8 +63,10 @@ def one_request(url: str, prompt: str, max_tokens: int) -> tuple[float, float, i
 
 def run(url: str, prompts: list[str], concurrency: int, max_tokens: int) -> dict:
     start = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        results = list(pool.map(lambda p: one_request(url, p, max_tokens), prompts))
+    # one client with keep-alive connections, as the openai client does
+    with httpx.Client(limits=httpx.Limits(max_connections=concurrency)) as client, \
+            ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(lambda p: one_request(client, url, p, max_tokens), prompts))
     wall = time.perf_counter() - start
     latencies = sorted(r[0] for r in results)
     return {"requests_per_s": len(prompts) / wall, "p50_latency_s": statistics.median(latencies),
