@@ -47,6 +47,7 @@ bench: setup
 	$(BIN)/python benchmarks/data_pipeline.py
 	$(BIN)/python benchmarks/eval_generation.py
 	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/serve_load.py
 
 clean:
 	rm -rf $(VENV) output

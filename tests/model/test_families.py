@@ -72,25 +72,8 @@ GOLDEN = {
             '21 degrees.<|endoftext|>»'
         ),
     },
+    # GLM-4-0414 renders plain turns exactly as GLM-4; only tools differ (passed to the template)
     'sftlab:tiny-glm4-0414': {
-        'single_turn': (
-            '[gMASK]<sop><|user|>\n'
-            '你是谁？<|assistant|>«\n'
-            '我是灵犀。<|endoftext|>»'
-        ),
-        'system': (
-            '[gMASK]<sop><|system|>\n'
-            'Be brief.<|user|>\n'
-            'Hi<|assistant|>«\n'
-            'Hello!<|endoftext|>»'
-        ),
-        'multi_turn': (
-            '[gMASK]<sop><|user|>\n'
-            '1+2?<|assistant|>«\n'
-            '3<|user|>»\n'
-            '2+2?<|assistant|>«\n'
-            '4<|endoftext|>»'
-        ),
         'tool_call': (
             '[gMASK]<sop><|system|>\n'
             '# 可用工具\n'
@@ -274,6 +257,8 @@ GOLDEN = {
         ),
     },
 }
+
+GOLDEN["sftlab:tiny-glm4-0414"] = {**GOLDEN["sftlab:tiny-glm4"], **GOLDEN["sftlab:tiny-glm4-0414"]}
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
