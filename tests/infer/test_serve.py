@@ -220,6 +220,9 @@ CHROMIUM = "/usr/bin/chromium"
 def chromium():
     if not shutil.which(CHROMIUM):
         install = subprocess.run(["apt-get", "install", "-y", "chromium"], capture_output=True, text=True)
+        if install.returncode != 0:  # a fresh machine may have no package lists yet
+            subprocess.run(["apt-get", "update", "-q"], capture_output=True, text=True)
+            install = subprocess.run(["apt-get", "install", "-y", "chromium"], capture_output=True, text=True)
         if install.returncode != 0:
             pytest.fail(f"Debian's chromium is needed for the chat page test and could not be installed: "
                         f"{install.stderr.strip().splitlines()[-1:]}")
