@@ -268,3 +268,14 @@ def test_chat_page_streams_a_reply_keeps_the_conversation_and_clears(chromium, s
         assert page.evaluate("document.getElementById('log').children.length") == 0
         browser.close()
     assert hosts == {urlparse(base).netloc}  # nothing fetched from anywhere else
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "pass --adapter RUN (a training run) or --model PATH (a model folder)"),
+    (["--model", "sftlab:tiny-glm4", "--max_queue", "0"], "--max_queue: must be >= 1, got 0"),
+])
+def test_bad_serve_arguments_are_one_line(argv, message, capsys):
+    from sftlab.cli import main
+
+    assert main(["serve", *argv]) == 2
+    assert capsys.readouterr().err.strip() == f"sftlab serve: error: {message}"

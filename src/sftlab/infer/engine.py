@@ -29,7 +29,7 @@ class QueueFull(Exception):
     """More requests waiting or running than the server's cap."""
 
 
-@dataclass
+@dataclass(eq=False)  # a job is itself: two requests with the same prompt and settings are two jobs
 class Job:
     prompt: list[int]
     max_tokens: int
