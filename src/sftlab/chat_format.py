@@ -61,21 +61,6 @@ class RenderedSample:
 END_PROBE = "sftlab-end-of-turn-probe"
 
 
-def end_of_turn_id(tokenizer) -> int | None:
-    """The special token the chat template writes right after an assistant's content (ChatML's `<|im_end|>`,
-    Llama-3's `<|eot_id|>`), or None where it writes none (GLM-4: the next role token ends the turn)."""
-    if tokenizer.chat_template is None:
-        return None
-    conversation = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": END_PROBE}]
-    try:
-        text = tokenizer.apply_chat_template(conversation, tokenize=False)
-    except Exception:  # a template that cannot render this plain conversation: no end token to learn from it
-        return None
-    after = text[text.find(END_PROBE) + len(END_PROBE):] if END_PROBE in text else ""
-    ids = tokenizer.encode(after, add_special_tokens=False) if after else []
-    return ids[0] if ids and ids[0] in special_ids(tokenizer) else None
-
-
 def special_ids(tokenizer) -> set[int]:
     """The named special tokens and every added special token (GLM-4's role tokens, ChatML's markers)."""
     added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
@@ -189,11 +174,10 @@ class ChatRenderer:
         # one terminator rule for every template: where the template ends a turn with its own token, that token
         # is supervised and nothing after it, and nothing is appended; where it writes none (GLM-4), the first
         # token after the turn (the next role token) is supervised, and eos is appended after the last turn
-        self.end_of_turn = end_of_turn_id(tokenizer)
+        self.end_of_turn, self.reply_opening = self._probe_reply()
         self._end_text = None if self.end_of_turn is None else tokenizer.convert_ids_to_tokens(self.end_of_turn)
         self.terminator_id = self.end_of_turn if self.end_of_turn is not None else self.eos_id
         self.stop_ids = self._stop_ids(generation_eos)
-        self.reply_opening = self._reply_opening()
 
     def _probe_tool_dialect(self) -> tuple[bool, bool] | None:
         """The first form in TOOL_DIALECTS in which the template writes a tool's definition, a call's name
@@ -207,6 +191,25 @@ class ChatRenderer:
                     and "sftlab_probe_value" in text and "sftlab_probe_result" in text):
                 return dialect
         return None
+
+    def _probe_reply(self) -> tuple[int | None, str]:
+        """From one rendering of a reply: the special token the template writes right after an assistant's
+        content (ChatML's `<|im_end|>`, Llama-3's `<|eot_id|>`; None for GLM-4, whose next role token ends the
+        turn), and what it writes between the generation prompt and the content (GLM-4: a newline; Qwen3: an
+        empty think block), which chat, evaluation and the server leave out of the reply text."""
+        user = [{"role": "user", "content": "hi"}]
+        try:
+            prompt = self.render_text(user, add_generation_prompt=True)
+            full = self.render_text([*user, {"role": "assistant", "content": END_PROBE}])
+        except Exception:  # a template that cannot render this plain conversation: nothing to learn from it
+            return None, ""
+        if END_PROBE not in full:
+            return None, ""
+        at = full.find(END_PROBE)
+        rest = full[at + len(END_PROBE):]
+        after = self.encode(rest) if rest else []
+        end = after[0] if after and after[0] in special_ids(self.tokenizer) else None
+        return end, (full[len(prompt):at] if full.startswith(prompt) else "")
 
     def _after_turn(self, messages: list[dict]) -> int | None:
         """The first token the template writes after the assistant turn that ends `messages[:-1]`, if special."""
@@ -230,20 +233,16 @@ class ChatRenderer:
                 ids.append(self._after_turn(PROBE_TOOL_CONVERSATION))
         return list(dict.fromkeys(i for i in ids if i is not None))
 
-    def _reply_opening(self) -> str:
-        """What the template writes between the generation prompt and a final reply's content (GLM-4: a
-        newline; Qwen3: an empty think block), which chat and evaluation leave out of the reply text."""
-        user = [{"role": "user", "content": "hi"}]
-        prompt = self.render_text(user, add_generation_prompt=True)
-        full = self.render_text([*user, {"role": "assistant", "content": END_PROBE}])
-        return full[len(prompt):full.find(END_PROBE)] if full.startswith(prompt) and END_PROBE in full else ""
-
-    def render_text(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    def template_form(self, messages: list[dict]) -> tuple[list[dict], list]:
+        """(messages, tools) as this template wants them: what apply_chat_template is to be given."""
         if self.tool_dialect is None:
             if any(m.get("tools") or m.get("metadata") for m in messages):
                 raise MessageError("messages: this model's chat template does not render tools or tool calls")
-            return self._render(messages, [], add_generation_prompt)
-        return self._render(*to_template_form(messages, *self.tool_dialect), add_generation_prompt)
+            return messages, []
+        return to_template_form(messages, *self.tool_dialect)
+
+    def render_text(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        return self._render(*self.template_form(messages), add_generation_prompt)
 
     def _render(self, messages: list[dict], tools: list, add_generation_prompt: bool) -> str:
         extra = {"tools": tools} if tools else {}

@@ -36,10 +36,6 @@ class DatasetSpec:
     max_samples: int | None = None
     weight: float = 1.0
 
-    @property
-    def label(self) -> str:
-        return self.path
-
 
 def dataset_specs(entries: list) -> list[DatasetSpec]:
     """`data_files` entries -> specs; a bad option is one line naming the entry and the option."""
@@ -102,7 +98,7 @@ def read_datasets(specs: list[DatasetSpec], seed: int) -> tuple[list[SourceRow],
         for source_row in chosen:
             source_row.row = renamed(source_row.row, spec.columns)
         rows += chosen
-        entry = stats.setdefault(spec.label, {"sources": [], "read": 0, "not_sampled": 0, "weight": spec.weight})
+        entry = stats.setdefault(spec.path, {"sources": [], "read": 0, "not_sampled": 0, "weight": spec.weight})
         entry["sources"] += sources
         entry["read"] += len(read)
         entry["not_sampled"] += len(read) - len(chosen)

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from sftlab.chat_format import IGNORE_INDEX, ChatRenderer, MessageError, stop_token_ids, to_template_form
+from sftlab.chat_format import IGNORE_INDEX, ChatRenderer, MessageError, stop_token_ids
 from sftlab.errors import UserError
 
 FALLBACK_EXAMPLE = [{"role": "user", "content": "你好，告诉我你的名字。"}, {"role": "assistant", "content": "你好！"}]
@@ -78,7 +78,7 @@ def template_problem(tokenizer, example: dict) -> tuple[str, str] | None:
     # re-render history (Qwen3 drops think blocks), so for the last reply sftlab's prompt must equal the server's
     first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
     for end, exact in ((first, False), (len(messages) - 1, True)):
-        conversation, tools = to_template_form(messages[:end], *(renderer.tool_dialect or (False, False)))
+        conversation, tools = renderer.template_form(messages[:end])
         served = list(tokenizer.apply_chat_template(conversation, tools=tools or None, add_generation_prompt=True,
                                                     return_dict=True)["input_ids"])
         if exact and served != renderer.prompt_ids(messages[:end]):

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import yaml
 
+from sftlab.data.load import hub_parts
+from sftlab.data.sources import dataset_specs
 from sftlab.files import write_atomic
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -26,14 +28,10 @@ def _read(path: Path, kind: str = "json"):
 
 
 def hub_datasets(data_files: list) -> list[str]:
-    """The Hub ids among the run's datasets (local files have none)."""
-    ids = []
-    for entry in data_files or []:
-        name = entry.get("path", "") if isinstance(entry, dict) else str(entry)
-        name = name[4:].split(":")[0] if name.startswith("hub:") else name
-        if HUB_ID.match(name) and not Path(name).exists():
-            ids.append(name)
-    return ids
+    """The Hub ids among the run's datasets (hub:org/name[:subset[:split]] or a bare org/name that is no file)."""
+    paths = [spec.path for spec in dataset_specs(data_files or [])]
+    return [hub_parts(p)[0] if p.startswith("hub:") else p for p in paths
+            if p.startswith("hub:") or (HUB_ID.match(p) and not Path(p).exists())]
 
 
 def model_card(run_dir: Path, merged: bool = False) -> str:

@@ -10,7 +10,7 @@ import torch
 
 from sftlab.chat_format import ChatRenderer
 from sftlab.errors import UserError
-from sftlab.infer.generate import Reply, SamplingArgs, generate_replies, reply_text
+from sftlab.infer.generate import Reply, SamplingArgs, generate_replies, without_opening
 from sftlab.model.load import inference_paths, inference_tokenizer, load_for_inference
 
 HELP = "commands: /clear (forget the history), /system TEXT (set the system prompt), /exit (also exit, quit)"
@@ -97,14 +97,12 @@ def stream_reply(model, tokenizer, conversation, sampling) -> Reply:
     worker = Thread(target=lambda: result.extend(
         generate_replies(model, tokenizer, [conversation], sampling, streamer=streamer)))
     worker.start()
-    opening, pending = ChatRenderer(tokenizer).reply_opening.strip(), ""
-    for piece in streamer:
-        if opening:  # hold back what may be the template's opening (Qwen3's empty think block), then drop it
-            pending += piece
-            if opening.startswith(pending.lstrip()):
-                continue
-            piece, opening = reply_text(pending, opening) if pending.lstrip().startswith(opening) else pending, ""
-        print(piece, end="", flush=True)
+    opening, text, shown = ChatRenderer(tokenizer).reply_opening, "", 0
+    for piece in streamer:  # the template's opening (Qwen3's empty think block) is held back, then left out
+        text += piece
+        visible = without_opening(text, opening)
+        print(visible[shown:], end="", flush=True)
+        shown = len(visible)
     worker.join()
     print()
     return result[0]

@@ -22,7 +22,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from sftlab.chat_format import ChatRenderer
-from sftlab.infer.generate import SamplingArgs, decode_complete, left_pad
+from sftlab.infer.generate import SamplingArgs, decode_complete, left_pad, without_opening
 
 
 class QueueFull(Exception):
@@ -116,7 +116,7 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.renderer = ChatRenderer(tokenizer, generation_eos=model.generation_config.eos_token_id)
         self.stop_ids = set(self.renderer.stop_ids)
-        self.opening = self.renderer.reply_opening.strip()
+        self.opening = self.renderer.reply_opening
         self.max_batch, self.max_queue, self.batch_window_s = max_batch, max_queue, batch_window_s
         self.waiting: deque[Job] = deque()
         self.running = 0
@@ -163,7 +163,7 @@ class Engine:
         else:
             job.tokens.append(token)
             text = self.tokenizer.decode([t for t in job.tokens if t not in self.stop_ids], skip_special_tokens=True)
-            job.text = self._without_opening(text)
+            job.text = without_opening(text, self.opening)
             for stop in job.stop:
                 at = job.text.find(stop)
                 if at >= 0:
@@ -175,17 +175,8 @@ class Engine:
 
     def cut_at_length(self, job: Job) -> None:
         """Ends a reply at its token limit, without a character the cut split (as `sftlab chat` does)."""
-        job.text = self._without_opening(decode_complete(self.tokenizer, job.tokens))
+        job.text = without_opening(decode_complete(self.tokenizer, job.tokens), self.opening)
         job.finish_reason = "length"
-
-    def _without_opening(self, text: str) -> str:
-        """The reply text without the template's opening (Qwen3's empty think block), once it is complete."""
-        stripped = text.lstrip()
-        if not self.opening:
-            return stripped
-        if stripped.startswith(self.opening):
-            return stripped[len(self.opening):].lstrip()
-        return "" if self.opening.startswith(stripped) else stripped
 
     def _next_batch(self) -> list[Job]:
         with self.lock:
@@ -203,12 +194,9 @@ class Engine:
                 self.lock.wait(deadline - time.monotonic())
             if self.closed:
                 return []
-            key = next(job.batch_key for job in self.waiting if not job.cancelled) if any(
-                not job.cancelled for job in self.waiting) else None
-            batch = [job for job in self.waiting if job.batch_key == key and not job.cancelled][:self.max_batch]
-            for job in list(self.waiting):
-                if job in batch or job.cancelled:
-                    self.waiting.remove(job)
+            live = [job for job in self.waiting if not job.cancelled]
+            batch = [job for job in live if job.batch_key == live[0].batch_key][:self.max_batch] if live else []
+            self.waiting = deque(job for job in live if job not in batch)
             self.running = len(batch)
             return batch
 

@@ -57,10 +57,20 @@ def decode_complete(tokenizer, ids: list[int]) -> str:
     return text
 
 
+def without_opening(text: str, opening: str) -> str:
+    """Text of a reply, whole or so far, without the template's opening (Qwen3's empty think block) and leading
+    whitespace; "" while what has come may still be a part of the opening (a stream holds it back)."""
+    stripped, opening = text.lstrip(), opening.strip()
+    if not opening:
+        return stripped
+    if stripped.startswith(opening):
+        return stripped[len(opening):].lstrip()
+    return "" if opening.startswith(stripped) else stripped
+
+
 def reply_text(text: str, opening: str = "") -> str:
-    """The reply without the template's opening (Qwen3's empty think block) and surrounding whitespace."""
-    text, opening = text.strip(), opening.strip()
-    return text[len(opening):].strip() if opening and text.startswith(opening) else text
+    """The whole reply without the template's opening and surrounding whitespace."""
+    return without_opening(text, opening).strip()
 
 
 def split_reply(tokenizer, new_ids: list[int], stop_ids: list[int], opening: str = "") -> Reply:
