@@ -1,5 +1,6 @@
 """Peak memory of `sftlab train`'s data preparation: clean + tokenize + split + cache, then the datasets the
-trainer is given, on generated Alpaca-like rows. Each phase runs in its own process, so each peak RSS is its own:
+trainer is given, on generated Alpaca-like rows with 1.5% planted defects of every kind (benchmarks/dirty_data.py).
+Each phase runs in its own process, so each peak RSS is its own:
 
     .venv/bin/python benchmarks/prepare_memory.py [--rows 200000]
 
@@ -19,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from data_pipeline import make_rows  # noqa: E402  the same generated rows as the data benchmark
+from dirty_data import with_defects  # noqa: E402  and the same planted defects
 
 
 def worker(data_file: str) -> None:
@@ -58,9 +60,9 @@ def main() -> None:
         return worker(args.worker)
     home = tempfile.mkdtemp(prefix="sftlab-prepare-")
     data_file = str(Path(home) / "rows.jsonl")
-    with open(data_file, "w", encoding="utf-8") as f:
-        for row in make_rows(args.rows):
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    with open(data_file, "wb") as f:
+        for line in with_defects(make_rows(args.rows), 1024):
+            f.write(line + b"\n")
     env = {**os.environ, "SFTLAB_HOME": home, "HF_HUB_OFFLINE": "1"}
     print(f"{args.rows:,} rows ({os.path.getsize(data_file) / 2**20:.0f} MB of JSON Lines); {os.cpu_count()} CPUs")
     for phase in ("fresh", "cached"):

@@ -3,7 +3,10 @@
     .venv/bin/python benchmarks/train_throughput.py [--rows 2000] [--repeats 3] [--variants a,b,c,d,e]
 
 The tiny GLM-4 (`sftlab:tiny-glm4`), LoRA r=8 / alpha 32 / dropout 0.1 on q/k/v, one epoch over generated
-Alpaca-like rows whose rendered length averages about 150 tokens with a long tail to 1,000:
+Alpaca-like rows whose rendered length averages about 150 tokens with a long tail to 1,000, and 1.5% planted
+defects of every kind sftlab rejects (benchmarks/dirty_data.py), as in real data. sftlab reads that file and
+cleans it; the tutorial, which has no cleaning and would stop at the first unreadable line, is given the rows
+it can read (it then trains on the empty, boilerplate and duplicate ones, as it did):
 
   (a) the tutorial: TRL's SFTTrainer directly (not sftlab), text rendered by a formatting function, batch 2
       padded to its longest sample, loss on every token, TRL's defaults (activation checkpointing on);
@@ -33,6 +36,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from data_pipeline import readable_rows  # noqa: E402  what a loader without cleaning can read
+from dirty_data import with_defects  # noqa: E402  the same planted defects as every benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {
@@ -152,10 +159,15 @@ def run_sftlab(data_file: str, out: str, variant: str) -> float:
 def worker(variant: str, data_file: str) -> None:
     Counter.install()
     with tempfile.TemporaryDirectory() as out:
-        seconds = run_tutorial(data_file, out) if variant == "a" else run_sftlab(data_file, out + "/run", variant)
+        seconds = (run_tutorial(tutorial_file(data_file), out) if variant == "a"
+                   else run_sftlab(data_file, out + "/run", variant))
     result = dict(variant=variant, seconds=seconds, samples=Counter.samples, real=Counter.real,
                   positions=Counter.positions, peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print("RESULT " + json.dumps(result))
+
+
+def tutorial_file(data_file: str) -> str:
+    return data_file.replace(".jsonl", ".readable.json")
 
 
 def run_once(variant: str, data_file: str, env: dict) -> dict:
@@ -187,8 +199,9 @@ def main() -> None:
     os.environ.update(SFTLAB_HOME=home)
     tokenizer = load_tokenizer(resolve_model_path("sftlab:tiny-glm4"))
     rows = make_rows(args.rows, tokenizer)
-    data_file = str(Path(home) / "alpaca_like.json")
-    Path(data_file).write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    data_file = str(Path(home) / "alpaca_like.jsonl")
+    Path(data_file).write_bytes(b"\n".join(with_defects(rows, 1024)) + b"\n")
+    Path(tutorial_file(data_file)).write_text(json.dumps(readable_rows(data_file), ensure_ascii=False), "utf-8")
     lengths = [len(tokenizer.apply_chat_template(
         [{"role": "user", "content": r["instruction"] + ("\n\n" + r["input"] if r["input"] else "")},
          {"role": "assistant", "content": r["output"]}], tokenize=True, return_dict=False)) for r in rows]

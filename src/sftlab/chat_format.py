@@ -45,7 +45,10 @@ class SampleTooLong(ValueError):
 
     def __init__(self, length: int, max_length: int):
         super().__init__(f"{length} tokens > max_length {max_length}")
-        self.length = length
+        self.length, self.max_length = length, max_length
+
+    def __reduce__(self):  # pickled with its own arguments (the default would call it with the message alone)
+        return type(self), (self.length, self.max_length)
 
 
 @dataclass

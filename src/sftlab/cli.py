@@ -82,14 +82,14 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in VERBS:
         print(USAGE, file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    from sftlab.errors import UserError
+    from sftlab.errors import UserError, report
 
     try:
         return VERBS[argv[0]](argv[1:])
     except UserError as exc:
         if debug:
             raise
-        print(f"sftlab {argv[0]}: error: {exc}", file=sys.stderr)
+        report(argv[0], exc)
         return 2
 
 

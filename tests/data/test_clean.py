@@ -209,6 +209,8 @@ def test_each_row_is_read_in_its_own_format_unless_one_is_forced(tokenizer, tmp_
     forced, _ = run_clean(tokenizer, [path], data_format="alpaca")
     assert [(r.line, r.reason, r.detail) for r in forced.rejected] == [
         (1, "mixed_format", "a sharegpt row, and data_format forces alpaca")]
+    assert "mixed.jsonl mixes formats (alpaca 3, sharegpt 1): the rows not in data_format's were rejected " \
+        "(mixed_format)" in summary_line(build_report(forced, sources, 256, "tiny"))
 
 
 def test_bidirectional_override_characters_are_kept_and_counted():

@@ -1,16 +1,18 @@
 """Property test: whatever a line of a data file holds (valid rows, broken JSON, wrong types, unicode edge cases
 such as lone surrogates and bidi controls, deep nesting), cleaning neither crashes nor loses a row: kept +
-rejected == rows read, and two runs give identical results."""
+rejected == rows read, and two runs give identical results, in this process and in worker processes alike."""
 
 import json
 import tempfile
 from pathlib import Path
+from unittest import mock
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sftlab.chat_format import ChatRenderer
 from sftlab.config import CleanArguments
+from sftlab.data import clean
 from sftlab.data.clean import clean_rows
 from sftlab.data.load import expand_inputs
 from sftlab.data.prepare import read_all
@@ -42,9 +44,9 @@ LINE = st.one_of(
 )
 
 
-def clean_file(path: Path, tokenizer) -> tuple:
+def clean_file(path: Path, tokenizer, num_proc: int = 1) -> tuple:
     sources = expand_inputs([str(path)])
-    result = clean_rows(read_all(sources), CleanArguments(), ChatRenderer(tokenizer, 128))
+    result = clean_rows(read_all(sources), CleanArguments(num_proc=num_proc), ChatRenderer(tokenizer, 128))
     report = build_report(result, sources, 128, "tiny")
     outcome = ([(k.line, k.sample.input_ids) for k in result.kept], [(r.line, r.reason) for r in result.rejected])
     return result, report, outcome
@@ -66,3 +68,6 @@ def test_cleaning_never_crashes_nor_loses_a_row(tokenizer, lines):
         json.dumps(report, ensure_ascii=False).encode("utf-8")  # every detail is writable as UTF-8
         again = clean_file(path, tokenizer)
         assert again[2] == outcome and again[1] == report
+        with mock.patch.object(clean, "BATCH_ROWS", 3):  # several batches: the worker pool's path
+            pooled = clean_file(path, tokenizer, num_proc=2)
+        assert pooled[2] == outcome and pooled[1] == report

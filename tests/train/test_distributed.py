@@ -1,5 +1,7 @@
 """Two processes on CPU (gloo) through accelerate: the same seeded split in both, disjoint shards of it, one
-writer, one log, one adapter, and the per-step losses of a 1-process run with the same global batch."""
+writer, one log, one adapter, and the per-step losses of a 1-process run with the same global batch. The data
+holds a rejected row of every reason and the main process cleans it in a worker pool, so the preparation that
+the other process waits for takes its unusual branches; a preparation that fails ends both, with one line."""
 
 import hashlib
 import json
@@ -30,6 +32,8 @@ class Traced(sft_trainer.DataCollatorForLanguageModeling):
 
 import sftlab.train.sft as sft
 sft.DataCollatorForLanguageModeling = Traced
+import sftlab.data.clean as clean
+clean.BATCH_ROWS = 16  # a small file in many batches, so that num_proc 2 cleans it in a worker pool
 sys.exit(main(sys.argv[1:]))
 '''
 
@@ -38,18 +42,25 @@ def sample_hash(input_ids) -> str:
     return hashlib.sha1(str(list(input_ids)).encode()).hexdigest()
 
 
-def run(tmp_path, name, processes, accumulation):
-    out, trace = tmp_path / name, tmp_path / f"{name}-trace"
-    trace.mkdir()
-    config = yaml.safe_load((REPO / "configs/demo.yaml").read_text())
-    config.update(max_tokens_per_batch=None, per_device_train_batch_size=4, gradient_accumulation_steps=accumulation,
-                  max_steps=4, save_steps=2, logging_steps=1, eval_strategy="no", report_to="none",
-                  final_eval_samples=2, final_eval_max_new_tokens=4, probe_max_new_tokens=4, output_dir=str(out),
-                  use_cpu=True)
+def dirty_demo_data(folder: Path) -> str:
+    """The demo's 177 rows and 13 planted defects, one of every reason a default-settings file can have."""
+    from sftlab.data.load import demo_data_path
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from dirty_data import AUTO_REASONS, with_defects
+
+    path = folder / "demo_dirty.jsonl"
+    if not path.exists():
+        rows = json.loads(demo_data_path().read_text(encoding="utf-8"))
+        path.write_bytes(b"\n".join(with_defects(rows, 256, reasons=AUTO_REASONS, share=0)) + b"\n")
+    return str(path)
+
+
+def launch(tmp_path, name, processes, config, trace):
     (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
     (tmp_path / "tracer.py").write_text(TRACER)
     accelerate = Path(sys.executable).with_name("accelerate")
-    result = subprocess.run(
+    return subprocess.run(
         # --multi_gpu starts the processes through torchrun; use_cpu then makes them a gloo group on the CPU
         # (`accelerate launch --cpu --num_processes 2` starts one process: accelerate 1.15's simple launcher)
         [str(accelerate), "launch", "--multi_gpu" if processes > 1 else "--cpu", "--num_processes", str(processes),
@@ -59,6 +70,18 @@ def run(tmp_path, name, processes, accumulation):
         capture_output=True, text=True, timeout=600, cwd=tmp_path,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "TRACE_DIR": str(trace)},
     )
+
+
+def run(tmp_path, name, processes, accumulation):
+    out, trace = tmp_path / name, tmp_path / f"{name}-trace"
+    trace.mkdir()
+    config = yaml.safe_load((REPO / "configs/demo.yaml").read_text())
+    config.update(data_files=[dirty_demo_data(tmp_path)], num_proc=2,
+                  max_tokens_per_batch=None, per_device_train_batch_size=4, gradient_accumulation_steps=accumulation,
+                  max_steps=4, save_steps=2, logging_steps=1, eval_strategy="no", report_to="none",
+                  final_eval_samples=2, final_eval_max_new_tokens=4, probe_max_new_tokens=4, output_dir=str(out),
+                  use_cpu=True)
+    result = launch(tmp_path, name, processes, config, trace)
     assert result.returncode == 0, result.stderr[-5000:]
     traces = {p.stem: [json.loads(line) for line in p.read_text().splitlines()] for p in sorted(trace.iterdir())}
     return out, result, traces
@@ -72,8 +95,13 @@ def losses(out: Path) -> list[float]:
 @pytest.mark.slow
 def test_two_process_cpu_training_writes_one_run_matching_one_process(tmp_path):
     out, result, traces = run(tmp_path, "ddp", processes=2, accumulation=1)
-    # each process prints the split it prepared (the main one first; the other read its cache): the same
-    assert result.stdout.count("data: 177 rows read, 177 kept") == result.stdout.count("168 train, 9 held out") == 2
+    # each process prints the split it prepared (the main one first; the other read its cache): the same, with
+    # every planted defect counted by its reason
+    reasons = ("bad_json 1, invalid_utf8 1, invalid_text 1, too_deep 1, malformed_record 1, invalid_tool_call 1, "
+               "empty_instruction 1, empty_response 1, role_order 1, boilerplate 1, duplicate 1, near_duplicate 1, "
+               "too_long 1")
+    assert result.stdout.count(f"data: 190 rows read, 177 kept, 13 rejected ({reasons})") == 2
+    assert result.stdout.count("168 train, 9 held out") == 2
     assert (out / "adapter_config.json").exists() and (out / "checkpoint-4").is_dir()
     assert sorted(p.name for p in out.rglob("adapter_model.safetensors")) == ["adapter_model.safetensors"] * 3
     assert not (out / ".final.tmp").exists()
@@ -98,6 +126,23 @@ def test_two_process_cpu_training_writes_one_run_matching_one_process(tmp_path):
     single, _, single_traces = run(tmp_path, "single", processes=1, accumulation=2)
     assert sorted(single_traces["rank0"][:32]) == sorted(traces["rank0"] + traces["rank1"])
     assert len(losses(out)) == 4 and losses(single) == pytest.approx(losses(out), abs=1e-4)
+
+
+@pytest.mark.slow
+def test_a_preparation_that_fails_on_the_main_process_ends_both_with_one_line(tmp_path):
+    """--strict stops at a malformed row while the main process cleans in its pool; the other process, waiting
+    for the main one's prepared data, neither hangs nor prepares the data again: each says one line."""
+    config = yaml.safe_load((REPO / "configs/demo.yaml").read_text())
+    config.update(data_files=[dirty_demo_data(tmp_path)], num_proc=2, strict=True, report_to="none",
+                  output_dir=str(tmp_path / "strict"), use_cpu=True)
+    (tmp_path / "trace").mkdir()
+    result = launch(tmp_path, "strict", 2, config, tmp_path / "trace")
+    assert result.returncode != 0
+    errors = sorted(line for line in result.stderr.splitlines() if line.startswith("sftlab train: error:"))
+    assert len(errors) == 2, result.stderr[-3000:]
+    assert errors[0].endswith("demo_dirty.jsonl:29: invalid_utf8: invalid UTF-8 at byte 27 (--strict)")
+    assert errors[1].startswith("sftlab train: error: the main process did not prepare the data (no ")
+    assert "Traceback (most recent call last)" not in result.stderr.split("sftlab train: error:")[0]
 
 
 class FakeAccelerator:

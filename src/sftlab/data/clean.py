@@ -31,10 +31,12 @@ import json
 import multiprocessing as mp
 import os
 import re
+import signal
 from array import array
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -58,6 +60,16 @@ _SPACES = re.compile(r"\s+")
 _BIDI = re.compile("[\u202a-\u202e\u2066-\u2069]")
 
 
+@dataclass(frozen=True)
+class Rejection:
+    """Why a row is rejected, as the per-row checks return it: plain data, so that it crosses from a worker
+    process intact (exceptions do not: one whose __init__ takes other arguments than it gives Exception cannot
+    be unpickled, and the pool then breaks)."""
+
+    reason: str
+    detail: str
+
+
 @dataclass
 class Kept:
     source: str
@@ -75,7 +87,7 @@ class Checked:
     digest: bytes | None  # of the text and the tool key: the exact-duplicate key
     tools: bytes  # tool_key: near duplicates are looked for among rows with the same one
     signature_row: int | None  # its row in the batch's signature array, for near-duplicate detection
-    sample: RenderedSample | MessageError  # rendered whole (before max_length), or why it cannot be
+    sample: RenderedSample | Rejection | None  # rendered whole (before max_length), why it cannot be, or no model
 
 
 @dataclass
@@ -152,14 +164,14 @@ class RowChecker:
         self.max_token_chars = max(map(len, renderer.tokenizer.get_vocab())) if renderer is not None else None
 
     def check_batch(self, rows: list[SourceRow]) -> tuple[list, Counter, np.ndarray | None]:
-        """Per row a _Reject or a Checked; the text repairs; and the near-duplicate signatures as one array
+        """Per row a Rejection or a Checked; the text repairs; and the near-duplicate signatures as one array
         (one row per passing row): far cheaper to send between processes than an array per row."""
         repairs, results, passed = Counter(), [], []
         for source_row in rows:
             try:
                 messages, text = self._check_text(source_row, repairs)
             except _Reject as reject:
-                results.append(reject)
+                results.append(Rejection(reject.reason, reject.detail))
                 continue
             passed.append(len(results))
             results.append((messages, text))
@@ -169,6 +181,8 @@ class RowChecker:
                    else [None] * len(passed))
         for row, (i, sample) in enumerate(zip(passed, samples)):
             messages, text = results[i]
+            if isinstance(sample, MessageError):  # decided after the duplicate checks, as a role_order rejection
+                sample = Rejection("role_order", str(sample))
             tools = tool_key(messages)
             digest = None if text is None else hashlib.blake2b(text.encode() + b"\0" + tools, digest_size=16).digest()
             results[i] = Checked(messages, text, digest, tools, None if signatures is None else row, sample)
@@ -255,17 +269,21 @@ class Cleaner:
         self.result.repairs.update(repairs)
         for source_row, outcome in zip(rows, results):
             self.result.rows_read += 1
+            if isinstance(outcome, Rejection):
+                self._reject(source_row, outcome)
+                continue
             try:
-                if isinstance(outcome, _Reject):
-                    raise outcome
                 signature = None if outcome.signature_row is None else signatures[outcome.signature_row]
                 self.result.kept.append(self._decide(source_row, outcome, signature))
             except _Reject as reject:
-                if self.config.strict and reject.reason in MALFORMED:
-                    raise UserError(f"{source_row.source}:{source_row.line}: {reject.reason}: {reject.detail} "
-                                    "(--strict)") from reject
-                self.result.rejected.append(Rejected(source_row.source, source_row.line, reject.reason,
-                                                     reject.detail, source_row.row))
+                self._reject(source_row, Rejection(reject.reason, reject.detail))
+
+    def _reject(self, source_row: SourceRow, rejection: Rejection) -> None:
+        if self.config.strict and rejection.reason in MALFORMED:
+            raise UserError(f"{source_row.source}:{source_row.line}: {rejection.reason}: {rejection.detail} "
+                            "(--strict)")
+        self.result.rejected.append(Rejected(source_row.source, source_row.line, rejection.reason,
+                                             rejection.detail, source_row.row))
 
     def _decide(self, source_row: SourceRow, checked: Checked, signature) -> Kept:
         key = f"{source_row.source}:{source_row.line}"
@@ -280,8 +298,8 @@ class Cleaner:
             if twin is not None:
                 raise _Reject("near_duplicate", f"near {twin}")
         sample = checked.sample
-        if isinstance(sample, MessageError):
-            raise _Reject("role_order", str(sample))
+        if isinstance(sample, Rejection):
+            raise _Reject(sample.reason, sample.detail)
         if sample is None:  # no model: lengths in characters, no token limit
             response = sum(len(m["content"]) for m in checked.messages if m["role"] == "assistant")
             self.result.lengths.append((sum(len(m["content"]) for m in checked.messages) - response, response))
@@ -298,20 +316,38 @@ class Cleaner:
 
 
 class _Reject(Exception):
+    """Raised by a check to reject the row it is checking; caught in the same process (workers return a
+    Rejection instead). Pickles all the same, like every exception sftlab defines."""
+
     def __init__(self, reason: str, detail: str):
         super().__init__(detail)
         self.reason, self.detail = reason, detail
+
+    def __reduce__(self):
+        return type(self), (self.reason, self.detail)
 
 
 BATCH_ROWS = 512
 PARALLEL_MIN_ROWS = 4096  # below this, starting worker processes costs more than it saves
 
 
+def worker_count(num_proc: int | None, rows: int, batches: int) -> int:
+    """How many worker processes check the rows: num_proc when given (1: none, all in this process); by default
+    one per core for inputs of PARALLEL_MIN_ROWS rows or more. Never more than there are batches, and none where
+    processes cannot be forked (they inherit the tokenizer instead of receiving it pickled)."""
+    if "fork" not in mp.get_all_start_methods():
+        return 1
+    if num_proc is None:
+        num_proc = (os.cpu_count() or 1) if rows >= PARALLEL_MIN_ROWS else 1
+    return max(1, min(num_proc, batches))
+
+
 def clean_rows(rows, config: CleanArguments, renderer: ChatRenderer | None, system_prompt: str | None = None,
                enabled: bool = True, progress: bool = False, compact: bool = False) -> CleanResult:
-    """Cleans `rows` (SourceRows in file order). Large inputs are checked in one worker process per core
-    (forked, so they share the tokenizer), while the duplicate decisions stay in order here. `compact`: the
-    kept samples' ids and labels as int32 arrays (array('i')) rather than lists, for large datasets."""
+    """Cleans `rows` (SourceRows in file order). Large inputs are checked in worker processes (forked, so they
+    share the tokenizer), while the duplicate decisions stay in order here: the result is the same with any
+    number of workers. `compact`: the kept samples' ids and labels as int32 arrays (array('i')) rather than
+    lists, for large datasets."""
     rows = list(rows)
     if not enabled:
         config = CleanArguments(**{**config.__dict__, "near_dedup": False})
@@ -320,20 +356,77 @@ def clean_rows(rows, config: CleanArguments, renderer: ChatRenderer | None, syst
     cleaner.result.formats = formats_by_file(rows)
     cleaner.result.unit = "tokens" if renderer is not None else "characters"
     batches = [rows[i:i + BATCH_ROWS] for i in range(0, len(rows), BATCH_ROWS)]
-    bar = tqdm(total=len(rows), desc="cleaning", unit="rows", mininterval=1.0, disable=not progress)
-    workers = min(os.cpu_count() or 1, len(batches))
-    if len(rows) >= PARALLEL_MIN_ROWS and workers > 1 and "fork" in mp.get_all_start_methods():
-        with one_tokenizer_thread(), ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"),
-                                                         initializer=_start_worker, initargs=(checker,)) as pool:
-            for batch, outcome in zip(batches, pool.map(_check_in_worker, batches)):
-                cleaner.add_batch(batch, *outcome)
-                bar.update(len(batch))
-    else:
-        for batch in batches:
-            cleaner.add_batch(batch, *checker.check_batch(batch))
+    workers = worker_count(config.num_proc, len(rows), len(batches))
+    outcomes = (checked_in_pool(checker, batches, workers) if workers > 1
+                else (checker.check_batch(batch) for batch in batches))
+    # closing(): a --strict stop here shuts the pool down now, not whenever the generator is collected
+    with closing(outcomes), tqdm(total=len(rows), desc="cleaning", unit="rows", mininterval=1.0,
+                                 disable=not progress) as bar:
+        for batch, outcome in zip(batches, outcomes):
+            cleaner.add_batch(batch, *outcome)
             bar.update(len(batch))
-    bar.close()
     return cleaner.result
+
+
+CHECKING, CHECKED = 1, 2  # a batch's state in the pool's shared array (0: not started)
+
+
+def checked_in_pool(checker: RowChecker, batches: list[list[SourceRow]], workers: int):
+    """Each batch's check results, in order, from `workers` forked processes. A worker that dies (killed, out of
+    memory) or fails (a bug) ends the run with one line naming what happened and the rows it was checking,
+    never a BrokenProcessPool traceback; the pool is shut down either way."""
+    states = mp.get_context("fork").RawArray("b", len(batches))  # shared: which batches the workers are on
+    with one_tokenizer_thread():
+        pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_start_worker,
+                                   initargs=(checker, states))
+        try:
+            futures = [pool.submit(_check_in_worker, i, batch) for i, batch in enumerate(batches)]
+            # With fork every worker is started at the first submit. The pool keeps its processes in a private
+            # attribute, read here only to say how one ended (no public API tells a killed worker's signal).
+            processes = list(getattr(pool, "_processes", {}).values())
+            for i, future in enumerate(futures):
+                try:
+                    outcome = future.result()
+                except Exception as exc:
+                    raise UserError(pool_failure(exc, processes, batches, states, i)) from exc
+                yield outcome
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def pool_failure(exc: Exception, processes: list, batches: list, states, failed: int) -> str:
+    """The one line for a worker that died or failed: what happened, and the rows it was checking."""
+    busy = [i for i in range(len(batches)) if states[i] == CHECKING] or [failed]
+    rows = " or ".join(row_span(batches[i]) for i in busy)
+    if not isinstance(exc, BrokenProcessPool):
+        what = f"a worker process failed with {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    elif exc.__cause__ is not None:  # the pool broke reading a result back, not because a worker ended
+        cause = [line for line in str(exc.__cause__).splitlines() if line.strip(" '")]
+        what = f"a worker's result could not be read back ({cause[-1].strip() if cause else 'no detail'})"
+    else:
+        what = worker_ending(processes)
+    return (f"cleaning stopped: {what}, while checking rows {rows}; nothing was written. Run again with "
+            "--num_proc 1 to clean in one process, or sftlab --debug for the traceback")
+
+
+def worker_ending(processes: list) -> str:
+    """How the worker that broke the pool ended. The pool terminates the others with SIGTERM after one dies,
+    so an exit other than that is the one that broke it."""
+    codes = [p.exitcode for p in processes if p.exitcode not in (None, 0, -signal.SIGTERM)]
+    if not codes:
+        return "a worker process ended abruptly"
+    if codes[0] == -signal.SIGKILL:
+        return "a worker process was killed by SIGKILL (the kernel's out-of-memory killer sends it: check memory)"
+    if codes[0] < 0:
+        return f"a worker process was killed by {signal.Signals(-codes[0]).name}"
+    return f"a worker process exited with code {codes[0]}"
+
+
+def row_span(batch: list[SourceRow]) -> str:
+    first, last = batch[0], batch[-1]
+    if first.source == last.source:
+        return f"{first.source}:{first.line}-{last.line}"
+    return f"{first.source}:{first.line} to {last.source}:{last.line}"
 
 
 @contextmanager
@@ -351,15 +444,20 @@ def one_tokenizer_thread():
             os.environ["TOKENIZERS_PARALLELISM"] = before
 
 
-# The worker's checker. It exists in worker processes only: the pool's initializer sets it there, and fork
-# hands the checker over without pickling it (its tokenizer and index would be costly to send per task).
+# The worker's checker and the shared batch states. They exist in worker processes only: the pool's initializer
+# sets them there, and fork hands them over without pickling (the tokenizer and index would be costly to send
+# per task; the shared array cannot be sent at all).
 _worker_checker: RowChecker | None = None
+_worker_states = None
 
 
-def _start_worker(checker: RowChecker) -> None:
-    global _worker_checker
-    _worker_checker = checker
+def _start_worker(checker: RowChecker, states) -> None:
+    global _worker_checker, _worker_states
+    _worker_checker, _worker_states = checker, states
 
 
-def _check_in_worker(rows: list[SourceRow]):
-    return _worker_checker.check_batch(rows)
+def _check_in_worker(index: int, rows: list[SourceRow]):
+    _worker_states[index] = CHECKING
+    outcome = _worker_checker.check_batch(rows)
+    _worker_states[index] = CHECKED
+    return outcome

@@ -18,7 +18,10 @@ class FieldError(ValueError):
 
     def __init__(self, field: str, problem: str):
         super().__init__(f"field {field!r}: {problem}")
-        self.field = field
+        self.field, self.problem = field, problem
+
+    def __reduce__(self):  # pickled with its own arguments (the default would call it with the message alone)
+        return type(self), (self.field, self.problem)
 
 
 class ToolCallError(FieldError):

@@ -35,6 +35,7 @@ from sftlab.data.load import expand_inputs, read_source
 from sftlab.data.report import build_report, dataset_rows, summary_line
 from sftlab.data.sources import dataset_specs, read_datasets, weighted
 from sftlab.environment import cache_root
+from sftlab.errors import UserError
 
 
 @dataclass
@@ -68,13 +69,19 @@ def read_all(sources: list[str]):
 
 
 def prepare_data(data_args: DataArguments, clean_args: CleanArguments, renderer: ChatRenderer,
-                 use_cache: bool = True) -> PreparedData:
+                 use_cache: bool = True, cached_only: bool = False) -> PreparedData:
+    """The prepared data, from the cache when it is there. `cached_only`: for the processes of a multi-process
+    run that wait for the main one to prepare it; when it is not there, the main one failed, and preparing it
+    again here would only repeat that (for hours, on a large dataset)."""
     specs = dataset_specs(data_args.data_files)
     sources = [source for spec in specs for source in expand_inputs([spec.path])]
     key = cache_key(sources, data_args, clean_args, renderer)
     cached = cache_root() / "datasets" / key
     if use_cache and (cached / META).exists():
         return read_cache(cached)
+    if cached_only:
+        raise UserError(f"the main process did not prepare the data (no {cached}): it stopped, and its error says "
+                        "why")
     rows, per_dataset = read_datasets(specs, data_args.split_seed)
     result = clean_rows(rows, clean_args, renderer, data_args.system_prompt, enabled=clean_args.clean,
                         progress=True, compact=True)
@@ -161,7 +168,9 @@ def cache_key(sources: list[str], data_args: DataArguments, clean_args: CleanArg
     backend = getattr(tokenizer, "backend_tokenizer", None)
     digest.update((backend.to_str() if backend is not None else str(sorted(tokenizer.get_vocab().items()))).encode())
     settings = dict(template=tokenizer.chat_template, max_length=renderer.max_length, overflow=renderer.overflow,
-                    data=asdict(data_args), clean=asdict(clean_args), version=__version__)
+                    data=asdict(data_args), version=__version__,
+                    # num_proc: how many processes clean, not what comes out
+                    clean={k: v for k, v in asdict(clean_args).items() if k != "num_proc"})
     # a change to the preparing code is a new key too
     for module in (chat_format, clean, convert, load, near_dedup, dataset_sources, sys.modules[__name__]):
         digest.update(Path(module.__file__).read_bytes())

@@ -97,8 +97,11 @@ def summary_line(report: dict) -> str:
     unit = "tokens" if "tokens" in report else "characters"
     total = report[unit]["total"]
     tokens = f"; {unit} p50 {total['p50']}, p99 {total['p99']}, max {total['max']}" if total.get("n") else ""
+    # a forced data_format rejects the rows of other formats (mixed_format); auto reads each in its own
+    how = ("the rows not in data_format's were rejected (mixed_format)" if "mixed_format" in report["reasons"]
+           else "each row was read in its own format")
     mixed = "".join(f"; {Path(source).name} mixes formats ({', '.join(f'{k} {v}' for k, v in counts.items())}): "
-                    "each row was read in its own format" for source, counts in report.get("formats", {}).items()
+                    f"{how}" for source, counts in report.get("formats", {}).items()
                     if len(counts) > 1)
     return (f"data: {report['rows_read']} rows read, {report['kept']} kept, {report['rejected']} rejected "
             f"({reasons}){tokens}{mixed}")

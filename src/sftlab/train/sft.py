@@ -25,7 +25,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from sftlab.chat_format import ChatRenderer, stop_token_ids
 from sftlab.config import CleanArguments, DataArguments, ModelArguments, read_config_file
 from sftlab.data.prepare import PreparedData, prepare_data
-from sftlab.errors import UserError
+from sftlab.errors import UserError, report
 from sftlab.files import append_jsonl, write_atomic
 from sftlab.model.load import (
     ADAPTER_CONFIG,
@@ -251,6 +251,23 @@ def train(model_args: ModelArguments, data_args: DataArguments, clean_args: Clea
             lock.release()
 
 
+def prepare_once(data_args: DataArguments, clean_args: CleanArguments, renderer: ChatRenderer,
+                 train_args: TrainConfig) -> PreparedData:
+    """The data, prepared by the main process of each machine while the others wait, then read from its cache by
+    them. When the main one fails, it says why before it releases the others (which then stop at once, and the
+    launcher ends the rest: a line printed later could be lost), and they do not prepare the data again."""
+    first = train_args.world_size == 1 or train_args.local_process_index == 0
+    with train_args.main_process_first(desc="data preparation"):
+        if not first:
+            return prepare_data(data_args, clean_args, renderer, cached_only=True)
+        try:
+            return prepare_data(data_args, clean_args, renderer)
+        except UserError as exc:
+            if train_args.world_size > 1:
+                report("train", exc)
+            raise
+
+
 def run_training(model_args: ModelArguments, data_args: DataArguments, clean_args: CleanArguments,
                  train_args: TrainConfig) -> Path:
     out = Path(train_args.output_dir)
@@ -259,8 +276,7 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, clean_arg
     model_path = resolve_model_path(model_args.model_name_or_path)
     tokenizer = load_tokenizer(model_path, train_args.trust_remote_code)
     renderer = ChatRenderer(tokenizer, train_args.max_length, data_args.overflow)
-    with train_args.main_process_first(desc="data preparation"):  # the others then read the main's cache
-        data = prepare_data(data_args, clean_args, renderer)
+    data = prepare_once(data_args, clean_args, renderer, train_args)
     print(data.summary())
     if not len(data.train):
         raise UserError(f"no training samples left from {', '.join(data_args.data_files)} ({data.summary()})")
