@@ -33,7 +33,7 @@ import os
 import re
 import signal
 from array import array
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import closing, contextmanager
@@ -380,15 +380,17 @@ def checked_in_pool(checker: RowChecker, batches: list[list[SourceRow]], workers
         pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_start_worker,
                                    initargs=(checker, states))
         try:
-            futures = [pool.submit(_check_in_worker, i, batch) for i, batch in enumerate(batches)]
+            futures = deque(pool.submit(_check_in_worker, i, batch) for i, batch in enumerate(batches))
             # With fork every worker is started at the first submit. The pool keeps its processes in a private
             # attribute, read here only to say how one ended (no public API tells a killed worker's signal).
             processes = list(getattr(pool, "_processes", {}).values())
-            for i, future in enumerate(futures):
+            for i in range(len(batches)):
+                future = futures.popleft()  # a future holds its result: dropped once used, as pool.map does
                 try:
                     outcome = future.result()
                 except Exception as exc:
                     raise UserError(pool_failure(exc, processes, batches, states, i)) from exc
+                del future
                 yield outcome
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
