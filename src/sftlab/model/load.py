@@ -12,15 +12,24 @@ from pathlib import Path
 from sftlab.environment import hub_offline
 from sftlab.errors import UserError
 from sftlab.model import attention  # noqa: F401  registers sdpa_varlen with transformers
+from sftlab.model.real import REAL_MODELS, ensure_real_model
 from sftlab.model.tiny import FAMILIES, ensure_tiny_model, glm4_chat_template
 
 ADAPTER_CONFIG = "adapter_config.json"
 
 
+EMBEDDED = [*FAMILIES, *REAL_MODELS]  # every sftlab: name
+
+
 def resolve_model_path(name_or_path: str) -> Path:
-    """A local folder for `name_or_path`: the tiny model, a local checkpoint, or a Hub snapshot."""
+    """A local folder for `name_or_path`: an embedded model, a local checkpoint, or a Hub snapshot."""
+    if name_or_path in REAL_MODELS:
+        return ensure_real_model(name_or_path)
     if name_or_path.startswith("sftlab:"):
-        return ensure_tiny_model(name_or_path)  # one of FAMILIES, or a clear error listing them
+        if name_or_path not in FAMILIES:
+            raise UserError(f"model {name_or_path}: there is no such embedded model; the embedded ones are "
+                            f"{', '.join(EMBEDDED)}")
+        return ensure_tiny_model(name_or_path)
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
@@ -29,7 +38,7 @@ def resolve_model_path(name_or_path: str) -> Path:
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1 or path.exists():
         raise UserError(
             f"model path {name_or_path} does not exist. Pass a local model folder, a Hub id like "
-            f"THUDM/glm-4-9b-hf, or an embedded model ({', '.join(FAMILIES)})"
+            f"THUDM/glm-4-9b-hf, or an embedded model ({', '.join(EMBEDDED)})"
         )
     return download_from_hub(name_or_path)
 

@@ -103,23 +103,28 @@ def ensure_tiny_model(name: str = "sftlab:tiny-glm4") -> Path:
                         f"{', '.join(FAMILIES)}")
     family = FAMILIES[name]
     target = cache_root() / "models" / f"{family.folder}-{TINY_VERSION}"
+    return build_once(target, lambda staging: build_tiny_model(staging, family))
+
+
+def build_once(target: Path, build) -> Path:
+    """`target`, built by `build(folder)` first if it holds no weights yet: by one process at a time (the
+    processes of a multi-process run all ask for it at once; the others wait, then find it built), into a
+    staging folder renamed into place, so a half-built model is never seen under its name."""
     if (target / "model.safetensors").exists():
         return target
     if _other_rank():
         return _wait_for(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    # one builder at a time (the processes of a multi-process run all ask for it at once); the others wait,
-    # then find it built
-    with open(target.parent / f".{family.folder}.lock", "w") as lock:
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (target / "model.safetensors").exists():
             return target
         shutil.rmtree(target, ignore_errors=True)  # a folder left without its weights is not a model
-        staging = Path(tempfile.mkdtemp(prefix=f".{family.folder}-", dir=target.parent))
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
         try:
-            build_tiny_model(staging, family)
+            build(staging)
             staging.chmod(0o755)  # mkdtemp makes it private; the cache is shared like any model folder
-            staging.rename(target)  # atomic: a half-built model is never seen under the final name
+            staging.rename(target)  # atomic
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return target
@@ -137,7 +142,7 @@ def _wait_for(target: Path, timeout_s: float = 600) -> Path:
     deadline = time.monotonic() + timeout_s
     while not (target / "model.safetensors").exists():
         if time.monotonic() > deadline:
-            raise UserError(f"{target}: the first process did not build the tiny model within {timeout_s:.0f} s")
+            raise UserError(f"{target}: the first process did not build the model within {timeout_s:.0f} s")
         time.sleep(0.2)
     return target
 
