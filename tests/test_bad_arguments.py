@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,10 @@ CASES = [
     (TRAIN + ["--num_train_epochs", "-1"], "num_train_epochs: must be a positive number, got -1.0"),
     (TRAIN + ["--lora_target_modules", "query_key_value"],
      "lora_target_modules: query_key_value matches no module of the model; its linear layers are"),
+    (TRAIN + ["--model_name_or_path", "{tmp}/tied"],  # the demo trains lm_head in full
+     "lora_modules_to_save: lm_head is tied to the model's other embedding (tie_word_embeddings): training it in "
+     "full would put a 0.1M-parameter copy in the adapter and untie the merged model. Leave it out (LoRA on "
+     "all-linear adapts the model without it), or train every weight with use_peft false"),
     (TRAIN[:4] + ["{tmp}/a_file"], "output_dir {tmp}/a_file is a file, not a folder"),
     (TRAIN + ["--save_steps", "0"], "save_steps: must be a positive number (< 1: a share of all steps), got 0.0"),
     (TRAIN + ["--max_steps", "-5"], "max_steps: must be -1 (use num_train_epochs) or positive, got -5"),
@@ -52,6 +57,10 @@ def inputs(tmp_path, monkeypatch, tiny_model_dir):
     (tmp_path / "list.yaml").write_text("- a\n- b\n")
     (tmp_path / "scalar.yaml").write_text("just a string\n")
     (tmp_path / "a_file").write_text("not a folder")
+    tied = tmp_path / "tied"  # the tiny model with tied embeddings, as SmolLM2 and many small models have them
+    shutil.copytree(tiny_model_dir, tied)
+    config = json.loads((tied / "config.json").read_text())
+    (tied / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
 
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded before the argument was checked")

@@ -204,19 +204,40 @@ def resolved_config(model_args, data_args, clean_args, train_args, fingerprint: 
 
 
 def check_lora_targets(model_path: Path, model_args: ModelArguments) -> None:
-    """Every LoRA target names a module of the model (checked on the meta device: nothing is loaded)."""
-    if not model_args.use_peft or model_args.lora_target_modules == ["all-linear"]:
+    """Every LoRA target names a module of the model, and no module trained in full is tied to another
+    (checked on the meta device: nothing is loaded)."""
+    checks_targets = model_args.lora_target_modules != ["all-linear"]
+    if not model_args.use_peft or not (checks_targets or model_args.lora_modules_to_save):
         return
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
+    refuse_tied_modules_to_save(model, model_args.lora_modules_to_save or [])
     names = {name.split(".")[-1] for name, _ in model.named_modules()}
-    missing = [t for t in model_args.lora_target_modules if t not in names]
+    missing = [t for t in model_args.lora_target_modules if t not in names] if checks_targets else []
     if missing:
         linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
         raise UserError(f"lora_target_modules: {', '.join(missing)} matches no module of the model; its linear "
                         f"layers are {', '.join(linear)} (or use all-linear)")
+
+
+def refuse_tied_modules_to_save(model, modules_to_save: list[str]) -> None:
+    """A full copy of a tied embedding is refused: PEFT would train lm_head apart from the input embeddings, so
+    the adapter would carry a vocabulary-sized copy (152 MB for SmolLM2-135M) and the merged model would come out
+    untied. (PEFT's ensure_weight_tying keeps the two copies tied, but the copy stays in the adapter.)"""
+    config = model.config.get_text_config()
+    if not getattr(config, "tie_word_embeddings", False):
+        return
+    embeddings = (model.get_input_embeddings(), model.get_output_embeddings())
+    tied = {name.split(".")[-1] for name, module in model.named_modules() if any(module is e for e in embeddings)}
+    named = [m for m in modules_to_save if m in tied]
+    if named:
+        size = config.vocab_size * config.hidden_size
+        raise UserError(f"lora_modules_to_save: {', '.join(named)} is tied to the model's other embedding "
+                        f"(tie_word_embeddings): training it in full would put a {size / 1e6:.1f}M-parameter copy in "
+                        "the adapter and untie the merged model. Leave it out (LoRA on all-linear adapts the model "
+                        "without it), or train every weight with use_peft false")
 
 
 def lora_config(model_args: ModelArguments):
@@ -276,6 +297,7 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, clean_arg
     model_path = resolve_model_path(model_args.model_name_or_path)
     tokenizer = load_tokenizer(model_path, train_args.trust_remote_code)
     renderer = ChatRenderer(tokenizer, train_args.max_length, data_args.overflow)
+    check_lora_targets(model_path, model_args)  # before the data: a preparation can take long
     data = prepare_once(data_args, clean_args, renderer, train_args)
     print(data.summary())
     if not len(data.train):
@@ -285,7 +307,6 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, clean_arg
         raise UserError(f"eval_strategy {strategy} needs a held-out split, and there is none "
                         f"(test_size {data_args.test_size}, {len(data.train)} training samples): set eval_strategy: "
                         "no, or test_size > 0 with at least 2 usable rows")
-    check_lora_targets(model_path, model_args)
     set_reply_limits(train_args, data.report)
     config = resolved_config(model_args, data_args, clean_args, train_args, data.fingerprint)
     if resume_from:  # checked on every process (the others would wait forever for a main that stopped)
