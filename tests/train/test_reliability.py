@@ -305,6 +305,31 @@ def test_a_second_signal_exits_at_once(monkeypatch):
     assert exits == [143]
 
 
+def test_a_stop_signal_commits_the_checkpoint_and_exits_without_probes_or_evaluation(tmp_path, monkeypatch):
+    """SIGTERM arrives during step 2, when an evaluation and a save with probes are due: the checkpoint is
+    committed, and neither the probes nor the evaluation run before the exit (they took minutes on a real model)."""
+    import signal
+
+    compute_loss = sft.SftlabTrainer.compute_loss
+
+    def signal_in_step_2(self, *args, **kwargs):
+        if self.state.global_step == 1 and self.model.training:
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler that train() installed takes it
+        return compute_loss(self, *args, **kwargs)
+
+    monkeypatch.setattr(sft.SftlabTrainer, "compute_loss", signal_in_step_2)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stopped:
+        train(*args_for(out, "--save_steps", "2", "--eval_strategy", "steps", "--eval_steps", "2"))
+    assert stopped.value.code == 143
+    assert newest_committed(out) == (out / "checkpoint-2", [])
+    assert not (out / "predictions.jsonl").exists()  # no probe ran
+    records = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+    assert [(r["step"], "loss" in r, "train_runtime" in r) for r in records] == [
+        (1, True, False), (2, True, False), (2, False, True)]  # two steps, then the Trainer's summary
+    assert not any("eval_loss" in r for r in records)
+
+
 class Payload:
     """A pickle that would create a file when unpickled without weights_only."""
 

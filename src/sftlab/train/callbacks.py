@@ -26,13 +26,14 @@ class ProbeCallback(TrainerCallback):
     decodes only the new tokens, and stops on GLM-4's stop tokens."""
 
     def __init__(self, tokenizer, prompts: list[str], max_new_tokens: int, output_dir: str,
-                 system_prompt: str | None = None):
+                 system_prompt: str | None = None, stopper=None):
         self.tokenizer, self.prompts, self.max_new_tokens = tokenizer, prompts, max_new_tokens
         self.path = Path(output_dir) / "predictions.jsonl"
         self.system_prompt = system_prompt
+        self.stopper = stopper  # a StopOnSignal: the save that a stop signal asks for is not probed
 
     def on_save(self, args, state, control, model=None, **kwargs):
-        if not self.prompts or not state.is_world_process_zero:
+        if not self.prompts or not state.is_world_process_zero or getattr(self.stopper, "stopping", False):
             return
         replies = run_probes(model, self.tokenizer, self.prompts, self.max_new_tokens, self.system_prompt)
         records = [dict(step=state.global_step, prompt=p, reply=r.text, finish_reason=r.finish_reason,

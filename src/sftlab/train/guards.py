@@ -20,6 +20,7 @@ class StopOnSignal(TrainerCallback):
 
     def __init__(self):
         self.received: int | None = None
+        self.stopping = False  # on every process, once any of them received a signal: nothing but the save runs
         self.previous = {}
 
     def install(self) -> None:
@@ -40,8 +41,10 @@ class StopOnSignal(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if _any_process(self.received is not None):
+            self.stopping = True
             control.should_save = True
             control.should_training_stop = True
+            control.should_evaluate = False  # an evaluation due at this step would delay the exit by minutes
 
 
 def _any_process(flag: bool) -> bool:

@@ -328,9 +328,9 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, clean_arg
     reports = [train_args.report_to] if isinstance(train_args.report_to, str) else train_args.report_to
     if "swanlab" in reports and is_main:
         start_swanlab(str(out), train_args.run_name, config)
-    probe = ProbeCallback(tokenizer, train_args.probe_prompts, train_args.probe_max_new_tokens, str(out),
-                          data_args.system_prompt)
     stopper = StopOnSignal()
+    probe = ProbeCallback(tokenizer, train_args.probe_prompts, train_args.probe_max_new_tokens, str(out),
+                          data_args.system_prompt, stopper)
     train_args.padding_free = False  # TRL's own padding-free path refuses max_length; sftlab's collator does it
     # the samples are already tokenized, fitted to max_length and each has supervised tokens: TRL's own
     # preparation (a truncation pass and a filter over every row) would only re-read them
