@@ -62,6 +62,7 @@ class RenderedSample:
 
 
 END_PROBE = "sftlab-end-of-turn-probe"
+SYSTEM_PROBE = "sftlab-system-probe"
 
 
 def special_ids(tokenizer) -> set[int]:
@@ -86,8 +87,9 @@ def validate_messages(messages: list[dict], for_training: bool = True) -> None:
             raise MessageError(f"messages[{i}].role: {message.get('role')!r} is not one of {', '.join(ROLES)}")
         if not isinstance(message.get("content"), str):
             raise MessageError(f"messages[{i}].content: expected a string")
-        # GLM-4's template skips a message whose content is empty; a tools-only system message is the exception
-        if not message["content"].strip() and not (message["role"] == "system" and message.get("tools")):
+        # GLM-4's template skips a message whose content is empty. A system message may be empty: it then only
+        # keeps a template's default system prompt out (system_prompt: ""), or carries the tools.
+        if not message["content"].strip() and message["role"] != "system":
             raise MessageError(f"messages[{i}].content: empty {message['role']} message")
     first = next((i for i, m in enumerate(messages) if m["role"] != "system"), None)
     if first is None or messages[first]["role"] != "user":
@@ -181,6 +183,25 @@ class ChatRenderer:
         self._end_text = None if self.end_of_turn is None else tokenizer.convert_ids_to_tokens(self.end_of_turn)
         self.terminator_id = self.end_of_turn if self.end_of_turn is not None else self.eos_id
         self.stop_ids = self._stop_ids(generation_eos)
+        self.default_system = self._probe_default_system()
+
+    def _probe_default_system(self) -> str | None:
+        """The system prompt the template writes into a conversation that has none (SmolLM2's "You are a
+        helpful AI assistant named SmolLM, ..."), or None. Found by rendering with a marker as the system
+        message and with none: the default is what stands where the marker stood. A header the template writes
+        either way (Llama-3.1's dates) is no default: it is there with any system prompt."""
+        user = [{"role": "user", "content": "hi"}]
+        try:
+            without = self.render_text(user)
+            marked = self.render_text([{"role": "system", "content": SYSTEM_PROBE}, *user])
+        except Exception:  # a template that cannot render these: it has no default to find
+            return None
+        if SYSTEM_PROBE not in marked:
+            return None
+        before, after = marked.split(SYSTEM_PROBE, 1)
+        if len(without) < len(before) + len(after) or not (without.startswith(before) and without.endswith(after)):
+            return None
+        return without[len(before):len(without) - len(after)] or None
 
     def _probe_tool_dialect(self) -> tuple[bool, bool] | None:
         """The first form in TOOL_DIALECTS in which the template writes a tool's definition, a call's name

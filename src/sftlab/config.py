@@ -112,7 +112,11 @@ class DataArguments:
         default=42, metadata={"help": "Seed of the train/test split: every process draws the same split."}
     )
     system_prompt: str | None = field(
-        default=None, metadata={"help": "System message put before rows that have no system field of their own."}
+        default=None, metadata={"help": "System message for rows that have none of their own. Unset: none is "
+                                "added, so a chat template that writes a default system prompt (SmolLM2's) trains "
+                                "it in; \"\": an empty one, which keeps that default out; text: that text. The run "
+                                "records it; chat, probes and serve use it for conversations without a system "
+                                "message."}
     )
     overflow: Overflow = field(
         default="drop", metadata={"help": "Samples over max_length: drop (counted) or truncate (part of the answer "

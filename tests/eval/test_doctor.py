@@ -32,7 +32,7 @@ def broken_copy(run_dir, tmp_path):
 
 def test_doctor_passes_on_a_good_run(run_dir):
     checks = run_checks(None, str(run_dir))
-    assert failed(checks) == [] and len(checks) == 5
+    assert failed(checks) == [] and len(checks) == 6
 
 
 def test_removed_chat_template_fails_the_template_check(run_dir, tmp_path):
@@ -119,7 +119,8 @@ def test_doctor_prints_skips_and_counts_them(tiny_model_dir, capsys):
     assert main(["--model", str(tiny_model_dir), "--max_new_tokens", "4"]) == 1
     out = capsys.readouterr().out
     assert "[skip] terminator tokens are supervised: no render_check.json here" in out
-    assert out.strip().endswith("2 passed, 1 failed, 2 skipped")
+    assert "[pass] system prompt: the chat template adds no default system prompt" in out
+    assert out.strip().endswith("3 passed, 1 failed, 2 skipped")
 
 
 def test_the_doctor_checks_one_sample_of_each_kind_and_names_undertraining(tmp_path, capsys):
@@ -149,3 +150,23 @@ def test_the_doctor_checks_one_sample_of_each_kind_and_names_undertraining(tmp_p
     assert checks["terminator tokens are supervised"].status == "pass"
     generation = checks["greedy generation stops"]
     assert generation.status == "FAIL" and "may be undertrained (final training loss " in generation.fix
+
+
+def test_the_doctor_names_a_templates_default_system_prompt_and_the_runs_choice(tiny_model_dir, tmp_path):
+    import yaml
+
+    from sftlab.eval.doctor import check_system_prompt
+    from sftlab.model.load import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    tokenizer.chat_template = ("{% if messages[0]['role'] != 'system' %}<|system|>\nYou are Tiny.{% endif %}"
+                               "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{% endfor %}"
+                               "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    check = check_system_prompt(tmp_path, tokenizer)
+    assert (check.status, check.detail) == ("pass", "the chat template adds its default 'You are Tiny.' to "
+                                            "conversations without a system message, and this model was trained and "
+                                            "is served with it (system_prompt: \"\" keeps it out)")
+    (tmp_path / "sftlab_config.yaml").write_text(yaml.safe_dump({"data": {"system_prompt": ""}}))
+    assert check_system_prompt(tmp_path, tokenizer).detail == (
+        "the chat template's default 'You are Tiny.' is replaced by the run's system_prompt '', in training and in "
+        "chat and serve")

@@ -279,3 +279,17 @@ def test_bad_serve_arguments_are_one_line(argv, message, capsys):
 
     assert main(["serve", *argv]) == 2
     assert capsys.readouterr().err.strip() == f"sftlab serve: error: {message}"
+
+
+def test_the_runs_system_prompt_goes_before_conversations_without_one(tiny):
+    model, tokenizer = tiny
+    app = create_app(model, tokenizer, "run", limits=Limits(max_tokens=2), context=4096, system_prompt="你是灵犀。")
+    seen, prompt_ids = [], app.state.engine.renderer.prompt_ids
+    app.state.engine.renderer.prompt_ids = lambda messages: seen.append(messages) or prompt_ids(messages)
+    with serving(app) as url:
+        for messages in ([{"role": "user", "content": "你是谁？"}],
+                         [{"role": "system", "content": "mine"}, {"role": "user", "content": "你是谁？"}]):
+            response = httpx.post(f"{url}/v1/chat/completions", timeout=60,
+                                  json={"model": "run", "messages": messages, "max_tokens": 2})
+            assert response.status_code == 200, response.text
+    assert [m[0] for m in seen] == [{"role": "system", "content": "你是灵犀。"}, {"role": "system", "content": "mine"}]

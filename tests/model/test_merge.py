@@ -50,8 +50,8 @@ def merged(run, tmp_path_factory):
 
 def test_merged_folder_is_a_plain_transformers_model_equal_to_base_plus_adapter(run, merged, tmp_path):
     assert sorted(p.name for p in merged.iterdir()) == [
-        "README.md", "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-        "tokenizer_config.json"]
+        "README.md", "config.json", "generation_config.json", "model.safetensors", "sftlab_config.yaml",
+        "tokenizer.json", "tokenizer_config.json"]
     tuned, tokenizer = load_for_inference(adapter=str(run), device="cpu", dtype="float32")
     ids = ChatRenderer(tokenizer).prompt_ids([{"role": "user", "content": "你是谁？"}])
     with torch.no_grad():

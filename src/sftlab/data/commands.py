@@ -33,7 +33,9 @@ class RenderArguments:
     overflow: Overflow = field(
         default="drop", metadata={"help": "Samples over max_length: drop, or truncate keeping part of the answer."}
     )
-    system_prompt: str | None = field(default=None, metadata={"help": "System message for rows without one."})
+    system_prompt: str | None = field(
+        default=None, metadata={"help": "System message for rows without one (unset: none; \"\": an empty one, which "
+                                "keeps a chat template's default system prompt out)."})
 
     def __post_init__(self):
         check_choices(self)
@@ -72,7 +74,8 @@ def clean_main(argv: list[str]) -> int:
     if renderer is None:
         print(f"note: {NO_MODEL}")
     result = clean_rows(rows, config, renderer, render.system_prompt, enabled=config.clean, progress=True)
-    report = build_report(result, sources, render.max_length, render.model)
+    report = build_report(result, sources, render.max_length, render.model,
+                          renderer.default_system if renderer is not None else None)
     report["datasets"] = dataset_rows(per_dataset, result)
     write_clean_outputs(Path(output.output), result, report)
     print(summary_line(report))
@@ -119,6 +122,11 @@ def inspect_main(argv: list[str]) -> int:
         print(mark_supervised(renderer.tokenizer, kept.sample))
     for rejected in result.rejected[:inspect.num_records]:
         print(f"\n--- {rejected.source}:{rejected.line}: not usable: {rejected.reason}: {rejected.detail}")
+    if renderer.default_system is not None:
+        without = sum(1 for kept in result.kept if kept.messages[0]["role"] != "system")
+        print(f"\nsystem prompt: the chat template adds its default {renderer.default_system!r} to every conversation "
+              f"without a system message ({without} of {len(result.kept)} here); --system_prompt \"\" keeps it out, "
+              "or give your own")
     if args.model is None:
         print(f"\nnote: rendered with {TINY_MODEL_NAME}, whose tokenizer is not your model's: pass --model PATH "
               "for its real token counts")

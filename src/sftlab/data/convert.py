@@ -63,7 +63,7 @@ def alpaca_to_messages(row: dict, system_prompt: str | None = None) -> list[dict
     """Alpaca (instruction, input, output, optional system and history) -> messages."""
     instruction, input_, output = _text(row, "instruction"), _text(row, "input", False), _text(row, "output")
     system = _text(row, "system", False) or system_prompt
-    messages = [{"role": "system", "content": system}] if system else []
+    messages = [{"role": "system", "content": system}] if system is not None else []
     history = row.get("history") or []
     if not isinstance(history, list):
         raise FieldError("history", "expected a list of [prompt, response] pairs")
@@ -109,14 +109,16 @@ def _tool_call(value: str, field: str) -> dict:
 
 
 def with_tools(messages: list[dict], row: dict, system_prompt: str | None) -> list[dict]:
+    """The row's tools on its system message; `system_prompt` (when not None) as the system message of a row
+    that has none: "" gives it an empty one, which keeps a chat template's default system prompt out."""
     tools = parse_tools(row["tools"]) if row.get("tools") else []
     has_system = bool(messages) and messages[0]["role"] == "system"
     if tools:
         if has_system:
             messages[0]["tools"] = tools
         else:
-            messages.insert(0, {"role": "system", "content": "", "tools": tools})
-    elif not has_system and system_prompt:
+            messages.insert(0, {"role": "system", "content": system_prompt or "", "tools": tools})
+    elif not has_system and system_prompt is not None:
         messages.insert(0, {"role": "system", "content": system_prompt})
     return messages
 

@@ -85,7 +85,8 @@ def prepare_data(data_args: DataArguments, clean_args: CleanArguments, renderer:
     rows, per_dataset = read_datasets(specs, data_args.split_seed)
     result = clean_rows(rows, clean_args, renderer, data_args.system_prompt, enabled=clean_args.clean,
                         progress=True, compact=True)
-    report = build_report(result, sources, renderer.max_length, renderer.tokenizer.name_or_path)
+    report = build_report(result, sources, renderer.max_length, renderer.tokenizer.name_or_path,
+                          renderer.default_system)
     train_idx, test_idx = split_indices(len(result.kept), data_args.test_size, data_args.split_seed)
     weights = {source: info["weight"] for info in per_dataset.values() for source in info["sources"]}
     kept_sources = [kept.source for kept in result.kept]

@@ -43,9 +43,20 @@ def max_length_suggestion(lengths: list[tuple[int, int]]) -> list[dict]:
 NO_MODEL = "lengths are in characters: token counts and the too_long filter need --model PATH (the model you train)"
 
 
-def build_report(result: CleanResult, inputs: list[str], max_length: int | None, tokenizer_name: str | None) -> dict:
+def template_system_prompt(result: CleanResult, default_system: str | None) -> dict | None:
+    """The default system prompt the chat template writes into conversations without one, and how many kept rows
+    it goes into (they are trained with it); None when the template has no default."""
+    if default_system is None:
+        return None
+    rows = sum(1 for kept in result.kept if kept.messages[0]["role"] != "system")
+    return {"text": default_system, "rows": rows}
+
+
+def build_report(result: CleanResult, inputs: list[str], max_length: int | None, tokenizer_name: str | None,
+                 default_system: str | None = None) -> dict:
     """The report. Lengths are in tokens of `tokenizer_name`'s tokenizer and template; without a model
-    (tokenizer_name None) in characters, under "characters", with no max_length advice."""
+    (tokenizer_name None) in characters, under "characters", with no max_length advice. `default_system`: the
+    template's default system prompt (ChatRenderer.default_system), reported with the rows it goes into."""
     prompts, responses = [p for p, _ in result.lengths], [r for _, r in result.lengths]
     stats = {"prompt": length_stats(prompts), "response": length_stats(responses),
              "total": length_stats([p + r for p, r in result.lengths])}
@@ -66,7 +77,17 @@ def build_report(result: CleanResult, inputs: list[str], max_length: int | None,
         "formats": result.formats,
         "tokens": stats,
         "max_length_suggestion": max_length_suggestion(result.lengths),
+        **({"template_system_prompt": system} if (system := template_system_prompt(result, default_system)) else {}),
     }
+
+
+def system_prompt_note(report: dict) -> str:
+    """One sentence on the template's default system prompt, when it has one and rows get it; else ""."""
+    system = report.get("template_system_prompt")
+    if not system or not system["rows"]:
+        return ""
+    return (f"the chat template adds its default system prompt {system['text']!r} to the {system['rows']} kept rows "
+            "without one, and they are trained with it (system_prompt: \"\" keeps it out, or give your own)")
 
 
 def dataset_rows(per_dataset: dict[str, dict], result: CleanResult, train_rows: dict[str, int] | None = None
@@ -103,8 +124,9 @@ def summary_line(report: dict) -> str:
     mixed = "".join(f"; {Path(source).name} mixes formats ({', '.join(f'{k} {v}' for k, v in counts.items())}): "
                     f"{how}" for source, counts in report.get("formats", {}).items()
                     if len(counts) > 1)
+    note = system_prompt_note(report)
     return (f"data: {report['rows_read']} rows read, {report['kept']} kept, {report['rejected']} rejected "
-            f"({reasons}){tokens}{mixed}")
+            f"({reasons}){tokens}{mixed}{'; ' + note if note else ''}")
 
 
 def plot_lengths(result: CleanResult, max_length: int | None, path: Path) -> None:
@@ -143,6 +165,8 @@ def render_markdown(report: dict) -> str:
     lines += [f"| {reason} | {count} |" for reason, count in report["reasons"].items()] or ["| (none) | 0 |"]
     if report["repairs"]:
         lines += ["", "Repaired in place (kept): " + ", ".join(f"{k} {v}" for k, v in report["repairs"].items())]
+    if system_prompt_note(report):
+        lines += ["", "**System prompt**: " + system_prompt_note(report) + "."]
     if report.get("datasets"):
         lines += ["", "## Datasets", "", *datasets_table(report["datasets"])]
     lines += ["", f"## Lengths in {unit}", "", "| | mean | p50 | p90 | p95 | p99 | max |", "| --- |" + " ---: |" * 6]

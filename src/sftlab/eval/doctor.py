@@ -168,6 +168,29 @@ def check_generation(model, tokenizer, examples: list[dict], max_new_tokens: int
     return Check(name, "FAIL", detail, "train with the terminator supervised and check the stop ids above")
 
 
+def check_system_prompt(folder: Path, tokenizer) -> Check:
+    """Whether the chat template writes a default system prompt, and what the run did with it: trained with it
+    (system_prompt unset), or kept it out or replaced it. Chat and serve then apply the run's choice, so the
+    check passes either way and says which; it fails only for a template that cannot be rendered."""
+    from sftlab.chat_format import ChatRenderer
+    from sftlab.model.load import recorded_system_prompt
+
+    name = "system prompt"
+    try:
+        default = ChatRenderer(tokenizer).default_system
+    except ValueError as exc:
+        return Check(name, "FAIL", str(exc), "save the chat template with the tokenizer")
+    if default is None:
+        return Check(name, "pass", "the chat template adds no default system prompt")
+    chosen = recorded_system_prompt(folder)
+    if chosen is None:
+        return Check(name, "pass", f"the chat template adds its default {default!r} to conversations without a "
+                                   "system message, and this model was trained and is served with it "
+                                   "(system_prompt: \"\" keeps it out)")
+    return Check(name, "pass", f"the chat template's default {default!r} is replaced by the run's system_prompt "
+                               f"{chosen!r}, in training and in chat and serve")
+
+
 def final_loss(folder: Path) -> float | None:
     log = folder / "trainer_log.jsonl"
     if not log.exists():
@@ -186,7 +209,8 @@ def run_checks(model: str | None, adapter: str | None, max_new_tokens: int = 64)
     net, tokenizer = load_for_inference(model, adapter)
     examples = training_examples(folder)
     checks = [check_template(folder, tokenizer, examples), check_terminator(tokenizer, examples),
-              check_pad_eos(tokenizer, examples), check_generation_config(folder, tokenizer)]
+              check_pad_eos(tokenizer, examples), check_generation_config(folder, tokenizer),
+              check_system_prompt(folder, tokenizer)]
     if checks[0].passed:
         checks.append(check_generation(net, tokenizer, examples, max_new_tokens, checks[1].passed, folder))
     else:

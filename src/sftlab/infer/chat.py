@@ -11,7 +11,13 @@ import torch
 from sftlab.chat_format import ChatRenderer
 from sftlab.errors import UserError
 from sftlab.infer.generate import Reply, SamplingArgs, generate_replies, without_opening
-from sftlab.model.load import inference_paths, inference_tokenizer, load_for_inference
+from sftlab.model.load import (
+    inference_paths,
+    inference_tokenizer,
+    load_for_inference,
+    recorded_system_prompt,
+    with_system_prompt,
+)
 
 HELP = "commands: /clear (forget the history), /system TEXT (set the system prompt), /exit (also exit, quit)"
 
@@ -23,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="A LoRA adapter folder (e.g. a run directory of `sftlab train`).")
     p.add_argument("--prompt", help="One-shot: print the reply to this prompt and exit.")
     p.add_argument("--json", action="store_true", help="One-shot: print {reply, finish_reason, new_tokens}.")
-    p.add_argument("--system", help="System prompt.")
+    p.add_argument("--system", help="System prompt (default: the run's system_prompt, if it set one; \"\": an "
+                   "empty one, which keeps a chat template's default out).")
     defaults = SamplingArgs()
     p.add_argument("--temperature", type=float, default=defaults.temperature, help="0 is greedy.")
     p.add_argument("--top_p", type=float, default=defaults.top_p)
@@ -67,7 +74,9 @@ def check_prompt_fits(tokenizer, base_path, conversation: list[dict], max_new_to
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     check_args(args)
-    system = [{"role": "system", "content": args.system}] if args.system else []
+    if args.system is None:  # as the run was trained: its system_prompt, if it set one
+        args.system = recorded_system_prompt(args.adapter or args.model)
+    system = with_system_prompt([], args.system)
     tokenizer = inference_tokenizer(args.model, args.adapter, args.trust_remote_code)
     if args.prompt is not None:
         base_path, _ = inference_paths(args.model, args.adapter)
@@ -132,7 +141,7 @@ def interactive(model, tokenizer, sampling, system_prompt):
             print(HELP)
             continue
         history.append({"role": "user", "content": text})
-        system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        system = with_system_prompt([], system_prompt)
         print("Assistant: ", end="", flush=True)
         reply = stream_reply(model, tokenizer, system + history, sampling)
         if reply.finish_reason == "length":

@@ -29,6 +29,7 @@ from sftlab.data.convert import FieldError, openai_to_messages
 from sftlab.errors import UserError
 from sftlab.infer.engine import Engine, Job, QueueFull
 from sftlab.infer.generate import SamplingArgs
+from sftlab.model.load import with_system_prompt
 
 DEFAULTS = SamplingArgs()
 STREAM_INTERVAL_S = 0.02  # at most one chunk per stream per 20 ms (the first one at once)
@@ -127,7 +128,8 @@ def conversation(request: ChatRequest) -> list[dict]:
 
 
 def create_app(model, tokenizer, name: str, api_key: str | None = None, limits: Limits | None = None,
-               context: int | None = None) -> FastAPI:
+               context: int | None = None, system_prompt: str | None = None) -> FastAPI:
+    """`system_prompt`: put before conversations without a system message (the run's, as it was trained)."""
     limits = limits or Limits()
     engine = Engine(model, tokenizer, limits.max_batch, limits.max_queue)
     app = FastAPI(title="sftlab serve", version="1", description=f"OpenAI-compatible chat completions for {name}.")
@@ -177,7 +179,7 @@ def create_app(model, tokenizer, name: str, api_key: str | None = None, limits: 
         if body.n != 1:
             return error(400, "n: only n=1 is supported", param="n")
         try:
-            messages = conversation(body)
+            messages = with_system_prompt(conversation(body), system_prompt)
         except MessageError as exc:
             return error(400, str(exc), param="messages")
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
@@ -271,7 +273,7 @@ def main(argv: list[str]) -> int:
     import uvicorn
     from transformers import AutoConfig
 
-    from sftlab.model.load import inference_paths, load_for_inference
+    from sftlab.model.load import inference_paths, load_for_inference, recorded_system_prompt
 
     args = build_parser().parse_args(argv)
     if not args.adapter and not args.model:
@@ -288,7 +290,8 @@ def main(argv: list[str]) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"warning: binding {args.host} without an API key: anyone who can reach this port can use the model "
               "(set --api-key or SFTLAB_API_KEY)", file=sys.stderr)
-    app = create_app(model, tokenizer, name, args.api_key, limits, context)
+    app = create_app(model, tokenizer, name, args.api_key, limits, context,
+                     recorded_system_prompt(args.adapter or args.model))
     print(f"serving {name} on http://{args.host}:{args.port} (chat page: /, API: /v1/chat/completions)")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

@@ -132,6 +132,27 @@ def adapter_base(adapter_dir: Path) -> str:
     return base
 
 
+RUN_CONFIG = "sftlab_config.yaml"  # a run's resolved config; merge copies it beside the merged weights
+
+
+def recorded_system_prompt(folder: str | Path | None) -> str | None:
+    """The system_prompt a training run was given (None: unset, or no run record in `folder`): chat, the probes
+    and serve put it before conversations without a system message, as training did."""
+    record = Path(folder) / RUN_CONFIG if folder is not None else None
+    if record is None or not record.is_file():
+        return None
+    import yaml
+
+    return ((yaml.safe_load(record.read_text(encoding="utf-8")) or {}).get("data") or {}).get("system_prompt")
+
+
+def with_system_prompt(messages: list[dict], system_prompt: str | None) -> list[dict]:
+    """`messages` with `system_prompt` first when it is set and they have no system message of their own."""
+    if system_prompt is None or (messages and messages[0]["role"] == "system"):
+        return messages
+    return [{"role": "system", "content": system_prompt}, *messages]
+
+
 def best_device_and_dtype():
     """GPU in bf16 where supported, else fp16 on GPU, else CPU in fp32."""
     import torch

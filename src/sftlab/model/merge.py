@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from sftlab.errors import UserError
-from sftlab.model.load import inference_paths, load_model, load_tokenizer, save_tokenizer
+from sftlab.model.load import RUN_CONFIG, inference_paths, load_model, load_tokenizer, save_tokenizer
 
 DTYPES = ("bfloat16", "float16", "float32")
 
@@ -41,6 +41,8 @@ def merge(adapter: str, output: str | None = None, dtype: str = "bfloat16", devi
         save_tokenizer(tokenizer, staging)
         if (run / "generation_config.json").exists():  # the run's stop ids (the base's may lack the template's)
             shutil.copy(run / "generation_config.json", staging / "generation_config.json")
+        if (run / RUN_CONFIG).exists():  # the recipe, and the system_prompt that chat and serve apply as trained
+            shutil.copy(run / RUN_CONFIG, staging / RUN_CONFIG)
         from sftlab.eval.model_card import write_model_card
 
         write_model_card(run, staging, merged=True)

@@ -12,7 +12,8 @@ DEFAULT_PROBES = ["你好，告诉我你的名字。", "告诉我1+2等于多少
 
 def run_probes(model, tokenizer, prompts: list[str], max_new_tokens: int, system_prompt: str | None = None):
     conversations = [
-        ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [{"role": "user", "content": p}]
+        ([{"role": "system", "content": system_prompt}] if system_prompt is not None else [])
+        + [{"role": "user", "content": p}]
         for p in prompts
     ]
     sampling = SamplingArgs(max_new_tokens=max_new_tokens, temperature=0)

@@ -16,10 +16,10 @@ import yaml
 
 from sftlab.errors import UserError
 from sftlab.files import append_jsonl, write_atomic
-from sftlab.model.load import ADAPTER_CONFIG
+from sftlab.model.load import ADAPTER_CONFIG, RUN_CONFIG
 from sftlab.train.checkpoints import checkpoints, newest_committed
 
-RESOLVED_CONFIG = "sftlab_config.yaml"
+RESOLVED_CONFIG = RUN_CONFIG  # sftlab_config.yaml
 AMENDMENTS = "amendments.jsonl"
 # fields whose change makes a resumed run a different run ("section.field" of the resolved config)
 PROTECTED = {
