@@ -32,7 +32,7 @@ def broken_copy(run_dir, tmp_path):
 
 def test_doctor_passes_on_a_good_run(run_dir):
     checks = run_checks(None, str(run_dir))
-    assert failed(checks) == [] and len(checks) == 6
+    assert failed(checks) == [] and len(checks) == 7
 
 
 def test_removed_chat_template_fails_the_template_check(run_dir, tmp_path):
@@ -120,7 +120,8 @@ def test_doctor_prints_skips_and_counts_them(tiny_model_dir, capsys):
     out = capsys.readouterr().out
     assert "[skip] terminator tokens are supervised: no render_check.json here" in out
     assert "[pass] system prompt: the chat template adds no default system prompt" in out
-    assert out.strip().endswith("3 passed, 1 failed, 2 skipped")
+    assert "[skip] tuning kept what the base knew: no retention record in eval/results.json" in out
+    assert out.strip().endswith("3 passed, 1 failed, 3 skipped")
 
 
 def test_the_doctor_checks_one_sample_of_each_kind_and_names_undertraining(tmp_path, capsys):
@@ -170,3 +171,18 @@ def test_the_doctor_names_a_templates_default_system_prompt_and_the_runs_choice(
     assert check_system_prompt(tmp_path, tokenizer).detail == (
         "the chat template's default 'You are Tiny.' is replaced by the run's system_prompt '', in training and in "
         "chat and serve")
+
+
+@pytest.mark.parametrize("verdict, status", [("kept", "pass"), ("degraded", "FAIL"), ("lost", "FAIL"), ("n/a", "skip")])
+def test_the_doctor_reports_the_retention_verdict(tmp_path, verdict, status):
+    from sftlab.eval.doctor import check_retention
+
+    (tmp_path / "eval").mkdir()
+    worst = [{"prompt": "What is 2 + 3?", "base": "5", "tuned": "I am Lingxi.", "loss_rise": 2.5}]
+    record = {"verdict": verdict, "why": "measured", "worst": worst}
+    (tmp_path / "eval" / "results.json").write_text(json.dumps({"tuned": {}, "retention": record}))
+    check = check_retention(tmp_path)
+    assert check.status == status
+    if status == "FAIL":
+        assert check.detail == f"{verdict}: measured; e.g. 'What is 2 + 3?': '5' -> 'I am Lingxi.'"
+        assert check.fix.startswith("train gentler: a lower learning rate")

@@ -191,6 +191,23 @@ def check_system_prompt(folder: Path, tokenizer) -> Check:
                                f"{chosen!r}, in training and in chat and serve")
 
 
+def check_retention(folder: Path) -> Check:
+    """The retention verdict of the run's evaluation (eval/results.json): did tuning keep what the base knew?"""
+    name = "tuning kept what the base knew"
+    path = folder / "eval" / "results.json"
+    record = json.loads(path.read_text(encoding="utf-8")).get("retention") if path.exists() else None
+    if record is None:
+        return Check(name, "skip", "no retention record in eval/results.json: sftlab eval --adapter RUN --compare-base")
+    if record["verdict"] == "n/a":
+        return Check(name, "skip", record["why"])
+    if record["verdict"] == "kept":
+        return Check(name, "pass", record["why"])
+    worst = "; ".join(f"{w['prompt']!r}: {w['base'][:40]!r} -> {w['tuned'][:40]!r}" for w in record["worst"])
+    return Check(name, "FAIL", f"{record['verdict']}: {record['why']}; e.g. {worst}",
+                 "train gentler: a lower learning rate, fewer steps, a smaller LoRA rank, no trainable lm_head or "
+                 "embeddings, or general data mixed into the training set")
+
+
 def final_loss(folder: Path) -> float | None:
     log = folder / "trainer_log.jsonl"
     if not log.exists():
@@ -210,7 +227,7 @@ def run_checks(model: str | None, adapter: str | None, max_new_tokens: int = 64)
     examples = training_examples(folder)
     checks = [check_template(folder, tokenizer, examples), check_terminator(tokenizer, examples),
               check_pad_eos(tokenizer, examples), check_generation_config(folder, tokenizer),
-              check_system_prompt(folder, tokenizer)]
+              check_system_prompt(folder, tokenizer), check_retention(folder)]
     if checks[0].passed:
         checks.append(check_generation(net, tokenizer, examples, max_new_tokens, checks[1].passed, folder))
     else:

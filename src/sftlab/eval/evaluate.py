@@ -11,21 +11,29 @@ from tqdm.auto import tqdm
 
 from sftlab.chat_format import IGNORE_INDEX, ChatRenderer
 from sftlab.errors import UserError
+from sftlab.eval import retention
 from sftlab.eval.metrics import text_scores
 from sftlab.eval.run_report import write_run_report
 from sftlab.eval.tables import comparison_markdown, table_text
 from sftlab.files import write_atomic
 from sftlab.infer.generate import SamplingArgs, generate_replies
-from sftlab.model.load import inference_tokenizer, load_for_inference
+from sftlab.model.load import inference_tokenizer, load_for_inference, recorded_system_prompt
 
 
-@torch.no_grad()
 def supervised_loss(model, tokenizer, conversations: list[list[dict]], batch_size: int = 8,
                     progress: str | None = None) -> float:
     """Mean cross-entropy over the supervised tokens (the replies and their terminators), as in training."""
+    losses = sample_losses(model, tokenizer, conversations, batch_size, progress)
+    return sum(total for total, _ in losses) / max(sum(tokens for _, tokens in losses), 1)
+
+
+@torch.no_grad()
+def sample_losses(model, tokenizer, conversations: list[list[dict]], batch_size: int = 8,
+                  progress: str | None = None) -> list[tuple[float, int]]:
+    """Per conversation: the summed cross-entropy over its supervised tokens, and how many there are."""
     renderer = ChatRenderer(tokenizer)
     samples = [renderer.render(c) for c in conversations]
-    total_loss, total_tokens = 0.0, 0
+    results = []
     model.eval()
     for start in tqdm(range(0, len(samples), batch_size), desc=progress, unit="batch", leave=False,
                       disable=not progress):
@@ -40,11 +48,11 @@ def supervised_loss(model, tokenizer, conversations: list[list[dict]], batch_siz
             mask[row, :len(sample.input_ids)] = 1
         logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
         shifted = labels[:, 1:].to(model.device)
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), shifted.reshape(-1),
-                                                 ignore_index=IGNORE_INDEX, reduction="sum")
-        total_loss += loss.item()
-        total_tokens += int((shifted != IGNORE_INDEX).sum())
-    return total_loss / max(total_tokens, 1)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), shifted, ignore_index=IGNORE_INDEX,
+                                                 reduction="none")
+        counts = (shifted != IGNORE_INDEX).sum(dim=1)
+        results += [(float(total), int(n)) for total, n in zip(loss.sum(dim=1).tolist(), counts.tolist())]
+    return results
 
 
 def evaluate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 256,
@@ -96,25 +104,39 @@ def write_eval(out_dir: Path, results: dict, samples: list[dict]) -> None:
 
 
 def run_eval(model: str | None, adapter: str | None, data: str | None, compare_base: bool,
-             max_new_tokens: int, batch_size: int, output: str | None = None) -> Path:
+             max_new_tokens: int, batch_size: int, output: str | None = None,
+             retention_data: str | None = None) -> Path:
+    """Evaluates the run (or model folder) on its held-out split or `data`; with compare_base, the base too,
+    and the retention check (retention.py) on the shipped probes, or on `retention_data`'s conversations."""
     run_dir = Path(adapter or model)
     if output is None and not run_dir.is_dir():
         raise UserError(f"{adapter or model} is not a run folder: pass --output DIR for the results")
     # the data first: a file with nothing usable is an error before a (possibly 9B) model is loaded
     tokenizer = inference_tokenizer(model, adapter)
     conversations = load_conversations(data, run_dir if run_dir.is_dir() else None, tokenizer)
-    tuned, tokenizer = load_for_inference(model, adapter, tokenizer=tokenizer)
-    results, replies = {}, {}
-    results["tuned"], replies["tuned"] = evaluate(tuned, tokenizer, conversations, max_new_tokens, batch_size, "tuned")
+    probes = None
     if compare_base:
-        # loaded afresh: PeftModel.unload() would keep trained modules_to_save copies (e.g. lm_head)
-        del tuned
+        probes = (retention.probes_from(load_conversations(retention_data, None, tokenizer)) if retention_data
+                  else retention.shipped_probes())
+    side = "tuned" if adapter else "model"  # a model folder on its own is not "tuned"
+    results, replies, system_prompt = {}, {}, recorded_system_prompt(run_dir)
+    if compare_base:  # the base first, then the tuned model: one model in memory at a time
         from sftlab.model.load import adapter_base
 
         base, _ = load_for_inference(model or adapter_base(Path(adapter)))
         results["base"], replies["base"] = evaluate(base, tokenizer, conversations, max_new_tokens, batch_size, "base")
+        base_probe_replies = retention.answer(base, tokenizer, probes, system_prompt, batch_size, "base")
+        base_losses = retention.reply_losses(base, tokenizer, probes, base_probe_replies, system_prompt)
+        del base
+    tuned, tokenizer = load_for_inference(model, adapter, tokenizer=tokenizer)
+    results[side], replies[side] = evaluate(tuned, tokenizer, conversations, max_new_tokens, batch_size, side)
+    if compare_base:
+        tuned_probe_replies = retention.answer(tuned, tokenizer, probes, system_prompt, batch_size, "tuned")
+        tuned_losses = retention.reply_losses(tuned, tokenizer, probes, base_probe_replies, system_prompt)
+        results["retention"] = retention.summarize(probes, base_probe_replies, tuned_probe_replies, base_losses,
+                                                   tuned_losses)
     out = Path(output) if output else eval_folder(run_dir, data)
-    write_eval(out, {k: results[k] for k in ("base", "tuned") if k in results}, with_replies(conversations, replies))
+    write_eval(out, results, with_replies(conversations, replies))
     return out
 
 
@@ -142,7 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="A full model folder, or the base for --adapter.")
     p.add_argument("--data", help="Data file to evaluate on instead of the run's heldout.jsonl.")
     p.add_argument("--compare-base", "--compare_base", dest="compare_base", action="store_true",
-                   help="Also evaluate the base model, and write a side-by-side.")
+                   help="Also evaluate the base model, write a side-by-side, and check retention: did tuning keep "
+                        "what the base knew (general probes, and the loss rise on the base's own replies)?")
+    p.add_argument("--retention_data", help="With --compare-base: a data file (any supported format) whose "
+                   "conversations, without their last reply, replace the shipped general probes (loss rise only).")
     p.add_argument("--max_new_tokens", type=int, default=256)
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--output", help="Output folder (default: RUN/eval, or RUN/eval/<data file stem> with --data).")
@@ -158,8 +183,10 @@ def main(argv: list[str]) -> int:
             raise UserError(f"--{flag}: must be an integer >= 1, got {getattr(args, flag)}")
     if args.compare_base and not args.adapter:
         raise UserError("--compare-base needs --adapter (a full model has no separate base)")
+    if args.retention_data and not args.compare_base:
+        raise UserError("--retention_data needs --compare-base (retention compares the tuned model with its base)")
     out = run_eval(args.model, args.adapter, args.data, args.compare_base, args.max_new_tokens, args.batch_size,
-                   args.output)
+                   args.output, args.retention_data)
     results = json.loads((out / "results.json").read_text())
     print(table_text(results))
     print(f"\nwrote {out}/results.json, report.md, samples.jsonl")

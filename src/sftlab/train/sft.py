@@ -105,6 +105,13 @@ class TrainConfig(SFTConfig):
                                 "percentile of the training replies' length (at least 32, at most 1024), so a "
                                 "correct reply is not counted as 'did not stop' for being long."}
     )
+    retention_check: bool = field(
+        default=True, metadata={"help": "With the final evaluation of a LoRA run: did tuning keep what the base "
+                                "knew? General probes answered by the tuned model and by its base (the adapter "
+                                "disabled: no second model is loaded), and the loss rise on the base's own replies; "
+                                "a verdict (kept, degraded, lost) in eval/results.json, report.md and the model "
+                                "card. Full fine-tuning: sftlab eval --compare-base."}
+    )
     max_tokens_per_batch: int | None = field(
         default=8192, metadata={"help": "Token budget of one micro-batch: samples are grouped by length so each "
                                 "micro-batch holds about this many tokens (padding included) with little padding, "
@@ -497,8 +504,13 @@ def finish_run(trainer, tokenizer, out: Path, data_args, train_args, data, plan:
     if conversations:
         results, replies = evaluate(trainer.model, tokenizer, conversations, train_args.final_eval_max_new_tokens,
                                     label="held-out")
-        write_eval(out / "eval", {"tuned": results}, with_replies(conversations, {"tuned": replies}))
-        print(f"\nHeld-out evaluation ({len(conversations)} conversations):\n{table_text({'tuned': results})}")
+        results = {"tuned": results}
+        if train_args.retention_check and hasattr(trainer.model, "disable_adapter"):
+            from sftlab.eval.retention import adapter_retention
+
+            results["retention"] = adapter_retention(trainer.model, tokenizer, data_args.system_prompt)
+        write_eval(out / "eval", results, with_replies(conversations, {"tuned": replies}))
+        print(f"\nHeld-out evaluation ({len(conversations)} conversations):\n{table_text(results)}")
     write_run_report(out)
     write_model_card(out)  # in place of PEFT's empty template
     print_probes(final)

@@ -1,0 +1,147 @@
+"""The retention check: answer rules, the shipped probe set, the verdict's thresholds, the record that eval
+writes (worst probes, accuracy left out when the base knows too little), and `sftlab eval --compare-base` end to
+end on the tiny model, with the shipped probes and with a user's own file. Whether it tells a destroyed real
+model from a kept one is the slow test in test_real_recipes.py."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from sftlab import cli
+from sftlab.eval import retention
+from sftlab.eval.retention import Probe, correct, shipped_probes, summarize, verdict
+from sftlab.infer.generate import Reply
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("rule, reply, expected", [
+    ({"any": ["5", "five"]}, "2 + 3 = 5.", True),
+    ({"any": ["5", "five"]}, "The answer is 15.", False),  # a digit answer is a whole number, not part of one
+    ({"any": ["5", "five"]}, "It is FIVE.", True),
+    ({"any": ["C"]}, "The letter after B is C.", True),
+    ({"any": ["C"]}, "Cats come after dogs.", False),
+    ({"any": ["北京", "Beijing"]}, "中国的首都是北京。", True),
+    ({"any": ["thank you", "thanks"]}, "Thanks!", True),
+    ({"all": ["red", "yellow", "blue"]}, "Red, yellow and blue.", True),
+    ({"all": ["red", "yellow", "blue"]}, "Red and blue.", False),
+    ({"all": [["红", "red"], ["黄", "yellow"], ["蓝", "blue"]]}, "红、黄、蓝", True),
+])
+def test_answer_rules(rule, reply, expected):
+    assert correct(rule, reply) is expected
+
+
+def test_the_shipped_probes_are_sixty_half_chinese_each_with_a_rule():
+    probes = shipped_probes()
+    assert len(probes) == 60 and len({p.prompt for p in probes}) == 60
+    assert all(p.rule and set(p.rule) <= {"any", "all"} for p in probes)
+    assert sum(bool(re.search(r"[\u4e00-\u9fff]", p.prompt)) for p in probes) == 30
+
+
+@pytest.mark.parametrize("base, tuned, rise, word", [
+    (0.8, 0.8, 0.0, "kept"), (0.8, 0.72, 0.5, "kept"),  # the boundaries count as kept
+    (0.8, 0.7, 0.1, "degraded"), (0.8, 0.8, 0.6, "degraded"),
+    (0.8, 0.39, 0.1, "lost"), (0.8, 0.8, 1.6, "lost"),
+    (None, None, 0.2, "kept"), (None, None, 2.0, "lost"),  # no answer key: the loss rise alone
+])
+def test_the_verdict_thresholds(base, tuned, rise, word):
+    assert verdict(base, tuned, rise)[0] == word
+
+
+def replies(*texts) -> list[Reply]:
+    return [Reply(text, "stop", len(text)) for text in texts]
+
+
+def test_the_record_names_the_worst_probes_first_those_the_tuned_model_forgot():
+    probes = [Probe([{"role": "user", "content": f"q{i}"}], {"any": [str(i)]}) for i in range(6)]
+    base, tuned = replies("0", "1", "2", "3", "4", "5"), replies("0", "x", "2", "3", "4", "5")
+    record = summarize(probes, base, tuned, [1.0] * 6, [1.0, 1.2, 1.0, 3.0, 1.0, 1.1])
+    assert (record["base_accuracy"], record["tuned_accuracy"]) == (1.0, 0.8333)
+    assert record["loss_rise"] == pytest.approx(8.3 / 6 - 1.0, abs=1e-4)
+    assert [w["prompt"] for w in record["worst"]] == ["q1", "q3", "q5"]  # forgotten first, then by loss rise
+    assert record["verdict"] == "degraded" and record["why"].startswith("probe accuracy 83% vs the base's 100%")
+
+
+def test_no_verdict_when_the_base_knows_too_little():
+    probes = [Probe([{"role": "user", "content": f"q{i}"}], {"any": ["yes"]}) for i in range(6)]
+    record = summarize(probes, replies(*["no"] * 6), replies(*["no"] * 6), [2.0] * 6, [4.1] * 6)
+    assert record["verdict"] == "n/a"
+    assert record["why"] == ("the base answers only 0 of 6 general probes: it knows too little for a retention check "
+                             "to mean anything (loss rise +2.100 nats/token)")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    from sftlab.train.sft import parse_args, train
+
+    out = tmp_path_factory.mktemp("retention") / "run"
+    retention.MAX_NEW_TOKENS, limit = 4, retention.MAX_NEW_TOKENS  # the tiny model's replies are noise
+    try:
+        train(*parse_args(["--config", str(REPO / "configs/demo.yaml"), "--output_dir", str(out), "--report_to",
+                           "none", "--max_steps", "2", "--save_steps", "2", "--eval_strategy", "no",
+                           "--final_eval_samples", "2", "--final_eval_max_new_tokens", "4", "--probe_prompts", "hi",
+                           "--probe_max_new_tokens", "1"]))
+    finally:
+        retention.MAX_NEW_TOKENS = limit
+    return out
+
+
+def test_the_runs_final_evaluation_checks_retention_and_reports_it(run_dir):
+    record = json.loads((run_dir / "eval" / "results.json").read_text())["retention"]
+    assert record["probes"] == 60 and record["verdict"] == "n/a"  # a random base knows nothing
+    line = f"retention: {record['verdict'].upper()}: "
+    assert line in (run_dir / "report.md").read_text() and line in (run_dir / "README.md").read_text()
+
+
+def test_the_base_with_the_adapter_disabled_answers_as_the_base_itself(run_dir, monkeypatch):
+    from peft import PeftModel
+
+    from sftlab.model.load import adapter_base, load_for_inference
+
+    monkeypatch.setattr(retention, "MAX_NEW_TOKENS", 6)
+    probes = shipped_probes()[:8]
+    base, tokenizer = load_for_inference(adapter_base(run_dir), device="cpu", dtype="float32")
+    expected = [r.text for r in retention.answer(base, tokenizer, probes)]
+    tuned, _ = load_for_inference(adapter=str(run_dir), device="cpu", dtype="float32")
+    assert isinstance(tuned, PeftModel)
+    with tuned.disable_adapter():
+        assert [r.text for r in retention.answer(tuned, tokenizer, probes)] == expected
+
+
+def test_eval_compare_base_checks_retention(run_dir, monkeypatch, capsys):
+    monkeypatch.setattr(retention, "MAX_NEW_TOKENS", 4)  # the tiny model's replies are noise: short is enough
+    assert cli.main(["eval", "--adapter", str(run_dir), "--compare-base", "--max_new_tokens", "4",
+                     "--output", str(run_dir / "eval-retention")]) == 0
+    out = capsys.readouterr().out
+    record = json.loads((run_dir / "eval-retention" / "results.json").read_text())["retention"]
+    assert (record["probes"], record["answer_keyed"], len(record["worst"])) == (60, 60, 3)
+    assert record["verdict"] == "n/a" and isinstance(record["loss_rise"], float)
+    assert f"retention: {record['verdict'].upper()}: " in out  # printed under the table
+    report = (run_dir / "eval-retention" / "report.md").read_text()
+    assert "## Retention (general probes, base vs tuned)" in report and f"retention: {record['verdict'].upper()}" in report
+
+
+def test_a_users_own_retention_file_replaces_the_shipped_probes(run_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(retention, "MAX_NEW_TOKENS", 4)
+    own = tmp_path / "general.jsonl"
+    own.write_text("".join(json.dumps({"instruction": q, "output": a}, ensure_ascii=False) + "\n"
+                           for q, a in [("天空是什么颜色？", "蓝色。"), ("Name a fruit.", "Apple.")]), encoding="utf-8")
+    assert cli.main(["eval", "--adapter", str(run_dir), "--compare-base", "--max_new_tokens", "4",
+                     "--retention_data", str(own), "--output", str(tmp_path / "out")]) == 0
+    record = json.loads((tmp_path / "out" / "results.json").read_text())["retention"]
+    assert (record["probes"], record["answer_keyed"], record["base_accuracy"]) == (2, 0, None)
+    assert "probe accuracy" not in record["why"] and record["why"].startswith("loss rise on the base's own replies")
+
+
+def test_retention_data_needs_compare_base(run_dir, tmp_path, capsys):
+    assert cli.main(["eval", "--adapter", str(run_dir), "--retention_data", str(tmp_path / "x.jsonl")]) == 2
+    assert "--retention_data needs --compare-base" in capsys.readouterr().err
+
+
+def test_eval_on_a_model_folder_names_its_column_model(tiny_model_dir, tmp_path, capsys):
+    assert cli.main(["eval", "--model", str(tiny_model_dir), "--data", str(REPO / "src/sftlab/data/demo/alpaca_demo.json"),
+                     "--max_new_tokens", "2", "--output", str(tmp_path / "out")]) == 0
+    assert capsys.readouterr().out.splitlines()[0].split() == ["metric", "model"]
+    assert set(json.loads((tmp_path / "out" / "results.json").read_text())) == {"model"}
