@@ -121,7 +121,7 @@ def test_eval_on_a_data_file_with_a_model_name_needs_an_output(tmp_path, capsys)
     assert result.returncode == 0, result.stderr
     assert "eval: 1 of 2 rows left out: {'empty_instruction': 1}" in result.stdout
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
-    assert list(results) == ["tuned"] and results["tuned"]["n"] == 1 and results["tuned"]["mean_new_tokens"] == 4
+    assert list(results) == ["model"] and results["model"]["n"] == 1 and results["model"]["mean_new_tokens"] == 4
 
 
 def test_data_clean_takes_a_yaml_config_flags_win_and_choices_come_from_one_place(tmp_path, capsys):

@@ -58,7 +58,8 @@ def test_demo_run_report_and_before_after_evaluation(demo_run):
     eval_dir = run_eval(None, str(out), None, compare_base=True, max_new_tokens=48, batch_size=16)
     results = json.loads((eval_dir / "results.json").read_text())
     keys = {"eval_loss", "perplexity", "rouge_1", "rouge_2", "rouge_l", "bleu_4", "stop_rate", "mean_new_tokens", "n"}
-    assert set(results) == {"base", "tuned"} and keys <= set(results["base"]) and keys <= set(results["tuned"])
+    assert set(results) == {"base", "tuned", "retention"} and keys <= set(results["base"]) and keys <= set(results["tuned"])
+    assert results["retention"]["verdict"] == "n/a"  # a randomly initialised base knows nothing to keep
     assert results["tuned"]["rouge_l"] > results["base"]["rouge_l"]
     assert results["tuned"]["stop_rate"] > results["base"]["stop_rate"] and results["tuned"]["stop_rate"] >= 0.9
     assert results["tuned"]["eval_loss"] < results["base"]["eval_loss"]

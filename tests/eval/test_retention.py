@@ -40,14 +40,17 @@ def test_the_shipped_probes_are_sixty_half_chinese_each_with_a_rule():
     assert sum(bool(re.search(r"[\u4e00-\u9fff]", p.prompt)) for p in probes) == 30
 
 
-@pytest.mark.parametrize("base, tuned, rise, word", [
-    (0.8, 0.8, 0.0, "kept"), (0.8, 0.72, 0.5, "kept"),  # the boundaries count as kept
-    (0.8, 0.7, 0.1, "degraded"), (0.8, 0.8, 0.6, "degraded"),
-    (0.8, 0.39, 0.1, "lost"), (0.8, 0.8, 1.6, "lost"),
-    (None, None, 0.2, "kept"), (None, None, 2.0, "lost"),  # no answer key: the loss rise alone
+@pytest.mark.parametrize("retained, rise, word", [
+    (1.0, 0.0, "kept"), (0.9, 0.25, "kept"),  # the boundaries count as kept
+    (0.89, 0.1, "degraded"), (1.0, 0.3, "degraded"), (0.5, 1.0, "degraded"),
+    (0.49, 0.1, "lost"), (1.0, 1.1, "lost"),
+    (None, 0.2, "kept"), (None, 2.0, "lost"),  # no answer key: the loss rise alone
+    # the five runs of benchmarks/retention_real.py on SmolLM2-135M
+    (1.0, -0.012, "kept"), (0.93, 0.003, "kept"), (0.71, 0.496, "degraded"), (0.57, 0.825, "degraded"),
+    (0.43, 1.468, "lost"),
 ])
-def test_the_verdict_thresholds(base, tuned, rise, word):
-    assert verdict(base, tuned, rise)[0] == word
+def test_the_verdict_thresholds(retained, rise, word):
+    assert verdict(retained, rise)[0] == word
 
 
 def replies(*texts) -> list[Reply]:
@@ -55,21 +58,29 @@ def replies(*texts) -> list[Reply]:
 
 
 def test_the_record_names_the_worst_probes_first_those_the_tuned_model_forgot():
-    probes = [Probe([{"role": "user", "content": f"q{i}"}], {"any": [str(i)]}) for i in range(6)]
-    base, tuned = replies("0", "1", "2", "3", "4", "5"), replies("0", "x", "2", "3", "4", "5")
-    record = summarize(probes, base, tuned, [1.0] * 6, [1.0, 1.2, 1.0, 3.0, 1.0, 1.1])
-    assert (record["base_accuracy"], record["tuned_accuracy"]) == (1.0, 0.8333)
-    assert record["loss_rise"] == pytest.approx(8.3 / 6 - 1.0, abs=1e-4)
+    probes = [Probe([{"role": "user", "content": f"q{i}"}], {"any": [str(i)]}) for i in range(7)]
+    base, tuned = replies("0", "1", "2", "3", "4", "5", "x"), replies("0", "x", "2", "3", "4", "5", "6")
+    record = summarize(probes, base, tuned, [1.0] * 7, [1.0, 1.2, 1.0, 3.0, 1.0, 1.1, 1.0])
+    assert (record["base_accuracy"], record["tuned_accuracy"], record["retained"]) == (0.8571, 0.8571, 0.8333)
+    assert record["loss_rise"] == pytest.approx(9.3 / 7 - 1.0, abs=1e-4)
     assert [w["prompt"] for w in record["worst"]] == ["q1", "q3", "q5"]  # forgotten first, then by loss rise
-    assert record["verdict"] == "degraded" and record["why"].startswith("probe accuracy 83% vs the base's 100%")
+    # the same accuracy, but a probe the base knew was forgotten (and one it did not know was gained)
+    assert record["verdict"] == "degraded" and record["why"] == (
+        "retained 83% of the probes the base answers (kept >= 90%, lost < 50%); loss rise on the base's own replies "
+        "+0.329 nats/token (kept <= 0.25, lost > 1.0); accuracy 86% -> 86%")
+    assert [(p["prompt"], p["base_correct"], p["tuned_correct"]) for p in record["per_probe"]][5:] == [
+        ("q5", True, True), ("q6", False, True)]
 
 
 def test_no_verdict_when_the_base_knows_too_little():
     probes = [Probe([{"role": "user", "content": f"q{i}"}], {"any": ["yes"]}) for i in range(6)]
-    record = summarize(probes, replies(*["no"] * 6), replies(*["no"] * 6), [2.0] * 6, [4.1] * 6)
-    assert record["verdict"] == "n/a"
-    assert record["why"] == ("the base answers only 0 of 6 general probes: it knows too little for a retention check "
-                             "to mean anything (loss rise +2.100 nats/token)")
+    base = replies("yes", "yes", "yes", "yes", "no", "no")
+    assert retention.knows_too_little(probes, base) and not retention.knows_too_little(probes[:4] * 2, base[:4] * 2)
+    record = retention.unknowing_base(probes, base)
+    assert (record["verdict"], record["base_accuracy"], record["loss_rise"]) == ("n/a", 0.6667, None)
+    assert record["why"] == ("the base answers only 4 of 6 general probes: it knows too little for a retention check "
+                             "to mean anything")
+    assert retention.retention_lines(record) == [f"retention: N/A: {record['why']} (6 general probes)"]
 
 
 @pytest.fixture(scope="module")
@@ -116,8 +127,12 @@ def test_eval_compare_base_checks_retention(run_dir, monkeypatch, capsys):
                      "--output", str(run_dir / "eval-retention")]) == 0
     out = capsys.readouterr().out
     record = json.loads((run_dir / "eval-retention" / "results.json").read_text())["retention"]
-    assert (record["probes"], record["answer_keyed"], len(record["worst"])) == (60, 60, 3)
-    assert record["verdict"] == "n/a" and isinstance(record["loss_rise"], float)
+    assert (record["probes"], record["answer_keyed"]) == (60, 60)
+    assert "per_probe" not in record  # every probe goes to its own file
+    per_probe = [json.loads(line) for line in (run_dir / "eval-retention" / "retention.jsonl").read_text().splitlines()]
+    assert len(per_probe) == 60 and set(per_probe[0]) == {"prompt", "base", "tuned", "base_correct", "tuned_correct",
+                                                          "loss_rise"}
+    assert record["verdict"] == "n/a" and record["worst"] == []
     assert f"retention: {record['verdict'].upper()}: " in out  # printed under the table
     report = (run_dir / "eval-retention" / "report.md").read_text()
     assert "## Retention (general probes, base vs tuned)" in report and f"retention: {record['verdict'].upper()}" in report
@@ -132,7 +147,7 @@ def test_a_users_own_retention_file_replaces_the_shipped_probes(run_dir, tmp_pat
                      "--retention_data", str(own), "--output", str(tmp_path / "out")]) == 0
     record = json.loads((tmp_path / "out" / "results.json").read_text())["retention"]
     assert (record["probes"], record["answer_keyed"], record["base_accuracy"]) == (2, 0, None)
-    assert "probe accuracy" not in record["why"] and record["why"].startswith("loss rise on the base's own replies")
+    assert "retained" not in record["why"] and record["why"].startswith("loss rise on the base's own replies")
 
 
 def test_retention_data_needs_compare_base(run_dir, tmp_path, capsys):

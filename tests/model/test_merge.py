@@ -99,3 +99,33 @@ def test_the_run_folder_gets_a_model_card_instead_of_pefts_template(run):
     assert "More Information Needed" not in card
     for part in ("## Training", "LoRA r=32, alpha=64", "## Data", "177 rows read", "## Probe replies"):
         assert part in card
+
+
+def newest_checkpoint(run: Path) -> Path:
+    return max(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+
+
+def test_a_checkpoint_merges_with_its_runs_recipe_stop_ids_and_card(run):
+    checkpoint = newest_checkpoint(run)
+    merged = merge(str(checkpoint), dtype="float32")
+    assert merged == run.with_name(f"run-{checkpoint.name}-merged")  # beside the run, not inside it
+    assert (merged / "generation_config.json").read_text() == (run / "generation_config.json").read_text()
+    assert (merged / "sftlab_config.yaml").read_text() == (run / "sftlab_config.yaml").read_text()
+    card = (merged / "README.md").read_text()
+    assert f"# run-{checkpoint.name}-merged (merged)" in card
+    assert f"Supervised fine-tuning of `sftlab:tiny-glm4` with sftlab (TRL + PEFT) ({checkpoint.name} of the run run)" \
+        in card
+    assert "- method: LoRA r=32" in card and "full fine-tuning" not in card
+    assert f'from_pretrained("run-{checkpoint.name}-merged")' in card
+    assert "## Evaluation" not in card  # the final weights' evaluation is not this checkpoint's
+
+
+def test_evaluating_a_checkpoint_writes_beside_it_not_inside(run, capsys):
+    from sftlab import cli
+    from sftlab.train.checkpoints import why_not_committed
+
+    checkpoint = newest_checkpoint(run)
+    before = sorted(p.name for p in checkpoint.iterdir())
+    assert cli.main(["eval", "--adapter", str(checkpoint), "--max_new_tokens", "2"]) == 0
+    assert f"wrote {run}/eval/{checkpoint.name}/results.json" in capsys.readouterr().out
+    assert sorted(p.name for p in checkpoint.iterdir()) == before and why_not_committed(checkpoint) is None

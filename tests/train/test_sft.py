@@ -31,7 +31,8 @@ def test_lora_run_writes_exactly_these_files_and_changes_only_the_adapter(tmp_pa
         "predictions.jsonl", "rejected.jsonl", "render_check.json", "report.md", "sftlab_config.yaml",
         "tokenizer.json", "tokenizer_config.json", "trainer_log.jsonl", "trainer_state.json",
     ]
-    assert sorted(p.name for p in (out / "eval").iterdir()) == ["report.md", "results.json", "samples.jsonl"]
+    assert sorted(p.name for p in (out / "eval").iterdir()) == ["report.md", "results.json", "retention.jsonl",
+                                                              "samples.jsonl"]
     adapter_config = json.loads((out / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == "sftlab:tiny-glm4"
     tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())

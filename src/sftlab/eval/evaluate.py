@@ -17,7 +17,13 @@ from sftlab.eval.run_report import write_run_report
 from sftlab.eval.tables import comparison_markdown, table_text
 from sftlab.files import write_atomic
 from sftlab.infer.generate import SamplingArgs, generate_replies
-from sftlab.model.load import inference_tokenizer, load_for_inference, recorded_system_prompt
+from sftlab.model.load import (
+    RUN_CONFIG,
+    inference_tokenizer,
+    load_for_inference,
+    recorded_system_prompt,
+    run_of_checkpoint,
+)
 
 
 def supervised_loss(model, tokenizer, conversations: list[list[dict]], batch_size: int = 8,
@@ -74,9 +80,10 @@ def evaluate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: 
 
 
 def load_conversations(data: str | None, run_dir: Path | None, tokenizer) -> list:
-    """The held-out split of a run (heldout.jsonl), or any data file sftlab can read (rows that cannot be
-    rendered with the model's template are left out)."""
+    """The held-out split of a run (heldout.jsonl; a checkpoint's is its run's), or any data file sftlab can read
+    (rows that cannot be rendered with the model's template are left out)."""
     if data is None:
+        run_dir = (run_of_checkpoint(run_dir) or run_dir) if run_dir else None
         heldout = run_dir / "heldout.jsonl" if run_dir else None
         if heldout is None or not heldout.exists():
             raise UserError("no held-out split here (heldout.jsonl): pass --data FILE")
@@ -97,8 +104,14 @@ def load_conversations(data: str | None, run_dir: Path | None, tokenizer) -> lis
 
 
 def write_eval(out_dir: Path, results: dict, samples: list[dict]) -> None:
+    """results.json, report.md, samples.jsonl, and retention.jsonl (every probe, base vs tuned) when the
+    retention check ran."""
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(out_dir / "samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+    if "per_probe" in results.get("retention", {}):
+        results = {**results, "retention": dict(results["retention"])}
+        probes = results["retention"].pop("per_probe")
+        write_atomic(out_dir / "retention.jsonl", "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in probes))
     write_atomic(out_dir / "report.md", comparison_markdown(results, samples))
     write_atomic(out_dir / "results.json", json.dumps(results, ensure_ascii=False, indent=2) + "\n")
 
@@ -118,7 +131,9 @@ def run_eval(model: str | None, adapter: str | None, data: str | None, compare_b
     if compare_base:
         probes = (retention.probes_from(load_conversations(retention_data, None, tokenizer)) if retention_data
                   else retention.shipped_probes())
-    side = "tuned" if adapter else "model"  # a model folder on its own is not "tuned"
+    # a run (LoRA, or full fine-tuning evaluated as --model RUN) is "tuned"; any other model folder is "model"
+    is_run = adapter or (run_dir / RUN_CONFIG).exists() or run_of_checkpoint(run_dir) is not None
+    side = "tuned" if is_run else "model"
     results, replies, system_prompt = {}, {}, recorded_system_prompt(run_dir)
     if compare_base:  # the base first, then the tuned model: one model in memory at a time
         from sftlab.model.load import adapter_base
@@ -126,11 +141,14 @@ def run_eval(model: str | None, adapter: str | None, data: str | None, compare_b
         base, _ = load_for_inference(model or adapter_base(Path(adapter)))
         results["base"], replies["base"] = evaluate(base, tokenizer, conversations, max_new_tokens, batch_size, "base")
         base_probe_replies = retention.answer(base, tokenizer, probes, system_prompt, batch_size, "base")
-        base_losses = retention.reply_losses(base, tokenizer, probes, base_probe_replies, system_prompt)
+        if retention.knows_too_little(probes, base_probe_replies):
+            results["retention"] = retention.unknowing_base(probes, base_probe_replies)
+        else:
+            base_losses = retention.reply_losses(base, tokenizer, probes, base_probe_replies, system_prompt)
         del base
     tuned, tokenizer = load_for_inference(model, adapter, tokenizer=tokenizer)
     results[side], replies[side] = evaluate(tuned, tokenizer, conversations, max_new_tokens, batch_size, side)
-    if compare_base:
+    if compare_base and "retention" not in results:
         tuned_probe_replies = retention.answer(tuned, tokenizer, probes, system_prompt, batch_size, "tuned")
         tuned_losses = retention.reply_losses(tuned, tokenizer, probes, base_probe_replies, system_prompt)
         results["retention"] = retention.summarize(probes, base_probe_replies, tuned_probe_replies, base_losses,
@@ -142,8 +160,11 @@ def run_eval(model: str | None, adapter: str | None, data: str | None, compare_b
 
 def eval_folder(run_dir: Path, data: str | None) -> Path:
     """RUN/eval for the run's own held-out split; RUN/eval/<data file stem> for any other data, so an
-    evaluation on other data never replaces the held-out results."""
-    return run_dir / "eval" if data is None else run_dir / "eval" / Path(data).stem
+    evaluation on other data never replaces the held-out results. A checkpoint (RUN/checkpoint-N) is evaluated
+    into RUN/eval/checkpoint-N: nothing is written inside a committed checkpoint."""
+    run = run_of_checkpoint(run_dir)
+    folder = run / "eval" / run_dir.name if run is not None else run_dir / "eval"
+    return folder if data is None else folder / Path(data).stem
 
 
 def with_replies(conversations: list[list[dict]], replies: dict[str, list]) -> list[dict]:
@@ -189,8 +210,10 @@ def main(argv: list[str]) -> int:
                    args.output, args.retention_data)
     results = json.loads((out / "results.json").read_text())
     print(table_text(results))
-    print(f"\nwrote {out}/results.json, report.md, samples.jsonl")
+    written = ", ".join(n for n in ("report.md", "samples.jsonl", "retention.jsonl") if (out / n).exists())
+    print(f"\nwrote {out}/results.json, {written}")
     run_dir = Path(args.adapter or args.model)
-    if args.data is None and args.output is None and (run_dir / "trainer_state.json").exists():
+    finished_run = (run_dir / "trainer_state.json").exists() and run_of_checkpoint(run_dir) is None
+    if args.data is None and args.output is None and finished_run:  # a checkpoint's folder is left as committed
         write_run_report(run_dir)
     return 0

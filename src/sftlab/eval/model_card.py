@@ -34,8 +34,10 @@ def hub_datasets(data_files: list) -> list[str]:
             if p.startswith("hub:") or (HUB_ID.match(p) and not Path(p).exists())]
 
 
-def model_card(run_dir: Path, merged: bool = False) -> str:
-    """The card's text for `run_dir` (a training run); `merged`: for the merged full model made from it."""
+def model_card(run_dir: Path, merged: bool = False, name: str | None = None, checkpoint: str | None = None) -> str:
+    """The card's text for `run_dir` (a training run); `merged`: for the merged full model made from it, named
+    `name`; `checkpoint`: made from that checkpoint of the run, not its final weights (whose evaluation and final
+    probe replies are then not this model's, and are left out)."""
     config = _read(run_dir / "sftlab_config.yaml", "yaml") or {}
     model, data, train = config.get("model", {}), config.get("data", {}), config.get("train", {})
     base = str(model.get("model_name_or_path", ""))
@@ -50,12 +52,15 @@ def model_card(run_dir: Path, merged: bool = False) -> str:
         header["datasets"] = datasets
     lines = ["---", yaml.safe_dump(header, sort_keys=False, allow_unicode=True).strip(),
              "# license: set the license before publishing; the base model's license applies", "---", "",
-             f"# {run_dir.name}{' (merged)' if merged else ''}", "",
+             f"# {name or run_dir.name}{' (merged)' if merged else ''}", "",
              f"Supervised fine-tuning of `{base}` with sftlab (TRL + PEFT)"
+             f"{' (' + checkpoint + ' of the run ' + run_dir.name + ')' if checkpoint else ''}"
              f"{': the LoRA adapter merged into the base weights' if merged else ''}.", ""]
-    lines += _training(model, train) + _data(_read(run_dir / "data_report.json")) + _usage(run_dir, lora, merged)
-    lines += _evaluation(_read(run_dir / "eval" / "results.json"))
-    lines += _probes(_read(run_dir / "predictions.jsonl", "jsonl"))
+    name = name or run_dir.name + ("-merged" if merged else "")
+    lines += _training(model, train) + _data(_read(run_dir / "data_report.json")) + _usage(name, lora)
+    if checkpoint is None:
+        lines += _evaluation(_read(run_dir / "eval" / "results.json"))
+        lines += _probes(_read(run_dir / "predictions.jsonl", "jsonl"))
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -81,8 +86,7 @@ def _data(report: dict | None) -> list[str]:
     return lines + ([""] if report.get("datasets") else [])
 
 
-def _usage(run_dir: Path, lora: bool, merged: bool) -> list[str]:
-    name = run_dir.name + ("-merged" if merged else "")
+def _usage(name: str, lora: bool) -> list[str]:
     load = ("from peft import AutoPeftModelForCausalLM\nmodel = AutoPeftModelForCausalLM.from_pretrained"
             f"(\"{name}\")" if lora else
             f"from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained(\"{name}\")")
@@ -110,7 +114,8 @@ def _probes(predictions: list[dict] | None) -> list[str]:
     return lines + [""]
 
 
-def write_model_card(run_dir: Path, target: Path | None = None, merged: bool = False) -> Path:
+def write_model_card(run_dir: Path, target: Path | None = None, merged: bool = False, name: str | None = None,
+                     checkpoint: str | None = None) -> Path:
     target = Path(target or run_dir)
-    write_atomic(target / "README.md", model_card(Path(run_dir), merged))
+    write_atomic(target / "README.md", model_card(Path(run_dir), merged, name, checkpoint))
     return target / "README.md"

@@ -8,7 +8,9 @@ against tuned, on general prompts:
   the base's loss on them (nats per token). It needs no answer key, so it works for any model, any language and
   any prompt file (--retention_data): what the base would say is what tuning should not make unlikely.
 
-The verdict (`verdict`): kept, degraded or lost, from the accuracy ratio (tuned over base) and the loss rise;
+The verdict (`verdict`): kept, degraded or lost, from the retained share (of the probes the base answers
+correctly, the share the tuned model still answers correctly: a gain elsewhere, such as a task the training data
+teaches, must not hide a loss) and the loss rise;
 the thresholds are stated beside it, with the measurements that set them in the README. n/a where the base
 answers fewer than MIN_BASE_CORRECT probes (a randomly initialised model knows nothing to keep).
 """
@@ -22,9 +24,12 @@ from sftlab.infer.generate import SamplingArgs, generate_replies
 
 PROBE_FILE = "retention_probes.jsonl"
 MAX_NEW_TOKENS = 48  # the probes' answers are a word or a short sentence
-# verdict thresholds (see the README's "Retention" section for the runs that set them)
-KEPT_RATIO, LOST_RATIO = 0.9, 0.5  # tuned probe accuracy over the base's
-KEPT_RISE, LOST_RISE = 0.5, 1.5  # loss rise, nats per token of the base's own replies
+# Verdict thresholds, set by benchmarks/retention_real.py (SmolLM2-135M, the demo data; README "Retention"):
+# runs whose replies kept their answers measured retained 93-100% and a loss rise of -0.01 to +0.003; runs with
+# visibly damaged answers ("100 divided by 4 is 2") 57-71% and +0.50 to +0.83; a run that lost most 43% and +1.47.
+# Each bound lies between those groups, and the two measures agree on every one of those runs.
+KEPT_SHARE, LOST_SHARE = 0.9, 0.5  # of the probes the base answers correctly, the share the tuned model still does
+KEPT_RISE, LOST_RISE = 0.25, 1.0  # loss rise, nats per token of the base's own replies
 MIN_BASE_CORRECT = 5  # fewer probes right than this: the base knows too little for the accuracy to say anything
 
 
@@ -97,26 +102,47 @@ def adapter_retention(model, tokenizer, system_prompt: str | None = None, probes
     probes = probes if probes is not None else shipped_probes()
     with model.disable_adapter():
         base = answer(model, tokenizer, probes, system_prompt, batch_size, "base")
+        if knows_too_little(probes, base):
+            return unknowing_base(probes, base)
         base_losses = reply_losses(model, tokenizer, probes, base, system_prompt)
     tuned = answer(model, tokenizer, probes, system_prompt, batch_size, "tuned")
     tuned_losses = reply_losses(model, tokenizer, probes, base, system_prompt)
     return summarize(probes, base, tuned, base_losses, tuned_losses)
 
 
-def verdict(base_accuracy: float | None, tuned_accuracy: float | None, loss_rise: float) -> tuple[str, str]:
-    """(kept | degraded | lost, why): lost when either measure says lost, kept when both say kept."""
-    ratio = None if not base_accuracy or tuned_accuracy is None else round(tuned_accuracy / base_accuracy, 6)
-    if (ratio is not None and ratio < LOST_RATIO) or loss_rise > LOST_RISE:
+def verdict(retained: float | None, loss_rise: float) -> tuple[str, str]:
+    """(kept | degraded | lost, why): lost when either measure says lost, kept when both say kept. `retained`:
+    the retained share (None without an answer key)."""
+    if (retained is not None and retained < LOST_SHARE) or loss_rise > LOST_RISE:
         word = "lost"
-    elif (ratio is None or ratio >= KEPT_RATIO) and loss_rise <= KEPT_RISE:
+    elif (retained is None or retained >= KEPT_SHARE) and loss_rise <= KEPT_RISE:
         word = "kept"
     else:
         word = "degraded"
-    accuracy = ("" if ratio is None else
-                f"probe accuracy {tuned_accuracy:.0%} vs the base's {base_accuracy:.0%} (ratio {ratio:.2f}; kept "
-                f">= {KEPT_RATIO}, lost < {LOST_RATIO}); ")
-    return word, (f"{accuracy}loss rise on the base's own replies {loss_rise:+.3f} nats/token (kept <= {KEPT_RISE}, "
+    share = ("" if retained is None else
+             f"retained {retained:.0%} of the probes the base answers (kept >= {KEPT_SHARE:.0%}, lost < "
+             f"{LOST_SHARE:.0%}); ")
+    return word, (f"{share}loss rise on the base's own replies {loss_rise:+.3f} nats/token (kept <= {KEPT_RISE}, "
                   f"lost > {LOST_RISE})")
+
+
+def knows_too_little(probes: list[Probe], base: list) -> bool:
+    """True when the probes have answer keys and the base answers fewer than MIN_BASE_CORRECT of them: a randomly
+    initialised or tiny base has nothing to keep, and the rest of the check (the tuned side, the losses) is skipped."""
+    keyed = [i for i, p in enumerate(probes) if p.rule]
+    return bool(keyed) and sum(correct(probes[i].rule, base[i].text) for i in keyed) < MIN_BASE_CORRECT
+
+
+def unknowing_base(probes: list[Probe], base: list) -> dict:
+    keyed = [i for i, p in enumerate(probes) if p.rule]
+    right = sum(correct(probes[i].rule, base[i].text) for i in keyed)
+    return {"probes": len(probes), "answer_keyed": len(keyed), "base_accuracy": round(right / len(keyed), 4),
+            "tuned_accuracy": None, "retained": None, "loss_rise": None, "verdict": "n/a",
+            "why": f"the base answers only {right} of {len(keyed)} general probes: it knows too little for a "
+                   "retention check to mean anything", "worst": [],
+            "per_probe": [{"prompt": p.prompt, "base": b.text, "tuned": None,
+                           "base_correct": correct(p.rule, b.text) if p.rule else None, "tuned_correct": None,
+                           "loss_rise": None} for p, b in zip(probes, base)]}
 
 
 def summarize(probes: list[Probe], base: list, tuned: list, base_losses: list, tuned_losses: list) -> dict:
@@ -130,24 +156,31 @@ def summarize(probes: list[Probe], base: list, tuned: list, base_losses: list, t
     rise = sum(tuned_losses[i] for i in scored) / len(scored) - sum(base_losses[i] for i in scored) / len(scored)
     base_accuracy = len(base_ok) / len(keyed) if keyed else None
     tuned_accuracy = len(tuned_ok) / len(keyed) if keyed else None
-    word, why = verdict(base_accuracy, tuned_accuracy, rise)
-    if keyed and len(base_ok) < MIN_BASE_CORRECT:  # a randomly initialised or tiny base: nothing to keep
-        word, why = "n/a", (f"the base answers only {len(base_ok)} of {len(keyed)} general probes: it knows too "
-                            f"little for a retention check to mean anything (loss rise {rise:+.3f} nats/token)")
+    retained = round(len(base_ok & tuned_ok) / len(base_ok), 6) if base_ok else None
+    word, why = verdict(retained, rise)
+    if keyed:
+        why += f"; accuracy {base_accuracy:.0%} -> {tuned_accuracy:.0%}"
     worst = sorted(scored, key=lambda i: (i in base_ok and i not in tuned_ok, rises[i]), reverse=True)[:3]
     return {
         "probes": len(probes), "answer_keyed": len(keyed),
         "base_accuracy": None if base_accuracy is None else round(base_accuracy, 4),
         "tuned_accuracy": None if tuned_accuracy is None else round(tuned_accuracy, 4),
+        "retained": None if retained is None else round(retained, 4),
         "loss_rise": round(rise, 4), "verdict": word, "why": why,
         "worst": [{"prompt": probes[i].prompt, "base": base[i].text, "tuned": tuned[i].text,
                    "loss_rise": round(rises[i], 4)} for i in worst],
+        "per_probe": [{"prompt": p.prompt, "base": base[i].text, "tuned": tuned[i].text,
+                       "base_correct": i in base_ok if p.rule else None,
+                       "tuned_correct": i in tuned_ok if p.rule else None,
+                       "loss_rise": None if i not in rises else round(rises[i], 4)} for i, p in enumerate(probes)],
     }
 
 
 def retention_lines(record: dict) -> list[str]:
     """The verdict and the worst probes, as printed by `sftlab eval` and written into report.md."""
     lines = [f"retention: {record['verdict'].upper()}: {record['why']} ({record['probes']} general probes)"]
+    if record["verdict"] == "n/a":
+        return lines
     for item in record["worst"]:
         lines.append(f"  {item['prompt']!r} (loss rise {item['loss_rise']:+.2f})")
         lines.append(f"    base:  {item['base'][:100]!r}")

@@ -6,6 +6,7 @@ network; offline, the error says in one line what to do instead.
 
 import json
 import os
+import re
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -135,9 +136,20 @@ def adapter_base(adapter_dir: Path) -> str:
 RUN_CONFIG = "sftlab_config.yaml"  # a run's resolved config; merge copies it beside the merged weights
 
 
+def run_of_checkpoint(folder: str | Path) -> Path | None:
+    """The run folder that holds `folder` when `folder` is one of its checkpoint-N folders, else None: a
+    checkpoint's metadata (recipe, stop ids, data report) is its run's, and nothing is written inside it."""
+    folder = Path(folder)
+    if re.fullmatch(r"checkpoint-\d+", folder.name) and (folder.parent / RUN_CONFIG).exists():
+        return folder.parent
+    return None
+
+
 def recorded_system_prompt(folder: str | Path | None) -> str | None:
     """The system_prompt a training run was given (None: unset, or no run record in `folder`): chat, the probes
     and serve put it before conversations without a system message, as training did."""
+    if folder is not None and run_of_checkpoint(folder) is not None:
+        folder = run_of_checkpoint(folder)
     record = Path(folder) / RUN_CONFIG if folder is not None else None
     if record is None or not record.is_file():
         return None

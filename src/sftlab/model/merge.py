@@ -13,7 +13,14 @@ from pathlib import Path
 import torch
 
 from sftlab.errors import UserError
-from sftlab.model.load import RUN_CONFIG, inference_paths, load_model, load_tokenizer, save_tokenizer
+from sftlab.model.load import (
+    RUN_CONFIG,
+    inference_paths,
+    load_model,
+    load_tokenizer,
+    run_of_checkpoint,
+    save_tokenizer,
+)
 
 DTYPES = ("bfloat16", "float16", "float32")
 
@@ -24,7 +31,11 @@ def merge(adapter: str, output: str | None = None, dtype: str = "bfloat16", devi
     from peft import PeftModel
 
     run = Path(adapter)
-    out = Path(output) if output else run.with_name(run.name + "-merged")
+    # a checkpoint (RUN/checkpoint-N) is merged with its run's recipe, stop ids and card, into RUN-checkpoint-N-merged
+    record = run_of_checkpoint(run) or run
+    default = (record.with_name(f"{record.name}-{run.name}-merged") if record != run
+               else run.with_name(run.name + "-merged"))
+    out = Path(output) if output else default
     if out.exists() and any(out.iterdir()):
         raise UserError(f"output {out} already exists and is not empty: choose another --output or remove it")
     if dtype not in DTYPES:
@@ -39,13 +50,16 @@ def merge(adapter: str, output: str | None = None, dtype: str = "bfloat16", devi
     try:
         model.save_pretrained(staging, max_shard_size=max_shard_size)
         save_tokenizer(tokenizer, staging)
-        if (run / "generation_config.json").exists():  # the run's stop ids (the base's may lack the template's)
-            shutil.copy(run / "generation_config.json", staging / "generation_config.json")
-        if (run / RUN_CONFIG).exists():  # the recipe, and the system_prompt that chat and serve apply as trained
-            shutil.copy(run / RUN_CONFIG, staging / RUN_CONFIG)
+        stops = run / "generation_config.json" if (run / "generation_config.json").exists() else None
+        stops = stops or (record / "generation_config.json" if (record / "generation_config.json").exists() else None)
+        if stops is not None:  # the run's stop ids (the base's may lack the template's)
+            shutil.copy(stops, staging / "generation_config.json")
+        if (record / RUN_CONFIG).exists():  # the recipe, and the system_prompt that chat and serve apply as trained
+            shutil.copy(record / RUN_CONFIG, staging / RUN_CONFIG)
         from sftlab.eval.model_card import write_model_card
 
-        write_model_card(run, staging, merged=True)
+        write_model_card(record, staging, merged=True, name=out.name,
+                         checkpoint=run.name if record != run else None)
         staging.chmod(0o755)
         if out.exists():
             out.rmdir()  # empty (checked above)
