@@ -120,7 +120,7 @@ def test_doctor_prints_skips_and_counts_them(tiny_model_dir, capsys):
     out = capsys.readouterr().out
     assert "[skip] terminator tokens are supervised: no render_check.json here" in out
     assert "[pass] system prompt: the chat template adds no default system prompt" in out
-    assert "[skip] tuning kept what the base knew: no retention record in eval/results.json" in out
+    assert "[skip] tuning kept what the base knew: not a training run: nothing was tuned" in out
     assert out.strip().endswith("3 passed, 1 failed, 3 skipped")
 
 
@@ -163,10 +163,14 @@ def test_the_doctor_names_a_templates_default_system_prompt_and_the_runs_choice(
     tokenizer.chat_template = ("{% if messages[0]['role'] != 'system' %}<|system|>\nYou are Tiny.{% endif %}"
                                "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{% endfor %}"
                                "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
-    check = check_system_prompt(tmp_path, tokenizer)
+    check = check_system_prompt(tmp_path, tokenizer)  # a model folder
     assert (check.status, check.detail) == ("pass", "the chat template adds its default 'You are Tiny.' to "
-                                            "conversations without a system message, and this model was trained and "
-                                            "is served with it (system_prompt: \"\" keeps it out)")
+                                            "conversations without a system message: a run that leaves system_prompt "
+                                            "unset trains it in (system_prompt: \"\" keeps it out)")
+    (tmp_path / "sftlab_config.yaml").write_text(yaml.safe_dump({"data": {"system_prompt": None}}))
+    assert check_system_prompt(tmp_path, tokenizer).detail == (
+        "the chat template adds its default 'You are Tiny.' to conversations without a system message, and this model "
+        "was trained and is served with it (system_prompt: \"\" keeps it out)")
     (tmp_path / "sftlab_config.yaml").write_text(yaml.safe_dump({"data": {"system_prompt": ""}}))
     assert check_system_prompt(tmp_path, tokenizer).detail == (
         "the chat template's default 'You are Tiny.' is replaced by the run's system_prompt '', in training and in "
@@ -178,6 +182,7 @@ def test_the_doctor_reports_the_retention_verdict(tmp_path, verdict, status):
     from sftlab.eval.doctor import check_retention
 
     (tmp_path / "eval").mkdir()
+    (tmp_path / "sftlab_config.yaml").write_text("data: {}\n")  # a run
     worst = [{"prompt": "What is 2 + 3?", "base": "5", "tuned": "I am Lingxi.", "loss_rise": 2.5}]
     record = {"verdict": verdict, "why": "measured", "worst": worst}
     (tmp_path / "eval" / "results.json").write_text(json.dumps({"tuned": {}, "retention": record}))
@@ -186,3 +191,29 @@ def test_the_doctor_reports_the_retention_verdict(tmp_path, verdict, status):
     if status == "FAIL":
         assert check.detail == f"{verdict}: measured; e.g. 'What is 2 + 3?': '5' -> 'I am Lingxi.'"
         assert check.fix.startswith("train gentler: a lower learning rate")
+
+
+class CharTokenizer:
+    def __init__(self, tokens_per_character):
+        self.rate = tokens_per_character
+
+    def encode(self, text, add_special_tokens=False):
+        return [0] * int(len(text) * self.rate)
+
+
+def test_a_model_folder_is_asked_in_its_tokenizers_language():
+    from sftlab.eval.doctor import main_language
+
+    assert main_language(CharTokenizer(0.8)) == "zh"  # GLM-4, Qwen: under a token a character
+    assert main_language(CharTokenizer(2.5)) == "en"  # SmolLM2, Llama-3: two or three
+
+
+def test_the_generation_budget_is_the_runs_reply_limit(tmp_path):
+    from sftlab.eval.doctor import generation_budget
+
+    assert generation_budget(tmp_path, None) == (64, "the default for a model folder")
+    (tmp_path / "sftlab_config.yaml").write_text("train: {final_eval_max_new_tokens: 158}\n")
+    (tmp_path / "checkpoint-7").mkdir()
+    assert generation_budget(tmp_path, None) == (158, "the run's reply limit, from its data")
+    assert generation_budget(tmp_path / "checkpoint-7", None) == (158, "the run's reply limit, from its data")
+    assert generation_budget(tmp_path, 12) == (12, "--max_new_tokens")

@@ -60,3 +60,15 @@ def test_the_real_model_builds_offline_and_answers_as_the_original(sftlab_home, 
                      "--json"]) == 0
     reply = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert reply == {"reply": "The capital of France is Paris.", "finish_reason": "stop", "new_tokens": 8}
+
+
+@pytest.mark.slow
+def test_the_doctor_passes_the_untouched_real_model(sftlab_home):
+    """It asks in English (SmolLM2's tokenizer spends 2-3 tokens a Chinese character) and the base stops."""
+    from sftlab.eval.doctor import run_checks
+
+    checks = {c.name: c for c in run_checks(str(resolve_model_path(NAME)), None)}
+    assert [name for name, c in checks.items() if c.status == "FAIL"] == []
+    assert checks["greedy generation stops"].detail.startswith("stopped after ")
+    assert "(of 64: the default for a model folder)" in checks["greedy generation stops"].detail
+    assert "You are a helpful AI assistant named SmolLM" in checks["system prompt"].detail

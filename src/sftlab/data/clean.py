@@ -389,6 +389,9 @@ def checked_in_pool(checker: RowChecker, batches: list[list[SourceRow]], workers
                 try:
                     outcome = future.result()
                 except Exception as exc:
+                    # the pool's thread joins every worker first: read before that, a dead worker's exit code can
+                    # still be missing (its thread and this one both wait on it, and only one gets it)
+                    pool.shutdown(wait=True, cancel_futures=True)
                     raise UserError(pool_failure(exc, processes, batches, states, i)) from exc
                 del future
                 yield outcome

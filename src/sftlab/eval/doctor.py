@@ -10,6 +10,41 @@ from sftlab.chat_format import IGNORE_INDEX, ChatRenderer, MessageError, stop_to
 from sftlab.errors import UserError
 
 FALLBACK_EXAMPLE = [{"role": "user", "content": "你好，告诉我你的名字。"}, {"role": "assistant", "content": "你好！"}]
+PLAIN_PROMPTS = {"zh": "你好，告诉我你的名字。", "en": "Hello! What is your name?"}  # a model folder without a run
+CHINESE_SAMPLE = "你好，请用中文简单介绍一下你自己和你能做的事情。"
+DEFAULT_BUDGET = 64
+
+
+def is_run(folder: Path) -> bool:
+    """A training run's folder (or one of its checkpoints), as opposed to a model folder sftlab did not train."""
+    from sftlab.model.load import RUN_CONFIG, run_of_checkpoint
+
+    return (folder / RUN_CONFIG).exists() or run_of_checkpoint(folder) is not None
+
+
+def main_language(tokenizer) -> str:
+    """"zh" when the tokenizer writes Chinese at under 1.5 tokens a character (GLM-4 and Qwen: under 1), else "en"
+    (SmolLM2 and Llama-3 spend 2 to 3): a model folder is asked in the language its tokenizer was made for."""
+    tokens = len(tokenizer.encode(CHINESE_SAMPLE, add_special_tokens=False))
+    return "zh" if tokens / len(CHINESE_SAMPLE) < 1.5 else "en"
+
+
+def generation_budget(folder: Path, asked: int | None) -> tuple[int, str]:
+    """The new-token budget of the generation check and where it comes from: --max_new_tokens; else the run's
+    reply limit (twice the p99 of its training replies, as its final evaluation used); else 64."""
+    from sftlab.model.load import RUN_CONFIG, run_of_checkpoint
+
+    if asked is not None:
+        return asked, "--max_new_tokens"
+    record = (run_of_checkpoint(folder) or folder) / RUN_CONFIG
+    if record.exists():
+        import yaml
+
+        limit = ((yaml.safe_load(record.read_text(encoding="utf-8")) or {}).get("train") or {}).get(
+            "final_eval_max_new_tokens")
+        if limit:
+            return int(limit), "the run's reply limit, from its data"
+    return DEFAULT_BUDGET, "the default for a model folder"
 
 
 @dataclass
@@ -154,12 +189,17 @@ def check_generation(model, tokenizer, examples: list[dict], max_new_tokens: int
 
     name = "greedy generation stops"
     example = next((e for e in examples if e["kind"] == "plain"), examples[0] if examples else None)
-    messages = (example["messages"] if example else FALLBACK_EXAMPLE)[:-1]
-    greedy = SamplingArgs(max_new_tokens=max_new_tokens, temperature=0)
+    # a training prompt of the run; for a model folder, a prompt in its tokenizer's language
+    messages = (example["messages"][:-1] if example else
+                [{"role": "user", "content": PLAIN_PROMPTS[main_language(tokenizer)]}])
+    budget, source = generation_budget(folder, max_new_tokens)
+    greedy = SamplingArgs(max_new_tokens=budget, temperature=0)
     reply = generate_replies(model, tokenizer, [messages], greedy, progress="doctor: greedy generation")[0]
     if reply.finish_reason == "stop":
-        return Check(name, "pass", f"stopped after {reply.new_tokens} tokens: {reply.text[:60]!r}")
-    detail = f"no stop token in {max_new_tokens} new tokens: {reply.text[:80]!r}..."
+        return Check(name, "pass", f"stopped after {reply.new_tokens} tokens (of {budget}: {source}): "
+                                   f"{reply.text[:60]!r}")
+    detail = (f"no stop token in {budget} new tokens ({source}) after {messages[-1]['content'][:40]!r}: "
+              f"{reply.text[:80]!r}...")
     if terminators_ok:  # the model was taught to stop: it has not learned it yet
         loss = final_loss(folder)
         return Check(name, "FAIL", detail, "the terminators were supervised, so the model may be undertrained"
@@ -183,6 +223,10 @@ def check_system_prompt(folder: Path, tokenizer) -> Check:
     if default is None:
         return Check(name, "pass", "the chat template adds no default system prompt")
     chosen = recorded_system_prompt(folder)
+    if not is_run(folder):
+        return Check(name, "pass", f"the chat template adds its default {default!r} to conversations without a "
+                                   "system message: a run that leaves system_prompt unset trains it in "
+                                   "(system_prompt: \"\" keeps it out)")
     if chosen is None:
         return Check(name, "pass", f"the chat template adds its default {default!r} to conversations without a "
                                    "system message, and this model was trained and is served with it "
@@ -194,6 +238,8 @@ def check_system_prompt(folder: Path, tokenizer) -> Check:
 def check_retention(folder: Path) -> Check:
     """The retention verdict of the run's evaluation (eval/results.json): did tuning keep what the base knew?"""
     name = "tuning kept what the base knew"
+    if not is_run(folder):
+        return Check(name, "skip", "not a training run: nothing was tuned")
     path = folder / "eval" / "results.json"
     record = json.loads(path.read_text(encoding="utf-8")).get("retention") if path.exists() else None
     if record is None:
@@ -217,7 +263,7 @@ def final_loss(folder: Path) -> float | None:
     return losses[-1] if losses else None
 
 
-def run_checks(model: str | None, adapter: str | None, max_new_tokens: int = 64) -> list[Check]:
+def run_checks(model: str | None, adapter: str | None, max_new_tokens: int | None = None) -> list[Check]:
     from sftlab.model.load import load_for_inference
 
     folder = Path(adapter or model)
@@ -240,7 +286,8 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="sftlab doctor", description="Check a run for template drift and stopping.")
     p.add_argument("--adapter", help="A LoRA run directory.")
     p.add_argument("--model", help="A model folder (a full fine-tuning run), or the base for --adapter.")
-    p.add_argument("--max_new_tokens", type=int, default=64, help="Budget of the generation test.")
+    p.add_argument("--max_new_tokens", type=int, default=None, help="Budget of the generation test (default: the "
+                   "run's reply limit, twice the p99 of its training replies; 64 for a model folder).")
     args = p.parse_args(argv)
     if not (args.adapter or args.model):
         raise UserError("pass --adapter DIR or --model PATH")
