@@ -40,6 +40,10 @@ class MessageError(ValueError):
     """A conversation that cannot be rendered for training (wrong roles, order or types)."""
 
 
+class ToolsUnsupported(MessageError):
+    """A conversation with tools or tool calls, and a chat template that renders neither."""
+
+
 class SampleTooLong(ValueError):
     """A rendered sample over max_length that cannot keep any supervised token; the caller counts it."""
 
@@ -261,7 +265,7 @@ class ChatRenderer:
         """(messages, tools) as this template wants them: what apply_chat_template is to be given."""
         if self.tool_dialect is None:
             if any(m.get("tools") or m.get("metadata") for m in messages):
-                raise MessageError("messages: this model's chat template does not render tools or tool calls")
+                raise ToolsUnsupported("messages: this model's chat template does not render tools or tool calls")
             return messages, []
         return to_template_form(messages, *self.tool_dialect)
 

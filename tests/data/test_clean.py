@@ -281,3 +281,31 @@ def test_hub_datasets_take_a_subset_and_a_split():
             expand_inputs([bad])
     with pytest.raises(UserError, match="org/name is a Hub dataset id, and the Hub is offline"):
         read_all(expand_inputs(["hub:org/name:zh:validation"])).__next__()
+
+
+def test_tool_rows_on_a_template_without_tools_are_tools_unsupported_not_role_order(tmp_path):
+    """A ChatML template that renders no tools (SmolLM2's): a row with a call, and a row that only lists tools,
+    are rejected with their own reason; the plain row is kept."""
+    from sftlab.model.load import load_tokenizer
+    from sftlab.model.tiny import ensure_tiny_model
+
+    tokenizer = load_tokenizer(ensure_tiny_model("sftlab:tiny-qwen3"))
+    tokenizer.chat_template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+                               "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}"
+                               "{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    tools = json.dumps([{"name": "get_time", "parameters": {"type": "object", "properties": {}}}])
+    rows = [{"instruction": "你好", "output": "你好！"},
+            {"conversations": [{"from": "human", "value": "几点了？"}, {"from": "function_call",
+                               "value": '{"name": "get_time", "arguments": {}}'},
+                               {"from": "observation", "value": "10:00"}, {"from": "gpt", "value": "十点。"}],
+             "tools": tools},
+            {"conversations": [{"from": "human", "value": "讲个笑话。"}, {"from": "gpt", "value": "好的。"}],
+             "tools": tools}]
+    path = tmp_path / "tools.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    result = clean_rows(read_all(expand_inputs([str(path)])), CleanArguments(), ChatRenderer(tokenizer, 256))
+    assert [k.line for k in result.kept] == [1]
+    assert [(r.line, r.reason, r.detail) for r in result.rejected] == [
+        (2, "tools_unsupported", "messages: this model's chat template does not render tools or tool calls"),
+        (3, "tools_unsupported", "messages: this model's chat template does not render tools or tool calls")]
+

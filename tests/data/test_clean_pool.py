@@ -50,10 +50,12 @@ def test_pool_and_serial_write_identical_outputs_with_every_reason(tiny_model_di
     assert sorted(serial) == OUTPUTS
     assert pooled == serial  # clean.jsonl, rejected.jsonl, report.json, report.md and the plot, byte for byte
     report = json.loads(serial["report.json"])
-    assert set(report["reasons"]) == set(REASONS) == set(EVERY_REASON)  # every reason sftlab has, reported
+    # every reason sftlab has, reported; but tools_unsupported, which needs a template that renders no tools
+    # (the tiny GLM-4's renders them: tests/data/test_clean.py checks it on one that does not)
+    assert set(report["reasons"]) == set(REASONS) - {"tools_unsupported"} == set(EVERY_REASON)
     assert report["kept"] + report["rejected"] == report["rows_read"] == 1218
     rejected = [json.loads(line) for line in serial["rejected.jsonl"].splitlines()]
-    assert len(rejected) == report["rejected"] and {r["reason"] for r in rejected} == set(REASONS)
+    assert len(rejected) == report["rejected"] and {r["reason"] for r in rejected} == set(EVERY_REASON)
 
 
 @pytest.mark.slow

@@ -293,3 +293,18 @@ def test_the_runs_system_prompt_goes_before_conversations_without_one(tiny):
                                   json={"model": "run", "messages": messages, "max_tokens": 2})
             assert response.status_code == 200, response.text
     assert [m[0] for m in seen] == [{"role": "system", "content": "你是灵犀。"}, {"role": "system", "content": "mine"}]
+
+
+def test_tools_for_a_template_that_renders_none_are_a_400(tiny):
+    model, tokenizer = tiny
+    plain = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)  # a copy: the fixture's stays GLM-4's
+    plain.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{% endfor %}"
+                           "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    app = create_app(model, plain, "no-tools", limits=Limits(max_tokens=2), context=4096)
+    tools = [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
+    with serving(app) as url:
+        response = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
+            "model": "no-tools", "messages": [{"role": "user", "content": "几点了？"}], "tools": tools})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["message"] == ("messages: this model's chat template does not render tools or "
+                                                   "tool calls")

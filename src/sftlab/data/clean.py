@@ -13,6 +13,7 @@ Reason codes, in the order they are checked:
   empty_response           an assistant message is empty
   role_order               the roles are not user -> assistant [-> observation -> assistant ...]; an
                            observation (tool result) must follow an assistant function call
+  tools_unsupported        the row has tools or tool calls, and the model's chat template renders neither
   boilerplate              a reply contains a configured phrase ("As an AI language model", ...)
   short_response           the last reply is shorter than min_response_chars
   duplicate                the same conversation as an earlier row, after normalization
@@ -42,7 +43,14 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm.auto import tqdm
 
-from sftlab.chat_format import ChatRenderer, MessageError, RenderedSample, SampleTooLong, validate_messages
+from sftlab.chat_format import (
+    ChatRenderer,
+    MessageError,
+    RenderedSample,
+    SampleTooLong,
+    ToolsUnsupported,
+    validate_messages,
+)
 from sftlab.config import CleanArguments
 from sftlab.data.convert import FieldError, ToolCallError, detect_format, to_messages
 from sftlab.data.load import SourceRow
@@ -51,7 +59,8 @@ from sftlab.errors import UserError
 
 MALFORMED = ("bad_json", "invalid_utf8", "invalid_text", "too_deep", "mixed_format", "malformed_record",
              "invalid_tool_call", "role_order")
-REASONS = MALFORMED[:7] + ("empty_instruction", "empty_response", "role_order", "boilerplate", "short_response",
+REASONS = MALFORMED[:7] + ("empty_instruction", "empty_response", "role_order", "tools_unsupported", "boilerplate",
+                          "short_response",
                           "duplicate", "near_duplicate", "too_long")
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
@@ -181,8 +190,9 @@ class RowChecker:
                    else [None] * len(passed))
         for row, (i, sample) in enumerate(zip(passed, samples)):
             messages, text = results[i]
-            if isinstance(sample, MessageError):  # decided after the duplicate checks, as a role_order rejection
-                sample = Rejection("role_order", str(sample))
+            if isinstance(sample, MessageError):  # decided after the duplicate checks
+                sample = Rejection("tools_unsupported" if isinstance(sample, ToolsUnsupported) else "role_order",
+                                   str(sample))
             tools = tool_key(messages)
             digest = None if text is None else hashlib.blake2b(text.encode() + b"\0" + tools, digest_size=16).digest()
             results[i] = Checked(messages, text, digest, tools, None if signatures is None else row, sample)

@@ -178,14 +178,13 @@ def create_app(model, tokenizer, name: str, api_key: str | None = None, limits: 
     async def chat_completions(request: Request, body: ChatRequest):
         if body.n != 1:
             return error(400, "n: only n=1 is supported", param="n")
-        try:
-            messages = with_system_prompt(conversation(body), system_prompt)
+        try:  # rendering too: a template that renders no tools refuses a request with them (a 400, not a 500)
+            prompt = engine.renderer.prompt_ids(with_system_prompt(conversation(body), system_prompt))
         except MessageError as exc:
             return error(400, str(exc), param="messages")
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stop) > 4 or any(not s for s in stop):
             return error(400, "stop: up to 4 non-empty strings", param="stop")
-        prompt = engine.renderer.prompt_ids(messages)
         asked = body.max_tokens or body.max_completion_tokens
         if asked is not None and asked > limits.max_tokens:
             return error(400, f"max_tokens: {asked} is over this server's cap of {limits.max_tokens}",
