@@ -31,7 +31,9 @@ GLM4_9B = dict(vocab_size=151552, hidden_size=4096, num_hidden_layers=40, num_at
                max_position_embeddings=8192, pad_token_id=151329)
 TINY = dict(GLM4_9B, vocab_size=4096, hidden_size=128, num_hidden_layers=2, num_attention_heads=4, head_dim=32,
             intermediate_size=320, pad_token_id=0)
-GFLOP_PER_TOKEN = {False: 35.9, True: 52.5}  # GLM-4-9B LoRA, 512 tokens (FACTS.md section 5)
+# GLM-4-9B LoRA at 512 tokens, per token: forward (2N) and the backward's input gradients (2N; frozen weights
+# need no weight gradients) for N of about 9B, plus attention; activation checkpointing adds a second forward
+GFLOP_PER_TOKEN = {False: 35.9, True: 52.5}
 PEAK_TFLOPS = 989.0  # H100/H200 SXM dense bf16
 
 

@@ -1,6 +1,6 @@
 """`sftlab train`: the tutorial's TRL SFT script, with its defects fixed. The only module that imports trl.
 
-Fixes over the tutorial (FACTS.md section 1): the assistant turn is followed by a supervised terminator and
+Fixes over the tutorial, whose script had these defects: the assistant turn is followed by a supervised terminator and
 the prompt is masked (one renderer, chat_format.py); max_length is TRL's real field; `[gMASK]<sop>` appears
 once; the split is seeded; probes run in eval mode and decode only new tokens; checkpoints are limited.
 """
