@@ -13,7 +13,15 @@ from sftlab.config import CleanArguments, Overflow, check_choices, parse_with_co
 from sftlab.data.clean import clean_rows
 from sftlab.data.convert import detect_format
 from sftlab.data.load import expand_inputs, read_source
-from sftlab.data.report import NO_MODEL, build_report, dataset_rows, length_stats, summary_line, write_clean_outputs
+from sftlab.data.report import (
+    NO_MODEL,
+    build_report,
+    dataset_rows,
+    length_stats,
+    summary_line,
+    template_system_prompt,
+    write_clean_outputs,
+)
 from sftlab.data.sources import dataset_specs, read_datasets
 from sftlab.environment import TINY_MODEL_NAME
 from sftlab.model.load import load_tokenizer, resolve_model_path
@@ -122,11 +130,11 @@ def inspect_main(argv: list[str]) -> int:
         print(mark_supervised(renderer.tokenizer, kept.sample))
     for rejected in result.rejected[:inspect.num_records]:
         print(f"\n--- {rejected.source}:{rejected.line}: not usable: {rejected.reason}: {rejected.detail}")
-    if renderer.default_system is not None:
-        without = sum(1 for kept in result.kept if kept.messages[0]["role"] != "system")
-        print(f"\nsystem prompt: the chat template adds its default {renderer.default_system!r} to every conversation "
-              f"without a system message ({without} of {len(result.kept)} here); --system_prompt \"\" keeps it out, "
-              "or give your own")
+    system = template_system_prompt(result, renderer.default_system)
+    if system is not None:
+        print(f"\nsystem prompt: the chat template adds its default {system['text']!r} to every conversation "
+              f"without a system message ({system['rows']} of {len(result.kept)} here); --system_prompt \"\" keeps it "
+              "out, or give your own")
     if args.model is None:
         print(f"\nnote: rendered with {TINY_MODEL_NAME}, whose tokenizer is not your model's: pass --model PATH "
               "for its real token counts")

@@ -15,13 +15,6 @@ CHINESE_SAMPLE = "你好，请用中文简单介绍一下你自己和你能做�
 DEFAULT_BUDGET = 64
 
 
-def is_run(folder: Path) -> bool:
-    """A training run's folder (or one of its checkpoints), as opposed to a model folder sftlab did not train."""
-    from sftlab.model.load import RUN_CONFIG, run_of_checkpoint
-
-    return (folder / RUN_CONFIG).exists() or run_of_checkpoint(folder) is not None
-
-
 def main_language(tokenizer) -> str:
     """"zh" when the tokenizer writes Chinese at under 1.5 tokens a character (GLM-4 and Qwen: under 1), else "en"
     (SmolLM2 and Llama-3 spend 2 to 3): a model folder is asked in the language its tokenizer was made for."""
@@ -32,18 +25,13 @@ def main_language(tokenizer) -> str:
 def generation_budget(folder: Path, asked: int | None) -> tuple[int, str]:
     """The new-token budget of the generation check and where it comes from: --max_new_tokens; else the run's
     reply limit (twice the p99 of its training replies, as its final evaluation used); else 64."""
-    from sftlab.model.load import RUN_CONFIG, run_of_checkpoint
+    from sftlab.model.load import run_record
 
     if asked is not None:
         return asked, "--max_new_tokens"
-    record = (run_of_checkpoint(folder) or folder) / RUN_CONFIG
-    if record.exists():
-        import yaml
-
-        limit = ((yaml.safe_load(record.read_text(encoding="utf-8")) or {}).get("train") or {}).get(
-            "final_eval_max_new_tokens")
-        if limit:
-            return int(limit), "the run's reply limit, from its data"
+    limit = ((run_record(folder) or {}).get("train") or {}).get("final_eval_max_new_tokens")
+    if limit:
+        return int(limit), "the run's reply limit, from its data"
     return DEFAULT_BUDGET, "the default for a model folder"
 
 
@@ -213,7 +201,7 @@ def check_system_prompt(folder: Path, tokenizer) -> Check:
     (system_prompt unset), or kept it out or replaced it. Chat and serve then apply the run's choice, so the
     check passes either way and says which; it fails only for a template that cannot be rendered."""
     from sftlab.chat_format import ChatRenderer
-    from sftlab.model.load import recorded_system_prompt
+    from sftlab.model.load import recorded_system_prompt, run_folder
 
     name = "system prompt"
     try:
@@ -223,7 +211,7 @@ def check_system_prompt(folder: Path, tokenizer) -> Check:
     if default is None:
         return Check(name, "pass", "the chat template adds no default system prompt")
     chosen = recorded_system_prompt(folder)
-    if not is_run(folder):
+    if run_folder(folder) is None:
         return Check(name, "pass", f"the chat template adds its default {default!r} to conversations without a "
                                    "system message: a run that leaves system_prompt unset trains it in "
                                    "(system_prompt: \"\" keeps it out)")
@@ -237,8 +225,10 @@ def check_system_prompt(folder: Path, tokenizer) -> Check:
 
 def check_retention(folder: Path) -> Check:
     """The retention verdict of the run's evaluation (eval/results.json): did tuning keep what the base knew?"""
+    from sftlab.model.load import run_folder
+
     name = "tuning kept what the base knew"
-    if not is_run(folder):
+    if run_folder(folder) is None:
         return Check(name, "skip", "not a training run: nothing was tuned")
     path = folder / "eval" / "results.json"
     record = json.loads(path.read_text(encoding="utf-8")).get("retention") if path.exists() else None

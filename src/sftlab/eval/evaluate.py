@@ -18,10 +18,10 @@ from sftlab.eval.tables import comparison_markdown, table_text
 from sftlab.files import write_atomic
 from sftlab.infer.generate import SamplingArgs, generate_replies
 from sftlab.model.load import (
-    RUN_CONFIG,
     inference_tokenizer,
     load_for_inference,
     recorded_system_prompt,
+    run_folder,
     run_of_checkpoint,
 )
 
@@ -83,7 +83,7 @@ def load_conversations(data: str | None, run_dir: Path | None, tokenizer) -> lis
     """The held-out split of a run (heldout.jsonl; a checkpoint's is its run's), or any data file sftlab can read
     (rows that cannot be rendered with the model's template are left out)."""
     if data is None:
-        run_dir = (run_of_checkpoint(run_dir) or run_dir) if run_dir else None
+        run_dir = (run_folder(run_dir) or run_dir) if run_dir else None
         heldout = run_dir / "heldout.jsonl" if run_dir else None
         if heldout is None or not heldout.exists():
             raise UserError("no held-out split here (heldout.jsonl): pass --data FILE")
@@ -132,8 +132,7 @@ def run_eval(model: str | None, adapter: str | None, data: str | None, compare_b
         probes = (retention.probes_from(load_conversations(retention_data, None, tokenizer)) if retention_data
                   else retention.shipped_probes())
     # a run (LoRA, or full fine-tuning evaluated as --model RUN) is "tuned"; any other model folder is "model"
-    is_run = adapter or (run_dir / RUN_CONFIG).exists() or run_of_checkpoint(run_dir) is not None
-    side = "tuned" if is_run else "model"
+    side = "tuned" if adapter or run_folder(run_dir) is not None else "model"
     results, replies, system_prompt = {}, {}, recorded_system_prompt(run_dir)
     if compare_base:  # the base first, then the tuned model: one model in memory at a time
         from sftlab.model.load import adapter_base

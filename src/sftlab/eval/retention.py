@@ -153,7 +153,7 @@ def summarize(probes: list[Probe], base: list, tuned: list, base_losses: list, t
     tuned_ok = {i for i in keyed if correct(probes[i].rule, tuned[i].text)}
     scored = [i for i in range(len(probes)) if base_losses[i] is not None]
     rises = {i: tuned_losses[i] - base_losses[i] for i in scored}
-    rise = sum(tuned_losses[i] for i in scored) / len(scored) - sum(base_losses[i] for i in scored) / len(scored)
+    rise = sum(rises.values()) / len(rises) if rises else 0.0  # 0.0: the base replied to no probe
     base_accuracy = len(base_ok) / len(keyed) if keyed else None
     tuned_accuracy = len(tuned_ok) / len(keyed) if keyed else None
     retained = round(len(base_ok & tuned_ok) / len(base_ok), 6) if base_ok else None

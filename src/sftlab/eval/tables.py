@@ -1,5 +1,7 @@
 """The before/after tables of an evaluation: for the terminal, eval/report.md and the run report."""
 
+from sftlab.eval.retention import retention_lines
+
 METRICS = ("eval_loss", "perplexity", "rouge_1", "rouge_2", "rouge_l", "bleu_4", "stop_rate", "mean_new_tokens")
 SETTINGS = ("max_new_tokens", "n")  # shown beside the metrics: a stop rate means little without its limit
 HIGHER_IS_BETTER = {"rouge_1", "rouge_2", "rouge_l", "bleu_4", "stop_rate"}
@@ -22,8 +24,6 @@ def comparison_markdown(results: dict, samples: list[dict], limit: int = 10) -> 
             row += f" | {delta:+.4g}{' ✓' if better else ''}"
         lines.append(row + " |")
     if "retention" in results:
-        from sftlab.eval.retention import retention_lines
-
         lines += ["", "## Retention (general probes, base vs tuned)", "", "```", *retention_lines(results["retention"]),
                   "```"]
     lines += ["", f"## Replies (first {min(limit, len(samples))} of {len(samples)})", ""]
@@ -43,7 +43,5 @@ def table_text(results: dict) -> str:
     for metric in METRICS + SETTINGS:
         lines.append(f"{metric:16s}" + "".join(f"{results[side].get(metric, ''):>12}" for side in sides))
     if "retention" in results:
-        from sftlab.eval.retention import retention_lines
-
         lines += ["", *retention_lines(results["retention"])]
     return "\n".join(lines)

@@ -145,17 +145,27 @@ def run_of_checkpoint(folder: str | Path) -> Path | None:
     return None
 
 
-def recorded_system_prompt(folder: str | Path | None) -> str | None:
-    """The system_prompt a training run was given (None: unset, or no run record in `folder`): chat, the probes
-    and serve put it before conversations without a system message, as training did."""
-    if folder is not None and run_of_checkpoint(folder) is not None:
-        folder = run_of_checkpoint(folder)
-    record = Path(folder) / RUN_CONFIG if folder is not None else None
-    if record is None or not record.is_file():
+def run_folder(folder: str | Path) -> Path | None:
+    """The training run `folder` belongs to: itself, or the run holding it when it is a checkpoint-N; None for a
+    model folder that sftlab did not train."""
+    folder = Path(folder)
+    return folder if (folder / RUN_CONFIG).is_file() else run_of_checkpoint(folder)
+
+
+def run_record(folder: str | Path | None) -> dict | None:
+    """The resolved config (sftlab_config.yaml) of the run `folder` belongs to, or None."""
+    run = run_folder(folder) if folder is not None else None
+    if run is None:
         return None
     import yaml
 
-    return ((yaml.safe_load(record.read_text(encoding="utf-8")) or {}).get("data") or {}).get("system_prompt")
+    return yaml.safe_load((run / RUN_CONFIG).read_text(encoding="utf-8")) or {}
+
+
+def recorded_system_prompt(folder: str | Path | None) -> str | None:
+    """The system_prompt a training run was given (None: unset, or no run record in `folder`): chat, the probes
+    and serve put it before conversations without a system message, as training did."""
+    return ((run_record(folder) or {}).get("data") or {}).get("system_prompt")
 
 
 def with_system_prompt(messages: list[dict], system_prompt: str | None) -> list[dict]:

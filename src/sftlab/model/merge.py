@@ -50,9 +50,10 @@ def merge(adapter: str, output: str | None = None, dtype: str = "bfloat16", devi
     try:
         model.save_pretrained(staging, max_shard_size=max_shard_size)
         save_tokenizer(tokenizer, staging)
-        stops = run / "generation_config.json" if (run / "generation_config.json").exists() else None
-        stops = stops or (record / "generation_config.json" if (record / "generation_config.json").exists() else None)
-        if stops is not None:  # the run's stop ids (the base's may lack the template's)
+        # the run's stop ids (the base's may lack the template's): the checkpoint's own, else its run's
+        stops = next((f / "generation_config.json" for f in (run, record) if (f / "generation_config.json").exists()),
+                     None)
+        if stops is not None:
             shutil.copy(stops, staging / "generation_config.json")
         if (record / RUN_CONFIG).exists():  # the recipe, and the system_prompt that chat and serve apply as trained
             shutil.copy(record / RUN_CONFIG, staging / RUN_CONFIG)

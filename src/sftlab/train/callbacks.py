@@ -6,16 +6,13 @@ from transformers import TrainerCallback
 
 from sftlab.files import append_jsonl
 from sftlab.infer.generate import SamplingArgs, generate_replies
+from sftlab.model.load import with_system_prompt
 
 DEFAULT_PROBES = ["你好，告诉我你的名字。", "告诉我1+2等于多少？"]  # the tutorial's two probe prompts
 
 
 def run_probes(model, tokenizer, prompts: list[str], max_new_tokens: int, system_prompt: str | None = None):
-    conversations = [
-        ([{"role": "system", "content": system_prompt}] if system_prompt is not None else [])
-        + [{"role": "user", "content": p}]
-        for p in prompts
-    ]
+    conversations = [with_system_prompt([{"role": "user", "content": p}], system_prompt) for p in prompts]
     sampling = SamplingArgs(max_new_tokens=max_new_tokens, temperature=0)
     return generate_replies(model, tokenizer, conversations, sampling)
 
