@@ -7,8 +7,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_OUT := output/demo
 IDENTITY := "你是谁？" "你叫什么名字？" "Who are you?"
+REAL_OUT := output/demo-real
+REAL_IDENTITY := "Who exactly are you?" "What name do you go by?" "谁创造了你？" "What is the capital of France?"
 
-.PHONY: setup demo test test-quick bench clean
+.PHONY: setup demo demo-real test test-quick bench clean
 
 # The torch choice is part of what setup checks: another TORCH=... gets its own stamp, so it is installed.
 TORCH_STAMP := $(VENV)/.torch-$(shell printf '%s' '$(TORCH)' | cksum | cut -d' ' -f1)
@@ -39,6 +41,18 @@ demo: setup
 	@echo; $(BIN)/sftlab doctor --adapter $(DEMO_OUT) 2>/dev/null
 	@echo; echo "Before (base) and after (tuned), on the held-out split (sftlab eval --adapter $(DEMO_OUT) --compare-base):"
 	@$(BIN)/sftlab eval --adapter $(DEMO_OUT) --compare-base --max_new_tokens 64 2>/dev/null
+
+# The real-model recipe: SmolLM2-135M-Instruct learns a new identity (Kestrel) and keeps what it knew.
+demo-real: setup
+	rm -rf $(REAL_OUT)
+	$(BIN)/sftlab train --config configs/smollm2-135m-lora.yaml --output_dir $(REAL_OUT)
+	@echo; echo "Held-out questions, greedy (sftlab chat --adapter $(REAL_OUT) --prompt Q --temperature 0 --json):"
+	@for q in $(REAL_IDENTITY); do printf '  %s -> ' "$$q"; \
+	  $(BIN)/sftlab chat --adapter $(REAL_OUT) --prompt "$$q" --temperature 0 --json 2>/dev/null; done
+	@echo; echo "Held-out identity paraphrases (sftlab eval --adapter $(REAL_OUT) --data sftlab:identity-checks):"
+	@$(BIN)/sftlab eval --adapter $(REAL_OUT) --data sftlab:identity-checks 2>/dev/null
+	@echo; echo "Before (base) and after (tuned), with the retention check (sftlab eval --adapter $(REAL_OUT) --compare-base):"
+	@$(BIN)/sftlab eval --adapter $(REAL_OUT) --compare-base 2>/dev/null
 
 test: setup
 	$(BIN)/ruff check .

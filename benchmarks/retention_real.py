@@ -3,7 +3,10 @@ identity, 灵犀 / Lingxi, and short tasks) from sftlab:smollm2-135m, each follo
 (held-out split and retention: 60 general probes, base vs tuned, and the loss rise on the base's own replies).
 What it prints set the verdict's thresholds (sftlab/eval/retention.py):
 
-    .venv/bin/python benchmarks/retention_real.py [--variants demo30,demo10,demo100,gentle30,qv30]
+    .venv/bin/python benchmarks/retention_real.py [--variants demo30,demo10,demo100,gentle30,qv30,recipe]
+
+`recipe` is configs/smollm2-135m-lora.yaml as shipped (its own data: the Kestrel identity mixed with general rows);
+the others train on the demo data from configs/demo.yaml with the flags shown.
 
 Each run is its own process; one run per variant (training and evaluation are seeded and greedy, so a second run
 gives the same numbers). About 2 to 4 minutes per variant on 2 cores.
@@ -31,15 +34,18 @@ VARIANTS = {
     "qv30": ("lr 1e-4, q/v r8, 30 steps",
              ["--learning_rate", "1e-4", "--lora_target_modules", "q_proj", "v_proj", "--lora_r", "8", "--lora_alpha",
               "16", "--max_steps", "30"]),
+    "recipe": ("configs/smollm2-135m-lora.yaml (identity + general rows)", []),
 }
 
 
 def run(variant: str, home: str) -> dict:
     out = Path(tempfile.mkdtemp(prefix=f"retention-{variant}-", dir=home)) / "run"
-    command = [sys.executable, "-m", "sftlab.cli", "train", "--config", str(REPO / "configs/demo.yaml"),
-               "--model_name_or_path", "sftlab:smollm2-135m", "--lora_modules_to_save", "null",
-               "--output_dir", str(out), "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none",
-               "--final_eval_samples", "20", "--probe_prompts", "Who are you?", *VARIANTS[variant][1]]
+    on_demo_data = ["--config", str(REPO / "configs/demo.yaml"), "--model_name_or_path", "sftlab:smollm2-135m",
+                    "--lora_modules_to_save", "null"]
+    config = ["--config", str(REPO / "configs/smollm2-135m-lora.yaml")] if variant == "recipe" else on_demo_data
+    command = [sys.executable, "-m", "sftlab.cli", "train", *config, "--output_dir", str(out), "--eval_strategy", "no",
+               "--save_strategy", "no", "--report_to", "none", "--final_eval_samples", "20", "--probe_prompts",
+               "Who are you?", *VARIANTS[variant][1]]
     started = time.time()
     proc = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "SFTLAB_HOME": home})
     if proc.returncode != 0:

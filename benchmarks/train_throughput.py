@@ -1,12 +1,14 @@
 """Training throughput on CPU: the tutorial's TRL setup against sftlab's, in one run, interleaved.
 
     .venv/bin/python benchmarks/train_throughput.py [--rows 2000] [--repeats 3] [--variants a,b,c,d,e]
+    .venv/bin/python benchmarks/train_throughput.py --model sftlab:smollm2-135m --rows 240 --variants a,b,e
 
-The tiny GLM-4 (`sftlab:tiny-glm4`), LoRA r=8 / alpha 32 / dropout 0.1 on q/k/v, one epoch over generated
-Alpaca-like rows whose rendered length averages about 150 tokens with a long tail to 1,000, and 1.5% planted
-defects of every kind sftlab rejects (benchmarks/dirty_data.py), as in real data. sftlab reads that file and
-cleans it; the tutorial, which has no cleaning and would stop at the first unreadable line, is given the rows
-it can read (it then trains on the empty, boilerplate and duplicate ones, as it did):
+The tiny GLM-4 (`sftlab:tiny-glm4`; --model: another, such as the real SmolLM2-135M: 30 layers, a 49,152-token
+vocabulary, tied embeddings, where the LM head is a larger share of the work), LoRA r=8 / alpha 32 / dropout 0.1 on
+q/k/v, one epoch over generated Alpaca-like rows whose rendered length averages about 150 tokens with a long tail
+to 1,000, and 1.5% planted defects of every kind sftlab rejects (benchmarks/dirty_data.py), as in real data. sftlab
+reads that file and cleans it; the tutorial, which has no cleaning and would stop at the first unreadable line, is
+given the rows it can read (it then trains on the empty, boilerplate and duplicate ones, as it did):
 
   (a) the tutorial: TRL's SFTTrainer directly (not sftlab), text rendered by a formatting function, batch 2
       padded to its longest sample, loss on every token, TRL's defaults (activation checkpointing on);
@@ -108,7 +110,7 @@ class Counter:
         sft_trainer.DataCollatorForLanguageModeling.torch_call = counted
 
 
-def run_tutorial(data_file: str, out: str) -> float:
+def run_tutorial(data_file: str, out: str, model_name: str) -> float:
     """The tutorial's training script, as it ran (TRL 1.x defaults where it set nothing)."""
     import datasets
     import torch
@@ -118,7 +120,7 @@ def run_tutorial(data_file: str, out: str) -> float:
 
     from sftlab.model.load import load_tokenizer, resolve_model_path
 
-    path = resolve_model_path("sftlab:tiny-glm4")
+    path = resolve_model_path(model_name)
     tokenizer = load_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     raw = datasets.load_dataset("json", data_files=data_file)["train"].train_test_split(0.05, seed=42)
@@ -138,14 +140,14 @@ def run_tutorial(data_file: str, out: str) -> float:
     return trainer.train().metrics["train_runtime"]
 
 
-def run_sftlab(data_file: str, out: str, variant: str) -> float:
+def run_sftlab(data_file: str, out: str, variant: str, model_name: str) -> float:
     from sftlab.train.sft import parse_args, train
 
     extra = {"b": [], "c": FAST, "d": FAST[2:] + ["--padding_free", "false"],
              "e": FAST + ["--activation_checkpointing", "false"],
              "f": FAST + ["--attn_implementation", "sdpa"]}[variant]
     args = parse_args([
-        "--config", str(REPO / "configs/glm4-9b-lora.yaml"), "--model_name_or_path", "sftlab:tiny-glm4",
+        "--config", str(REPO / "configs/glm4-9b-lora.yaml"), "--model_name_or_path", model_name,
         "--dtype", "float32", "--bf16", "false", "--bf16_full_eval", "false", "--data_files", data_file,
         "--output_dir", out, "--report_to", "none", "--num_train_epochs", "1", "--max_length", "1024",
         "--eval_strategy", "no", "--save_strategy", "no", "--final_eval_samples", "0",
@@ -156,11 +158,11 @@ def run_sftlab(data_file: str, out: str, variant: str) -> float:
     return next(r["train_runtime"] for r in reversed(logs) if "train_runtime" in r)
 
 
-def worker(variant: str, data_file: str) -> None:
+def worker(variant: str, data_file: str, model_name: str) -> None:
     Counter.install()
     with tempfile.TemporaryDirectory() as out:
-        seconds = (run_tutorial(tutorial_file(data_file), out) if variant == "a"
-                   else run_sftlab(data_file, out + "/run", variant))
+        seconds = (run_tutorial(tutorial_file(data_file), out, model_name) if variant == "a"
+                   else run_sftlab(data_file, out + "/run", variant, model_name))
     result = dict(variant=variant, seconds=seconds, samples=Counter.samples, real=Counter.real,
                   positions=Counter.positions, peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print("RESULT " + json.dumps(result))
@@ -170,8 +172,8 @@ def tutorial_file(data_file: str) -> str:
     return data_file.replace(".jsonl", ".readable.json")
 
 
-def run_once(variant: str, data_file: str, env: dict) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--worker", variant, "--data", data_file],
+def run_once(variant: str, data_file: str, env: dict, model_name: str) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--worker", variant, "--data", data_file, "--model", model_name],
                           capture_output=True, text=True, env=env)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     if proc.returncode != 0 or line is None:
@@ -184,35 +186,38 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--variants", default="a,b,c,d,e")
+    parser.add_argument("--model", default="sftlab:tiny-glm4", help="sftlab:tiny-glm4 or sftlab:smollm2-135m (the "
+                        "real one: pip install 'sftlab[real]'), or a model folder")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        return worker(args.worker, args.data)
+        return worker(args.worker, args.data, args.model)
 
     from sftlab.model.load import load_tokenizer, resolve_model_path
 
     variants = args.variants.split(",")
-    home = tempfile.mkdtemp(prefix="sftlab-bench-")
+    home = os.environ.get("SFTLAB_HOME") or tempfile.mkdtemp(prefix="sftlab-bench-")
     env = {**os.environ, "SFTLAB_HOME": home, "SWANLAB_MODE": "disabled", "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
     os.environ.update(SFTLAB_HOME=home)
-    tokenizer = load_tokenizer(resolve_model_path("sftlab:tiny-glm4"))
+    tokenizer = load_tokenizer(resolve_model_path(args.model))  # builds an embedded model once, before the runs
+    work = tempfile.mkdtemp(prefix="throughput-", dir=home)
     rows = make_rows(args.rows, tokenizer)
-    data_file = str(Path(home) / "alpaca_like.jsonl")
+    data_file = str(Path(work) / "alpaca_like.jsonl")
     Path(data_file).write_bytes(b"\n".join(with_defects(rows, 1024)) + b"\n")
     Path(tutorial_file(data_file)).write_text(json.dumps(readable_rows(data_file), ensure_ascii=False), "utf-8")
     lengths = [len(tokenizer.apply_chat_template(
         [{"role": "user", "content": r["instruction"] + ("\n\n" + r["input"] if r["input"] else "")},
          {"role": "assistant", "content": r["output"]}], tokenize=True, return_dict=False)) for r in rows]
-    print(f"{args.rows} rows; rendered tokens mean {statistics.mean(lengths):.0f}, median "
+    print(f"{args.model}: {args.rows} rows; rendered tokens mean {statistics.mean(lengths):.0f}, median "
           f"{statistics.median(lengths):.0f}, p99 {sorted(lengths)[int(0.99 * len(lengths))]}, max {max(lengths)}; "
           f"{os.cpu_count()} CPUs; load average before: {os.getloadavg()[0]:.2f}")
     runs = {v: [] for v in variants}
     start = time.time()
     for repeat in range(args.repeats):  # interleaved: a b c d a b c d ...
         for v in variants:
-            r = run_once(v, data_file, env)
+            r = run_once(v, data_file, env, args.model)
             runs[v].append(r)
             print(f"  round {repeat + 1} ({v}): {r['real'] / r['seconds']:,.0f} tokens/s, {r['seconds']:.1f} s",
                   flush=True)

@@ -184,3 +184,17 @@ def test_the_doctors_label_checks_hold_for_a_template_that_ends_turns(chatml_tok
     assert check_pad_eos(chatml_tokenizer, [example]).status == "pass"
     masked = dict(example, labels=sample.labels[:-2] + [IGNORE_INDEX, IGNORE_INDEX])  # <|im_end|> masked
     assert check_terminator(chatml_tokenizer, [masked]).status == "FAIL"
+
+
+@pytest.mark.parametrize("reply, call", [
+    ('{"name": "get_time", "arguments": {"zone": "UTC"}}', {"name": "get_time", "arguments": {"zone": "UTC"}}),
+    (' ```json\n{"name": "get_time"}\n``` ', {"name": "get_time", "arguments": {}}),
+    ('{"name": "get_time", "arguments": "UTC"}', None),
+    ('{"arguments": {}}', None),
+    ("It is ten o'clock.", None),
+    ('[{"name": "get_time"}]', None),
+])
+def test_a_call_in_the_fallback_form_is_read_back_from_a_reply(reply, call):
+    from sftlab.chat_format import fallback_call
+
+    assert fallback_call(reply) == call

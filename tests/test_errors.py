@@ -7,7 +7,7 @@ import pickle
 import pkgutil
 
 import sftlab
-from sftlab.chat_format import MessageError, SampleTooLong, ToolsUnsupported
+from sftlab.chat_format import MessageError, SampleTooLong
 from sftlab.data.clean import Rejection, _Reject
 from sftlab.data.convert import FieldError, ToolCallError
 from sftlab.errors import UserError
@@ -17,7 +17,6 @@ from sftlab.infer.engine import QueueFull
 EXAMPLES = {
     UserError: ("data.jsonl:3: something to fix",),
     MessageError: ("messages[1]: expected the assistant",),
-    ToolsUnsupported: ("messages: this model's chat template does not render tools or tool calls",),
     SampleTooLong: (1500, 1024),
     FieldError: ("instruction", "expected a string, got int"),
     ToolCallError: ("conversations[1].value", "function_call is not valid JSON"),

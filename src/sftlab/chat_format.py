@@ -20,7 +20,11 @@ Conversations are in sftlab's message form: tools on the system message (`"tools
 assistant message whose `metadata` is the function name and whose content is the JSON arguments, a tool
 result as an `observation` message. Each template is probed once for how it wants them: in that form (GLM-4),
 with the tools passed to the template (GLM-4-0414), or in OpenAI's form, `tools` passed to the template,
-assistant `tool_calls`, `tool` results (Qwen, Llama-3 and most others).
+assistant `tool_calls`, `tool` results (Qwen, Llama-3 and most others). A template that renders tools in
+none of these forms (SmolLM2's ChatML) gets the fallback form (`to_fallback_form`): the tool definitions as JSON
+in the system message, each call as a JSON object `{"name": ..., "arguments": {...}}` as the assistant's whole
+reply, each result as a user message `Result of NAME: ...`. It is plain text in roles every template has, so
+training, chat and the server render it the same way, and `fallback_call` reads a call back from a reply.
 
 A template that renders an earlier assistant turn differently once more messages follow (Qwen3 drops the
 empty think block from history) gets every assistant turn in the form the model generates it, as TRL's
@@ -38,10 +42,6 @@ ROLES = ("system", "user", "assistant", "observation")
 
 class MessageError(ValueError):
     """A conversation that cannot be rendered for training (wrong roles, order or types)."""
-
-
-class ToolsUnsupported(MessageError):
-    """A conversation with tools or tool calls, and a chat template that renders neither."""
 
 
 class SampleTooLong(ValueError):
@@ -162,6 +162,57 @@ def to_template_form(messages: list[dict], tools_as_kwarg: bool, openai_calls: b
     return out, (tools if tools_as_kwarg else [])
 
 
+FALLBACK_TOOLS_INTRO = "You can call these functions (JSON schemas, one per line):"
+FALLBACK_TOOLS_HOWTO = ('To call one, reply with only a JSON object: {"name": "<function name>", "arguments": '
+                        '{<arguments>}}. Its result comes back in the next message, starting with "Result of".')
+FALLBACK_RESULT = "Result of {name}: {content}"
+
+
+def fallback_tools_text(tools: list[dict]) -> str:
+    listing = "\n".join(json.dumps(t.get("function", t), ensure_ascii=False) for t in tools)
+    return f"{FALLBACK_TOOLS_INTRO}\n{listing}\n{FALLBACK_TOOLS_HOWTO}"
+
+
+def to_fallback_form(messages: list[dict]) -> list[dict]:
+    """sftlab's tool messages -> plain system, user and assistant text, one message for one (the mask stays
+    exact): tools appended to the system message's text, a call as the JSON object
+    {"name": ..., "arguments": {...}}, a result as a user message "Result of NAME: CONTENT"."""
+    out, called = [], "the function"
+    for i, message in enumerate(messages):
+        if message.get("tools"):
+            text, tools = message["content"].strip(), fallback_tools_text(message["tools"])
+            message = {"role": message["role"], "content": f"{text}\n\n{tools}" if text else tools}
+        elif message["role"] == "assistant" and message.get("metadata"):
+            called = message["metadata"]
+            try:
+                arguments = json.loads(message["content"]) if message["content"].strip() else {}
+            except json.JSONDecodeError as exc:
+                raise MessageError(f"messages[{i}].content: the arguments of {called} are not valid JSON "
+                                   f"({exc.msg})") from exc
+            message = {"role": "assistant", "content": json.dumps({"name": called, "arguments": arguments},
+                                                                  ensure_ascii=False)}
+        elif message["role"] == "observation":
+            message = {"role": "user", "content": FALLBACK_RESULT.format(name=called, content=message["content"])}
+        out.append(message)
+    return out
+
+
+def fallback_call(reply: str) -> dict | None:
+    """A function call in the fallback form read back from a reply: {"name": str, "arguments": dict}, or None
+    when the reply is not one (a code fence around the JSON is allowed)."""
+    text = reply.strip()
+    if text.startswith("```"):
+        text = text.strip("`").removeprefix("json").strip()
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    if not (isinstance(value, dict) and isinstance(value.get("name"), str) and value["name"]
+            and isinstance(value.get("arguments", {}), dict)):
+        return None
+    return {"name": value["name"], "arguments": value.get("arguments", {})}
+
+
 class ChatRenderer:
     """Renders conversations with `tokenizer`'s chat template into ids, labels and prompts.
 
@@ -264,9 +315,7 @@ class ChatRenderer:
     def template_form(self, messages: list[dict]) -> tuple[list[dict], list]:
         """(messages, tools) as this template wants them: what apply_chat_template is to be given."""
         if self.tool_dialect is None:
-            if any(m.get("tools") or m.get("metadata") for m in messages):
-                raise ToolsUnsupported("messages: this model's chat template does not render tools or tool calls")
-            return messages, []
+            return (to_fallback_form(messages) if has_tool_parts(messages) else messages), []
         return to_template_form(messages, *self.tool_dialect)
 
     def render_text(self, messages: list[dict], add_generation_prompt: bool = False) -> str:

@@ -101,9 +101,9 @@ class DataArguments:
     data_files: list[str] = field(
         default_factory=lambda: ["./data/alpaca_gpt4_data_zh.json"],
         metadata={"help": "Datasets: files (.json .jsonl .parquet .csv; alpaca, sharegpt, openai messages or "
-                  "prompt/completion rows), globs, Hub ids (hub:org/name[:subset[:split]]) or sftlab:demo; or, per "
-                  "dataset, a mapping {path, columns, max_samples, weight} (JSON on the command line; see "
-                  "sftlab.data.sources)."},
+                  "prompt/completion rows), globs, Hub ids (hub:org/name[:subset[:split]]) or shipped data "
+                  "(sftlab:demo, sftlab:identity); or, per dataset, a mapping {path, columns, max_samples, "
+                  "weight} (JSON on the command line; see sftlab.data.sources)."},
     )
     test_size: float = field(
         default=0.05, metadata={"help": "Share of rows held out for evaluation (0 disables the split)."}
@@ -157,6 +157,13 @@ class CleanArguments:
     strict: bool = field(
         default=False, metadata={"help": "Fail on the first malformed row, naming its file:line, instead of "
                                  "counting it and going on."}
+    )
+    tool_fallback: bool = field(
+        default=True, metadata={"help": "For a chat template that renders no tools (SmolLM2's): train tool rows in "
+                                "sftlab's fallback form (tools as JSON in the system message, a call as a JSON reply, "
+                                "a result as a user message; chat and serve render it the same way). false: rows "
+                                "with calls are tools_unsupported, rows that only list tools keep their "
+                                "conversation without them (counted as the repair tools_dropped)."}
     )
     num_proc: int | None = field(
         default=None, metadata={"help": "Worker processes that check and tokenize the rows. None: one per core for "

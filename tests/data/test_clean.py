@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from sftlab.chat_format import ChatRenderer
+from sftlab.chat_format import ChatRenderer, mark_supervised
 from sftlab.config import CleanArguments
 from sftlab.data.clean import clean_rows, repair_text
 from sftlab.data.load import SourceRow, expand_inputs, read_source
@@ -283,29 +283,56 @@ def test_hub_datasets_take_a_subset_and_a_split():
         read_all(expand_inputs(["hub:org/name:zh:validation"])).__next__()
 
 
-def test_tool_rows_on_a_template_without_tools_are_tools_unsupported_not_role_order(tmp_path):
-    """A ChatML template that renders no tools (SmolLM2's): a row with a call, and a row that only lists tools,
-    are rejected with their own reason; the plain row is kept."""
+PLAIN_CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+                "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+TOOL_ROWS = [
+    {"instruction": "你好", "output": "你好！"},
+    {"conversations": [{"from": "human", "value": "几点了？"}, {"from": "function_call",
+                       "value": '{"name": "get_time", "arguments": {}}'},
+                       {"from": "observation", "value": "10:00"}, {"from": "gpt", "value": "十点。"}],
+     "tools": json.dumps([{"name": "get_time", "parameters": {"type": "object", "properties": {}}}])},
+    {"conversations": [{"from": "human", "value": "讲个笑话。"}, {"from": "gpt", "value": "好的。"}],
+     "tools": json.dumps([{"name": "get_time", "parameters": {"type": "object", "properties": {}}}])}]
+
+
+def clean_tool_rows(tmp_path, **config):
+    """TOOL_ROWS cleaned for a ChatML template that renders no tools (SmolLM2's)."""
     from sftlab.model.load import load_tokenizer
     from sftlab.model.tiny import ensure_tiny_model
 
     tokenizer = load_tokenizer(ensure_tiny_model("sftlab:tiny-qwen3"))
-    tokenizer.chat_template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
-                               "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}"
-                               "{{ '<|im_start|>assistant\\n' }}{% endif %}")
-    tools = json.dumps([{"name": "get_time", "parameters": {"type": "object", "properties": {}}}])
-    rows = [{"instruction": "你好", "output": "你好！"},
-            {"conversations": [{"from": "human", "value": "几点了？"}, {"from": "function_call",
-                               "value": '{"name": "get_time", "arguments": {}}'},
-                               {"from": "observation", "value": "10:00"}, {"from": "gpt", "value": "十点。"}],
-             "tools": tools},
-            {"conversations": [{"from": "human", "value": "讲个笑话。"}, {"from": "gpt", "value": "好的。"}],
-             "tools": tools}]
+    tokenizer.chat_template = PLAIN_CHATML
     path = tmp_path / "tools.jsonl"
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    result = clean_rows(read_all(expand_inputs([str(path)])), CleanArguments(), ChatRenderer(tokenizer, 256))
-    assert [k.line for k in result.kept] == [1]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in TOOL_ROWS), encoding="utf-8")
+    renderer = ChatRenderer(tokenizer, 1024)
+    return clean_rows(read_all(expand_inputs([str(path)])), CleanArguments(**config), renderer), renderer
+
+
+def test_tool_rows_on_a_template_without_tools_are_trained_in_the_fallback_form(tmp_path):
+    """Every row is kept; the tools are JSON in the system message, the call a JSON reply (supervised), the
+    result a user message."""
+    result, renderer = clean_tool_rows(tmp_path)
+    assert [k.line for k in result.kept] == [1, 2, 3] and result.rejected == []
+    schema = '{"name": "get_time", "parameters": {"type": "object", "properties": {}}}'
+    tools = ("You can call these functions (JSON schemas, one per line):\n" + schema + "\nTo call one, reply with "
+             'only a JSON object: {"name": "<function name>", "arguments": {<arguments>}}. Its result comes back in '
+             'the next message, starting with "Result of".')
+    assert mark_supervised(renderer.tokenizer, result.kept[1].sample) == (
+        f"<|im_start|>system\n{tools}<|im_end|>\n<|im_start|>user\n几点了？<|im_end|>\n<|im_start|>assistant\n"
+        '«{"name": "get_time", "arguments": {}}<|im_end|>»\n<|im_start|>user\nResult of get_time: 10:00<|im_end|>\n'
+        "<|im_start|>assistant\n«十点。<|im_end|>»\n")
+    assert mark_supervised(renderer.tokenizer, result.kept[2].sample).startswith(
+        f"<|im_start|>system\n{tools}<|im_end|>\n<|im_start|>user\n讲个笑话。")
+
+
+def test_tool_rows_with_the_fallback_off_are_tools_unsupported_not_role_order(tmp_path):
+    """tool_fallback off: the row with a call has its own reason; the row that only lists tools keeps its
+    conversation without them, counted as a repair."""
+    result, renderer = clean_tool_rows(tmp_path, tool_fallback=False)
+    assert [k.line for k in result.kept] == [1, 3]
     assert [(r.line, r.reason, r.detail) for r in result.rejected] == [
-        (2, "tools_unsupported", "messages: this model's chat template does not render tools or tool calls"),
-        (3, "tools_unsupported", "messages: this model's chat template does not render tools or tool calls")]
+        (2, "tools_unsupported", "the chat template renders no tools and tool_fallback is off: this row has "
+                                 "function calls")]
+    assert result.kept[1].messages == [{"role": "user", "content": "讲个笑话。"}, {"role": "assistant", "content": "好的。"}]
+    assert result.repairs["tools_dropped"] == 1
 

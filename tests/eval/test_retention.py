@@ -40,17 +40,21 @@ def test_the_shipped_probes_are_sixty_half_chinese_each_with_a_rule():
     assert sum(bool(re.search(r"[\u4e00-\u9fff]", p.prompt)) for p in probes) == 30
 
 
-@pytest.mark.parametrize("retained, rise, word", [
-    (1.0, 0.0, "kept"), (0.9, 0.25, "kept"),  # the boundaries count as kept
-    (0.89, 0.1, "degraded"), (1.0, 0.3, "degraded"), (0.5, 1.0, "degraded"),
-    (0.49, 0.1, "lost"), (1.0, 1.1, "lost"),
-    (None, 0.2, "kept"), (None, 2.0, "lost"),  # no answer key: the loss rise alone
-    # the five runs of benchmarks/retention_real.py on SmolLM2-135M
-    (1.0, -0.012, "kept"), (0.93, 0.003, "kept"), (0.71, 0.496, "degraded"), (0.57, 0.825, "degraded"),
-    (0.43, 1.468, "lost"),
+@pytest.mark.parametrize("retained, rise, accuracies, word", [
+    (1.0, 0.0, None, "kept"), (0.8, 0.25, (0.5, 0.45), "kept"),  # the boundaries count as kept
+    (0.79, 0.1, None, "degraded"), (1.0, 0.3, None, "degraded"), (0.5, 1.0, None, "degraded"),
+    (0.85, 0.0, (0.5, 0.44), "degraded"),  # 88% of the base's accuracy
+    (0.49, 0.1, None, "lost"), (1.0, 1.1, None, "lost"),
+    (None, 0.2, None, "kept"), (None, 2.0, None, "lost"),  # no answer key: the loss rise alone
+    # runs of benchmarks/retention_real.py and of the recipe search on SmolLM2-135M (README "Retention")
+    (1.0, -0.012, (0.2333, 0.3333), "kept"), (0.93, 0.003, (0.2333, 0.3833), "kept"),
+    (0.71, 0.496, (0.2333, 0.3333), "degraded"), (0.57, 0.825, (0.2333, 0.2667), "degraded"),
+    (0.43, 1.468, (0.2333, 0.3333), "lost"),
+    (0.8636, -0.003, (0.3667, 0.3833), "kept"), (0.8636, 0.0158, (0.3667, 0.4), "kept"),
+    (0.7778, 0.1843, (0.3, 0.3167), "degraded"),
 ])
-def test_the_verdict_thresholds(retained, rise, word):
-    assert verdict(retained, rise)[0] == word
+def test_the_verdict_thresholds(retained, rise, accuracies, word):
+    assert verdict(retained, rise, accuracies)[0] == word
 
 
 def replies(*texts) -> list[Reply]:
@@ -66,8 +70,8 @@ def test_the_record_names_the_worst_probes_first_those_the_tuned_model_forgot():
     assert [w["prompt"] for w in record["worst"]] == ["q1", "q3", "q5"]  # forgotten first, then by loss rise
     # the same accuracy, but a probe the base knew was forgotten (and one it did not know was gained)
     assert record["verdict"] == "degraded" and record["why"] == (
-        "retained 83% of the probes the base answers (kept >= 90%, lost < 50%); loss rise on the base's own replies "
-        "+0.329 nats/token (kept <= 0.25, lost > 1.0); accuracy 86% -> 86%")
+        "retained 83% of the probes the base answers (kept >= 80%, lost < 50%); loss rise on the base's own replies "
+        "+0.329 nats/token (kept <= 0.25, lost > 1.0); accuracy 86% -> 86% (kept: at least 90% of the base's)")
     assert [(p["prompt"], p["base_correct"], p["tuned_correct"]) for p in record["per_probe"]][5:] == [
         ("q5", True, True), ("q6", False, True)]
 

@@ -295,16 +295,26 @@ def test_the_runs_system_prompt_goes_before_conversations_without_one(tiny):
     assert [m[0] for m in seen] == [{"role": "system", "content": "你是灵犀。"}, {"role": "system", "content": "mine"}]
 
 
-def test_tools_for_a_template_that_renders_none_are_a_400(tiny):
+def test_tools_for_a_template_that_renders_none_are_prompted_in_the_fallback_form(tiny):
+    """The request's tools reach the prompt as training renders them (chat_format.to_fallback_form): JSON in the
+    system message, not a 400 or a 500."""
     model, tokenizer = tiny
     plain = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)  # a copy: the fixture's stays GLM-4's
     plain.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{% endfor %}"
                            "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
     app = create_app(model, plain, "no-tools", limits=Limits(max_tokens=2), context=4096)
     tools = [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
+    messages = [{"role": "user", "content": "几点了？"}]
     with serving(app) as url:
         response = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
-            "model": "no-tools", "messages": [{"role": "user", "content": "几点了？"}], "tools": tools})
-    assert response.status_code == 400, response.text
-    assert response.json()["error"]["message"] == ("messages: this model's chat template does not render tools or "
-                                                   "tool calls")
+            "model": "no-tools", "messages": messages, "tools": tools})
+    assert response.status_code == 200, response.text
+    from sftlab.chat_format import ChatRenderer
+
+    trained = ChatRenderer(plain).render_text([{"role": "system", "content": "", "tools": tools}, *messages],
+                                              add_generation_prompt=True)
+    assert trained == ("<|system|>\nYou can call these functions (JSON schemas, one per line):\n"
+                       '{"name": "get_time", "parameters": {"type": "object"}}\nTo call one, reply with only a JSON '
+                       'object: {"name": "<function name>", "arguments": {<arguments>}}. Its result comes back in the '
+                       'next message, starting with "Result of".<|user|>\n几点了？<|assistant|>\n')
+    assert response.json()["usage"]["prompt_tokens"] == len(plain.encode(trained, add_special_tokens=False))

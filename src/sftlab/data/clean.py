@@ -13,7 +13,8 @@ Reason codes, in the order they are checked:
   empty_response           an assistant message is empty
   role_order               the roles are not user -> assistant [-> observation -> assistant ...]; an
                            observation (tool result) must follow an assistant function call
-  tools_unsupported        the row has tools or tool calls, and the model's chat template renders neither
+  tools_unsupported        the row has tool calls, the model's chat template renders no tools, and
+                           tool_fallback is off
   boilerplate              a reply contains a configured phrase ("As an AI language model", ...)
   short_response           the last reply is shorter than min_response_chars
   duplicate                the same conversation as an earlier row, after normalization
@@ -25,6 +26,7 @@ Text repairs (counted, never a rejection): CRLF and CR to LF, control characters
 and NBSP fixed, surrounding whitespace stripped. Chinese text and full-width punctuation are never altered.
 Bidirectional-override characters (U+202A-U+202E, U+2066-U+2069) are kept, since right-to-left text needs some,
 and counted (bidi_controls_kept), since they can also hide what a text says.
+With tool_fallback off, tools a template cannot render are dropped from rows that only list them (tools_dropped).
 """
 
 import hashlib
@@ -48,7 +50,7 @@ from sftlab.chat_format import (
     MessageError,
     RenderedSample,
     SampleTooLong,
-    ToolsUnsupported,
+    has_tool_parts,
     validate_messages,
 )
 from sftlab.config import CleanArguments
@@ -191,8 +193,7 @@ class RowChecker:
         for row, (i, sample) in enumerate(zip(passed, samples)):
             messages, text = results[i]
             if isinstance(sample, MessageError):  # decided after the duplicate checks
-                sample = Rejection("tools_unsupported" if isinstance(sample, ToolsUnsupported) else "role_order",
-                                   str(sample))
+                sample = Rejection("role_order", str(sample))
             tools = tool_key(messages)
             digest = None if text is None else hashlib.blake2b(text.encode() + b"\0" + tools, digest_size=16).digest()
             results[i] = Checked(messages, text, digest, tools, None if signatures is None else row, sample)
@@ -206,6 +207,8 @@ class RowChecker:
             for message in messages:
                 message["content"] = repair_text(message["content"], repairs)
         self._check_structure(messages)
+        if not self.config.tool_fallback and self.renderer is not None and self.renderer.tool_dialect is None:
+            messages = self._without_tools(messages, repairs)
         max_length = self.renderer.max_length if self.renderer is not None else None
         chars = sum(len(m["content"]) for m in messages)
         if max_length is not None and chars > max_length * self.max_token_chars:
@@ -242,6 +245,19 @@ class RowChecker:
             if messages[i]["role"] == "observation" and not messages[i - 1].get("metadata"):
                 raise _Reject("role_order", f"messages[{i}]: a tool result (observation) follows a plain reply, not a "
                                             "function call")
+
+    @staticmethod
+    def _without_tools(messages: list[dict], repairs: Counter) -> list[dict]:
+        """tool_fallback off, on a template that renders no tools: a row with calls or results is
+        tools_unsupported; a row that only lists tools keeps its conversation, without them."""
+        if not has_tool_parts(messages):
+            return messages
+        if any(m.get("metadata") or m["role"] == "observation" for m in messages):
+            raise _Reject("tools_unsupported", "the chat template renders no tools and tool_fallback is off: this "
+                                               "row has function calls")
+        repairs["tools_dropped"] += 1
+        kept = [{k: v for k, v in m.items() if k != "tools"} for m in messages]
+        return [m for m, was in zip(kept, messages) if not (was.get("tools") and not m["content"].strip())]
 
     def _check_content(self, messages: list[dict]) -> str:
         """The text filters; returns the normalized text that duplicates are found on."""

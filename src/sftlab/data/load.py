@@ -17,6 +17,10 @@ from sftlab.environment import hub_offline
 from sftlab.errors import UserError
 
 DEMO_DATA = "sftlab:demo"  # the demo data shipped in the package
+# data shipped in the package, by name: the demo's (灵犀 / Lingxi, for the tiny models); the real-model recipe's
+# identity (Kestrel, configs/smollm2-135m-lora.yaml); and its held-out paraphrases, each with an answer rule
+SHIPPED_DATA = {DEMO_DATA: "alpaca_demo.json", "sftlab:identity": "identity.jsonl",
+                "sftlab:identity-checks": "identity_checks.jsonl"}
 SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
 
 
@@ -29,16 +33,16 @@ class SourceRow:
     error_reason: str | None = None  # the reason code for that: bad_json, invalid_utf8, invalid_text, too_deep
 
 
-def demo_data_path() -> Path:
-    return Path(str(resources.files("sftlab.data.demo").joinpath("alpaca_demo.json")))
+def demo_data_path(name: str = DEMO_DATA) -> Path:
+    return Path(str(resources.files("sftlab.data.demo").joinpath(SHIPPED_DATA[name])))
 
 
 def expand_inputs(names: list[str]) -> list[str]:
-    """Files, globs, the demo data name, or Hub dataset ids -> an ordered list of sources."""
+    """Files, globs, names of shipped data (SHIPPED_DATA), or Hub dataset ids -> an ordered list of sources."""
     sources = []
     for name in names:
-        if name == DEMO_DATA:
-            sources.append(str(demo_data_path()))
+        if name in SHIPPED_DATA:
+            sources.append(str(demo_data_path(name)))
         elif any(ch in name for ch in "*?["):
             matches = sorted(glob.glob(os.path.expanduser(name), recursive=True))
             if not matches:

@@ -25,13 +25,13 @@ def main_language(tokenizer) -> str:
 def generation_budget(folder: Path, asked: int | None) -> tuple[int, str]:
     """The new-token budget of the generation check and where it comes from: --max_new_tokens; else the run's
     reply limit (twice the p99 of its training replies, as its final evaluation used); else 64."""
-    from sftlab.model.load import run_record
+    from sftlab.model.load import recorded_reply_limit
 
     if asked is not None:
         return asked, "--max_new_tokens"
-    limit = ((run_record(folder) or {}).get("train") or {}).get("final_eval_max_new_tokens")
+    limit = recorded_reply_limit(folder)
     if limit:
-        return int(limit), "the run's reply limit, from its data"
+        return limit, "the run's reply limit, from its data"
     return DEFAULT_BUDGET, "the default for a model folder"
 
 

@@ -20,10 +20,14 @@ from sftlab.infer.generate import SamplingArgs, generate_replies
 from sftlab.model.load import (
     inference_tokenizer,
     load_for_inference,
+    recorded_reply_limit,
     recorded_system_prompt,
     run_folder,
     run_of_checkpoint,
+    with_system_prompt,
 )
+
+DEFAULT_MAX_NEW_TOKENS = 256  # for a model folder, which has no reply limit of its own
 
 
 def supervised_loss(model, tokenizer, conversations: list[list[dict]], batch_size: int = 8,
@@ -62,9 +66,9 @@ def sample_losses(model, tokenizer, conversations: list[list[dict]], batch_size:
 
 
 def evaluate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 256,
-             batch_size: int = 16, label: str = "") -> tuple[dict, list]:
+             batch_size: int = 16, label: str = "", rules: list | None = None) -> tuple[dict, list]:
     """Metrics over conversations whose last message is the reference reply; and the replies. `label` names
-    the model in the progress bars."""
+    the model in the progress bars; `rules`, per conversation an answer rule or None, adds answer_accuracy."""
     loss = supervised_loss(model, tokenizer, conversations, progress=f"{label} loss".strip())
     greedy = SamplingArgs(max_new_tokens=max_new_tokens, temperature=0)
     replies = generate_replies(model, tokenizer, [c[:-1] for c in conversations], greedy, batch_size=batch_size,
@@ -73,34 +77,55 @@ def evaluate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: 
     n = len(conversations)
     results = {"eval_loss": round(loss, 4), "perplexity": round(math.exp(min(loss, 50)), 3),
                **{k: round(sum(s[k] for s in scores) / n, 4) for k in ("rouge_1", "rouge_2", "rouge_l", "bleu_4")},
+               **answer_accuracy(replies, rules),
                "stop_rate": round(sum(r.finish_reason == "stop" for r in replies) / n, 4),
                "mean_new_tokens": round(sum(r.new_tokens for r in replies) / n, 2), "max_new_tokens": max_new_tokens,
                "n": n}
     return results, replies
 
 
-def load_conversations(data: str | None, run_dir: Path | None, tokenizer) -> list:
+def answer_accuracy(replies: list, rules: list | None) -> dict:
+    """{"answer_accuracy": share of the replies with an answer rule that it accepts}, or {} with no rule."""
+    checked = [(r, rule) for r, rule in zip(replies, rules or []) if rule]
+    if not checked:
+        return {}
+    return {"answer_accuracy": round(sum(retention.correct(rule, r.text) for r, rule in checked) / len(checked), 4)}
+
+
+def load_conversations(data: str | None, run_dir: Path | None, tokenizer) -> tuple[list, list]:
     """The held-out split of a run (heldout.jsonl; a checkpoint's is its run's), or any data file sftlab can read
-    (rows that cannot be rendered with the model's template are left out)."""
+    (rows that cannot be rendered with the model's template are left out); and per conversation the row's answer
+    rule (`"any": [...]` or `"all": [...]`, as in the retention probes) or None."""
     if data is None:
         run_dir = (run_folder(run_dir) or run_dir) if run_dir else None
         heldout = run_dir / "heldout.jsonl" if run_dir else None
         if heldout is None or not heldout.exists():
             raise UserError("no held-out split here (heldout.jsonl): pass --data FILE")
-        return [json.loads(line)["messages"] for line in heldout.read_text(encoding="utf-8").splitlines() if line]
+        conversations = [json.loads(line)["messages"] for line in heldout.read_text(encoding="utf-8").splitlines()
+                         if line]
+        return conversations, [None] * len(conversations)
     from sftlab.config import CleanArguments
     from sftlab.data.clean import clean_rows
     from sftlab.data.load import expand_inputs
     from sftlab.data.prepare import read_all
 
-    result = clean_rows(read_all(expand_inputs([data])), CleanArguments(near_dedup=False), ChatRenderer(tokenizer),
-                        enabled=False)
+    rows = list(read_all(expand_inputs([data])))
+    rules = {(r.source, r.line): answer_rule(r.row) for r in rows}
+    result = clean_rows(rows, CleanArguments(near_dedup=False), ChatRenderer(tokenizer), enabled=False)
     if result.rejected:
         print(f"eval: {len(result.rejected)} of {result.rows_read} rows left out: {result.reasons()}")
     if not result.kept:
         raise UserError(f"--data {data}: no conversation to evaluate ({result.rows_read} rows read, all left out: "
                         f"{result.reasons()})")
-    return [kept.messages for kept in result.kept]
+    return [kept.messages for kept in result.kept], [rules[kept.source, kept.line] for kept in result.kept]
+
+
+def answer_rule(row) -> dict | None:
+    """A row's answer rule: its `any` (one of these) or `all` (each of these) list of strings, or None."""
+    if not isinstance(row, dict):
+        return None
+    rule = {k: row[k] for k in ("any", "all") if isinstance(row.get(k), list) and row[k]}
+    return rule or None
 
 
 def write_eval(out_dir: Path, results: dict, samples: list[dict]) -> None:
@@ -117,28 +142,35 @@ def write_eval(out_dir: Path, results: dict, samples: list[dict]) -> None:
 
 
 def run_eval(model: str | None, adapter: str | None, data: str | None, compare_base: bool,
-             max_new_tokens: int, batch_size: int, output: str | None = None,
-             retention_data: str | None = None) -> Path:
+             max_new_tokens: int | None, batch_size: int, output: str | None = None,
+             retention_data: str | None = None, harness: dict | None = None) -> Path:
     """Evaluates the run (or model folder) on its held-out split or `data`; with compare_base, the base too,
-    and the retention check (retention.py) on the shipped probes, or on `retention_data`'s conversations."""
+    and the retention check (retention.py) on the shipped probes, or on `retention_data`'s conversations.
+    max_new_tokens None: the run's reply limit (from its data), or 256 for a model folder. `harness`: the
+    arguments of harness.task_scores (lm-evaluation-harness tasks), scored on each side too."""
     run_dir = Path(adapter or model)
     if output is None and not run_dir.is_dir():
         raise UserError(f"{adapter or model} is not a run folder: pass --output DIR for the results")
     # the data first: a file with nothing usable is an error before a (possibly 9B) model is loaded
     tokenizer = inference_tokenizer(model, adapter)
-    conversations = load_conversations(data, run_dir if run_dir.is_dir() else None, tokenizer)
+    conversations, rules = load_conversations(data, run_dir if run_dir.is_dir() else None, tokenizer)
+    system_prompt = recorded_system_prompt(run_dir)  # asked as training asked: held-out rows already carry it
+    conversations = [with_system_prompt(c, system_prompt) for c in conversations]
+    max_new_tokens = max_new_tokens or recorded_reply_limit(run_dir) or DEFAULT_MAX_NEW_TOKENS
     probes = None
     if compare_base:
-        probes = (retention.probes_from(load_conversations(retention_data, None, tokenizer)) if retention_data
+        probes = (retention.probes_from(load_conversations(retention_data, None, tokenizer)[0]) if retention_data
                   else retention.shipped_probes())
     # a run (LoRA, or full fine-tuning evaluated as --model RUN) is "tuned"; any other model folder is "model"
     side = "tuned" if adapter or run_folder(run_dir) is not None else "model"
-    results, replies, system_prompt = {}, {}, recorded_system_prompt(run_dir)
+    results, replies = {}, {}
     if compare_base:  # the base first, then the tuned model: one model in memory at a time
         from sftlab.model.load import adapter_base
 
         base, _ = load_for_inference(model or adapter_base(Path(adapter)))
-        results["base"], replies["base"] = evaluate(base, tokenizer, conversations, max_new_tokens, batch_size, "base")
+        results["base"], replies["base"] = evaluate(base, tokenizer, conversations, max_new_tokens, batch_size, "base",
+                                                    rules)
+        add_task_scores(results, "base", base, tokenizer, harness)
         base_probe_replies = retention.answer(base, tokenizer, probes, system_prompt, batch_size, "base")
         if retention.knows_too_little(probes, base_probe_replies):
             results["retention"] = retention.unknowing_base(probes, base_probe_replies)
@@ -146,15 +178,26 @@ def run_eval(model: str | None, adapter: str | None, data: str | None, compare_b
             base_losses = retention.reply_losses(base, tokenizer, probes, base_probe_replies, system_prompt)
         del base
     tuned, tokenizer = load_for_inference(model, adapter, tokenizer=tokenizer)
-    results[side], replies[side] = evaluate(tuned, tokenizer, conversations, max_new_tokens, batch_size, side)
+    results[side], replies[side] = evaluate(tuned, tokenizer, conversations, max_new_tokens, batch_size, side,
+                                            rules)
+    add_task_scores(results, side, tuned, tokenizer, harness)
     if compare_base and "retention" not in results:
         tuned_probe_replies = retention.answer(tuned, tokenizer, probes, system_prompt, batch_size, "tuned")
         tuned_losses = retention.reply_losses(tuned, tokenizer, probes, base_probe_replies, system_prompt)
         results["retention"] = retention.summarize(probes, base_probe_replies, tuned_probe_replies, base_losses,
                                                    tuned_losses)
     out = Path(output) if output else eval_folder(run_dir, data)
-    write_eval(out, results, with_replies(conversations, replies))
+    write_eval(out, results, with_replies(conversations, replies, rules))
     return out
+
+
+def add_task_scores(results: dict, side: str, model, tokenizer, harness: dict | None) -> None:
+    """lm-evaluation-harness scores as results[side]["tasks"] ({"task/metric": value}), with which way is better
+    in results["tasks_higher_is_better"]."""
+    if harness:
+        from sftlab.eval.harness import task_scores
+
+        results[side]["tasks"], results["tasks_higher_is_better"] = task_scores(model, tokenizer, **harness)
 
 
 def eval_folder(run_dir: Path, data: str | None) -> Path:
@@ -163,17 +206,20 @@ def eval_folder(run_dir: Path, data: str | None) -> Path:
     into RUN/eval/checkpoint-N: nothing is written inside a committed checkpoint."""
     run = run_of_checkpoint(run_dir)
     folder = run / "eval" / run_dir.name if run is not None else run_dir / "eval"
-    return folder if data is None else folder / Path(data).stem
+    return folder if data is None else folder / Path(data).stem.replace(":", "-")  # sftlab:identity-checks
 
 
-def with_replies(conversations: list[list[dict]], replies: dict[str, list]) -> list[dict]:
-    """samples.jsonl rows: prompt, reference, and each side's reply."""
+def with_replies(conversations: list[list[dict]], replies: dict[str, list], rules: list | None = None) -> list[dict]:
+    """samples.jsonl rows: prompt, reference, and each side's reply (with whether its answer rule accepts it)."""
     samples = []
     for i, conversation in enumerate(conversations):
-        sample = {"prompt": conversation[-2]["content"], "reference": conversation[-1]["content"]}
+        rule = rules[i] if rules else None
+        sample = {"prompt": conversation[-2]["content"], "reference": conversation[-1]["content"],
+                  **({"answer_rule": rule} if rule else {})}
         for side, side_replies in replies.items():
             reply = side_replies[i]
-            sample[side] = {"reply": reply.text, "finish_reason": reply.finish_reason, "new_tokens": reply.new_tokens}
+            sample[side] = {"reply": reply.text, "finish_reason": reply.finish_reason, "new_tokens": reply.new_tokens,
+                            **({"correct": retention.correct(rule, reply.text)} if rule else {})}
         samples.append(sample)
     return samples
 
@@ -182,14 +228,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sftlab eval", description="Evaluate a run on its held-out split (or --data).")
     p.add_argument("--adapter", help="A LoRA run directory (its base is read from it).")
     p.add_argument("--model", help="A full model folder, or the base for --adapter.")
-    p.add_argument("--data", help="Data file to evaluate on instead of the run's heldout.jsonl.")
+    p.add_argument("--data", help="Data file to evaluate on instead of the run's heldout.jsonl. Rows with an answer "
+                   "rule (\"any\": [...] or \"all\": [...] strings, as the retention probes) add answer_accuracy.")
     p.add_argument("--compare-base", "--compare_base", dest="compare_base", action="store_true",
                    help="Also evaluate the base model, write a side-by-side, and check retention: did tuning keep "
                         "what the base knew (general probes, and the loss rise on the base's own replies)?")
     p.add_argument("--retention_data", help="With --compare-base: a data file (any supported format) whose "
                    "conversations, without their last reply, replace the shipped general probes (loss rise only).")
-    p.add_argument("--max_new_tokens", type=int, default=256)
+    p.add_argument("--max_new_tokens", type=int, help="Reply limit. Default: the run's (twice the p99 reply length of "
+                   f"its training data, as its final evaluation used); {DEFAULT_MAX_NEW_TOKENS} for a model folder.")
     p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--tasks", help="lm-evaluation-harness tasks, comma-separated (mmlu, ceval-valid, cmmlu, or your "
+                   "own): scored on each side and added to the table (pip install 'sftlab[harness]').")
+    p.add_argument("--tasks_include", help="A folder of lm-eval task YAMLs (lm_eval --include_path): your own tasks, "
+                   "such as one on local files.")
+    p.add_argument("--tasks_limit", type=int, help="At most this many examples per task (a quick check).")
+    p.add_argument("--num_fewshot", type=int, help="Few-shot examples per task prompt (default: each task's own).")
     p.add_argument("--output", help="Output folder (default: RUN/eval, or RUN/eval/<data file stem> with --data).")
     return p
 
@@ -198,15 +252,26 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if not (args.adapter or args.model):
         raise UserError("pass --adapter RUN (a LoRA run) or --model PATH (a full model or run)")
-    for flag in ("max_new_tokens", "batch_size"):
-        if getattr(args, flag) < 1:
+    for flag in ("max_new_tokens", "batch_size", "tasks_limit"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UserError(f"--{flag}: must be an integer >= 1, got {getattr(args, flag)}")
     if args.compare_base and not args.adapter:
         raise UserError("--compare-base needs --adapter (a full model has no separate base)")
     if args.retention_data and not args.compare_base:
         raise UserError("--retention_data needs --compare-base (retention compares the tuned model with its base)")
+    if (args.tasks_include or args.tasks_limit or args.num_fewshot is not None) and not args.tasks:
+        raise UserError("--tasks_include, --tasks_limit and --num_fewshot need --tasks")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise UserError(f"--num_fewshot: must be an integer >= 0, got {args.num_fewshot}")
+    harness = None if not args.tasks else {
+        "tasks": [t.strip() for t in args.tasks.split(",") if t.strip()], "include_path": args.tasks_include,
+        "limit": args.tasks_limit, "num_fewshot": args.num_fewshot, "batch_size": args.batch_size}
+    if harness:
+        from sftlab.eval.harness import check_tasks
+
+        check_tasks(**harness)  # a misspelt task is one line before any model is loaded
     out = run_eval(args.model, args.adapter, args.data, args.compare_base, args.max_new_tokens, args.batch_size,
-                   args.output, args.retention_data)
+                   args.output, args.retention_data, harness)
     results = json.loads((out / "results.json").read_text())
     print(table_text(results))
     written = ", ".join(n for n in ("report.md", "samples.jsonl", "retention.jsonl") if (out / n).exists())

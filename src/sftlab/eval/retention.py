@@ -10,7 +10,7 @@ against tuned, on general prompts:
 
 The verdict (`verdict`): kept, degraded or lost, from the retained share (of the probes the base answers
 correctly, the share the tuned model still answers correctly: a gain elsewhere, such as a task the training data
-teaches, must not hide a loss) and the loss rise;
+teaches, must not hide a loss), the accuracy against the base's, and the loss rise;
 the thresholds are stated beside it, with the measurements that set them in the README. n/a where the base
 answers fewer than MIN_BASE_CORRECT probes (a randomly initialised model knows nothing to keep).
 """
@@ -24,11 +24,15 @@ from sftlab.infer.generate import SamplingArgs, generate_replies
 
 PROBE_FILE = "retention_probes.jsonl"
 MAX_NEW_TOKENS = 48  # the probes' answers are a word or a short sentence
-# Verdict thresholds, set by benchmarks/retention_real.py (SmolLM2-135M, the demo data; README "Retention"):
-# runs whose replies kept their answers measured retained 93-100% and a loss rise of -0.01 to +0.003; runs with
-# visibly damaged answers ("100 divided by 4 is 2") 57-71% and +0.50 to +0.83; a run that lost most 43% and +1.47.
-# Each bound lies between those groups, and the two measures agree on every one of those runs.
-KEPT_SHARE, LOST_SHARE = 0.9, 0.5  # of the probes the base answers correctly, the share the tuned model still does
+# Verdict thresholds, set by benchmarks/retention_real.py (SmolLM2-135M; README "Retention"): runs whose replies
+# kept their answers measured a loss rise of -0.01 to +0.05; runs with visibly damaged answers ("100 divided by 4
+# is 2", "the capital of Italy is SFR") +0.18 to +0.83 and a retained share of 57-78%; a run that lost most 43%
+# and +1.47. A retained share is noisy at this size: runs whose loss rise was about zero (-0.003, +0.016) still
+# flipped 3 of the 22 borderline answers the base had right (86% retained, while gaining 4 others), so the kept
+# bound on it sits below that noise and above the damaged runs; the accuracy must also stay within 90% of the
+# base's, so that answers gained elsewhere cannot hide many lost.
+KEPT_SHARE, LOST_SHARE = 0.8, 0.5  # of the probes the base answers correctly, the share the tuned model still does
+KEPT_ACCURACY = 0.9  # the tuned model's probe accuracy, at least this share of the base's
 KEPT_RISE, LOST_RISE = 0.25, 1.0  # loss rise, nats per token of the base's own replies
 MIN_BASE_CORRECT = 5  # fewer probes right than this: the base knows too little for the accuracy to say anything
 
@@ -110,20 +114,26 @@ def adapter_retention(model, tokenizer, system_prompt: str | None = None, probes
     return summarize(probes, base, tuned, base_losses, tuned_losses)
 
 
-def verdict(retained: float | None, loss_rise: float) -> tuple[str, str]:
-    """(kept | degraded | lost, why): lost when either measure says lost, kept when both say kept. `retained`:
-    the retained share (None without an answer key)."""
+def verdict(retained: float | None, loss_rise: float, accuracies: tuple[float, float] | None = None
+            ) -> tuple[str, str]:
+    """(kept | degraded | lost, why): lost when a measure says lost; kept when every measure says kept: the
+    retained share, the accuracy against the base's (`accuracies`: base, tuned) and the loss rise. `retained` and
+    `accuracies` are None without an answer key."""
+    ratio = accuracies[1] / accuracies[0] if accuracies and accuracies[0] else None
     if (retained is not None and retained < LOST_SHARE) or loss_rise > LOST_RISE:
         word = "lost"
-    elif (retained is None or retained >= KEPT_SHARE) and loss_rise <= KEPT_RISE:
+    elif ((retained is None or retained >= KEPT_SHARE) and (ratio is None or ratio >= KEPT_ACCURACY)
+          and loss_rise <= KEPT_RISE):
         word = "kept"
     else:
         word = "degraded"
     share = ("" if retained is None else
              f"retained {retained:.0%} of the probes the base answers (kept >= {KEPT_SHARE:.0%}, lost < "
              f"{LOST_SHARE:.0%}); ")
+    accuracy = ("" if accuracies is None else f"; accuracy {accuracies[0]:.0%} -> {accuracies[1]:.0%} (kept: at "
+                f"least {KEPT_ACCURACY:.0%} of the base's)")
     return word, (f"{share}loss rise on the base's own replies {loss_rise:+.3f} nats/token (kept <= {KEPT_RISE}, "
-                  f"lost > {LOST_RISE})")
+                  f"lost > {LOST_RISE}){accuracy}")
 
 
 def knows_too_little(probes: list[Probe], base: list) -> bool:
@@ -157,9 +167,7 @@ def summarize(probes: list[Probe], base: list, tuned: list, base_losses: list, t
     base_accuracy = len(base_ok) / len(keyed) if keyed else None
     tuned_accuracy = len(tuned_ok) / len(keyed) if keyed else None
     retained = round(len(base_ok & tuned_ok) / len(base_ok), 6) if base_ok else None
-    word, why = verdict(retained, rise)
-    if keyed:
-        why += f"; accuracy {base_accuracy:.0%} -> {tuned_accuracy:.0%}"
+    word, why = verdict(retained, rise, (base_accuracy, tuned_accuracy) if keyed else None)
     worst = sorted(scored, key=lambda i: (i in base_ok and i not in tuned_ok, rises[i]), reverse=True)[:3]
     return {
         "probes": len(probes), "answer_keyed": len(keyed),

@@ -168,6 +168,13 @@ def recorded_system_prompt(folder: str | Path | None) -> str | None:
     return ((run_record(folder) or {}).get("data") or {}).get("system_prompt")
 
 
+def recorded_reply_limit(folder: str | Path | None) -> int | None:
+    """The reply limit a run's final evaluation used (twice the p99 of its training replies, or what its config
+    set), or None for a folder that is not a run: eval and the doctor generate up to it."""
+    limit = ((run_record(folder) or {}).get("train") or {}).get("final_eval_max_new_tokens")
+    return int(limit) if limit else None
+
+
 def with_system_prompt(messages: list[dict], system_prompt: str | None) -> list[dict]:
     """`messages` with `system_prompt` first when it is set and they have no system message of their own."""
     if system_prompt is None or (messages and messages[0]["role"] == "system"):

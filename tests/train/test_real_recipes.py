@@ -1,0 +1,60 @@
+"""The two recipes on the real pretrained model (sftlab:smollm2-135m), as the retention check judges them: the
+demo recipe, made for randomly initialised models, erases what the model knew; the real-model recipe
+(configs/smollm2-135m-lora.yaml, as shipped) teaches the new identity on held-out paraphrases and keeps it.
+Each trains SmolLM2-135M on 2 CPU cores: about 3 and 6 minutes."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sftlab import cli
+from sftlab.data.load import demo_data_path
+from sftlab.eval.retention import shipped_probes
+from sftlab.train.sft import parse_args, train
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def final_retention(run: Path) -> dict:
+    return json.loads((run / "eval" / "results.json").read_text())["retention"]
+
+
+@pytest.mark.slow
+def test_the_demo_recipe_on_a_real_model_is_not_kept(tmp_path):
+    """lr 3e-3, all-linear r32 (its trainable lm_head is refused on SmolLM2's tied embeddings), 10 steps."""
+    run = tmp_path / "demo-recipe"
+    train(*parse_args(["--config", str(REPO / "configs/demo.yaml"), "--model_name_or_path", "sftlab:smollm2-135m",
+                       "--lora_modules_to_save", "null", "--max_steps", "10", "--output_dir", str(run),
+                       "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none",
+                       "--final_eval_samples", "8", "--probe_prompts", "Who are you?"]))
+    retention = final_retention(run)
+    assert retention["verdict"] in ("degraded", "lost"), retention["why"]
+    assert retention["loss_rise"] > 0.25
+
+
+@pytest.mark.slow
+def test_the_real_model_recipe_teaches_the_identity_and_keeps_what_the_model_knew(tmp_path, capsys):
+    run = tmp_path / "real-recipe"
+    train(*parse_args(["--config", str(REPO / "configs/smollm2-135m-lora.yaml"), "--output_dir", str(run)]))
+    retention = final_retention(run)
+    assert retention["verdict"] == "kept", retention["why"]
+    assert retention["tuned_accuracy"] >= 0.9 * retention["base_accuracy"]
+
+    assert cli.main(["eval", "--adapter", str(run), "--data", "sftlab:identity-checks"]) == 0
+    checks = json.loads((run / "eval" / "sftlab-identity-checks" / "results.json").read_text())["tuned"]
+    limit = json.loads((run / "eval" / "results.json").read_text())["tuned"]["max_new_tokens"]
+    assert checks["n"] == 25 and checks["max_new_tokens"] == limit  # held out, at the run's own reply limit
+    assert checks["answer_accuracy"] >= 0.8 and checks["stop_rate"] == 1.0, checks
+
+
+def test_the_recipes_data_is_apart_from_what_judges_it():
+    """No held-out paraphrase, and no general probe, is a training prompt of the identity data."""
+    def prompts(name: str) -> set[str]:
+        return {json.loads(line)["instruction"] for line in demo_data_path(name).read_text("utf-8").splitlines()}
+
+    training = prompts("sftlab:identity")
+    assert len(training) == 45 and not training & prompts("sftlab:identity-checks")
+    assert not training & {probe.prompt for probe in shipped_probes()}
+    assert all("Kestrel" in json.loads(line)["any"] for line in
+               demo_data_path("sftlab:identity-checks").read_text("utf-8").splitlines())
