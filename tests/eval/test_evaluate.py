@@ -150,3 +150,12 @@ def test_eval_on_other_data_asks_with_the_runs_system_prompt(run_dir, tmp_path, 
     assert cli.main(["eval", "--adapter", str(run), "--data", str(other), "--max_new_tokens", "2"]) == 0
     assert asked == [[[{"role": "system", "content": "你是灵犀。"}, {"role": "user", "content": "你是谁？"},
                        {"role": "assistant", "content": "我是灵犀。"}]]]
+
+
+def test_a_malformed_answer_rule_is_one_line_naming_the_file_line_and_field(run_dir, tmp_path, capsys):
+    checks = tmp_path / "checks.jsonl"
+    checks.write_text('{"instruction": "你是谁？", "output": "我是灵犀。", "any": ["灵犀"]}\n'
+                      '{"instruction": "你叫什么？", "output": "灵犀。", "any": "灵犀"}\n', encoding="utf-8")
+    assert cli.main(["eval", "--adapter", str(run_dir), "--data", str(checks)]) == 2
+    assert capsys.readouterr().err.strip() == (f"sftlab eval: error: {checks}:2: field any: expected a non-empty list "
+                                               "of strings, got '灵犀'")

@@ -110,7 +110,7 @@ def load_conversations(data: str | None, run_dir: Path | None, tokenizer) -> tup
     from sftlab.data.prepare import read_all
 
     rows = list(read_all(expand_inputs([data])))
-    rules = {(r.source, r.line): answer_rule(r.row) for r in rows}
+    rules = {(r.source, r.line): retention.answer_rule(r.row, f"{r.source}:{r.line}") for r in rows}
     result = clean_rows(rows, CleanArguments(near_dedup=False), ChatRenderer(tokenizer), enabled=False)
     if result.rejected:
         print(f"eval: {len(result.rejected)} of {result.rows_read} rows left out: {result.reasons()}")
@@ -119,13 +119,6 @@ def load_conversations(data: str | None, run_dir: Path | None, tokenizer) -> tup
                         f"{result.reasons()})")
     return [kept.messages for kept in result.kept], [rules[kept.source, kept.line] for kept in result.kept]
 
-
-def answer_rule(row) -> dict | None:
-    """A row's answer rule: its `any` (one of these) or `all` (each of these) list of strings, or None."""
-    if not isinstance(row, dict):
-        return None
-    rule = {k: row[k] for k in ("any", "all") if isinstance(row.get(k), list) and row[k]}
-    return rule or None
 
 
 def write_eval(out_dir: Path, results: dict, samples: list[dict]) -> None:

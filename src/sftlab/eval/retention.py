@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 
+from sftlab.errors import UserError
 from sftlab.infer.generate import SamplingArgs, generate_replies
 
 PROBE_FILE = "retention_probes.jsonl"
@@ -49,8 +50,23 @@ class Probe:
 
 def shipped_probes() -> list[Probe]:
     text = resources.files("sftlab.eval").joinpath(PROBE_FILE).read_text(encoding="utf-8")
-    return [Probe([{"role": "user", "content": row["prompt"]}], {k: row[k] for k in ("any", "all") if k in row})
+    return [Probe([{"role": "user", "content": row["prompt"]}], answer_rule(row, PROBE_FILE))
             for row in map(json.loads, text.splitlines()) if row]
+
+
+def answer_rule(row, where: str) -> dict | None:
+    """A row's answer rule: `any` (one of these strings) and/or `all` (each item: a string, or a list of
+    alternatives), or None when it has neither; a malformed one is an error naming `where` (file:line) and the
+    field, never a check silently skipped."""
+    if not isinstance(row, dict):
+        return None
+    for key in ("any", "all"):
+        value = row.get(key)
+        if value is not None and not (isinstance(value, list) and value and all(
+                isinstance(v, str) or (isinstance(v, list) and v and all(isinstance(a, str) for a in v))
+                for v in value)):
+            raise UserError(f"{where}: field {key}: expected a non-empty list of strings, got {value!r}")
+    return {k: row[k] for k in ("any", "all") if k in row} or None
 
 
 def probes_from(conversations_with_replies: list[list[dict]]) -> list[Probe]:
