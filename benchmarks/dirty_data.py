@@ -10,7 +10,8 @@ malformed records and duplicates, so every benchmark's data (and the tests' larg
 positions, rows that sftlab rejects, each of every kind at least once. `AUTO_REASONS` are the reasons a file read
 with --data_format auto and the default cleaning settings can have; `format="sharegpt"` writes every row as a
 ShareGPT conversation, so that with --data_format sharegpt an Alpaca row is a `mixed_format` one, and
-`short_response` is planted when asked for (it needs min_response_chars above 1).
+`short_response` and `too_large` are planted when asked for (they need min_response_chars above 1 and
+max_row_bytes 65536).
 """
 
 import argparse
@@ -20,7 +21,10 @@ import random
 AUTO_REASONS = ("bad_json", "invalid_utf8", "invalid_text", "too_deep", "malformed_record", "invalid_tool_call",
                 "empty_instruction", "empty_response", "role_order", "boilerplate", "duplicate", "near_duplicate",
                 "too_long")
-EVERY_REASON = AUTO_REASONS + ("mixed_format", "short_response")  # with --data_format sharegpt, min_response_chars 2
+# with --data_format sharegpt, --min_response_chars 2 and --max_row_bytes 65536 (a 4 MiB row in every file would
+# make each benchmark's data needlessly large)
+EVERY_REASON = AUTO_REASONS + ("mixed_format", "short_response", "too_large")
+TOO_LARGE_BYTES = 70_000
 
 
 def as_format(row: dict, fmt: str) -> dict:
@@ -75,6 +79,8 @@ def planted(reason: str, rng: random.Random, rows: list[dict], written: int, fmt
     if reason == "near_duplicate":  # one character added to a long reply: 5-gram Jaccard well above 0.9
         long_row = max((rows[rng.randrange(written)] for _ in range(20)), key=lambda r: len(r["output"]))
         return line(as_format({**long_row, "output": long_row["output"] + "！"}, fmt))
+    if reason == "too_large":  # over --max_row_bytes 65536: rejected before it is parsed
+        return line(as_format({**base, "output": f"{tag} " + "x" * TOO_LARGE_BYTES}, fmt))
     if reason == "too_long":  # several times max_length in characters: over it in tokens with any tokenizer
         return line(as_format({**base, "output": f"{tag} " + "长文本" * max_length}, fmt))
     raise ValueError(f"no planted row for {reason!r}")
@@ -110,7 +116,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=50_000, help="generated clean rows (defects come on top)")
     parser.add_argument("--max_length", type=int, default=1024, help="the too_long rows are over this")
     parser.add_argument("--every_reason", action="store_true",
-                        help="ShareGPT rows and every reason: clean with --data_format sharegpt --min_response_chars 2")
+                        help="ShareGPT rows and every reason: clean with --data_format sharegpt --min_response_chars 2 "
+                        "--max_row_bytes 65536")
     args = parser.parse_args()
     from data_pipeline import make_rows
 

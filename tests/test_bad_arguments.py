@@ -30,11 +30,27 @@ CASES = [
     (TRAIN[:4] + ["{tmp}/a_file"], "output_dir {tmp}/a_file is a file, not a folder"),
     (TRAIN + ["--save_steps", "0"], "save_steps: must be a positive number (< 1: a share of all steps), got 0.0"),
     (TRAIN + ["--max_steps", "-5"], "max_steps: must be -1 (use num_train_epochs) or positive, got -5"),
-    (TRAIN + ["--max_tokens_per_batch", "0"], "max_tokens_per_batch: must be an integer >= 1, or null, got 0"),
+    (TRAIN + ["--max_tokens_per_batch", "0"], "max_tokens_per_batch: must be an integer >= 1, auto or null, got 0"),
+    (TRAIN + ["--max_tokens_per_batch", "lots"], "max_tokens_per_batch: must be an integer >= 1, auto or null, got "
+                                                  "'lots'"),
     (TRAIN + ["--learning_rate", "0"], "learning_rate: must be a positive number, got 0.0"),
     (["train", "--config", "{tmp}/list.yaml"], "config file {tmp}/list.yaml: expected a mapping of field: value, got a "
                                                 "list"),
     (["train", "--config", "{tmp}/scalar.yaml"], "expected a mapping of field: value, got a str"),
+    (TRAIN + ["--lora_alpha", "0"], "lora_alpha: must be positive (the update is scaled by alpha / r), got 0"),
+    (TRAIN + ["--max_length", "5000"], "max_length 5000 is above the model's context of 4096 tokens "
+                                       "(max_position_embeddings): set max_length to 4096 or less"),
+    (TRAIN + ["--max_tokens_per_batch", "64"], "max_tokens_per_batch 64 is smaller than the longest training sample ("),
+    (TRAIN + ["--output_dir", ""], "output_dir: must name a folder, got an empty string"),
+    (["train", "--config", "{tmp}/tab.yaml"], "config file {tmp}/tab.yaml:3:1: not valid YAML: found character '\\t' "
+                                              "that cannot start any token (YAML does not allow tabs for indentation"),
+    (TRAIN + ["--data_files", "{tmp}"], "data path {tmp} is a folder: pass its files, e.g. {tmp}/*.jsonl"),
+    (TRAIN + ["--data_files", "{tmp}/two_rows.jsonl", "--test_size", "0.9"],
+     "test_size 0.9 leaves no training samples: all 2 usable rows were held out"),
+    (TRAIN + ["--data_files", "{tmp}/utf16.jsonl"], "data file {tmp}/utf16.jsonl is UTF-16 or UTF-32 text, not UTF-8: "
+                                                    "convert it, e.g. `iconv -f UTF-16 -t UTF-8"),
+    (TRAIN + ["--data_files", "{tmp}/gbk.jsonl"], "data file {tmp}/gbk.jsonl is not UTF-8: no line of it decodes as "
+                                                  "UTF-8, and it reads as GBK/GB18030"),
     (["chat", *TINY, "--prompt", "   "], "--prompt is empty"),
     (["chat", *TINY, "--prompt", "hi", "--max_new_tokens", "0"], "--max_new_tokens: must be an integer >= 1, got 0"),
     (["chat", *TINY, "--prompt", "hi", "--temperature", "-1"], "--temperature: must be >= 0 (0 is greedy), got -1.0"),
@@ -57,6 +73,12 @@ def inputs(tmp_path, monkeypatch, tiny_model_dir):
     (tmp_path / "list.yaml").write_text("- a\n- b\n")
     (tmp_path / "scalar.yaml").write_text("just a string\n")
     (tmp_path / "a_file").write_text("not a folder")
+    (tmp_path / "tab.yaml").write_text("model_name_or_path: sftlab:tiny-glm4\nlora:\n\tr: 8\n")
+    rows = [{"instruction": "你好", "output": "世界和平"}, {"instruction": "再见", "output": "明天见"}]
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    (tmp_path / "two_rows.jsonl").write_text(text, encoding="utf-8")
+    (tmp_path / "utf16.jsonl").write_bytes(text.encode("utf-16"))
+    (tmp_path / "gbk.jsonl").write_bytes(text.encode("gbk"))
     tied = tmp_path / "tied"  # the tiny model with tied embeddings, as SmolLM2 and many small models have them
     shutil.copytree(tiny_model_dir, tied)
     config = json.loads((tied / "config.json").read_text())
@@ -106,3 +128,16 @@ def test_an_adapter_trained_on_another_base_is_one_line(tmp_path, capsys, tiny_m
     assert code == 2 and "Traceback" not in err
     assert f"adapter {run} does not fit the base model {other} (trained on another base?): size mismatch" in err
     assert os.path.exists(run / "adapter_config.json")
+
+
+def test_sigint_while_the_model_loads_is_one_line_and_exit_130(inputs, capsys, monkeypatch):
+    import sftlab.train.sft as sft
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sft, "load_model", interrupted)
+    code = cli.main([a.replace("{tmp}", str(inputs)) for a in TRAIN])
+    err = capsys.readouterr().err
+    assert code == 130 and err.strip().splitlines()[-1] == "sftlab train: interrupted (SIGINT)"
+    assert "Traceback" not in err and not (inputs / "run" / ".sftlab.lock").exists()

@@ -12,6 +12,7 @@ from sftlab.data.clean import Rejection, _Reject
 from sftlab.data.convert import FieldError, ToolCallError
 from sftlab.errors import UserError
 from sftlab.infer.engine import QueueFull
+from sftlab.train.guards import Stopped
 
 # each exception class with the arguments it is raised with; a new class fails the test below until it is here
 EXAMPLES = {
@@ -22,6 +23,7 @@ EXAMPLES = {
     ToolCallError: ("conversations[1].value", "function_call is not valid JSON"),
     _Reject: ("boilerplate", "a reply contains 'as an ai language model'"),
     QueueFull: ("9 requests are waiting or running (the cap is 8)",),
+    Stopped: (15,),
 }
 
 
@@ -48,3 +50,47 @@ def test_every_exception_survives_a_pickle_round_trip():
 def test_a_rejection_crosses_processes_as_plain_data():
     rejection = Rejection("empty_response", "an assistant message is empty")
     assert pickle.loads(pickle.dumps(rejection)) == rejection
+
+
+def test_os_failures_are_one_line_naming_the_path_and_what_to_do(tmp_path, monkeypatch, capsys, tiny_model_dir):
+    """A read-only output folder and an unwritable prepared-data cache: exit 1 and one line, no traceback."""
+    import errno
+    import json
+    import tempfile
+    from pathlib import Path
+
+    import sftlab.data.prepare as prepare
+    from sftlab import cli
+    from sftlab.environment import cache_root
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"os {i}", "output": f"reply {i}"}) + "\n" for i in range(20)))
+    train = ["train", "--config", "configs/demo.yaml", "--report_to", "none", "--data_files", str(data)]
+    read_only = tmp_path / "mounted-ro" / "run"
+    mkdir = Path.mkdir
+
+    def refusing_mkdir(self, *args, **kwargs):
+        if str(self).startswith(str(read_only.parent)):
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", refusing_mkdir)
+    assert cli.main([*train, "--output_dir", str(read_only)]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"sftlab train: error: the file system is read-only writing {read_only}: choose a writable folder (or fix "
+        "its permissions) and run it again"]
+    monkeypatch.undo()
+    datasets = str(cache_root() / "datasets")
+
+    def unwritable(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", datasets)
+
+    monkeypatch.setattr(tempfile, "mkdtemp", unwritable)
+    assert cli.main([*train, "--output_dir", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1:] == [f"sftlab train: error: permission denied writing {datasets}: choose a writable folder (or fix its "
+                   "permissions) and run it again; the prepared-data cache is under SFTLAB_HOME, which can point "
+                   "elsewhere"]
+    assert prepare.tempfile.mkdtemp is unwritable

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in VERBS:
         print(USAGE, file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    from sftlab.errors import UserError, report
+    from sftlab.errors import UserError, os_failure_line, report
 
     try:
         return VERBS[argv[0]](argv[1:])
@@ -91,6 +91,17 @@ def main(argv: list[str] | None = None) -> int:
             raise
         report(argv[0], exc)
         return 2
+    except (OSError, RuntimeError) as exc:
+        line = os_failure_line(exc)
+        if debug or line is None:
+            raise
+        print(f"sftlab {argv[0]}: error: {line}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:  # before training installs its own handler (or after it): while a model loads
+        if debug:
+            raise
+        print(f"sftlab {argv[0]}: interrupted (SIGINT)", file=sys.stderr, flush=True)
+        return 130
 
 
 if __name__ == "__main__":

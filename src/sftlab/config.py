@@ -35,7 +35,16 @@ def read_config_file(argv: list[str]) -> tuple[str, dict] | None:
     path = argv[at + 1] if at + 1 < len(argv) else ""
     if not Path(path).is_file():
         raise UserError(f"config file {path or '(missing)'} does not exist")
-    values = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    try:
+        values = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        tab = " (YAML does not allow tabs for indentation: use spaces)" if "'\\t'" in problem else ""
+        raise UserError(f"config file {path}{where}: not valid YAML: {problem}{tab}") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"config file {path}: not UTF-8 text (invalid byte at {exc.start})") from None
     if values is not None and not isinstance(values, dict):
         raise UserError(f"config file {path}: expected a mapping of field: value, got a {type(values).__name__}")
     return path, values or {}
@@ -94,6 +103,10 @@ class ModelArguments:
         check_choices(self)
         if self.lora_r <= 0:
             raise ValueError(f"lora_r: must be positive, got {self.lora_r}")
+        if not self.lora_alpha > 0:  # 0 scales the update to nothing: a run that trains and learns nothing
+            raise ValueError(f"lora_alpha: must be positive (the update is scaled by alpha / r), got {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout: must be in [0, 1), got {self.lora_dropout}")
 
 
 @dataclass
@@ -134,6 +147,9 @@ class DataArguments:
 DEFAULT_BOILERPLATE = ["作为一个AI语言模型", "作为一个人工智能语言模型", "As an AI language model"]  # case-insensitive
 
 
+MAX_ROW_BYTES = 4 * 2**20
+
+
 @dataclass
 class CleanArguments:
     """The cleaning stage: `sftlab data clean`, and `sftlab train` before it tokenizes."""
@@ -165,6 +181,12 @@ class CleanArguments:
                                 "with calls are tools_unsupported, rows that only list tools keep their "
                                 "conversation without them (counted as the repair tools_dropped)."}
     )
+    max_row_bytes: int = field(
+        default=MAX_ROW_BYTES, metadata={"help": "A row (a JSON line, or a record of a JSON array) larger than this "
+                                         "many bytes is rejected as too_large before it is parsed or tokenized, so "
+                                         "one huge row cannot take the machine's memory (a 50 MB row took 18 GB). "
+                                         "4 MiB is about a million tokens."}
+    )
     num_proc: int | None = field(
         default=None, metadata={"help": "Worker processes that check and tokenize the rows. None: one per core for "
                                 "inputs of 4,096 rows or more (below that, starting them costs more than they save); "
@@ -172,6 +194,8 @@ class CleanArguments:
     )
 
     def __post_init__(self):
+        if not isinstance(self.max_row_bytes, int) or self.max_row_bytes < 1:
+            raise ValueError(f"max_row_bytes: must be an integer >= 1, got {self.max_row_bytes!r}")
         if self.num_proc is not None and self.num_proc < 1:
             raise ValueError(f"num_proc: must be at least 1, got {self.num_proc}")
         if not 0 < self.near_dedup_threshold <= 1:

@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import shutil
 from pathlib import Path
 
 
@@ -18,3 +20,44 @@ def append_jsonl(path: Path, records: list[dict]) -> None:
     with open(path, "a", encoding="utf-8") as f:
         for record in records:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def keep_lines(path: Path, keep) -> None:
+    """Rewrites a JSON-lines file with only the records `keep` accepts (atomically)."""
+    path = Path(path)
+    if path.exists():
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
+                 if line.strip() and keep(json.loads(line))]
+        write_atomic(path, "".join(lines))
+
+
+def remove_stale_staging(folder: Path, name: str | None = None) -> None:
+    """Removes the staging folders in `folder` (of `name` only, if given; see staging_name) whose process has
+    ended, with a line: what a killed preparation or merge left behind. One that a live process is still writing
+    is left alone."""
+    if not Path(folder).is_dir():
+        return
+    prefix = f".{name}-staging-" if name else "."
+    for path in Path(folder).iterdir():
+        match = STAGING.match(path.name)
+        if path.is_dir() and path.name.startswith(prefix) and match and not _alive(int(match.group(1))):
+            print(f"removing {path}: left by an interrupted run (PID {match.group(1)} has ended)")
+            shutil.rmtree(path, ignore_errors=True)
+
+
+STAGING = re.compile(r"^\..+-staging-(\d+)-[^-]+$")
+
+
+def staging_name(name: str) -> str:
+    """The prefix of a staging folder for `name` (for tempfile.mkdtemp): hidden, and naming its process."""
+    return f".{name}-staging-{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True

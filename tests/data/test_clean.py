@@ -128,7 +128,7 @@ def test_bad_inputs_get_a_reason_or_a_clear_error(tokenizer, tmp_path):
     result, _ = run_clean(tokenizer, [bom, utf8, huge])
     assert [k.source for k in result.kept] == [str(bom), str(utf8)]
     assert [(r.source, r.line, r.reason) for r in result.rejected] == [(str(utf8), 2, "invalid_utf8"),
-                                                                        (str(huge), 1, "too_long")]
+                                                                        (str(huge), 1, "too_large")]
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     with pytest.raises(UserError, match="data file .*empty.jsonl is empty"):
@@ -336,3 +336,66 @@ def test_tool_rows_with_the_fallback_off_are_tools_unsupported_not_role_order(tm
     assert result.kept[1].messages == [{"role": "user", "content": "讲个笑话。"}, {"role": "assistant", "content": "好的。"}]
     assert result.repairs["tools_dropped"] == 1
 
+
+
+def test_a_row_over_max_row_bytes_is_too_large_in_jsonl_and_in_a_json_array(tmp_path):
+    rows = [{"instruction": "q1", "output": "short"}, {"instruction": "q2", "output": "长" * 400}]
+    lines = tmp_path / "rows.jsonl"
+    lines.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    array = tmp_path / "rows.json"
+    array.write_text(json.dumps(rows, ensure_ascii=False, indent=1), encoding="utf-8")
+    for path, line in ((lines, 2), (array, 6)):
+        read = read_source(str(path), max_row_bytes=1000)
+        assert [r.error_reason for r in read] == [None, "too_large"] and read[1].row is None
+        assert read[1].line == line and read[1].error.endswith("bytes, over max_row_bytes (1,000)")
+        assert int(read[1].error.split()[0].replace(",", "")) > 1200  # 400 three-byte characters and the rest
+    assert [r.error_reason for r in read_source(str(lines))] == [None, None]  # the default is 4 MiB
+
+
+HUGE_ROW_SCRIPT = """
+import resource, sys
+from sftlab.cli import main
+code = main(["data", "clean", sys.argv[1], "--output", sys.argv[2]])
+print("PEAK_RSS_MB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "CODE", code)
+"""
+
+
+@pytest.mark.slow
+def test_one_50_mb_row_is_rejected_in_bounded_memory(tmp_path):
+    """A 50 MB row (17.5M characters) drove `sftlab data clean` to about 18 GB before the kernel killed it. Now it
+    is too_large, counted with its line, and the process stays under 1 GB (the libraries are ~0.4 GB of it)."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "huge.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(5):
+            f.write(json.dumps({"instruction": f"q{i}", "output": f"answer {i}"}) + "\n")
+        f.write(json.dumps({"instruction": "huge", "output": "长" * 17_500_000}, ensure_ascii=False) + "\n")
+        f.write(json.dumps({"instruction": "after", "output": "still read"}) + "\n")
+    assert path.stat().st_size > 50_000_000
+    done = subprocess.run([sys.executable, "-c", HUGE_ROW_SCRIPT, str(path), str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=900)
+    words = done.stdout.split("PEAK_RSS_MB")[-1].split()
+    assert done.returncode == 0 and words[2] == "0", done.stderr[-2000:]
+    assert float(words[0]) < 1024
+    rejected = [json.loads(line) for line in (tmp_path / "out" / "rejected.jsonl").read_text().splitlines()]
+    assert [(r["reason"], r["line"]) for r in rejected] == [("too_large", 6)]
+    assert len((tmp_path / "out" / "clean.jsonl").read_text().splitlines()) == 6
+
+
+def test_gzip_json_lines_and_openai_text_parts_are_read(tmp_path):
+    import gzip
+
+    rows = [{"messages": [{"role": "user", "content": [{"type": "text", "text": "Hello, "},
+                                                       {"type": "text", "text": "who are you?"}]},
+                          {"role": "assistant", "content": "A model."}]},
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
+                          {"role": "assistant", "content": "?"}]}]
+    path = tmp_path / "chat.jsonl.gz"
+    path.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode()))
+    result = clean_rows(read_source(str(path)), CleanArguments(near_dedup=False), None, enabled=True)
+    assert [k.messages for k in result.kept] == [[{"role": "user", "content": "Hello, who are you?"},
+                                                  {"role": "assistant", "content": "A model."}]]
+    assert [(r.reason, r.line) for r in result.rejected] == [("malformed_record", 2)]
+    assert "expected a string or a list of text parts" in result.rejected[0].detail

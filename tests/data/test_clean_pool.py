@@ -24,7 +24,7 @@ from dirty_data import AUTO_REASONS, EVERY_REASON, with_defects  # noqa: E402  a
 
 OUTPUTS = ["clean.jsonl", "lengths.png", "rejected.jsonl", "report.json", "report.md"]
 EVERY_REASON_FLAGS = ["--model", "sftlab:tiny-glm4", "--max_length", "1024", "--data_format", "sharegpt",
-                      "--min_response_chars", "2"]
+                      "--min_response_chars", "2", "--max_row_bytes", "65536"]
 
 
 def write_lines(path: Path, lines: list[bytes]) -> Path:

@@ -1,4 +1,7 @@
 import json
+import os
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -45,3 +48,47 @@ def test_an_empty_held_out_split_is_cached_too(tokenizer, tmp_path):
     first = prepare_data(args, CleanArguments(), renderer)
     again = prepare_data(args, CleanArguments(), renderer)
     assert (len(first.train), len(first.test)) == (len(again.train), len(again.test)) == (1, 0)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "zero_bytes", "missing"])
+def test_a_damaged_cache_entry_is_rebuilt_with_a_line(tokenizer, tmp_path, capsys, damage):
+    data_file = tmp_path / "rows.jsonl"
+    data_file.write_text("".join(json.dumps({"instruction": f"q{i}", "output": f"reply {i} " * 5}) + "\n"
+                                 for i in range(30)))
+    renderer = ChatRenderer(tokenizer, 64)
+    args = DataArguments(data_files=[str(data_file)], test_size=0.1)
+    first = prepare_data(args, CleanArguments(), renderer)
+    arrow, expected = first.train.cache_files[0]["filename"], first.train.to_dict()
+    del first  # memory-mapped: reading it after the damage below would be a bus error
+    size = Path(arrow).stat().st_size
+    if damage == "missing":
+        Path(arrow).unlink()
+    else:
+        Path(arrow).write_bytes(Path(arrow).read_bytes()[:size // 2] if damage == "truncated" else b"")
+    capsys.readouterr()
+    again = prepare_data(args, CleanArguments(), renderer)
+    shown = {"truncated": f"{size // 2} bytes", "zero_bytes": "0 bytes", "missing": "no file"}[damage]
+    assert (f"prepared-data cache {Path(arrow).parents[1]} is damaged (train/{Path(arrow).name}: {shown}, {size} bytes "
+            "were written): removing it and preparing the data again") in capsys.readouterr().out
+    assert again.train.to_dict() == expected and Path(arrow).stat().st_size == size
+
+
+def test_a_killed_preparations_staging_folder_is_removed_by_the_next_one(tokenizer, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from sftlab.environment import cache_root
+
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    datasets = cache_root() / "datasets"
+    stale = datasets / f".0123abcd-staging-{ended.stdout.strip()}-x1y2"
+    live = datasets / f".4567cdef-staging-{os.getpid()}-z3w4"  # this process: still being written
+    for folder in (stale, live):
+        (folder / "train").mkdir(parents=True)
+    data_file = tmp_path / "rows.jsonl"
+    data_file.write_text("".join(json.dumps({"instruction": f"w{i}", "output": f"words {i} " * 4}) + "\n"
+                                 for i in range(10)))
+    prepare_data(DataArguments(data_files=[str(data_file)], test_size=0.1), CleanArguments(), ChatRenderer(tokenizer, 64))
+    assert f"removing {stale}: left by an interrupted run (PID {ended.stdout.strip()} has ended)" in capsys.readouterr().out
+    assert not stale.exists() and live.exists()
+    shutil.rmtree(live)

@@ -104,6 +104,9 @@ def test_stop_strings_and_seeded_sampling(url):
     ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}, 400, "two user messages"),
     ({"messages": QUESTION, "temperature": -1}, 400, "temperature"),
     ({"messages": [{"role": "user", "content": "x" * 2_000_000}]}, 413, "request body over"),
+    (b'{"messages": [{"role": "user", "content": "hi \\ud800"}]}', 400, "a lone surrogate \\ud800"),
+    ({"messages": QUESTION, "tools": [{"type": "function", "function": "get_weather"}]}, 400,
+     "tools[0].function: expected an object"),
 ])
 def test_every_limit_is_a_4xx_in_openais_error_shape(url, body, status, needle):
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -160,6 +163,9 @@ def test_with_a_key_every_route_but_health_needs_it(tiny):
                                   headers={"Authorization": "Bearer s3cret"})
             wrong = httpx.request(method, base + path, json=body, timeout=30,
                                   headers={"Authorization": "Bearer s3cret-not"})
+            for scheme in ("bearer", "BEARER"):  # the scheme is case-insensitive (RFC 9110)
+                assert httpx.request(method, base + path, json=body, timeout=30,
+                                     headers={"Authorization": f"{scheme} s3cret"}).status_code == 200, scheme
             if path == "/health":
                 assert bare.status_code == 200
             else:
@@ -318,3 +324,27 @@ def test_tools_for_a_template_that_renders_none_are_prompted_in_the_fallback_for
                        'object: {"name": "<function name>", "arguments": {<arguments>}}. Its result comes back in the '
                        'next message, starting with "Result of".<|user|>\n几点了？<|assistant|>\n')
     assert response.json()["usage"]["prompt_tokens"] == len(plain.encode(trained, add_special_tokens=False))
+
+
+def test_a_body_over_the_limit_gets_its_413_back_to_ordinary_clients(url):
+    """A 20 MB body: the server reads and drops it, so urllib, requests and the openai client, which read the
+    response only after sending everything, get the 413 instead of a broken pipe."""
+    import urllib.error
+    import urllib.request
+
+    import openai
+    import requests
+
+    big = [{"role": "user", "content": "x" * 20_000_000}]
+    body = json.dumps({"messages": big}).encode()
+    request = urllib.request.Request(f"{url}/v1/chat/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=60)
+    assert refused.value.code == 413
+    assert requests.post(f"{url}/v1/chat/completions", data=body, timeout=60,
+                         headers={"Content-Type": "application/json"}).status_code == 413
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+    with pytest.raises(openai.APIStatusError) as status:
+        client.chat.completions.create(model="tiny-glm4", messages=big)
+    assert status.value.status_code == 413

@@ -5,6 +5,8 @@ Reason codes, in the order they are checked:
   bad_json, invalid_utf8   the line could not be read
   invalid_text             a string that cannot be encoded as UTF-8 (an escaped lone surrogate, "\ud800")
   too_deep                 nested past 32 levels (no chat record is; it would crash a recursive reader)
+  too_large                over max_row_bytes (4 MiB): rejected before it is parsed, so no row can take the
+                           machine's memory
   mixed_format             the row is of another format than --data_format forces (with auto, each row is
                            read in its own format, and the report counts the formats of each file)
   malformed_record         a field is missing or of the wrong type
@@ -59,9 +61,9 @@ from sftlab.data.load import SourceRow
 from sftlab.data.near_dedup import NearDuplicateIndex
 from sftlab.errors import UserError
 
-MALFORMED = ("bad_json", "invalid_utf8", "invalid_text", "too_deep", "mixed_format", "malformed_record",
+MALFORMED = ("bad_json", "invalid_utf8", "invalid_text", "too_deep", "too_large", "mixed_format", "malformed_record",
              "invalid_tool_call", "role_order")
-REASONS = MALFORMED[:7] + ("empty_instruction", "empty_response", "role_order", "tools_unsupported", "boilerplate",
+REASONS = MALFORMED[:8] + ("empty_instruction", "empty_response", "role_order", "tools_unsupported", "boilerplate",
                           "short_response",
                           "duplicate", "near_duplicate", "too_long")
 

@@ -76,7 +76,7 @@ def renderer_for(args: RenderArguments) -> ChatRenderer:
 
 def clean_main(argv: list[str]) -> int:
     output, render, config, extra = parse_with_config(clean_parser(), argv)
-    rows, per_dataset = read_datasets(dataset_specs(extra.inputs), seed=42)
+    rows, per_dataset = read_datasets(dataset_specs(extra.inputs), seed=42, max_row_bytes=config.max_row_bytes)
     sources = [source for info in per_dataset.values() for source in info["sources"]]
     renderer = renderer_for(render) if render.model else None
     if renderer is None:

@@ -8,6 +8,8 @@ the loader adds the file and line.
 
 import json
 
+from sftlab.chat_format import content_text
+
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system", "observation": "observation", "tool": "observation",
                   "function_call": "assistant"}
@@ -160,9 +162,9 @@ def openai_to_messages(row: dict, system_prompt: str | None = None) -> list[dict
                     raise FieldError(f"{field}.tool_calls", "expected objects with a function")
                 messages.append(_tool_call(json.dumps(function, ensure_ascii=False), f"{field}.tool_calls"))
             continue
-        content = message.get("content")
-        if not isinstance(content, str):
-            raise FieldError(f"{field}.content", "expected a string")
+        content = content_text(message.get("content"))
+        if content is None:
+            raise FieldError(f"{field}.content", "expected a string or a list of text parts")
         messages.append({"role": role, "content": content})
     return with_tools(messages, row, system_prompt)
 

@@ -1,11 +1,14 @@
 """Files -> rows, each tagged with its source file and line (1-based) for error messages and reports.
 
-Reads .json (an array), .jsonl, .parquet and .csv, several files at once or by glob, or a Hub dataset id.
+Reads .json (an array), .jsonl (either gzip-compressed too: .json.gz, .jsonl.gz), .parquet and .csv, several
+files at once or by glob, or a Hub dataset id. Text must be UTF-8: a file in another encoding is one line saying
+how to convert it.
 A line that cannot be read (bad JSON, invalid UTF-8) becomes a row with an error, so it is counted with its
 file:line and the rest of the file is still read.
 """
 
 import glob
+import gzip
 import json
 import os
 import re
@@ -13,6 +16,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from sftlab.config import MAX_ROW_BYTES
 from sftlab.environment import hub_offline
 from sftlab.errors import UserError
 
@@ -21,7 +25,7 @@ DEMO_DATA = "sftlab:demo"  # the demo data shipped in the package
 # identity (Kestrel, configs/smollm2-135m-lora.yaml); and its held-out paraphrases, each with an answer rule
 SHIPPED_DATA = {DEMO_DATA: "alpaca_demo.json", "sftlab:identity": "identity.jsonl",
                 "sftlab:identity-checks": "identity_checks.jsonl"}
-SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
+SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".gz")
 
 
 @dataclass
@@ -30,7 +34,7 @@ class SourceRow:
     line: int  # 1-based line (a JSON array: where the object starts; parquet: row number; csv: data row + 1)
     row: object  # the parsed value, or None when the line could not be read
     error: str | None = None  # why it could not be read
-    error_reason: str | None = None  # the reason code for that: bad_json, invalid_utf8, invalid_text, too_deep
+    error_reason: str | None = None  # the reason code: bad_json, invalid_utf8, invalid_text, too_deep, too_large
 
 
 def demo_data_path(name: str = DEMO_DATA) -> Path:
@@ -50,6 +54,8 @@ def expand_inputs(names: list[str]) -> list[str]:
             sources += matches
         elif Path(name).expanduser().is_file():
             sources.append(str(Path(name).expanduser()))
+        elif Path(name).expanduser().is_dir():
+            raise UserError(f"data path {name} is a folder: pass its files, e.g. {name.rstrip('/')}/*.jsonl")
         elif name.startswith("hub:"):
             hub_parts(name)  # checks the form: hub:org/name[:subset[:split]]
             sources.append(name)
@@ -92,28 +98,64 @@ def _printable(key) -> str:
     return str(key).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def read_source(source: str) -> list[SourceRow]:
+def read_source(source: str, max_row_bytes: int = MAX_ROW_BYTES) -> list[SourceRow]:
+    """The rows of one file; a row over max_row_bytes is a too_large row, never parsed."""
     if source.startswith("hub:"):
         return read_hub_dataset(source[4:])
     path = Path(source)
     if path.stat().st_size == 0:
         raise UserError(f"data file {path} is empty")
-    if path.suffix == ".parquet":
-        return _read_table(path, "parquet")
-    if path.suffix == ".csv":
-        return _read_table(path, "csv")
+    compressed = path.suffix == ".gz"
+    suffix = Path(path.stem).suffix if compressed else path.suffix
+    if suffix in (".parquet", ".csv"):
+        if compressed:
+            raise UserError(f"data file {path}: a compressed {suffix} is not supported; decompress it (gunzip)")
+        return _read_table(path, suffix[1:])
     data = path.read_bytes()
+    if compressed:
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as exc:
+            raise UserError(f"data file {path}: not a readable gzip file ({exc})") from None
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]  # a UTF-8 byte-order mark is not part of the data
-    if path.suffix == ".jsonl" or not data.lstrip().startswith(b"["):
-        return _read_jsonl(path, data)
-    return _read_json_array(path, data)
+    check_encoding(path, data)
+    if suffix == ".jsonl" or not data.lstrip().startswith(b"["):
+        rows = _read_jsonl(path, data, max_row_bytes)
+        if all(r.error_reason == "invalid_utf8" for r in rows):
+            check_encoding(path, data, every_line_failed=True)
+        return rows
+    return _read_json_array(path, data, max_row_bytes)
 
 
-def _read_jsonl(path: Path, data: bytes) -> list[SourceRow]:
+def check_encoding(path: Path, data: bytes, every_line_failed: bool = False) -> None:
+    """A whole file in another encoding is one line naming it and how to convert it (its rows would otherwise
+    each be rejected as invalid_utf8). UTF-16 and UTF-32 show as a byte-order mark or NUL bytes; a file no line
+    of which is UTF-8 is named by the encoding it does read as (GB18030 covers GBK and GB2312)."""
+    head = data[:4096]
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")) or head.count(b"\x00") > len(head) // 8:
+        raise UserError(f"data file {path} is UTF-16 or UTF-32 text, not UTF-8: convert it, e.g. "
+                        f"`iconv -f UTF-16 -t UTF-8 {path} > {path.stem}.utf8{path.suffix}`")
+    if every_line_failed:
+        try:
+            data.decode("gb18030")
+        except UnicodeDecodeError:
+            return  # not a known encoding: each row stays counted as invalid_utf8
+        raise UserError(f"data file {path} is not UTF-8: no line of it decodes as UTF-8, and it reads as GBK/GB18030: "
+                        f"convert it, e.g. `iconv -f GB18030 -t UTF-8 {path} > {path.stem}.utf8{path.suffix}`")
+
+
+def too_large(path: Path, line: int, size: int, limit: int) -> SourceRow:
+    return SourceRow(str(path), line, None, f"{size:,} bytes, over max_row_bytes ({limit:,})", "too_large")
+
+
+def _read_jsonl(path: Path, data: bytes, max_row_bytes: int = MAX_ROW_BYTES) -> list[SourceRow]:
     rows = []
     for number, raw in enumerate(data.split(b"\n"), start=1):
         if not raw.strip():
+            continue
+        if len(raw) > max_row_bytes:
+            rows.append(too_large(path, number, len(raw), max_row_bytes))
             continue
         try:
             line = raw.decode("utf-8")
@@ -136,7 +178,7 @@ def _read_jsonl(path: Path, data: bytes) -> list[SourceRow]:
     return rows
 
 
-def _read_json_array(path: Path, data: bytes) -> list[SourceRow]:
+def _read_json_array(path: Path, data: bytes, max_row_bytes: int = MAX_ROW_BYTES) -> list[SourceRow]:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -160,9 +202,13 @@ def _read_json_array(path: Path, data: bytes) -> list[SourceRow]:
             index += 1
         line += text.count("\n", start, index)
         _, end = decoder.raw_decode(text, index)
-        problem = unusable(value)
-        rows.append(SourceRow(str(path), line, None, problem[1], problem[0]) if problem
-                    else SourceRow(str(path), line, value))
+        size = end - index if end - index <= max_row_bytes // 4 else len(text[index:end].encode("utf-8"))
+        problem = ("too_large", None) if size > max_row_bytes else unusable(value)
+        if problem and problem[0] == "too_large":
+            rows.append(too_large(path, line, size, max_row_bytes))
+        else:
+            rows.append(SourceRow(str(path), line, None, problem[1], problem[0]) if problem
+                        else SourceRow(str(path), line, value))
         line += text.count("\n", index, end)
         index = end
     return rows

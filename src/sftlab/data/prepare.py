@@ -36,6 +36,7 @@ from sftlab.data.report import build_report, dataset_rows, summary_line
 from sftlab.data.sources import dataset_specs, read_datasets, weighted
 from sftlab.environment import cache_root
 from sftlab.errors import UserError
+from sftlab.files import remove_stale_staging, staging_name
 
 
 @dataclass
@@ -47,6 +48,7 @@ class PreparedData:
     report: dict
     fingerprint: str  # the content hash the prepared data is cached under
     examples: list[dict]  # the first training sample of each kind present, as rendered, for `sftlab doctor`
+    sources: dict[str, str]  # each data file's SHA-256 (a resume names the file that changed)
 
     def summary(self) -> str:
         datasets = self.report.get("datasets", {})
@@ -75,14 +77,17 @@ def prepare_data(data_args: DataArguments, clean_args: CleanArguments, renderer:
     again here would only repeat that (for hours, on a large dataset)."""
     specs = dataset_specs(data_args.data_files)
     sources = [source for spec in specs for source in expand_inputs([spec.path])]
-    key = cache_key(sources, data_args, clean_args, renderer)
+    digests = source_digests(sources)
+    key = cache_key(digests, data_args, clean_args, renderer)
     cached = cache_root() / "datasets" / key
     if use_cache and (cached / META).exists():
-        return read_cache(cached)
+        data = read_cache(cached)
+        if data is not None:
+            return data
     if cached_only:
         raise UserError(f"the main process did not prepare the data (no {cached}): it stopped, and its error says "
                         "why")
-    rows, per_dataset = read_datasets(specs, data_args.split_seed)
+    rows, per_dataset = read_datasets(specs, data_args.split_seed, clean_args.max_row_bytes)
     result = clean_rows(rows, clean_args, renderer, data_args.system_prompt, enabled=clean_args.clean,
                         progress=True, compact=True)
     report = build_report(result, sources, renderer.max_length, renderer.tokenizer.name_or_path,
@@ -102,11 +107,11 @@ def prepare_data(data_args: DataArguments, clean_args: CleanArguments, renderer:
         rejected=[{"reason": r.reason, "source": r.source, "line": r.line, "detail": r.detail}
                   for r in result.rejected],
         report=report, fingerprint=key,
-        examples=examples_by_kind([result.kept[i] for i in train_idx], renderer),
+        examples=examples_by_kind([result.kept[i] for i in train_idx], renderer), sources=digests,
     )
     if use_cache:
         write_cache(cached, data)
-        return read_cache(cached)  # memory-mapped: the in-memory copy above is freed
+        return read_cache(cached) or data  # memory-mapped: the in-memory copy above is freed
     return data
 
 
@@ -156,15 +161,24 @@ def _example(kept, renderer: ChatRenderer, kind: str) -> dict:
             "max_length": renderer.max_length, "overflow": renderer.overflow}
 
 
-def cache_key(sources: list[str], data_args: DataArguments, clean_args: CleanArguments,
-              renderer: ChatRenderer) -> str:
-    digest = hashlib.sha256()
+def source_digests(sources: list[str]) -> dict[str, str]:
+    """{data file: SHA-256 of its bytes} ("hub:" sources are named by their id alone)."""
+    digests = {}
     for source in sources:
-        digest.update(source.encode())
+        digest = hashlib.sha256()
         if not source.startswith("hub:"):
             with open(source, "rb") as f:
                 for block in iter(lambda: f.read(1 << 20), b""):
                     digest.update(block)
+        digests[source] = digest.hexdigest()
+    return digests
+
+
+def cache_key(digests: dict[str, str], data_args: DataArguments, clean_args: CleanArguments,
+              renderer: ChatRenderer) -> str:
+    digest = hashlib.sha256()
+    for source, content in digests.items():
+        digest.update(source.encode() + content.encode())
     tokenizer = renderer.tokenizer
     backend = getattr(tokenizer, "backend_tokenizer", None)
     digest.update((backend.to_str() if backend is not None else str(sorted(tokenizer.get_vocab().items()))).encode())
@@ -180,6 +194,7 @@ def cache_key(sources: list[str], data_args: DataArguments, clean_args: CleanArg
 
 
 META = "prepared.json"
+FILES = "files"  # in META: each file's size as written, checked at every read (a cut-short file is rebuilt)
 SPLITS = ("train", "test")
 
 
@@ -187,14 +202,16 @@ def write_cache(folder: Path, data: PreparedData) -> None:
     """Arrow datasets and a JSON file, written into a temporary folder that is renamed into place: another
     process never reads a half-written cache (the JSON file, written last, marks it complete)."""
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    remove_stale_staging(folder.parent)  # what a killed preparation left behind, of any key
+    staging = Path(tempfile.mkdtemp(prefix=staging_name(folder.name), dir=folder.parent))
     try:
         for split in SPLITS:
             if len(getattr(data, split)):  # datasets cannot load an empty saved dataset; read_cache makes one
                 with quiet_datasets():
                     getattr(data, split).save_to_disk(str(staging / split))
         meta = {f.name: getattr(data, f.name) for f in fields(data) if f.name not in SPLITS}
-        (staging / META).write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
+        files = {str(p.relative_to(staging)): p.stat().st_size for p in sorted(staging.rglob("*")) if p.is_file()}
+        (staging / META).write_text(json.dumps({**meta, FILES: files}, ensure_ascii=False), encoding="utf-8")
         try:
             staging.rename(folder)
         except OSError:
@@ -216,8 +233,23 @@ def quiet_datasets():
             datasets_progress.enable_progress_bars()
 
 
-def read_cache(folder: Path) -> PreparedData:
-    meta = json.loads((folder / META).read_text(encoding="utf-8"))
-    splits = {split: load_from_disk(str(folder / split)) if (folder / split).exists() else samples_dataset([])
-              for split in SPLITS}
-    return PreparedData(**splits, **meta)
+def read_cache(folder: Path) -> PreparedData | None:
+    """The cached data; None, after removing the entry with a line, when it is damaged (a file cut short or
+    missing, or Arrow that does not read): the caller prepares it again."""
+    try:
+        meta = json.loads((folder / META).read_text(encoding="utf-8"))
+        damaged = next((f"{name}: {size_of(folder / name)}, {size} bytes were written"
+                        for name, size in meta.pop(FILES).items() if size_of(folder / name) != f"{size} bytes"), None)
+        if damaged is None:
+            splits = {split: load_from_disk(str(folder / split)) if (folder / split).exists() else samples_dataset([])
+                      for split in SPLITS}
+            return PreparedData(**splits, **meta)
+    except (OSError, ValueError, KeyError, TypeError, pa.ArrowException) as exc:
+        damaged = f"it does not read: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    print(f"prepared-data cache {folder} is damaged ({damaged}): removing it and preparing the data again")
+    shutil.rmtree(folder, ignore_errors=True)
+    return None
+
+
+def size_of(path: Path) -> str:
+    return f"{path.stat().st_size} bytes" if path.is_file() else "no file"

@@ -20,6 +20,7 @@ import json
 import random
 from dataclasses import dataclass
 
+from sftlab.config import MAX_ROW_BYTES
 from sftlab.data.load import SourceRow, expand_inputs, read_source
 from sftlab.errors import UserError
 
@@ -84,13 +85,14 @@ def renamed(row, columns: tuple[tuple[str, str], ...]):
     return row
 
 
-def read_datasets(specs: list[DatasetSpec], seed: int) -> tuple[list[SourceRow], dict[str, dict]]:
+def read_datasets(specs: list[DatasetSpec], seed: int, max_row_bytes: int = MAX_ROW_BYTES
+                  ) -> tuple[list[SourceRow], dict[str, dict]]:
     """Every row of every dataset, columns mapped and max_samples applied (a sample drawn under `seed`, in
     file order), and per dataset: {"sources", "read", "not_sampled", "weight"}."""
     rows, stats = [], {}
     for spec in specs:
         sources = expand_inputs([spec.path])
-        read = [r for source in sources for r in read_source(source)]
+        read = [r for source in sources for r in read_source(source, max_row_bytes)]
         chosen = read
         if spec.max_samples is not None and len(read) > spec.max_samples:
             keep = sorted(random.Random(f"{seed}:{spec.path}").sample(range(len(read)), spec.max_samples))

@@ -24,8 +24,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from sftlab.chat_format import MessageError, validate_messages
+from sftlab.chat_format import MessageError, content_text, validate_messages
 from sftlab.data.convert import FieldError, openai_to_messages
+from sftlab.data.load import unusable
 from sftlab.errors import UserError
 from sftlab.infer.engine import Engine, Job, QueueFull
 from sftlab.infer.generate import SamplingArgs
@@ -70,8 +71,14 @@ def error(status: int, message: str, kind: str = "invalid_request_error", param:
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
 
 
+KEEP_ALIVE_S = 5  # an idle keep-alive connection is closed after this many seconds
+DRAIN_BYTES = 64 * 2**20  # a body over the limit is read and discarded up to this, so its client reads the 413
+
+
 class BodyLimit:
-    """Refuses a request body over the limit (413) by its Content-Length or while it is read."""
+    """Refuses a request body over the limit (413) by its Content-Length or while it is read. The rest of the body
+    is read and dropped first: a client still sending a 20 MB body would otherwise get a broken pipe instead of
+    the 413 (urllib, requests and the openai client read the response only once they have sent it all)."""
 
     def __init__(self, app, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
@@ -82,6 +89,8 @@ class BodyLimit:
         length = dict(scope["headers"]).get(b"content-length")
         too_big = error(413, f"request body over {self.max_bytes} bytes", code="body_too_large")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            if length.isdigit() and int(length) <= DRAIN_BYTES:
+                await drain(receive)
             return await too_big(scope, receive, send)
         seen = 0
 
@@ -90,23 +99,28 @@ class BodyLimit:
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.max_bytes:
+                if message.get("more_body"):
+                    await drain(receive, DRAIN_BYTES - seen)
                 raise StarletteHTTPException(413, f"request body over {self.max_bytes} bytes")
             return message
 
         return await self.app(scope, limited_receive, send)
 
 
+async def drain(receive, budget: int = DRAIN_BYTES) -> None:
+    """Reads and drops the rest of a request body, up to `budget` bytes."""
+    while budget > 0:
+        message = await receive()
+        budget -= len(message.get("body", b""))
+        if message.get("type") != "http.request" or not message.get("more_body"):
+            return
+
+
 def text_of(content, i: int) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    parts = []
-    for part in content:
-        if part.get("type") != "text" or not isinstance(part.get("text"), str):
-            raise MessageError(f"messages[{i}].content: only text parts are supported")
-        parts.append(part["text"])
-    return "".join(parts)
+    text = "" if content is None else content_text(content)
+    if text is None:
+        raise MessageError(f"messages[{i}].content: only text parts are supported")
+    return text
 
 
 def conversation(request: ChatRequest) -> list[dict]:
@@ -116,6 +130,12 @@ def conversation(request: ChatRequest) -> list[dict]:
         item = message.model_dump(exclude_none=True)
         item["content"] = text_of(message.content, i)
         raw.append(item)
+    for i, tool in enumerate(request.tools or []):
+        if "function" in tool and not isinstance(tool["function"], dict):
+            raise MessageError(f"tools[{i}].function: expected an object (name, description, parameters)")
+    problem = unusable({"messages": raw, "tools": request.tools})  # a lone surrogate cannot be tokenized
+    if problem:
+        raise MessageError(problem[1])
     try:
         messages = openai_to_messages({"messages": raw, "tools": request.tools} if request.tools else {"messages": raw})
     except FieldError as exc:
@@ -139,8 +159,9 @@ def create_app(model, tokenizer, name: str, api_key: str | None = None, limits: 
     @app.middleware("http")
     async def authorize(request: Request, call_next):
         if api_key and request.url.path != "/health":
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
+            # the scheme is case-insensitive (RFC 9110 section 11.1): bearer, Bearer and BEARER alike
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
                 return error(401, "missing or wrong API key: send Authorization: Bearer KEY",
                              kind="authentication_error", code="invalid_api_key")
         return await call_next(request)
@@ -292,5 +313,5 @@ def main(argv: list[str]) -> int:
     app = create_app(model, tokenizer, name, args.api_key, limits, context,
                      recorded_system_prompt(args.adapter or args.model))
     print(f"serving {name} on http://{args.host}:{args.port} (chat page: /, API: /v1/chat/completions)")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_keep_alive=KEEP_ALIVE_S)
     return 0

@@ -63,9 +63,15 @@ def download_from_hub(repo_id: str) -> Path:
                         f"{hint}") from exc
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
 def load_tokenizer(model_path: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    if Path(model_path).is_dir() and not any((Path(model_path) / name).exists() for name in TOKENIZER_FILES):
+        raise UserError(f"model folder {model_path} has no tokenizer ({', '.join(TOKENIZER_FILES)}): copy the "
+                        "tokenizer files of its base model into it")
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     if tokenizer.chat_template is None and "[gMASK]" in tokenizer.get_vocab():
         tokenizer.chat_template = glm4_chat_template()  # glm-4-9b-hf (base) ships without one
@@ -106,6 +112,7 @@ def load_model(model_path: Path, dtype: str = "auto", trust_remote_code: bool = 
     from transformers import AutoModelForCausalLM
 
     quantization = quantization_config(load_in_4bit)
+    check_weights(Path(model_path), "model.safetensors")  # here, not on resolving: tokenizer-only uses need none
     model = AutoModelForCausalLM.from_pretrained(
         model_path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code, use_safetensors=True,
         attn_implementation=attn_implementation,
@@ -115,6 +122,30 @@ def load_model(model_path: Path, dtype: str = "auto", trust_remote_code: bool = 
     if record_name is not None:
         model.config._name_or_path = record_name  # PEFT writes this into adapter_config.json
     return model
+
+
+def check_weights(folder: Path, name: str) -> None:
+    """A folder's safetensors weights are there and whole (each file's header read: a truncated or zero-byte file
+    is one line here, not a deserializing error later); a pickle in their place is refused: sftlab loads
+    safetensors only, since unpickling can run code. Sharded weights are checked shard by shard."""
+    from safetensors import SafetensorError, safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickles = [p for p in (name.replace(".safetensors", ".bin"), "pytorch_model.bin") if (folder / p).exists()]
+        if pickles:
+            found = pickles[0]
+            raise UserError(f"{folder} holds {found}, a pickle: sftlab loads safetensors only (unpickling can run "
+                            "code). Convert it where you trust it: load it and save_pretrained(..., "
+                            "safe_serialization=True)")
+        raise UserError(f"{folder}: no {name} there (its weights are missing)")
+    for file in files:
+        try:
+            with safe_open(file, "pt"):
+                pass
+        except SafetensorError as exc:
+            raise UserError(f"{file} is damaged ({exc}): it was cut short or is not a safetensors file; copy "
+                            "or save it again") from None
 
 
 def recorded_base_name(name_or_path: str) -> str:
@@ -198,6 +229,9 @@ def inference_paths(model: str | None = None, adapter: str | None = None) -> tup
         raise UserError("pass --model PATH, or --adapter DIR (its base model is read from it)")
     if adapter is not None and not Path(adapter).is_dir():
         raise UserError(f"adapter path {adapter} does not exist")
+    if adapter is not None:
+        adapter_base(Path(adapter))  # a folder without adapter_config.json: said first
+        check_weights(Path(adapter), "adapter_model.safetensors")
     base_path = resolve_model_path(model or adapter_base(Path(adapter)))
     tokenizer_dir = Path(adapter) if adapter and (Path(adapter) / "tokenizer_config.json").exists() else base_path
     return base_path, tokenizer_dir

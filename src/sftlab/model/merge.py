@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from sftlab.errors import UserError
+from sftlab.files import remove_stale_staging, staging_name
 from sftlab.model.load import (
     RUN_CONFIG,
     inference_paths,
@@ -46,7 +47,8 @@ def merge(adapter: str, output: str | None = None, dtype: str = "bfloat16", devi
     model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     refuse_non_finite_tensors(model)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    remove_stale_staging(out.parent, out.name)  # a killed merge's leftovers
+    staging = Path(tempfile.mkdtemp(prefix=staging_name(out.name), dir=out.parent))
     try:
         model.save_pretrained(staging, max_shard_size=max_shard_size)
         save_tokenizer(tokenizer, staging)

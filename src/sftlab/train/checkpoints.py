@@ -7,6 +7,7 @@ size and SHA-256. `--resume` takes the newest folder whose marker is there and w
 says which newer ones it skipped and why; old checkpoints are deleted only after a newer one is committed.
 """
 
+import fcntl
 import hashlib
 import json
 import os
@@ -109,48 +110,46 @@ def rotate(out: Path, keep: int | None, newest: Path) -> None:
 
 
 class RunLock:
-    """One `sftlab train` per output_dir: `.sftlab.lock` holds the owner's PID. A lock whose process is gone
-    (a killed run) is taken over with a line saying so."""
+    """One `sftlab train` per output_dir: an exclusive flock(2) on `.sftlab.lock`, which holds the owner's PID.
+    The kernel takes the lock and releases it when its process ends, however it ends: two simultaneous starts
+    never both get it, and a killed run's lock is never stale. (An O_EXCL file with the PID written after it was
+    not atomic: a second start reading in between saw no PID, removed the lock, and both ran.)"""
 
     def __init__(self, out: Path):
         self.path = Path(out) / ".sftlab.lock"
-        self.held = False
+        self.fd: int | None = None
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._holder()
-                if holder is not None and _alive(holder):
-                    raise UserError(f"output_dir {self.path.parent} is in use by another sftlab train (PID {holder}); "
-                                    f"wait for it, stop it, or choose another output_dir") from None
-                print(f"output_dir {self.path.parent}: taking over a stale lock of PID {holder} (no such process)")
-                self.path.unlink(missing_ok=True)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise UserError(f"output_dir {self.path.parent} is in use by another sftlab train (PID {holder}); "
+                                f"wait for it, stop it, or choose another output_dir") from None
+            if not self._still_the_file(fd):  # its holder released and removed it while we waited: again
+                os.close(fd)
                 continue
-            with os.fdopen(fd, "w") as f:
-                f.write(f"{os.getpid()}\n")
-            self.held = True
+            previous = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            if previous:
+                print(f"output_dir {self.path.parent}: taking over the lock of PID {previous}, which ended without "
+                      "releasing it")
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            self.fd = fd
             return
 
-    def release(self) -> None:
-        if self.held and self._holder() == os.getpid():
-            self.path.unlink(missing_ok=True)
-        self.held = False
-
-    def _holder(self) -> int | None:
+    def _still_the_file(self, fd: int) -> bool:
         try:
-            return int(self.path.read_text().strip())
-        except (OSError, ValueError):
-            return None
+            return os.fstat(fd).st_ino == os.stat(self.path).st_ino
+        except FileNotFoundError:
+            return False
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    return True
+    def release(self) -> None:
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)  # unlinked while still locked: a waiter then sees a new file
+            os.close(self.fd)
+        self.fd = None

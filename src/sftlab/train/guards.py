@@ -1,5 +1,6 @@
-"""What keeps a run from losing work or saving garbage: a graceful stop on SIGTERM/SIGINT, steps with a
-non-finite loss or gradient skipped (never applied, never logged as 0.0), and no save of a non-finite tensor."""
+"""What keeps a run from losing work or saving garbage: a graceful stop on SIGTERM/SIGINT (and a prompt one after the
+final save), steps with a non-finite loss or gradient skipped (never applied, never logged as 0.0), a run that
+diverges stopped, and no save of a non-finite tensor."""
 
 import os
 import signal
@@ -47,6 +48,34 @@ class StopOnSignal(TrainerCallback):
             control.should_evaluate = False  # an evaluation due at this step would delay the exit by minutes
 
 
+class Stopped(BaseException):
+    """Raised by StopAtOnce's handler (a BaseException: no library's `except Exception` swallows it)."""
+
+
+class StopAtOnce:
+    """After the final save, where nothing is lost by stopping (--resume redoes what is missing): a SIGTERM or
+    SIGINT raises Stopped in the main thread at once, instead of waiting for a minutes-long evaluation."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self.previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {sig: signal.signal(sig, self._handle) for sig in SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        return False
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is None:
+            self.received = signum
+            raise Stopped(signum)
+
+
 def _any_process(flag: bool) -> bool:
     """True on every process when it is true on one (the processes must save and stop at the same step)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
@@ -58,34 +87,71 @@ def _any_process(flag: bool) -> bool:
     return bool(value.item())
 
 
-class NonFiniteSteps(TrainerCallback):
-    """Skips an optimizer step whose gradients are not finite (a non-finite loss makes them so): parameters and
-    optimizer state stay bitwise as they were. Counts the skipped steps into the logs; after `limit` in a row,
-    stops the run with one line."""
+class BadSteps(TrainerCallback):
+    """Bad optimizer steps, counted in a row; `limit` in a row stop the run with one line naming what they were.
+
+    - non-finite: a NaN or infinite gradient (a non-finite loss makes it so). The step is skipped: parameters and
+      optimizer state stay bitwise as they were; counted into the logs as skipped_steps.
+    - finite divergence, which would otherwise end with rc 0 and a dead model: every gradient exactly zero (the
+      weights went where nothing flows back), or a loss above DIVERGED_LOSS times the mean of the first
+      START_STEPS steps. These steps are applied as usual (a hard batch can be legitimately high); only a run of
+      them stops training."""
+
+    START_STEPS = 5
+    DIVERGED_LOSS = 3.0
 
     def __init__(self, limit: int):
         self.limit, self.in_a_row, self.skipped = limit, 0, 0
         self.last_committed: str | None = None
+        self.pending_loss = None  # the loss summed over this step's micro-batches, on the device (one sync a step)
+        self.start_losses: list[float] = []
+
+    def observe_loss(self, loss) -> None:
+        loss = loss.detach().float()
+        self.pending_loss = loss if self.pending_loss is None else self.pending_loss + loss
 
     def guard(self, optimizer) -> None:
         step = optimizer.step
 
         def guarded_step(*args, **kwargs):
             grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-            if grads and not torch.isfinite(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])).all():
+            norms = torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]) if grads else None
+            loss, self.pending_loss = self.pending_loss, None
+            if norms is not None and not torch.isfinite(norms).all():
                 self.skipped += 1
-                self.in_a_row += 1
                 optimizer.zero_grad(set_to_none=True)
-                if self.in_a_row >= self.limit:
-                    where = f"; the last committed checkpoint is {self.last_committed}" if self.last_committed else ""
-                    raise UserError(f"{self.in_a_row} optimizer steps in a row had a non-finite loss or gradient and "
-                                    f"were skipped (max_bad_steps {self.limit}): lower the learning rate, or check the "
-                                    f"data and dtype{where}")
+                self._bad("had a non-finite loss or gradient and were skipped", "lower the learning rate, or check "
+                          "the data and dtype")
                 return None
-            self.in_a_row = 0
+            why = self._diverged(norms, loss)
+            if why:
+                self._bad(why, "the run has diverged: lower the learning rate (or raise warmup_steps)")
+            else:
+                self.in_a_row = 0
             return step(*args, **kwargs)
 
         optimizer.step = guarded_step
+
+    def _diverged(self, norms, loss) -> str | None:
+        if norms is not None and bool((norms == 0).all()):
+            return "had a gradient of exactly zero"
+        if loss is None:
+            return None
+        value = loss.item()
+        if len(self.start_losses) < self.START_STEPS:
+            self.start_losses.append(value)
+            return None
+        start = sum(self.start_losses) / len(self.start_losses)
+        if start > 0 and value > self.DIVERGED_LOSS * start:
+            return f"had a loss over {self.DIVERGED_LOSS:g}x that of the first {self.START_STEPS} steps ({start:.4g})"
+        return None
+
+    def _bad(self, what: str, advice: str) -> None:
+        self.in_a_row += 1
+        if self.in_a_row >= self.limit:
+            where = f"; the last committed checkpoint is {self.last_committed}" if self.last_committed else ""
+            raise UserError(f"{self.in_a_row} optimizer steps in a row {what} (max_bad_steps {self.limit}): "
+                            f"{advice}{where}")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is not None and "loss" in logs:

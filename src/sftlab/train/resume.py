@@ -3,9 +3,9 @@ with a changed recipe.
 
 A resumed run must be the run that was started: the data (by content hash), the model, the LoRA shape, the
 length limit, the seeds, the learning-rate schedule and the effective batch are checked against the run's own
-sftlab_config.yaml before anything in the folder is written. Changes that cannot make the finished model
-differ from an uninterrupted run of the new settings (logging, probes, evaluation and saving frequency, more
-epochs) are allowed and appended to amendments.jsonl; the original record is never overwritten.
+sftlab_config.yaml before anything in the folder is written. Only the changes on an allow-list (AMENDABLE:
+logging, probes, evaluation and saving, tracking) are accepted, appended to amendments.jsonl once training has
+resumed with them; the original record is never overwritten.
 """
 
 import json
@@ -15,30 +15,61 @@ from pathlib import Path
 import yaml
 
 from sftlab.errors import UserError
-from sftlab.files import append_jsonl, write_atomic
+from sftlab.files import append_jsonl, keep_lines, write_atomic
 from sftlab.model.load import ADAPTER_CONFIG, RUN_CONFIG
 from sftlab.train.checkpoints import checkpoints, newest_committed
 
 RESOLVED_CONFIG = RUN_CONFIG  # sftlab_config.yaml
 AMENDMENTS = "amendments.jsonl"
-# fields whose change makes a resumed run a different run ("section.field" of the resolved config)
-PROTECTED = {
-    "model." + name for name in ("model_name_or_path", "dtype", "load_in_4bit", "attn_implementation", "use_peft",
-                                 "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_modules_to_save")
-} | {
-    "data." + name for name in ("data_files", "test_size", "split_seed", "system_prompt", "overflow")
-} | {
-    "train." + name for name in ("max_length", "seed", "data_seed", "learning_rate", "lr_scheduler_type",
-                                 "lr_scheduler_kwargs", "warmup_steps", "warmup_ratio", "weight_decay", "optim",
-                                 "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "max_steps",
-                                 "per_device_train_batch_size", "gradient_accumulation_steps",
-                                 "max_tokens_per_batch", "padding_free", "supervised_head", "bf16", "fp16")
-} | {"world_size", "data_fingerprint"}
-IGNORED = {"train.resume", "train.output_dir", "train.logging_dir"}
+MANIFEST = "manifest.json"
+# the only fields a resume may change ("section.field" of the resolved config): they decide what is logged,
+# evaluated, saved, tracked and probed, or how data is fed, never what is learned. Any other change is refused
+# naming the field: an allow-list, so a field that a new transformers or TRL adds is refused until judged here.
+AMENDABLE = {"clean.num_proc"} | {
+    "train." + name for name in (
+        # logging and tracking
+        "logging_strategy", "logging_steps", "logging_first_step", "log_on_each_node", "logging_nan_inf_filter",
+        "include_num_input_tokens_seen", "log_level", "log_level_replica", "disable_tqdm", "report_to", "run_name",
+        "project", "trackio_space_id", "trackio_bucket_id", "trackio_static_space_id", "skip_memory_metrics",
+        # evaluation during training
+        "eval_strategy", "eval_steps", "eval_delay", "per_device_eval_batch_size", "prediction_loss_only",
+        "eval_on_start", "eval_do_concat_batches", "eval_use_gather_object", "eval_accumulation_steps",
+        "include_for_metrics", "batch_eval_metrics", "bf16_full_eval", "fp16_full_eval", "eval_packing",
+        # saving and publishing
+        "save_strategy", "save_steps", "save_on_each_node", "save_total_limit", "push_to_hub", "hub_token",
+        "hub_private_repo", "hub_model_id", "hub_strategy", "hub_always_push", "hub_revision",
+        # feeding the data (the order and the batches are the sampler's, under the seed)
+        "dataloader_num_workers", "dataloader_persistent_workers", "dataloader_prefetch_factor",
+        "dataloader_pin_memory", "dataset_num_proc", "ddp_timeout", "torch_empty_cache_steps",
+        # sftlab's probes, final evaluation and guard
+        "probe_prompts", "probe_max_new_tokens", "final_eval_samples", "final_eval_max_new_tokens",
+        "retention_check", "max_bad_steps",
+    )
+}
+IGNORED = {"train.resume", "train.output_dir", "train.local_rank"}
 
 
 def has_final(out: Path) -> bool:
+    out = Path(out)
     return (out / ADAPTER_CONFIG).exists() or ((out / "config.json").exists() and (out / "model.safetensors").exists())
+
+
+def is_complete(out: Path) -> bool:
+    """Final weights saved and every step after them done (the manifest is marked complete last of all)."""
+    path = Path(out) / MANIFEST
+    if not has_final(out) or not path.exists():
+        return False
+    try:
+        # a run from before sftlab marked completion: finished when its report was written
+        return json.loads(path.read_text(encoding="utf-8")).get("completed", (Path(out) / "report.md").exists()) is True
+    except ValueError:
+        return False
+
+
+def mark_complete(out: Path) -> None:
+    manifest = json.loads((Path(out) / MANIFEST).read_text(encoding="utf-8"))
+    write_atomic(Path(out) / MANIFEST, json.dumps({**manifest, "completed": True}, ensure_ascii=False, indent=2,
+                                                  default=str) + "\n")
 
 
 def check_output_dir(out: Path, resume: bool, is_main: bool = True) -> str | None:
@@ -80,18 +111,30 @@ def flatten(config: dict) -> dict:
 
 
 def config_drift(original: dict, new: dict) -> tuple[list[str], dict]:
-    """(protected fields that changed, as "field: old -> new" lines; the allowed changes {field: [old, new]})."""
+    """(refused changes, as "field: old -> new" lines, a changed data file by its name; the allowed changes
+    {field: [old, new]})."""
     before, after = flatten(original), flatten(new)
     blocking, allowed = [], {}
     for key in sorted(set(before) | set(after)):
         old, value = before.get(key), after.get(key)
         if key in IGNORED or _same(old, value):
             continue
-        epochs_down = key == "train.num_train_epochs" and (value or 0) < (old or 0)
-        if key in PROTECTED or epochs_down:
-            blocking.append(f"{key.split('.', 1)[-1]}: {old!r} -> {value!r}")
-        else:
+        if key in AMENDABLE:
             allowed[key] = [old, value]
+        elif key.startswith("data_sources."):
+            if old is not None and value is not None:  # a file added or removed shows as data_files
+                blocking.append(f"data file {key.split('.', 1)[1]} changed since the run started (its content "
+                                "differs)")
+        elif key == "data_fingerprint":
+            if not any(k.startswith("data_sources.") and not _same(before.get(k), after.get(k)) for k in after):
+                blocking.append("the prepared data differs though no data file changed (the tokenizer, its chat "
+                                "template, the cleaning settings or sftlab's version changed)")
+        elif key in ("train.num_train_epochs", "train.max_steps"):
+            blocking.append(f"{key.split('.', 1)[1]}: {old!r} -> {value!r} (the learning-rate schedule of the steps "
+                            "already taken depends on it; start a new run, or train on from this run's adapter in "
+                            "another output_dir)")
+        else:
+            blocking.append(f"{key.split('.', 1)[-1]}: {old!r} -> {value!r}")
     return blocking, allowed
 
 
@@ -99,25 +142,29 @@ def _same(a, b) -> bool:
     return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
 
 
-def check_resume_config(out: Path, config: dict, step: int, record: bool = True) -> None:
-    """Raises UserError naming every protected field that differs from the run's record; records the allowed
-    changes as an amendment (not by rewriting the record)."""
+def check_resume_config(out: Path, config: dict, step: int, record: bool = True) -> dict | None:
+    """Raises UserError naming every refused change against the run's record; returns the allowed changes as an
+    amendment for record_amendment (the record itself is never rewritten)."""
     recorded = yaml.safe_load((Path(out) / RESOLVED_CONFIG).read_text(encoding="utf-8"))
     blocking, allowed = config_drift(recorded, config)
     if blocking:
-        raise UserError(f"--resume with a changed recipe: {'; '.join(blocking)}. Resume with the run's own settings "
+        raise UserError(f"--resume with a changed recipe: {'; '.join(blocking)}. Only logging, evaluation, saving, "
+                        f"tracking and probe settings may change on resume: resume with the run's own settings "
                         f"({out / RESOLVED_CONFIG}), or start a new run in another output_dir")
-    if allowed and record:
-        append_jsonl(Path(out) / AMENDMENTS, [{"resumed_at_step": step, "changed": allowed}])
-        print(f"resume: amended {', '.join(k.split('.', 1)[-1] for k in allowed)} (recorded in {AMENDMENTS})")
+    return {"resumed_at_step": step, "changed": allowed} if allowed and record else None
+
+
+def record_amendment(out: Path, amendment: dict | None) -> None:
+    """Called once training has resumed with the amended settings (not when the resume fails before)."""
+    if amendment:
+        append_jsonl(Path(out) / AMENDMENTS, [amendment])
+        names = ", ".join(k.split(".", 1)[-1] for k in amendment["changed"])
+        print(f"resume: amended {names} (recorded in {AMENDMENTS})")
 
 
 def forget_after(out: Path, step: int) -> None:
-    """On resume, drops the log and probe lines that the interrupted run wrote after its checkpoint: the
-    resumed run writes those steps again, and each step should be in the logs once."""
-    for name in ("trainer_log.jsonl", "predictions.jsonl"):
-        path = Path(out) / name
-        if path.exists():
-            lines = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
-                     if line.strip() and json.loads(line)["step"] <= step]
-            write_atomic(path, "".join(lines))
+    """On resume, drops the log and probe lines that the interrupted run wrote after its checkpoint, and the
+    summary record of a run stopped by a signal: the resumed run writes those steps again, and its own summary,
+    and each should be in the logs once."""
+    keep_lines(Path(out) / "trainer_log.jsonl", lambda r: r["step"] <= step and "train_runtime" not in r)
+    keep_lines(Path(out) / "predictions.jsonl", lambda r: r["step"] <= step)

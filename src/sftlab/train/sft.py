@@ -19,14 +19,15 @@ from pathlib import Path
 
 import torch
 import yaml
+from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer, TrlParser
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from sftlab.chat_format import ChatRenderer, stop_token_ids
 from sftlab.config import CleanArguments, DataArguments, ModelArguments, read_config_file
 from sftlab.data.prepare import PreparedData, prepare_data
-from sftlab.errors import UserError, report
-from sftlab.files import append_jsonl, write_atomic
+from sftlab.errors import UserError, report, write_failure
+from sftlab.files import append_jsonl, keep_lines, write_atomic
 from sftlab.model.load import (
     ADAPTER_CONFIG,
     load_model,
@@ -46,10 +47,19 @@ from sftlab.train.batching import (
     training_attention,
 )
 from sftlab.train.callbacks import DEFAULT_PROBES, JsonlLogCallback, ProbeCallback, run_probes
-from sftlab.train.checkpoints import RunLock, commit, rotate
-from sftlab.train.guards import NonFiniteSteps, StopOnSignal, refuse_non_finite
+from sftlab.train.checkpoints import RunLock, commit, newest_committed, rotate
+from sftlab.train.guards import BadSteps, StopAtOnce, StopOnSignal, Stopped, refuse_non_finite
 from sftlab.train.loss import add_supervised_lm_head
-from sftlab.train.resume import RESOLVED_CONFIG, check_output_dir, check_resume_config, forget_after, has_final
+from sftlab.train.resume import (
+    RESOLVED_CONFIG,
+    check_output_dir,
+    check_resume_config,
+    forget_after,
+    has_final,
+    is_complete,
+    mark_complete,
+    record_amendment,
+)
 from sftlab.train.tracking import check_report_to, finish_swanlab, start_swanlab
 
 # PEFT still calls transformers' old name on every step; the warning says nothing a user can act on
@@ -112,11 +122,13 @@ class TrainConfig(SFTConfig):
                                 "a verdict (kept, degraded, lost) in eval/results.json, report.md and the model "
                                 "card. Full fine-tuning: sftlab eval --compare-base."}
     )
-    max_tokens_per_batch: int | None = field(
-        default=8192, metadata={"help": "Token budget of one micro-batch: samples are grouped by length so each "
-                                "micro-batch holds about this many tokens (padding included) with little padding, "
-                                "in an order shuffled under the seed. None: per_device_train_batch_size samples "
-                                "in random order, as TRL does."}
+    # typed str for the parser, which reads "auto", "null" and numbers alike; __post_init__ makes it an int or None
+    max_tokens_per_batch: str | None = field(
+        default="auto", metadata={"help": "Token budget of one micro-batch: samples are grouped by length so each "
+                                  "micro-batch holds about this many tokens (padding included) with little padding, "
+                                  "in an order shuffled under the seed. auto: 8192 on a GPU, 2048 on CPU (activations "
+                                  "that stay in the CPU's caches: 1.2x faster than 8192 on SmolLM2-135M). null: "
+                                  "per_device_train_batch_size samples in random order, as TRL does."}
     )
     padding_free: bool | None = field(
         default=None, metadata={"help": "Concatenate a micro-batch into one row (position_ids restart per sample, "
@@ -126,8 +138,10 @@ class TrainConfig(SFTConfig):
                                 "slower than length-grouped padded batches."}
     )
     max_bad_steps: int = field(
-        default=10, metadata={"help": "Optimizer steps with a non-finite loss or gradient are skipped (weights and "
-                              "optimizer state untouched) and counted; this many in a row stop the run."}
+        default=10, metadata={"help": "Bad optimizer steps in a row that stop the run: a non-finite loss or gradient "
+                              "(skipped, weights and optimizer state untouched, counted as skipped_steps), a "
+                              "gradient of exactly zero, or a loss over 3x that of the first 5 steps (divergence "
+                              "that stays finite)."}
     )
     logging_nan_inf_filter: bool = field(
         default=False, metadata={"help": "Replace a non-finite logged loss by the running mean (transformers' "
@@ -147,8 +161,26 @@ class TrainConfig(SFTConfig):
             self.bf16_full_eval = self.bf16
         if not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # pinning needs an accelerator; on CPU it only warns
+        self.max_tokens_per_batch = token_budget(self.max_tokens_per_batch, self.max_length)
         check_ranges(self)
         super().__post_init__()
+
+
+GPU_TOKENS_PER_BATCH, CPU_TOKENS_PER_BATCH = 8192, 2048  # benchmarks/train_throughput.py measured both on CPU
+
+
+def token_budget(value, max_length: int | None = None) -> int | None | str:
+    """max_tokens_per_batch as given (a YAML int, or a string from the command line) -> an int or None; a value
+    that is neither is left for check_ranges to name. auto holds at least one sample of max_length."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "auto":
+            budget = GPU_TOKENS_PER_BATCH if torch.cuda.is_available() else CPU_TOKENS_PER_BATCH
+            return max(budget, max_length or 0)
+        if text in ("null", "none"):
+            return None
+        return int(text) if text.lstrip("-").isdigit() else value
+    return value
 
 
 def _number(value) -> bool:
@@ -164,7 +196,7 @@ RANGES = [
     ("per_device_train_batch_size", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
     ("per_device_eval_batch_size", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
     ("gradient_accumulation_steps", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
-    ("max_tokens_per_batch", lambda v: v is None or (isinstance(v, int) and v >= 1), "an integer >= 1, or null"),
+    ("max_tokens_per_batch", lambda v: v is None or (isinstance(v, int) and v >= 1), "an integer >= 1, auto or null"),
     ("max_length", lambda v: v is None or (isinstance(v, int) and v >= 8), "an integer >= 8, or null"),
     ("save_steps", lambda v: _number(v) and v > 0, "a positive number (< 1: a share of all steps)"),
     ("eval_steps", lambda v: v is None or (_number(v) and v > 0), "a positive number (< 1: a share of all steps)"),
@@ -181,6 +213,8 @@ RANGES = [
 
 
 def check_ranges(config: TrainConfig) -> None:
+    if not str(config.output_dir or "").strip():
+        raise ValueError("output_dir: must name a folder, got an empty string")
     for name, valid, allowed in RANGES:
         value = getattr(config, name)
         if not valid(value):
@@ -204,10 +238,11 @@ def _config_error_line(exc: ValueError) -> str:
     return f"config: {text.splitlines()[0]}"
 
 
-def resolved_config(model_args, data_args, clean_args, train_args, fingerprint: str | None = None) -> dict:
+def resolved_config(model_args, data_args, clean_args, train_args, fingerprint: str | None = None,
+                    sources: dict[str, str] | None = None) -> dict:
     train = {k: v for k, v in train_args.to_dict().items() if not k.startswith("_")}
     return {"model": asdict(model_args), "data": asdict(data_args), "clean": asdict(clean_args), "train": train,
-            "world_size": train_args.world_size, "data_fingerprint": fingerprint}
+            "world_size": train_args.world_size, "data_fingerprint": fingerprint, "data_sources": sources or {}}
 
 
 def check_lora_targets(model_path: Path, model_args: ModelArguments) -> None:
@@ -227,6 +262,16 @@ def check_lora_targets(model_path: Path, model_args: ModelArguments) -> None:
         linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
         raise UserError(f"lora_target_modules: {', '.join(missing)} matches no module of the model; its linear "
                         f"layers are {', '.join(linear)} (or use all-linear)")
+
+
+def check_context(model_path: Path, max_length: int | None) -> None:
+    """max_length within the model's context (max_position_embeddings): past it, positions the model never saw."""
+    from transformers import AutoConfig
+
+    context = getattr(AutoConfig.from_pretrained(model_path).get_text_config(), "max_position_embeddings", None)
+    if max_length is not None and context is not None and max_length > context:
+        raise UserError(f"max_length {max_length} is above the model's context of {context} tokens "
+                        f"(max_position_embeddings): set max_length to {context} or less")
 
 
 def refuse_tied_modules_to_save(model, modules_to_save: list[str]) -> None:
@@ -266,13 +311,16 @@ def train(model_args: ModelArguments, data_args: DataArguments, clean_args: Clea
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir {out} is a file, not a folder")
     quantization_config(model_args.load_in_4bit)  # no GPU or no bitsandbytes: say so before anything else
-    if train_args.resume and has_final(out):
-        print(f"run {out} is finished (its final weights are there): nothing to resume, nothing changed")
+    if train_args.resume and is_complete(out):
+        print(f"run {out} is finished (its final weights, evaluation and report are there): nothing to resume, "
+              "nothing changed")
         return out
     lock = RunLock(out) if train_args.process_index == 0 else None
     if lock is not None:
         lock.acquire()
     try:
+        if train_args.resume and has_final(out):
+            return complete_run(out, train_args.process_index == 0)
         return run_training(model_args, data_args, clean_args, train_args)
     finally:
         if lock is not None:
@@ -305,26 +353,35 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, clean_arg
     tokenizer = load_tokenizer(model_path, train_args.trust_remote_code)
     renderer = ChatRenderer(tokenizer, train_args.max_length, data_args.overflow)
     check_lora_targets(model_path, model_args)  # before the data: a preparation can take long
+    check_context(model_path, train_args.max_length)
     data = prepare_once(data_args, clean_args, renderer, train_args)
     print(data.summary())
     if not len(data.train):
+        if len(data.test):
+            raise UserError(f"test_size {data_args.test_size} leaves no training samples: all {len(data.test)} usable "
+                            "rows were held out; lower test_size (a share of the rows, e.g. 0.05)")
         raise UserError(f"no training samples left from {', '.join(data_args.data_files)} ({data.summary()})")
+    longest = max(data.train["length"])
+    if train_args.max_tokens_per_batch is not None and train_args.max_tokens_per_batch < longest:
+        raise UserError(f"max_tokens_per_batch {train_args.max_tokens_per_batch} is smaller than the longest training "
+                        f"sample ({longest} tokens): each such sample would be a micro-batch of its own, over the "
+                        f"budget. Raise it to at least {longest} (or to max_length, {train_args.max_length})")
     if not len(data.test) and train_args.eval_strategy != "no":
         strategy = getattr(train_args.eval_strategy, "value", train_args.eval_strategy)
         raise UserError(f"eval_strategy {strategy} needs a held-out split, and there is none "
                         f"(test_size {data_args.test_size}, {len(data.train)} training samples): set eval_strategy: "
                         "no, or test_size > 0 with at least 2 usable rows")
     set_reply_limits(train_args, data.report)
-    config = resolved_config(model_args, data_args, clean_args, train_args, data.fingerprint)
+    config = resolved_config(model_args, data_args, clean_args, train_args, data.fingerprint, data.sources)
+    amendment = None
     if resume_from:  # checked on every process (the others would wait forever for a main that stopped)
         step = int(Path(resume_from).name.split("-")[-1])
-        check_resume_config(out, config, step, record=is_main)
+        amendment = check_resume_config(out, config, step, record=is_main)
         if is_main:
             forget_after(out, step)
     elif is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_run_inputs(out, config, data)
-
     attention = training_attention(model_args.attn_implementation, train_args.padding_free, model_args.dtype)
     model = load_model(model_path, model_args.dtype, train_args.trust_remote_code, attention,
                        record_name=recorded_base_name(model_args.model_name_or_path),
@@ -350,7 +407,7 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, clean_arg
         peft_config=lora_config(model_args) if model_args.use_peft else None,
         data_collator=DataCollatorForLanguageModeling(tokenizer.pad_token_id, padding_free=padding_free),
         callbacks=[probe, JsonlLogCallback(str(out)), stopper], token_sampler=sampler,
-        non_finite=NonFiniteSteps(train_args.max_bad_steps),
+        bad_steps=BadSteps(train_args.max_bad_steps), amendment=amendment,
     )
     train_args.padding_free = padding_free  # what was used, for the manifest
     sharded = sharded_engine(trainer)
@@ -367,14 +424,75 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, clean_arg
         trainer.train(resume_from_checkpoint=resume_from)
         if stopper.received is not None:
             stopped_by_signal(stopper.received, trainer.state.global_step, out, is_main)
+        if is_main:  # before the final save, so that a run completed after a crash still says how it trained
+            write_training_manifest(out, data, train_args.seed, {
+                "attention": trainer.model.config._attn_implementation, "padding_free": padding_free,
+                "batches": {**asdict(plan), "summary": plan.summary()}})
         save_final(trainer, tokenizer, out, model_args)  # every process: sharded engines gather the weights
+        if stopper.received is not None:  # it arrived during the save, which was let finish
+            stopped_after_final_save(stopper.received, out, "the final save", is_main)
+        stopper.uninstall()
         if is_main:
-            finish_run(trainer, tokenizer, out, data_args, train_args, data, plan, sharded)
+            with StopAtOnce() as stop:  # the weights are safe: the rest is redone by --resume, so stop at once
+                try:
+                    finish_run(trainer.model, tokenizer, out, trainer.state.global_step, finish_settings(train_args,
+                               data_args), data.test_messages, sharded)
+                except Stopped:
+                    stopped_after_final_save(stop.received, out, "the steps after the final save", is_main)
     finally:
         stopper.uninstall()
         if "swanlab" in reports and is_main:
             finish_swanlab()
     return out
+
+
+def finish_settings(train_args: TrainConfig, data_args: DataArguments) -> dict:
+    """What the steps after the final save use, from the live config (or, completing a run, from its record)."""
+    return {**{name: getattr(train_args, name) for name in FINISH_FIELDS}, "system_prompt": data_args.system_prompt}
+
+
+FINISH_FIELDS = ("probe_prompts", "probe_max_new_tokens", "final_eval_samples", "final_eval_max_new_tokens",
+                 "retention_check")
+
+
+def complete_run(out: Path, is_main: bool) -> Path:
+    """--resume on a run whose final weights are saved but whose evaluation, probes, report or manifest are not
+    (it was killed after its final save): does what is missing, with the run's recorded settings, without
+    training. The model is loaded from the run folder, as `sftlab eval` loads it."""
+    from sftlab.model.load import load_for_inference
+
+    if not is_main:
+        return out
+    record = effective_record(out)
+    print(f"run {out}: its final weights were saved, but it stopped before its evaluation and report: completing "
+          "them with the run's recorded settings (no training)")
+    adapter = (out / ADAPTER_CONFIG).exists()
+    model, tokenizer = load_for_inference(adapter=str(out)) if adapter else load_for_inference(model=str(out))
+    step = json.loads((out / "trainer_state.json").read_text(encoding="utf-8"))["global_step"]
+    heldout = [json.loads(line)["messages"] for line in
+               (out / "heldout.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
+    settings = {**{name: record["train"][name] for name in FINISH_FIELDS},
+                "system_prompt": record["data"]["system_prompt"]}
+    with StopAtOnce() as stop:
+        try:
+            finish_run(model, tokenizer, out, step, settings, heldout, None)
+        except Stopped:
+            stopped_after_final_save(stop.received, out, "the steps after the final save", is_main)
+    return out
+
+
+def effective_record(out: Path) -> dict:
+    """The run's sftlab_config.yaml with the amendments of its resumes applied."""
+    from sftlab.train.resume import AMENDMENTS
+
+    record = yaml.safe_load((out / RESOLVED_CONFIG).read_text(encoding="utf-8"))
+    path = out / AMENDMENTS
+    for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else []:
+        for key, (_, value) in json.loads(line)["changed"].items():
+            section, _, name = key.partition(".")
+            if name:
+                record[section][name] = value
+    return record
 
 
 def reply_limit(report: dict) -> int:
@@ -400,20 +518,32 @@ class SftlabTrainer(SFTTrainer):
     and non-finite steps skipped."""
 
     def __init__(self, *args, token_sampler: TokenBudgetSampler | None = None,
-                 non_finite: NonFiniteSteps | None = None, **kwargs):
-        self.token_sampler, self.non_finite = token_sampler, non_finite
-        if non_finite is not None:  # first, so that the log record it annotates is the one written to disk
-            kwargs["callbacks"] = [non_finite, *(kwargs.get("callbacks") or [])]
+                 bad_steps: BadSteps | None = None, amendment: dict | None = None, **kwargs):
+        self.token_sampler, self.bad_steps, self.amendment = token_sampler, bad_steps, amendment
+        if bad_steps is not None:  # first, so that the log record it annotates is the one written to disk
+            kwargs["callbacks"] = [bad_steps, *(kwargs.get("callbacks") or [])]
+        kwargs["callbacks"] = [OnResume(self), *(kwargs.get("callbacks") or [])]
         super().__init__(*args, **kwargs)
         if token_sampler is not None:
             self.add_callback(SamplerEpochCallback(token_sampler))
+        self.resumed_from: str | None = None
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        self.resumed_from = resume_from_checkpoint
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def create_optimizer(self, *args, **kwargs):
         optimizer = super().create_optimizer(*args, **kwargs)
-        if self.non_finite is not None and not getattr(optimizer, "_sftlab_guarded", False):
-            self.non_finite.guard(optimizer)
+        if self.bad_steps is not None and not getattr(optimizer, "_sftlab_guarded", False):
+            self.bad_steps.guard(optimizer)
             optimizer._sftlab_guarded = True
         return optimizer
+
+    def training_step(self, *args, **kwargs):
+        loss = super().training_step(*args, **kwargs)
+        if self.bad_steps is not None:
+            self.bad_steps.observe_loss(loss)
+        return loss
 
     def _get_train_sampler(self, train_dataset=None):
         return self.token_sampler if self.token_sampler is not None else super()._get_train_sampler(train_dataset)
@@ -426,13 +556,78 @@ class SftlabTrainer(SFTTrainer):
         self.args.save_total_limit = None
         try:
             super()._save_checkpoint(model, trial)
+        except (OSError, RuntimeError) as exc:
+            raise_write_failure(exc, f"checkpoint-{self.state.global_step}", Path(self.args.output_dir))
         finally:
             self.args.save_total_limit = limit
+        log_state = save_log_state(self)  # a collective: on every process
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             folder = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
+            write_atomic(folder / LOG_STATE, json.dumps(log_state) + "\n")
             commit(folder)
             rotate(folder.parent, limit, folder)
+
+
+LOG_STATE = "sftlab_log_state.json"
+
+
+def save_log_state(trainer) -> dict:
+    """What the Trainer's logging holds between logging steps, which its checkpoints do not keep: the loss summed
+    since the last logged step (the mean over processes), that step, and the sum over every logged step. Without
+    it, the first loss logged after a resume averages only the steps since the resume, and the run's train_loss
+    only those of the last invocation."""
+    from transformers.trainer_pt_utils import nested_gather
+
+    pending = nested_gather(trainer._tr_loss.detach(), trainer.args.parallel_mode).float().mean().item()
+    # TRL's own metrics (token accuracy, entropy: averaged over the steps since the last log) and token count
+    metrics = {key: list(values) for key, values in getattr(trainer, "_metrics", {}).get("train", {}).items()}
+    return {"pending_loss": pending, "last_logged_step": trainer._globalstep_last_logged,
+            "logged_loss_sum": trainer._total_loss_scalar, "trl_metrics": metrics,
+            "total_train_tokens": getattr(trainer, "_total_train_tokens", 0)}
+
+
+class OnResume(TrainerCallback):
+    """As training resumes: records the amendment it resumed with, and restores save_log_state's record, so every
+    logged loss (and train_loss) equals an uninterrupted run's."""
+
+    def __init__(self, trainer):
+        self.trainer, self.restored = trainer, False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            record_amendment(Path(args.output_dir), self.trainer.amendment)
+        folder = self.trainer.resumed_from
+        path = Path(folder) / LOG_STATE if folder else None
+        if path is None or not path.exists():  # a fresh run, or a checkpoint written before sftlab kept it
+            return
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        self.trainer._tr_loss += saved["pending_loss"]
+        self.trainer._globalstep_last_logged = saved["last_logged_step"]
+        self.trainer._total_loss_scalar = saved["logged_loss_sum"]
+        if hasattr(self.trainer, "_metrics"):
+            self.trainer._metrics["train"].clear()
+            self.trainer._metrics["train"].update(saved["trl_metrics"])
+            self.trainer._total_train_tokens = saved["total_train_tokens"]
+        self.restored = True
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.restored and logs is not None and "train_loss" in logs and state.global_step:
+            # the Trainer divides by the steps of this invocation; the sum restored covers every step
+            logs["train_loss"] = self.trainer._total_loss_scalar / state.global_step
+
+
+def raise_write_failure(exc: BaseException, what: str, out: Path) -> None:
+    """A full disk or an unwritable folder while saving: one line naming it, and the newest committed checkpoint,
+    which the failed save left intact; anything else is raised as it was."""
+    why = write_failure(exc)
+    if why is None:
+        raise exc
+    committed, _ = newest_committed(out)
+    kept = f"{committed} is committed and intact" if committed else "no checkpoint was committed yet"
+    detail = getattr(exc, "filename", None) or str(exc).strip().splitlines()[0][:200]
+    raise UserError(f"could not save {what} in {out}: {why} ({detail}). {kept}: free space (or make the folder "
+                    "writable) and continue with --resume") from exc
 
 
 def token_sampler(train_args: TrainConfig, lengths: list[int], padding_free: bool,
@@ -455,13 +650,24 @@ def token_sampler(train_args: TrainConfig, lengths: list[int], padding_free: boo
     return sampler, plan
 
 
+def stopped_after_final_save(signum: int, out: Path, during: str, is_main: bool) -> None:
+    """One line when a stop signal ends a run after its final weights were saved; exits 143 or 130."""
+    if is_main:
+        print(f"stopped by {signal.Signals(signum).name} during {during}: the final weights in {out} are saved; "
+              f"complete the evaluation and report with: {resume_command()}", flush=True)
+    raise SystemExit(128 + signum)
+
+
+def resume_command() -> str:
+    command = shlex.join(["sftlab", *sys.argv[1:]]) if sys.argv[1:2] == ["train"] else "sftlab train ..."
+    return command + ("" if "--resume" in sys.argv else " --resume")
+
+
 def stopped_by_signal(signum: int, step: int, out: Path, is_main: bool) -> None:
     """One line on where the run stopped and how to go on; exits 143 (SIGTERM) or 130 (SIGINT)."""
     if is_main:
-        command = shlex.join(["sftlab", *sys.argv[1:]]) if sys.argv[1:2] == ["train"] else "sftlab train ..."
-        command += "" if "--resume" in sys.argv else " --resume"
         print(f"stopped by {signal.Signals(signum).name} after step {step}: {out / f'checkpoint-{step}'} is "
-              f"committed; continue with: {command}", flush=True)
+              f"committed; continue with: {resume_command()}", flush=True)
     raise SystemExit(128 + signum)
 
 
@@ -477,43 +683,51 @@ def sharded_engine(trainer) -> str | None:
     return None
 
 
-def finish_run(trainer, tokenizer, out: Path, data_args, train_args, data, plan: BatchPlan,
-               sharded: str | None = None) -> None:
-    """After training and the final save, on the main process: probe replies, held-out evaluation, report
-    (no generation where the weights are sharded: `sftlab eval` does it afterwards from the saved run)."""
+def finish_run(model, tokenizer, out: Path, step: int, settings: dict, test_messages: list, sharded: str | None
+               ) -> None:
+    """After the final save, on the main process: probe replies, held-out evaluation, report, model card, and
+    last the manifest marked complete (no generation where the weights are sharded: `sftlab eval` does it
+    afterwards from the saved run). Each output is rewritten whole, so a run stopped here is completed by
+    --resume without a record twice."""
     from sftlab.eval.evaluate import evaluate, with_replies, write_eval
     from sftlab.eval.model_card import write_model_card
-    from sftlab.eval.run_report import peak_memory_mb, write_manifest, write_run_report
+    from sftlab.eval.run_report import write_run_report
     from sftlab.eval.tables import table_text
 
-    # the record is the run's own config (a resume may only amend it, in amendments.jsonl), plus what was chosen
-    record = yaml.safe_load((out / RESOLVED_CONFIG).read_text(encoding="utf-8"))
-    chosen = {"attention": trainer.model.config._attn_implementation, "padding_free": train_args.padding_free,
-              "batches": {**asdict(plan), "summary": plan.summary()}}
-    write_manifest(out, record, data.fingerprint, train_args.seed, {"peak_memory_mb": peak_memory_mb(), **chosen})
-    if sharded:
-        write_run_report(out)
-        write_model_card(out)  # in place of PEFT's empty template
-        return
-    replies = run_probes(trainer.model, tokenizer, train_args.probe_prompts, train_args.probe_max_new_tokens,
-                         data_args.system_prompt)
-    final = [dict(step=trainer.state.global_step, prompt=p, reply=r.text, finish_reason=r.finish_reason,
-                  new_tokens=r.new_tokens, final=True) for p, r in zip(train_args.probe_prompts, replies)]
-    append_jsonl(out / "predictions.jsonl", final)
-    conversations = data.test_messages[:train_args.final_eval_samples]
-    if conversations:
-        results, replies = evaluate(trainer.model, tokenizer, conversations, train_args.final_eval_max_new_tokens,
-                                    label="held-out")
-        results = {"tuned": results}
-        if train_args.retention_check and hasattr(trainer.model, "disable_adapter"):
-            from sftlab.eval.retention import adapter_retention
+    final = []
+    if not sharded:
+        prompts, system_prompt = settings["probe_prompts"], settings["system_prompt"]
+        replies = run_probes(model, tokenizer, prompts, settings["probe_max_new_tokens"], system_prompt)
+        final = [dict(step=step, prompt=p, reply=r.text, finish_reason=r.finish_reason, new_tokens=r.new_tokens,
+                      final=True) for p, r in zip(prompts, replies)]
+        keep_lines(out / "predictions.jsonl", lambda record: not record.get("final"))  # an interrupted finish's
+        append_jsonl(out / "predictions.jsonl", final)
+        conversations = test_messages[:settings["final_eval_samples"]]
+        if conversations:
+            results, replies = evaluate(model, tokenizer, conversations, settings["final_eval_max_new_tokens"],
+                                        label="held-out")
+            results = {"tuned": results}
+            if settings["retention_check"] and hasattr(model, "disable_adapter"):
+                from sftlab.eval.retention import adapter_retention
 
-            results["retention"] = adapter_retention(trainer.model, tokenizer, data_args.system_prompt)
-        write_eval(out / "eval", results, with_replies(conversations, {"tuned": replies}))
-        print(f"\nHeld-out evaluation ({len(conversations)} conversations):\n{table_text(results)}")
+                results["retention"] = adapter_retention(model, tokenizer, system_prompt)
+            write_eval(out / "eval", results, with_replies(conversations, {"tuned": replies}))
+            print(f"\nHeld-out evaluation ({len(conversations)} conversations):\n{table_text(results)}")
     write_run_report(out)
     write_model_card(out)  # in place of PEFT's empty template
-    print_probes(final)
+    mark_complete(out)
+    if final:
+        print_probes(final)
+
+
+def write_training_manifest(out: Path, data: PreparedData, seed: int, chosen: dict) -> None:
+    """The manifest as training ends: the run's own config (a resume may only amend it, in amendments.jsonl),
+    the peak memory and what was chosen (attention, batches); `completed` false until the run's last step."""
+    from sftlab.eval.run_report import peak_memory_mb, write_manifest
+
+    record = yaml.safe_load((out / RESOLVED_CONFIG).read_text(encoding="utf-8"))
+    write_manifest(out, record, data.fingerprint, seed, {"peak_memory_mb": peak_memory_mb(), **chosen,
+                                                         "completed": False})
 
 
 def write_run_inputs(out: Path, config: dict, data: PreparedData) -> None:
@@ -543,7 +757,10 @@ def save_final(trainer, tokenizer, out: Path, model_args: ModelArguments) -> Non
     if is_main:
         shutil.rmtree(staging, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
-    trainer.save_model(str(staging))
+    try:
+        trainer.save_model(str(staging))
+    except (OSError, RuntimeError) as exc:
+        raise_write_failure(exc, "the final weights", out)
     if not is_main:
         return
     (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; sftlab_config.yaml says the same in YAML
@@ -558,10 +775,10 @@ def save_final(trainer, tokenizer, out: Path, model_args: ModelArguments) -> Non
         config["base_model_name_or_path"] = recorded_base_name(model_args.model_name_or_path)
         write_atomic(staging / ADAPTER_CONFIG, json.dumps(config, indent=2))
     marker = ADAPTER_CONFIG if (staging / ADAPTER_CONFIG).exists() else "config.json"
+    trainer.state.save_to_json(str(staging / "trainer_state.json"))  # in before the marker: a completion reads it
     for item in sorted(staging.iterdir(), key=lambda p: p.name == marker):
         os.replace(item, out / item.name)
     staging.rmdir()
-    trainer.state.save_to_json(str(out / "trainer_state.json"))
 
 
 def print_probes(records: list[dict]) -> None:
