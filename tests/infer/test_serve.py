@@ -29,13 +29,16 @@ def tiny(sftlab_home):
 
 @contextlib.contextmanager
 def serving(app):
-    """The app on a free loopback port, in a thread; yields its base URL."""
+    """The app on a free loopback port, in a thread, as `sftlab serve` runs it; yields its base URL."""
     import uvicorn
+
+    from sftlab.infer.serve import KEEP_ALIVE_S, header_timeout_protocol
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error",
+                                           timeout_keep_alive=KEEP_ALIVE_S, http=header_timeout_protocol()))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -348,3 +351,79 @@ def test_a_body_over_the_limit_gets_its_413_back_to_ordinary_clients(url):
     with pytest.raises(openai.APIStatusError) as status:
         client.chat.completions.create(model="tiny-glm4", messages=big)
     assert status.value.status_code == 413
+
+
+@pytest.mark.slow
+def test_idle_and_slow_connections_are_closed(tiny, monkeypatch):
+    """A connection that sends nothing, and one that sends its headers a line at a time past the deadline, are
+    closed; an idle keep-alive connection too; a normal request on a fresh connection still gets its answer."""
+    import sftlab.infer.serve as serve
+
+    monkeypatch.setattr(serve, "HEADER_TIMEOUT_S", 1)
+    monkeypatch.setattr(serve, "KEEP_ALIVE_S", 1)
+    model, tokenizer = tiny
+    app = create_app(model, tokenizer, "timeouts", limits=Limits(max_tokens=4))
+    with serving(app) as base:
+        port = int(base.rsplit(":", 1)[1])
+
+        def closed_within(sock, seconds: float) -> bool:
+            sock.settimeout(seconds)
+            try:
+                while sock.recv(4096):
+                    pass  # a response may come first (keep-alive); then the close
+                return True
+            except TimeoutError:
+                return False
+
+        with socket.create_connection(("127.0.0.1", port)) as silent:
+            assert closed_within(silent, 5)
+        with socket.create_connection(("127.0.0.1", port)) as slow:
+            slow.sendall(b"GET /health HTTP/1.1\r\n")
+            time.sleep(0.6)
+            slow.sendall(b"Host: x\r\n")  # still no blank line ending the headers
+            assert closed_within(slow, 5)
+        with socket.create_connection(("127.0.0.1", port)) as idle:
+            idle.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert closed_within(idle, 5)  # answered, then closed after the keep-alive timeout
+        assert httpx.get(f"{base}/health", timeout=10).status_code == 200
+
+
+@pytest.mark.slow
+def test_valid_enough_requests_that_reach_generation_are_never_a_5xx(tiny):
+    """Beyond schemathesis's schema-shaped bodies, which mostly stop at validation: conversations that are valid
+    or nearly so (any unicode, lone surrogates included, text parts, every role, sampling settings at their
+    bounds, tools of any shape), so that many reach tokenization and generation. None may be a 5xx, and a good
+    share must be answered."""
+    from fastapi.testclient import TestClient
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    model, tokenizer = tiny
+    app = create_app(model, tokenizer, "fuzzed", limits=Limits(max_tokens=8, max_queue=64), context=4096)
+    text = st.text(st.characters(exclude_categories=()), max_size=30)  # surrogates (Cs) included
+    content = st.one_of(text, st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": text}), max_size=3))
+    any_message = st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant", "tool"]),
+                                         "content": st.one_of(content, st.none())})
+    valid = st.tuples(st.one_of(st.just([]), st.builds(lambda c: [{"role": "system", "content": c}], text)),
+                      st.builds(lambda c: [{"role": "user", "content": c}], content)).map(lambda p: p[0] + p[1])
+    tool = st.one_of(st.fixed_dictionaries({"type": st.just("function"), "function": st.fixed_dictionaries(
+        {"name": st.text(max_size=10), "parameters": st.dictionaries(st.text(max_size=5), st.integers(), max_size=2)})}),
+        st.fixed_dictionaries({"type": st.just("function"), "function": st.one_of(st.text(max_size=5), st.integers())}))
+    body = st.fixed_dictionaries({"messages": st.one_of(valid, valid, st.lists(any_message, min_size=1, max_size=4))},
+                                 optional={"temperature": st.floats(0, 2), "top_p": st.floats(0.01, 1),
+                                           "max_tokens": st.integers(1, 8), "seed": st.integers(0, 2**31),
+                                           "stop": st.lists(text, max_size=2), "stream": st.booleans(),
+                                           "tools": st.lists(tool, max_size=2)})
+    statuses = []
+    with TestClient(app) as client:
+        @settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+        @given(body)
+        def post(request):
+            response = client.post("/v1/chat/completions", content=json.dumps(request).encode(),
+                                   headers={"Content-Type": "application/json"})
+            statuses.append(response.status_code)
+            assert response.status_code < 500, (request, response.text[:500])
+
+        post()
+    app.state.engine.close()
+    assert statuses.count(200) >= 20 and 400 in statuses, sorted(set(statuses))

@@ -472,3 +472,16 @@ def test_a_full_disk_during_the_final_save_is_one_line(tmp_path, monkeypatch):
                                         "is committed and intact"):
         train(*args_for(run))
     assert not (run / "adapter_model.safetensors").exists() and not (run / "adapter_config.json").exists()
+
+
+def test_a_run_is_bitwise_the_same_with_one_thread_or_two(straight, tmp_path):
+    """What the README states of reproducibility on CPU: the same recipe, data, seed and libraries give the same
+    logged losses and adapter bits, here with the intra-op thread count changed (the order of a reduction is
+    what could differ)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(*args_for(tmp_path / "one_thread"))
+    finally:
+        torch.set_num_threads(threads)
+    assert_same_run(straight, tmp_path / "one_thread")

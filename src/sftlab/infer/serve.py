@@ -72,6 +72,7 @@ def error(status: int, message: str, kind: str = "invalid_request_error", param:
 
 
 KEEP_ALIVE_S = 5  # an idle keep-alive connection is closed after this many seconds
+HEADER_TIMEOUT_S = 10  # a request's headers must arrive within this many seconds of its first byte (or connect)
 DRAIN_BYTES = 64 * 2**20  # a body over the limit is read and discarded up to this, so its client reads the 413
 
 
@@ -105,6 +106,47 @@ class BodyLimit:
             return message
 
         return await self.app(scope, limited_receive, send)
+
+
+def header_timeout_protocol():
+    """uvicorn's h11 protocol with a deadline for each request's headers, which uvicorn lacks: a client that
+    connects and sends nothing, or sends its headers a byte at a time, would hold a connection (and a file
+    descriptor) for as long as it likes. Past HEADER_TIMEOUT_S the connection is closed."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeout(H11Protocol):
+        deadline = None
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            if self.cycle is None or self.cycle.response_complete:  # between requests: the next one's headers
+                self._arm()
+            super().data_received(data)
+            if self.cycle is not None and not self.cycle.response_complete:  # its headers are in
+                self._disarm()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            if self.deadline is None:
+                self.deadline = self.loop.call_later(HEADER_TIMEOUT_S, self._too_slow)
+
+        def _disarm(self) -> None:
+            if self.deadline is not None:
+                self.deadline.cancel()
+                self.deadline = None
+
+        def _too_slow(self) -> None:
+            self.deadline = None
+            if not self.transport.is_closing():
+                self.transport.close()
+
+    return HeaderTimeout
 
 
 async def drain(receive, budget: int = DRAIN_BYTES) -> None:
@@ -313,5 +355,6 @@ def main(argv: list[str]) -> int:
     app = create_app(model, tokenizer, name, args.api_key, limits, context,
                      recorded_system_prompt(args.adapter or args.model))
     print(f"serving {name} on http://{args.host}:{args.port} (chat page: /, API: /v1/chat/completions)")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_keep_alive=KEEP_ALIVE_S)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_keep_alive=KEEP_ALIVE_S,
+                http=header_timeout_protocol())
     return 0
