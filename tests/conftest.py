@@ -14,6 +14,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # a Hub lookup would take ~48 s to fail here
 os.environ.setdefault("SWANLAB_MODE", "disabled")
 TEST_HOME = Path(tempfile.mkdtemp(prefix="sftlab-test-home-"))
 os.environ["SFTLAB_HOME"] = str(TEST_HOME)
+# the libraries' own caches too: a test run writes nothing outside its home
+os.environ["HF_DATASETS_CACHE"] = str(TEST_HOME / "hf-datasets")
+os.environ["MPLCONFIGDIR"] = str(TEST_HOME / "matplotlib")
 USER_CACHE = Path.home() / ".cache" / "sftlab"
 
 

@@ -1,6 +1,6 @@
 """Configuration dataclasses shared by the verbs. Field names follow TRL's ModelConfig where they overlap,
-so the tutorial's YAML files keep working. The training config (SFTConfig subclass) lives in train/sft.py,
-the only module that imports trl."""
+so the tutorial's YAML files keep working. The training config (SFTConfig subclass) lives in train/sft.py:
+train/ is the only package that imports trl."""
 
 from dataclasses import dataclass, field, fields
 from pathlib import Path

@@ -485,3 +485,23 @@ def test_a_run_is_bitwise_the_same_with_one_thread_or_two(straight, tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert_same_run(straight, tmp_path / "one_thread")
+
+
+def test_a_checkpoint_committed_with_sha256_still_verifies(straight, tmp_path):
+    """Markers now hold XXH3-128 hashes (fast enough for a 100 GB checkpoint); one written by an earlier sftlab with
+    SHA-256 still verifies, and still catches a flipped bit."""
+    import hashlib
+    import shutil
+
+    folder = Path(shutil.copytree(straight / "checkpoint-6", tmp_path / "checkpoint-6"))
+    marker = json.loads((folder / MARKER).read_text())
+    assert all(set(entry) == {"size", "xxh3_128"} for entry in marker["files"].values())
+    old = {name: {"size": entry["size"], "sha256": hashlib.sha256((folder / name).read_bytes()).hexdigest()}
+           for name, entry in marker["files"].items()}
+    (folder / MARKER).write_text(json.dumps({"files": old}))
+    assert why_not_committed(folder) is None
+    adapter = folder / "adapter_model.safetensors"
+    data = bytearray(adapter.read_bytes())
+    data[-5] ^= 0x01
+    adapter.write_bytes(bytes(data))
+    assert why_not_committed(folder) == "adapter_model.safetensors differs from what was committed (damaged)"

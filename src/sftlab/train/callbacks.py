@@ -21,7 +21,7 @@ class ProbeCallback(TrainerCallback):
     """At each save: greedy replies to the probe prompts, appended to predictions.jsonl and sent to SwanLab.
 
     Unlike the tutorial's callback, it generates in eval mode (no dropout), batched with left padding,
-    decodes only the new tokens, and stops on GLM-4's stop tokens."""
+    decodes only the new tokens, and stops on the model family's stop tokens (GLM-4's three, Qwen's, ...)."""
 
     def __init__(self, tokenizer, prompts: list[str], max_new_tokens: int, output_dir: str,
                  system_prompt: str | None = None, stopper=None):

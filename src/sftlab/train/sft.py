@@ -1,4 +1,4 @@
-"""`sftlab train`: the tutorial's TRL SFT script, with its defects fixed. The only module that imports trl.
+"""`sftlab train`: the tutorial's TRL SFT script, with its defects fixed. Only train/ imports trl (here and loss.py).
 
 Fixes over the tutorial, whose script had these defects: the assistant turn is followed by a supervised terminator and
 the prompt is masked (one renderer, chat_format.py); max_length is TRL's real field; `[gMASK]<sop>` appears
