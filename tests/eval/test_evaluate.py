@@ -122,6 +122,7 @@ def test_eval_tasks_runs_lm_eval_on_base_and_tuned_and_adds_the_rows(run_dir, tm
     assert "| sftlab_local_qa/acc | 0.75 | 0.75 | +0 |" in (out / "report.md").read_text()
 
 
+@pytest.mark.slow  # a measured 3-5 s: kept out of the quick loop
 def test_eval_tasks_that_lm_eval_does_not_know_are_one_line(run_dir, tmp_path, capsys):
     code = cli.main(["eval", "--adapter", str(run_dir), "--tasks", "no_such_task_7", "--output", str(tmp_path)])
     assert code == 2

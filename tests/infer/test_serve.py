@@ -239,8 +239,14 @@ def chromium():
 
 
 @pytest.mark.browser
-def test_chat_page_streams_a_reply_keeps_the_conversation_and_clears(chromium, sftlab_home):
+def test_chat_page_streams_a_reply_keeps_the_conversation_and_clears(chromium, sftlab_home, monkeypatch):
     from playwright.sync_api import sync_playwright
+
+    import sftlab.infer.serve as serve
+
+    # a chunk per generated step: on idle cores the tiny model's 24 tokens took under 0.1 s, fewer than the 6
+    # chunks (one per 20 ms at most) that show the reply arriving piece by piece
+    monkeypatch.setattr(serve, "STREAM_INTERVAL_S", 0)
 
     model, tokenizer = load_for_inference(model="sftlab:tiny-glm4", device="cpu", dtype="float32")
     app = create_app(model, tokenizer, "tiny-glm4", limits=Limits(max_tokens=24), context=4096)

@@ -90,6 +90,7 @@ def test_sigterm_during_the_final_evaluation_exits_143_at_once_and_resume_comple
     assert json.loads((run / "eval" / "results.json").read_text())["tuned"]["n"] == 2
 
 
+@pytest.mark.slow  # a measured 3-5 s: kept out of the quick loop
 def test_logged_numbers_after_a_resume_equal_an_uninterrupted_runs(tmp_path, monkeypatch):
     """Logging every 4 steps, killed in step 5 and resumed from the checkpoint of step 3: the loss logged at step
     4 averages steps 1-4 as the uninterrupted run's does, and every logged number matches."""
