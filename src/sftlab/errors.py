@@ -3,6 +3,9 @@ failure of the machine rather than the input (a full disk, a read-only or unwrit
 
 import errno
 import sys
+from pathlib import Path
+
+from sftlab.environment import cache_root
 
 
 class UserError(Exception):
@@ -45,6 +48,6 @@ def os_failure_line(exc: BaseException) -> str | None:
     where = f" writing {path}" if path else ""
     advice = ("free space and run it again" if "space" in why or "quota" in why
               else "choose a writable folder (or fix its permissions) and run it again")
-    if path and "sftlab" in str(path) and "datasets" in str(path):
+    if path and Path(path).resolve().is_relative_to(cache_root().resolve()):
         advice += "; the prepared-data cache is under SFTLAB_HOME, which can point elsewhere"
     return f"{why}{where}: {advice}"

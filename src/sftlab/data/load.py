@@ -119,30 +119,33 @@ def read_source(source: str, max_row_bytes: int = MAX_ROW_BYTES) -> list[SourceR
             raise UserError(f"data file {path}: not a readable gzip file ({exc})") from None
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]  # a UTF-8 byte-order mark is not part of the data
-    check_encoding(path, data)
+    refuse_utf16(path, data)
     if suffix == ".jsonl" or not data.lstrip().startswith(b"["):
         rows = _read_jsonl(path, data, max_row_bytes)
         if all(r.error_reason == "invalid_utf8" for r in rows):
-            check_encoding(path, data, every_line_failed=True)
+            refuse_gbk(path, data)
         return rows
     return _read_json_array(path, data, max_row_bytes)
 
 
-def check_encoding(path: Path, data: bytes, every_line_failed: bool = False) -> None:
-    """A whole file in another encoding is one line naming it and how to convert it (its rows would otherwise
-    each be rejected as invalid_utf8). UTF-16 and UTF-32 show as a byte-order mark or NUL bytes; a file no line
-    of which is UTF-8 is named by the encoding it does read as (GB18030 covers GBK and GB2312)."""
+# A whole file in another encoding is one line naming it and how to convert it: its rows would otherwise each be
+# rejected as invalid_utf8 (UTF-16 ones as bad_json).
+def refuse_utf16(path: Path, data: bytes) -> None:
+    """UTF-16 and UTF-32 show as a byte-order mark, or as NUL bytes in much of the text."""
     head = data[:4096]
     if head.startswith((b"\xff\xfe", b"\xfe\xff")) or head.count(b"\x00") > len(head) // 8:
         raise UserError(f"data file {path} is UTF-16 or UTF-32 text, not UTF-8: convert it, e.g. "
                         f"`iconv -f UTF-16 -t UTF-8 {path} > {path.stem}.utf8{path.suffix}`")
-    if every_line_failed:
-        try:
-            data.decode("gb18030")
-        except UnicodeDecodeError:
-            return  # not a known encoding: each row stays counted as invalid_utf8
-        raise UserError(f"data file {path} is not UTF-8: no line of it decodes as UTF-8, and it reads as GBK/GB18030: "
-                        f"convert it, e.g. `iconv -f GB18030 -t UTF-8 {path} > {path.stem}.utf8{path.suffix}`")
+
+
+def refuse_gbk(path: Path, data: bytes) -> None:
+    """For a file no line of which is UTF-8: GB18030 (which covers GBK and GB2312) if it reads as that."""
+    try:
+        data.decode("gb18030")
+    except UnicodeDecodeError:
+        return  # not a known encoding: each row stays counted as invalid_utf8
+    raise UserError(f"data file {path} is not UTF-8: no line of it decodes as UTF-8, and it reads as GBK/GB18030: "
+                    f"convert it, e.g. `iconv -f GB18030 -t UTF-8 {path} > {path.stem}.utf8{path.suffix}`")
 
 
 def too_large(path: Path, line: int, size: int, limit: int) -> SourceRow:

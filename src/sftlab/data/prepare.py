@@ -238,8 +238,9 @@ def read_cache(folder: Path) -> PreparedData | None:
     missing, or Arrow that does not read): the caller prepares it again."""
     try:
         meta = json.loads((folder / META).read_text(encoding="utf-8"))
-        damaged = next((f"{name}: {size_of(folder / name)}, {size} bytes were written"
-                        for name, size in meta.pop(FILES).items() if size_of(folder / name) != f"{size} bytes"), None)
+        sizes = {name: (size, size_on_disk(folder / name)) for name, size in meta.pop(FILES).items()}
+        damaged = next((f"{name}: {'no file' if now is None else f'{now} bytes'}, {size} bytes were written"
+                        for name, (size, now) in sizes.items() if now != size), None)
         if damaged is None:
             splits = {split: load_from_disk(str(folder / split)) if (folder / split).exists() else samples_dataset([])
                       for split in SPLITS}
@@ -251,5 +252,5 @@ def read_cache(folder: Path) -> PreparedData | None:
     return None
 
 
-def size_of(path: Path) -> str:
-    return f"{path.stat().st_size} bytes" if path.is_file() else "no file"
+def size_on_disk(path: Path) -> int | None:
+    return path.stat().st_size if path.is_file() else None

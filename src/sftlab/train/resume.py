@@ -142,7 +142,7 @@ def _same(a, b) -> bool:
     return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
 
 
-def check_resume_config(out: Path, config: dict, step: int, record: bool = True) -> dict | None:
+def check_resume_config(out: Path, config: dict, step: int) -> dict | None:
     """Raises UserError naming every refused change against the run's record; returns the allowed changes as an
     amendment for record_amendment (the record itself is never rewritten)."""
     recorded = yaml.safe_load((Path(out) / RESOLVED_CONFIG).read_text(encoding="utf-8"))
@@ -151,7 +151,7 @@ def check_resume_config(out: Path, config: dict, step: int, record: bool = True)
         raise UserError(f"--resume with a changed recipe: {'; '.join(blocking)}. Only logging, evaluation, saving, "
                         f"tracking and probe settings may change on resume: resume with the run's own settings "
                         f"({out / RESOLVED_CONFIG}), or start a new run in another output_dir")
-    return {"resumed_at_step": step, "changed": allowed} if allowed and record else None
+    return {"resumed_at_step": step, "changed": allowed} if allowed else None
 
 
 def record_amendment(out: Path, amendment: dict | None) -> None:
@@ -160,6 +160,18 @@ def record_amendment(out: Path, amendment: dict | None) -> None:
         append_jsonl(Path(out) / AMENDMENTS, [amendment])
         names = ", ".join(k.split(".", 1)[-1] for k in amendment["changed"])
         print(f"resume: amended {names} (recorded in {AMENDMENTS})")
+
+
+def effective_record(out: Path) -> dict:
+    """The run's sftlab_config.yaml with the amendments of its resumes applied."""
+    record = yaml.safe_load((Path(out) / RESOLVED_CONFIG).read_text(encoding="utf-8"))
+    path = Path(out) / AMENDMENTS
+    for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else []:
+        for key, (_, value) in json.loads(line)["changed"].items():
+            section, _, name = key.partition(".")
+            if name:
+                record[section][name] = value
+    return record
 
 
 def forget_after(out: Path, step: int) -> None:

@@ -54,6 +54,7 @@ from sftlab.train.resume import (
     RESOLVED_CONFIG,
     check_output_dir,
     check_resume_config,
+    effective_record,
     forget_after,
     has_final,
     is_complete,
@@ -361,7 +362,8 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, clean_arg
             raise UserError(f"test_size {data_args.test_size} leaves no training samples: all {len(data.test)} usable "
                             "rows were held out; lower test_size (a share of the rows, e.g. 0.05)")
         raise UserError(f"no training samples left from {', '.join(data_args.data_files)} ({data.summary()})")
-    longest = max(data.train["length"])
+    lengths = data.train["length"]  # read once: the budget check here, the sampler below
+    longest = max(lengths)
     if train_args.max_tokens_per_batch is not None and train_args.max_tokens_per_batch < longest:
         raise UserError(f"max_tokens_per_batch {train_args.max_tokens_per_batch} is smaller than the longest training "
                         f"sample ({longest} tokens): each such sample would be a micro-batch of its own, over the "
@@ -376,7 +378,7 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, clean_arg
     amendment = None
     if resume_from:  # checked on every process (the others would wait forever for a main that stopped)
         step = int(Path(resume_from).name.split("-")[-1])
-        amendment = check_resume_config(out, config, step, record=is_main)
+        amendment = check_resume_config(out, config, step)
         if is_main:
             forget_after(out, step)
     elif is_main:
@@ -387,7 +389,7 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, clean_arg
                        record_name=recorded_base_name(model_args.model_name_or_path),
                        load_in_4bit=model_args.load_in_4bit)
     padding_free = resolve_padding_free(train_args.padding_free, model.config._attn_implementation, is_main)
-    sampler, plan = token_sampler(train_args, data.train["length"], padding_free, is_main)
+    sampler, plan = token_sampler(train_args, lengths, padding_free, is_main)
 
     reports = [train_args.report_to] if isinstance(train_args.report_to, str) else train_args.report_to
     if "swanlab" in reports and is_main:
@@ -433,12 +435,8 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, clean_arg
             stopped_after_final_save(stopper.received, out, "the final save", is_main)
         stopper.uninstall()
         if is_main:
-            with StopAtOnce() as stop:  # the weights are safe: the rest is redone by --resume, so stop at once
-                try:
-                    finish_run(trainer.model, tokenizer, out, trainer.state.global_step, finish_settings(train_args,
-                               data_args), data.test_messages, sharded)
-                except Stopped:
-                    stopped_after_final_save(stop.received, out, "the steps after the final save", is_main)
+            finish_run(trainer.model, tokenizer, out, trainer.state.global_step, finish_settings(config),
+                       data.test_messages, sharded)
     finally:
         stopper.uninstall()
         if "swanlab" in reports and is_main:
@@ -446,9 +444,10 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, clean_arg
     return out
 
 
-def finish_settings(train_args: TrainConfig, data_args: DataArguments) -> dict:
-    """What the steps after the final save use, from the live config (or, completing a run, from its record)."""
-    return {**{name: getattr(train_args, name) for name in FINISH_FIELDS}, "system_prompt": data_args.system_prompt}
+def finish_settings(config: dict) -> dict:
+    """What the steps after the final save use, from a resolved config: the live run's, or a completed run's
+    record with its amendments."""
+    return {**{name: config["train"][name] for name in FINISH_FIELDS}, "system_prompt": config["data"]["system_prompt"]}
 
 
 FINISH_FIELDS = ("probe_prompts", "probe_max_new_tokens", "final_eval_samples", "final_eval_max_new_tokens",
@@ -459,40 +458,19 @@ def complete_run(out: Path, is_main: bool) -> Path:
     """--resume on a run whose final weights are saved but whose evaluation, probes, report or manifest are not
     (it was killed after its final save): does what is missing, with the run's recorded settings, without
     training. The model is loaded from the run folder, as `sftlab eval` loads it."""
+    from sftlab.eval.run_report import read_json, read_jsonl
     from sftlab.model.load import load_for_inference
 
     if not is_main:
         return out
-    record = effective_record(out)
     print(f"run {out}: its final weights were saved, but it stopped before its evaluation and report: completing "
           "them with the run's recorded settings (no training)")
     adapter = (out / ADAPTER_CONFIG).exists()
     model, tokenizer = load_for_inference(adapter=str(out)) if adapter else load_for_inference(model=str(out))
-    step = json.loads((out / "trainer_state.json").read_text(encoding="utf-8"))["global_step"]
-    heldout = [json.loads(line)["messages"] for line in
-               (out / "heldout.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
-    settings = {**{name: record["train"][name] for name in FINISH_FIELDS},
-                "system_prompt": record["data"]["system_prompt"]}
-    with StopAtOnce() as stop:
-        try:
-            finish_run(model, tokenizer, out, step, settings, heldout, None)
-        except Stopped:
-            stopped_after_final_save(stop.received, out, "the steps after the final save", is_main)
+    step = read_json(out / "trainer_state.json")["global_step"]
+    heldout = [record["messages"] for record in read_jsonl(out / "heldout.jsonl")]
+    finish_run(model, tokenizer, out, step, finish_settings(effective_record(out)), heldout, None)
     return out
-
-
-def effective_record(out: Path) -> dict:
-    """The run's sftlab_config.yaml with the amendments of its resumes applied."""
-    from sftlab.train.resume import AMENDMENTS
-
-    record = yaml.safe_load((out / RESOLVED_CONFIG).read_text(encoding="utf-8"))
-    path = out / AMENDMENTS
-    for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else []:
-        for key, (_, value) in json.loads(line)["changed"].items():
-            section, _, name = key.partition(".")
-            if name:
-                record[section][name] = value
-    return record
 
 
 def reply_limit(report: dict) -> int:
@@ -688,7 +666,16 @@ def finish_run(model, tokenizer, out: Path, step: int, settings: dict, test_mess
     """After the final save, on the main process: probe replies, held-out evaluation, report, model card, and
     last the manifest marked complete (no generation where the weights are sharded: `sftlab eval` does it
     afterwards from the saved run). Each output is rewritten whole, so a run stopped here is completed by
-    --resume without a record twice."""
+    --resume without a record twice; and since the weights are safe, a stop signal here ends it at once."""
+    with StopAtOnce() as stop:
+        try:
+            write_finish(model, tokenizer, out, step, settings, test_messages, sharded)
+        except Stopped:
+            stopped_after_final_save(stop.received, out, "the steps after the final save", True)
+
+
+def write_finish(model, tokenizer, out: Path, step: int, settings: dict, test_messages: list, sharded: str | None
+                 ) -> None:
     from sftlab.eval.evaluate import evaluate, with_replies, write_eval
     from sftlab.eval.model_card import write_model_card
     from sftlab.eval.run_report import write_run_report
