@@ -36,6 +36,8 @@ from dataclasses import dataclass
 
 from transformers.utils.chat_template_utils import render_jinja_template
 
+from sftlab.internals import compiled_template, rust_tokenizer
+
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant", "observation")
 
@@ -107,17 +109,6 @@ def validate_messages(messages: list[dict], for_training: bool = True) -> None:
             raise MessageError(f"messages[{i}].role: an observation must follow an assistant tool call")
     if for_training and messages[-1]["role"] != "assistant":
         raise MessageError(f"messages[{len(messages) - 1}].role: a training conversation must end with the assistant")
-
-
-def _compiled_template(template: str):
-    """transformers' own compiled Jinja template (same environment and filters), or None if its private
-    compile function moved, in which case the public render_jinja_template is used."""
-    try:
-        from transformers.utils.chat_template_utils import _compile_jinja_template
-
-        return _compile_jinja_template(template)
-    except ImportError:
-        return None
 
 
 PROBE_TOOL = {"type": "function", "function": {
@@ -228,8 +219,8 @@ class ChatRenderer:
         self.overflow = overflow
         self.eos_id = tokenizer.eos_token_id
         self._template_kwargs = dict(tokenizer.special_tokens_map)
-        self._backend = getattr(tokenizer, "_tokenizer", None)  # the Rust tokenizer, when there is one
-        self._compiled = _compiled_template(tokenizer.chat_template)
+        self._backend = rust_tokenizer(tokenizer)
+        self._compiled = compiled_template(tokenizer.chat_template)
         self.tool_dialect = self._probe_tool_dialect()
         # one terminator rule for every template: where the template ends a turn with its own token, that token
         # is supervised and nothing after it, and nothing is appended; where it writes none (GLM-4), the first

@@ -31,7 +31,7 @@ class Traced(sft_trainer.DataCollatorForLanguageModeling):
         return super().__call__(examples, *args, **kwargs)
 
 import sftlab.train.sft as sft
-sft.DataCollatorForLanguageModeling = Traced
+sft.sft_collator = lambda pad_token_id, padding_free: Traced(pad_token_id, padding_free=padding_free)
 import sftlab.data.clean as clean
 clean.BATCH_ROWS = 16  # a small file in many batches, so that num_proc 2 cleans it in a worker pool
 sys.exit(main(sys.argv[1:]))
@@ -175,7 +175,7 @@ class FakeTrainer:
 @pytest.mark.parametrize("trainer, engine", [(FakeTrainer(fsdp=True), "FSDP"), (FakeTrainer(zero_stage=3), "ZeRO-3"),
                                              (FakeTrainer(zero_stage=2), None), (FakeTrainer(), None)])
 def test_sharded_engines_are_recognized(trainer, engine):
-    from sftlab.train.sft import sharded_engine
+    from sftlab.train.lifecycle import sharded_engine
 
     assert sharded_engine(trainer) == engine
 
@@ -183,11 +183,11 @@ def test_sharded_engines_are_recognized(trainer, engine):
 def test_every_process_takes_part_in_the_final_save_and_only_the_main_one_writes(tmp_path):
     """FSDP2 and ZeRO-3 gather the weights inside save_model, a collective: every process must call it (the
     2-process FSDP2 run itself cannot run on CPU: accelerate enables FSDP only over GPU process groups)."""
-    from sftlab.train.sft import save_final
+    from sftlab.train.run_files import save_final
 
     trainer = FakeTrainer(fsdp=True)
     (tmp_path / ".final.tmp").mkdir()
     (tmp_path / ".final.tmp" / "keep").write_text("the main process's")
-    save_final(trainer, tokenizer=None, out=tmp_path, model_args=None)
+    save_final(trainer, tokenizer=None, out=tmp_path, base_name=None)
     assert trainer.saved_to == [str(tmp_path / ".final.tmp")] and trainer.accelerator.barriers == 1
     assert sorted(p.name for p in tmp_path.rglob("*")) == [".final.tmp", "keep"]  # nothing written, nothing removed

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import sftlab.train.lifecycle as lifecycle
 import sftlab.train.sft as sft
 from sftlab.errors import UserError
 from sftlab.train.checkpoints import MARKER, RunLock, newest_committed, why_not_committed
@@ -111,7 +112,7 @@ def test_kill_while_writing_a_checkpoint_then_resume_ends_as_the_uninterrupted_r
     elif stage == "optimizer_saved":
         monkeypatch.setattr(Trainer, "_save_rng_state", kill_at_step_6(Trainer._save_rng_state))
     elif stage == "before_marker":
-        monkeypatch.setattr(sft, "commit", lambda folder: (_ for _ in ()).throw(Killed(stage))
+        monkeypatch.setattr(lifecycle, "commit", lambda folder: (_ for _ in ()).throw(Killed(stage))
                             if folder.name == "checkpoint-6" else checkpoints.commit(folder))
     else:
         monkeypatch.setattr(checkpoints, "write_atomic", kill_at_step_6(checkpoints.write_atomic))
@@ -130,7 +131,7 @@ def test_kill_while_writing_a_checkpoint_then_resume_ends_as_the_uninterrupted_r
 
 def test_a_run_killed_in_its_first_checkpoint_can_start_again(straight, tmp_path, monkeypatch):
     run = tmp_path / "run"
-    monkeypatch.setattr(sft, "commit", lambda folder: (_ for _ in ()).throw(Killed("first checkpoint")))
+    monkeypatch.setattr(lifecycle, "commit", lambda folder: (_ for _ in ()).throw(Killed("first checkpoint")))
     with pytest.raises(Killed):
         train(*args_for(run))
     monkeypatch.undo()
@@ -250,17 +251,19 @@ def test_a_non_finite_step_leaves_weights_and_optimizer_state_bitwise_unchanged(
     layer = torch.nn.Linear(4, 2)
     optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1)
     guard = BadSteps(limit=3)
-    guard.guard(optimizer)
     layer(torch.randn(3, 4)).sum().backward()
+    guard.on_pre_optimizer_step(None, None, None, optimizer=optimizer)  # as the Trainer calls it, before step()
     optimizer.step()  # a good step: Adam has state now
     weights, state = copy.deepcopy(layer.state_dict()), copy.deepcopy(optimizer.state_dict())
     (layer(torch.randn(3, 4)) * float("nan")).sum().backward()
+    guard.on_pre_optimizer_step(None, None, None, optimizer=optimizer)
     optimizer.step()
     assert all(torch.equal(weights[k], v) for k, v in layer.state_dict().items())
     after = optimizer.state_dict()["state"]
     assert all(torch.equal(state["state"][i][k], after[i][k]) for i in after for k in after[i])
     assert (guard.skipped, guard.in_a_row) == (1, 1) and all(p.grad is None for p in layer.parameters())
     layer(torch.randn(3, 4)).sum().backward()
+    guard.on_pre_optimizer_step(None, None, None, optimizer=optimizer)
     optimizer.step()
     assert guard.in_a_row == 0 and not torch.equal(weights["weight"], layer.weight)
 

@@ -124,7 +124,7 @@ def test_glm4_9b_lora_config_gives_the_tutorials_trainable_parameter_count():
     from peft import get_peft_model
     from transformers import GlmConfig, GlmForCausalLM
 
-    from sftlab.train.sft import lora_config
+    from sftlab.train.config import lora_config
 
     cpu = ["--bf16", "false", "--bf16_full_eval", "false"]  # the YAML asks for bf16, which needs a GPU
     model_args, _, _, train_args = parse_args(["--config", str(REPO / "configs/glm4-9b-lora.yaml"), *cpu])
@@ -202,7 +202,7 @@ def test_qlora_without_a_gpu_is_one_clear_line(tmp_path):
 def test_the_token_budget_auto_is_sized_for_the_device(monkeypatch, given, cuda, expected):
     """auto: 8192 tokens per micro-batch on a GPU; 2048 on CPU, whose caches hold a 2k-token micro-batch's
     activations (benchmarks/train_throughput.py: 1.2x the speed of 8192 on SmolLM2-135M)."""
-    from sftlab.train.sft import token_budget
+    from sftlab.train.config import token_budget
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     assert token_budget(given) == expected

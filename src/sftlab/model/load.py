@@ -12,6 +12,7 @@ from pathlib import Path
 
 from sftlab.environment import hub_offline
 from sftlab.errors import UserError
+from sftlab.internals import set_recorded_name
 from sftlab.model import attention  # noqa: F401  registers sdpa_varlen with transformers
 from sftlab.model.real import REAL_MODELS, ensure_real_model
 from sftlab.model.tiny import FAMILIES, ensure_tiny_model, glm4_chat_template
@@ -120,7 +121,7 @@ def load_model(model_path: Path, dtype: str = "auto", trust_remote_code: bool = 
         quantization_config=quantization,
     )
     if record_name is not None:
-        model.config._name_or_path = record_name  # PEFT writes this into adapter_config.json
+        set_recorded_name(model, record_name)
     return model
 
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from importlib.util import find_spec
 
 from transformers import TrainerCallback
-from transformers.trainer_pt_utils import BatchRebalanceSampler
 
+from sftlab.internals import batch_sampler_base
 from sftlab.model.attention import VARLEN_SDPA
 
 
@@ -77,11 +77,11 @@ def greedy_cuts(sorted_lengths: list[int], max_tokens: int, padding_free: bool) 
     return cuts
 
 
-class TokenBudgetSampler(BatchRebalanceSampler):
+class TokenBudgetSampler(batch_sampler_base()):
     """Yields this process's micro-batches of one epoch: every `num_shards`-th of token_budget_batches.
 
-    It subclasses transformers' BatchRebalanceSampler only for how the Trainer treats that class: passed as
-    the DataLoader's batch_sampler and not re-sharded by accelerate (it is already rank-aware)."""
+    It subclasses transformers' BatchRebalanceSampler (internals.py) only for how the Trainer treats that class:
+    passed as the DataLoader's batch_sampler and not re-sharded by accelerate (it is already rank-aware)."""
 
     def __init__(self, lengths: list[int], max_tokens: int, padding_free: bool, seed: int,
                  num_shards: int = 1, shard: int = 0):

@@ -85,7 +85,7 @@ def parameter_counts(model_path, model_args) -> tuple[int, int, int, int, object
         return total, linear, total, 0, config
     from peft import get_peft_model
 
-    from sftlab.train.sft import lora_config
+    from sftlab.train.config import lora_config
 
     peft_model = get_peft_model(model, lora_config(model_args))
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
@@ -108,13 +108,8 @@ def estimate(model_args, data_args, clean_args, train_args, probe: bool | None =
     from sftlab.chat_format import ChatRenderer
     from sftlab.data.prepare import prepare_data
     from sftlab.model.load import load_tokenizer, resolve_model_path
-    from sftlab.train.batching import (
-        batch_plan,
-        fixed_size_batches,
-        resolve_padding_free,
-        token_budget_batches,
-        training_attention,
-    )
+    from sftlab.train.batching import resolve_padding_free, training_attention
+    from sftlab.train.config import batch_setup
 
     model_path = resolve_model_path(model_args.model_name_or_path)
     tokenizer = load_tokenizer(model_path, train_args.trust_remote_code)
@@ -124,11 +119,7 @@ def estimate(model_args, data_args, clean_args, train_args, probe: bool | None =
     lengths, supervised = data.train["length"], data.train["num_supervised"]
     attention = training_attention(model_args.attn_implementation, train_args.padding_free, model_args.dtype)
     padding_free = resolve_padding_free(train_args.padding_free, attention, verbose=False)
-    world, accum = max(1, train_args.world_size), train_args.gradient_accumulation_steps
-    batches = (token_budget_batches(lengths, train_args.max_tokens_per_batch, padding_free, train_args.seed, world)
-               if train_args.max_tokens_per_batch else
-               fixed_size_batches(len(lengths), train_args.per_device_train_batch_size * world, train_args.seed))
-    plan = batch_plan(batches, lengths, padding_free, world, accum)
+    _, batches, plan = batch_setup(train_args, lengths, padding_free)
     epochs = train_args.num_train_epochs
     steps = train_args.max_steps if train_args.max_steps > 0 else math.ceil(plan.optimizer_steps_per_epoch * epochs)
     largest = max(batches, key=lambda b: (len(b) * max(lengths[i] for i in b)) if not padding_free
@@ -213,7 +204,7 @@ def time_estimate(model_args, data_args, clean_args, train_args, total_params: i
 
 
 def main(argv: list[str]) -> int:
-    from sftlab.train.sft import parse_args
+    from sftlab.train.config import parse_args
 
     probe = None
     if "--probe" in argv:

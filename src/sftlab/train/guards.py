@@ -110,27 +110,27 @@ class BadSteps(TrainerCallback):
         loss = loss.detach().float()
         self.pending_loss = loss if self.pending_loss is None else self.pending_loss + loss
 
-    def guard(self, optimizer) -> None:
-        step = optimizer.step
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        """Before each optimizer step (after clipping, which keeps a non-finite gradient non-finite): a bad step's
+        gradients are dropped, so the optimizer step that follows touches no weight and no optimizer state (the
+        optimizers skip parameters without a gradient)."""
+        self.check_step(optimizer)
 
-        def guarded_step(*args, **kwargs):
-            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-            norms = torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]) if grads else None
-            loss, self.pending_loss = self.pending_loss, None
-            if norms is not None and not torch.isfinite(norms).all():
-                self.skipped += 1
-                optimizer.zero_grad(set_to_none=True)
-                self._bad("had a non-finite loss or gradient and were skipped", "lower the learning rate, or check "
-                          "the data and dtype")
-                return None
-            why = self._diverged(norms, loss)
-            if why:
-                self._bad(why, "the run has diverged: lower the learning rate (or raise warmup_steps)")
-            else:
-                self.in_a_row = 0
-            return step(*args, **kwargs)
-
-        optimizer.step = guarded_step
+    def check_step(self, optimizer) -> None:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norms = torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]) if grads else None
+        loss, self.pending_loss = self.pending_loss, None
+        if norms is not None and not torch.isfinite(norms).all():
+            self.skipped += 1
+            optimizer.zero_grad(set_to_none=True)
+            self._bad("had a non-finite loss or gradient and were skipped", "lower the learning rate, or check "
+                      "the data and dtype")
+            return
+        why = self._diverged(norms, loss)
+        if why:
+            self._bad(why, "the run has diverged: lower the learning rate (or raise warmup_steps)")
+        else:
+            self.in_a_row = 0
 
     def _diverged(self, norms, loss) -> str | None:
         if norms is not None and bool((norms == 0).all()):

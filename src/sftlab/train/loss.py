@@ -14,8 +14,10 @@ import functools
 import types
 
 import torch
-from trl.kernels.chunked_logprob import ChunkedLogProbFunction
-from trl.trainer.utils import FusedCausalLMOutput
+
+from sftlab.internals import chunked_logprob
+
+ChunkedLogProbFunction, FusedCausalLMOutput = chunked_logprob()
 
 VOCAB_CHUNK = 32768  # vocabulary columns per tile, as TRL
 METRIC_OUTPUTS = ("log_probs", "entropy", "is_top1")  # what SFTTrainer.compute_loss logs

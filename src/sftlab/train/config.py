@@ -1,0 +1,250 @@
+"""The train verb's configuration: TRL's SFTConfig with sftlab's fields, their ranges, the command line, and the
+quantities derived from a config that `train` and `estimate` share (the batch plan, reply limits, LoRA config)."""
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+
+import torch
+from trl import SFTConfig, TrlParser
+
+from sftlab.config import CleanArguments, DataArguments, ModelArguments, read_config_file
+from sftlab.errors import UserError
+from sftlab.train.batching import (
+    BatchPlan,
+    TokenBudgetSampler,
+    batch_plan,
+    fixed_size_batches,
+)
+from sftlab.train.callbacks import DEFAULT_PROBES
+from sftlab.train.tracking import check_report_to
+
+
+@dataclass
+class TrainConfig(SFTConfig):
+    """TRL's SFTConfig with the tutorial's defaults, plus sftlab's own fields."""
+
+    output_dir: str = field(default="./output/lora-glm4-9b-alpaca", metadata={"help": "Run directory."})
+    num_train_epochs: float = field(default=3.0, metadata={"help": "Epochs over the training split."})
+    per_device_train_batch_size: int = field(default=2, metadata={"help": "Train batch size per device."})
+    per_device_eval_batch_size: int = field(default=4, metadata={"help": "Eval batch size per device."})
+    learning_rate: float = field(default=5e-4, metadata={"help": "Peak AdamW learning rate (full FT: ~5e-5)."})
+    bf16: bool | None = field(
+        default=None, metadata={"help": "bf16 mixed precision. Unset: on where the GPU supports it (the tutorial: on)."}
+    )
+    bf16_full_eval: bool | None = field(default=None, metadata={"help": "Evaluate fully in bf16. Unset: as bf16."})
+    max_length: int | None = field(
+        default=512, metadata={"help": "Max tokens per sample (template included); longer ones are dropped, "
+                               "or truncated with data overflow=truncate. The tutorial's max_seq_length no longer "
+                               "exists in TRL and was silently ignored."}
+    )
+    eval_strategy: str = field(default="steps", metadata={"help": "When to evaluate: no, steps, epoch."})
+    eval_steps: float | None = field(default=0.1, metadata={"help": "Evaluate every N steps (<1: share of all)."})
+    save_steps: float = field(default=0.1, metadata={"help": "Checkpoint every N steps (<1: share of all)."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+    activation_checkpointing: bool | None = field(
+        default=True, metadata={"help": "Recompute activations in backward to save memory (TRL's default: on)."}
+    )
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Deprecated alias of activation_checkpointing (transformers 5)."}
+    )
+    save_total_limit: int | None = field(default=3, metadata={"help": "Checkpoints kept (oldest deleted)."})
+    report_to: None | str | list[str] = field(
+        default="swanlab", metadata={"help": "none, or any tracker transformers supports (swanlab, tensorboard, wandb, "
+                                     "mlflow, trackio, ...); SwanLab runs locally without a login."}
+    )
+    resume: bool = field(default=False, metadata={"help": "Continue from the last checkpoint in output_dir."})
+    probe_prompts: list[str] = field(
+        default_factory=lambda: list(DEFAULT_PROBES),
+        metadata={"help": "Prompts answered (greedy) at every save, logged to predictions.jsonl and SwanLab."},
+    )
+    probe_max_new_tokens: int | None = field(
+        default=None, metadata={"help": "Max new tokens per probe reply. None: from the data (reply_limit)."}
+    )
+    final_eval_samples: int = field(
+        default=200, metadata={"help": "Held-out conversations evaluated after training (eval/results.json); 0: none."}
+    )
+    final_eval_max_new_tokens: int | None = field(
+        default=None, metadata={"help": "Max new tokens per reply in that evaluation. None: twice the 99th "
+                                "percentile of the training replies' length (at least 32, at most 1024), so a "
+                                "correct reply is not counted as 'did not stop' for being long."}
+    )
+    retention_check: bool = field(
+        default=True, metadata={"help": "With the final evaluation of a LoRA run: did tuning keep what the base "
+                                "knew? General probes answered by the tuned model and by its base (the adapter "
+                                "disabled: no second model is loaded), and the loss rise on the base's own replies; "
+                                "a verdict (kept, degraded, lost) in eval/results.json, report.md and the model "
+                                "card. Full fine-tuning: sftlab eval --compare-base."}
+    )
+    # typed str for the parser, which reads "auto", "null" and numbers alike; __post_init__ makes it an int or None
+    max_tokens_per_batch: str | None = field(
+        default="auto", metadata={"help": "Token budget of one micro-batch: samples are grouped by length so each "
+                                  "micro-batch holds about this many tokens (padding included) with little padding, "
+                                  "in an order shuffled under the seed. auto: 8192 on a GPU, 2048 on CPU (activations "
+                                  "that stay in the CPU's caches: 1.2x faster than 8192 on SmolLM2-135M). null: "
+                                  "per_device_train_batch_size samples in random order, as TRL does."}
+    )
+    padding_free: bool | None = field(
+        default=None, metadata={"help": "Concatenate a micro-batch into one row (position_ids restart per sample, "
+                                "no attention across samples). None: on with a varlen attention kernel "
+                                "(FlashAttention-2 on GPU, sftlab's sdpa_varlen elsewhere, chosen when "
+                                "attn_implementation is unset); off with plain sdpa or eager, where it is exact but "
+                                "slower than length-grouped padded batches."}
+    )
+    max_bad_steps: int = field(
+        default=10, metadata={"help": "Bad optimizer steps in a row that stop the run: a non-finite loss or gradient "
+                              "(skipped, weights and optimizer state untouched, counted as skipped_steps), a "
+                              "gradient of exactly zero, or a loss over 3x that of the first 5 steps (divergence "
+                              "that stays finite)."}
+    )
+    logging_nan_inf_filter: bool = field(
+        default=False, metadata={"help": "Replace a non-finite logged loss by the running mean (transformers' "
+                                 "default, which shows 0.0 when every step is NaN). sftlab logs it as it is."}
+    )
+    supervised_head: bool = field(
+        default=True, metadata={"help": "Run the LM head and loss only on supervised positions, in chunks (no "
+                                "full-vocabulary logits). False: TRL's own fused head."}
+    )
+
+    def __post_init__(self):
+        reports = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to or ["none"])
+        check_report_to(reports)
+        if self.bf16 is None:
+            self.bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        if self.bf16_full_eval is None:
+            self.bf16_full_eval = self.bf16
+        if not torch.cuda.is_available():
+            self.dataloader_pin_memory = False  # pinning needs an accelerator; on CPU it only warns
+        self.max_tokens_per_batch = token_budget(self.max_tokens_per_batch, self.max_length)
+        check_ranges(self)
+        super().__post_init__()
+
+
+GPU_TOKENS_PER_BATCH, CPU_TOKENS_PER_BATCH = 8192, 2048  # benchmarks/train_throughput.py measured both on CPU
+
+
+def token_budget(value, max_length: int | None = None) -> int | None | str:
+    """max_tokens_per_batch as given (a YAML int, or a string from the command line) -> an int or None; a value
+    that is neither is left for check_ranges to name. auto holds at least one sample of max_length."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "auto":
+            budget = GPU_TOKENS_PER_BATCH if torch.cuda.is_available() else CPU_TOKENS_PER_BATCH
+            return max(budget, max_length or 0)
+        if text in ("null", "none"):
+            return None
+        return int(text) if text.lstrip("-").isdigit() else value
+    return value
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# (field, test, what the value must be): checked before transformers sees the config, so a bad value is one
+# line naming the field and its range, never a traceback from deep inside a library
+RANGES = [
+    ("learning_rate", lambda v: _number(v) and v > 0, "a positive number"),
+    ("num_train_epochs", lambda v: _number(v) and v > 0, "a positive number"),
+    ("max_steps", lambda v: isinstance(v, int) and (v == -1 or v > 0), "-1 (use num_train_epochs) or positive"),
+    ("per_device_train_batch_size", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    ("per_device_eval_batch_size", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    ("gradient_accumulation_steps", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    ("max_tokens_per_batch", lambda v: v is None or (isinstance(v, int) and v >= 1), "an integer >= 1, auto or null"),
+    ("max_length", lambda v: v is None or (isinstance(v, int) and v >= 8), "an integer >= 8, or null"),
+    ("save_steps", lambda v: _number(v) and v > 0, "a positive number (< 1: a share of all steps)"),
+    ("eval_steps", lambda v: v is None or (_number(v) and v > 0), "a positive number (< 1: a share of all steps)"),
+    ("logging_steps", lambda v: _number(v) and v > 0, "a positive number (< 1: a share of all steps)"),
+    ("warmup_steps", lambda v: _number(v) and v >= 0, "a number >= 0 (< 1: a share of all steps)"),
+    ("weight_decay", lambda v: _number(v) and v >= 0, "a number >= 0"),
+    ("max_grad_norm", lambda v: _number(v) and v >= 0, "a number >= 0 (0: no clipping)"),
+    ("save_total_limit", lambda v: v is None or (isinstance(v, int) and v >= 1), "an integer >= 1, or null"),
+    ("max_bad_steps", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    ("final_eval_samples", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
+    ("probe_max_new_tokens", lambda v: v is None or (isinstance(v, int) and v >= 1), "an integer >= 1, or null"),
+    ("final_eval_max_new_tokens", lambda v: v is None or (isinstance(v, int) and v >= 1), "an integer >= 1, or null"),
+]
+
+
+def check_ranges(config: TrainConfig) -> None:
+    if not str(config.output_dir or "").strip():
+        raise ValueError("output_dir: must name a folder, got an empty string")
+    for name, valid, allowed in RANGES:
+        value = getattr(config, name)
+        if not valid(value):
+            raise ValueError(f"{name}: must be {allowed}, got {value!r}")
+
+
+def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, CleanArguments, TrainConfig]:
+    parser = TrlParser((ModelArguments, DataArguments, CleanArguments, TrainConfig), prog="sftlab train")
+    read_config_file(argv)  # a missing file or a YAML that is not a mapping: one line before TrlParser reads it
+    try:
+        return parser.parse_args_and_config(args=argv)
+    except ValueError as exc:
+        raise UserError(_config_error_line(exc)) from exc
+
+
+def _config_error_line(exc: ValueError) -> str:
+    text = str(exc)
+    if "Unknown arguments from config file" in text or "not used by the HfArgumentParser" in text:
+        keys = re.findall(r"'--([\w.-]+)'", text)
+        return f"unknown config key(s): {', '.join(keys) or text}. `sftlab train --help` lists the fields"
+    return f"config: {text.splitlines()[0]}"
+
+
+def resolved_config(model_args, data_args, clean_args, train_args, fingerprint: str | None = None,
+                    sources: dict[str, str] | None = None) -> dict:
+    train = {k: v for k, v in train_args.to_dict().items() if not k.startswith("_")}
+    return {"model": asdict(model_args), "data": asdict(data_args), "clean": asdict(clean_args), "train": train,
+            "world_size": train_args.world_size, "data_fingerprint": fingerprint, "data_sources": sources or {}}
+
+
+def lora_config(model_args: ModelArguments):
+    from peft import LoraConfig
+
+    targets = model_args.lora_target_modules
+    return LoraConfig(
+        r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
+        target_modules=targets[0] if targets == ["all-linear"] else targets, task_type="CAUSAL_LM",
+        modules_to_save=model_args.lora_modules_to_save,
+    )
+
+
+def reply_limit(report: dict) -> int:
+    """Twice the 99th percentile of the training replies' token length, within [32, 1024]."""
+    p99 = report.get("tokens", {}).get("response", {}).get("p99") or 128
+    return max(32, min(1024, 2 * int(p99)))
+
+
+def set_reply_limits(train_args: TrainConfig, report: dict) -> None:
+    """Fills the probe and final-evaluation generation limits the config left unset, from the data."""
+    limit = reply_limit(report)
+    names = ("probe_max_new_tokens", "final_eval_max_new_tokens")
+    unset = [name for name in names if getattr(train_args, name) is None]
+    for name in unset:
+        setattr(train_args, name, limit)
+    if unset and train_args.process_index == 0:
+        print(f"replies in probes and the final evaluation: up to {limit} new tokens (twice the p99 reply length "
+              f"of the training data; set {' / '.join(unset)} to change it)")
+
+
+def batch_setup(train_args, lengths: list[int], padding_free: bool, verbose: bool = False
+                ) -> tuple[TokenBudgetSampler | None, list[list[int]], BatchPlan]:
+    """This process's token-budget sampler (None for TRL's fixed-size batches), every process's micro-batches of
+    the first epoch, and what the optimizer sees per step (printed, and kept in the manifest and the run report).
+    `train` trains with it and `estimate` sizes memory from it, so the two cannot disagree."""
+    world, accumulation = max(1, train_args.world_size), train_args.gradient_accumulation_steps
+    if train_args.max_tokens_per_batch is None:
+        batches = fixed_size_batches(len(lengths), train_args.per_device_train_batch_size, train_args.seed)
+        plan = batch_plan(batches, lengths, padding_free, world, accumulation)
+        if verbose:
+            print(f"batches: {train_args.per_device_train_batch_size} samples per micro-batch: {plan.summary()}")
+        return None, batches, plan
+    sampler = TokenBudgetSampler(lengths, train_args.max_tokens_per_batch, padding_free, train_args.seed,
+                                 num_shards=world, shard=train_args.process_index)
+    batches = sampler.epoch_batches(0)
+    plan = batch_plan(batches, lengths, padding_free, world, accumulation)
+    if verbose:
+        print(f"batches: up to {train_args.max_tokens_per_batch:,} tokens per micro-batch "
+              f"(per_device_train_batch_size is not used): {plan.summary()}")
+    return sampler, batches, plan

@@ -1,0 +1,173 @@
+"""The run lifecycle any transformers or TRL trainer can take: a mixin and callbacks for what keeps a run from losing
+work (token-budget micro-batches, bad steps skipped, checkpoints committed before the oldest is rotated out, a
+resume that logs what an uninterrupted run logs), and `fit_and_save`, which trains, stops cleanly on a signal and
+saves the final weights. `sftlab train` uses it with TRL's SFTTrainer; a second stage uses it with its own trainer:
+`class MyTrainer(ReliableTrainer, DPOTrainer)`.
+"""
+
+import json
+import shlex
+import signal
+import sys
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from sftlab.errors import UserError, write_failure
+from sftlab.files import write_atomic
+from sftlab.internals import checkpoint_dir, logged_loss_sum, logging_state, restore_logging_state
+from sftlab.train.batching import SamplerEpochCallback, TokenBudgetSampler
+from sftlab.train.checkpoints import commit, newest_committed, rotate
+from sftlab.train.guards import BadSteps, StopOnSignal, refuse_non_finite
+from sftlab.train.resume import record_amendment
+
+LOG_STATE = "sftlab_log_state.json"
+
+
+class ReliableTrainer:
+    """Mixin placed before a Trainer class. `token_sampler`: token-budget micro-batches (None: the trainer's own
+    sampler); `bad_steps`: the guard that skips non-finite steps and stops a diverged run; `amendment`: what a
+    resume changed, recorded as training begins."""
+
+    def __init__(self, *args, token_sampler: TokenBudgetSampler | None = None, bad_steps: BadSteps | None = None,
+                 amendment: dict | None = None, **kwargs):
+        self.token_sampler, self.bad_steps, self.amendment = token_sampler, bad_steps, amendment
+        self.resumed_from: str | None = None
+        guards = [bad_steps] if bad_steps is not None else []  # first: the log record it annotates is then written
+        kwargs["callbacks"] = [OnResume(self), *guards, *(kwargs.get("callbacks") or []), CommitCheckpoints(self)]
+        super().__init__(*args, **kwargs)
+        if token_sampler is not None:
+            self.add_callback(SamplerEpochCallback(token_sampler))
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        self.resumed_from = resume_from_checkpoint
+        commits = next(c for c in self.callback_handler.callbacks if isinstance(c, CommitCheckpoints))
+        commits.keep, self.args.save_total_limit = self.args.save_total_limit, None  # see CommitCheckpoints
+        try:
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        finally:
+            self.args.save_total_limit = commits.keep
+
+    def training_step(self, *args, **kwargs):
+        loss = super().training_step(*args, **kwargs)
+        if self.bad_steps is not None:
+            self.bad_steps.observe_loss(loss)
+        return loss
+
+    def _get_train_sampler(self, train_dataset=None):  # private (internals.OVERRIDDEN_TRAINER_METHODS)
+        return self.token_sampler if self.token_sampler is not None else super()._get_train_sampler(train_dataset)
+
+
+class CommitCheckpoints(TrainerCallback):
+    """Each checkpoint is committed (train/checkpoints.py) with the logging state beside it, and only then are old
+    ones rotated out: the Trainer's own rotation (turned off while training) would delete them before the new one
+    is complete. Weights with a NaN or an infinity are refused before a save."""
+
+    def __init__(self, trainer):
+        self.trainer, self.keep = trainer, None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save:
+            refuse_non_finite(self.trainer.model, f"checkpoint of step {state.global_step}")
+
+    on_epoch_end = on_step_end
+
+    def on_save(self, args, state, control, **kwargs):
+        saved = logging_state(self.trainer)  # a collective: on every process
+        self.trainer.accelerator.wait_for_everyone()
+        if args.should_save:
+            folder = checkpoint_dir(args, state.global_step)
+            write_atomic(folder / LOG_STATE, json.dumps(saved) + "\n")
+            commit(folder)
+            rotate(folder.parent, self.keep, folder)
+
+
+class OnResume(TrainerCallback):
+    """As training resumes: records the amendment it resumed with, and restores the logging state saved with the
+    checkpoint, so every logged loss (and train_loss) equals an uninterrupted run's."""
+
+    def __init__(self, trainer):
+        self.trainer, self.restored = trainer, False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            record_amendment(Path(args.output_dir), self.trainer.amendment)
+        folder = self.trainer.resumed_from
+        path = Path(folder) / LOG_STATE if folder else None
+        if path is None or not path.exists():  # a fresh run, or a checkpoint written before sftlab kept it
+            return
+        restore_logging_state(self.trainer, json.loads(path.read_text(encoding="utf-8")))
+        self.restored = True
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.restored and logs is not None and "train_loss" in logs and state.global_step:
+            # the Trainer divides by the steps of this invocation; the sum restored covers every step
+            logs["train_loss"] = logged_loss_sum(self.trainer) / state.global_step
+
+
+def fit_and_save(trainer, stopper: StopOnSignal, resume_from: str | None, out: Path, write_manifest, save_final
+                 ) -> None:
+    """Trains, then saves the final weights: a stop signal lets its step finish and a checkpoint commit, then exits
+    143 or 130 with the command that continues; a full disk is one line naming the committed checkpoint.
+    `write_manifest()` runs on the main process before the final save (a run completed after a crash still says
+    how it trained); `save_final()` on every process (sharded engines gather the weights)."""
+    is_main = trainer.is_world_process_zero()
+    stopper.install()
+    try:
+        trainer.train(resume_from_checkpoint=resume_from)
+    except (OSError, RuntimeError) as exc:
+        raise_write_failure(exc, f"checkpoint-{trainer.state.global_step}", out)
+    if stopper.received is not None:
+        stopped_by_signal(stopper.received, trainer.state.global_step, out, is_main)
+    if is_main:
+        write_manifest()
+    save_final()
+    if stopper.received is not None:  # it arrived during the save, which was let finish
+        stopped_after_final_save(stopper.received, out, "the final save", is_main)
+    stopper.uninstall()
+
+
+def raise_write_failure(exc: BaseException, what: str, out: Path) -> None:
+    """A full disk or an unwritable folder while saving: one line naming it, and the newest committed checkpoint,
+    which the failed save left intact; anything else is raised as it was."""
+    why = write_failure(exc)
+    if why is None:
+        raise exc
+    committed, _ = newest_committed(out)
+    kept = f"{committed} is committed and intact" if committed else "no checkpoint was committed yet"
+    detail = getattr(exc, "filename", None) or str(exc).strip().splitlines()[0][:200]
+    raise UserError(f"could not save {what} in {out}: {why} ({detail}). {kept}: free space (or make the folder "
+                    "writable) and continue with --resume") from exc
+
+
+def stopped_after_final_save(signum: int, out: Path, during: str, is_main: bool) -> None:
+    """One line when a stop signal ends a run after its final weights were saved; exits 143 or 130."""
+    if is_main:
+        print(f"stopped by {signal.Signals(signum).name} during {during}: the final weights in {out} are saved; "
+              f"complete the evaluation and report with: {resume_command()}", flush=True)
+    raise SystemExit(128 + signum)
+
+
+def resume_command() -> str:
+    command = shlex.join(["sftlab", *sys.argv[1:]]) if sys.argv[1:2] == ["train"] else "sftlab train ..."
+    return command + ("" if "--resume" in sys.argv else " --resume")
+
+
+def stopped_by_signal(signum: int, step: int, out: Path, is_main: bool) -> None:
+    """One line on where the run stopped and how to go on; exits 143 (SIGTERM) or 130 (SIGINT)."""
+    if is_main:
+        print(f"stopped by {signal.Signals(signum).name} after step {step}: {out / f'checkpoint-{step}'} is "
+              f"committed; continue with: {resume_command()}", flush=True)
+    raise SystemExit(128 + signum)
+
+
+def sharded_engine(trainer) -> str | None:
+    """"ZeRO-3" or "FSDP" where the weights are split across processes (the final save then needs every process,
+    and no single process can generate), else None (one GPU, DDP, ZeRO-2)."""
+    if getattr(trainer, "is_fsdp_enabled", False):
+        return "FSDP"
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        plugin = trainer.accelerator.state.deepspeed_plugin
+        if plugin is not None and plugin.zero_stage == 3:
+            return "ZeRO-3"
+    return None

@@ -1,0 +1,165 @@
+"""What a training run writes outside training itself: its inputs before it trains (resolved config, manifest,
+held-out and rejected rows, data report), its final weights (staged, the loadable marker moved in last), and its
+finish (probes, held-out evaluation, retention, report, model card, the manifest marked complete). Any stage that
+trains through train/lifecycle.py writes the same run folder.
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import yaml
+
+from sftlab.chat_format import stop_token_ids
+from sftlab.data.prepare import PreparedData
+from sftlab.files import append_jsonl, keep_lines, write_atomic
+from sftlab.model.load import ADAPTER_CONFIG, save_tokenizer
+from sftlab.train.callbacks import run_probes
+from sftlab.train.guards import StopAtOnce, Stopped, refuse_non_finite
+from sftlab.train.lifecycle import raise_write_failure, stopped_after_final_save
+from sftlab.train.resume import RESOLVED_CONFIG, effective_record, mark_complete
+
+
+def finish_settings(config: dict) -> dict:
+    """What the steps after the final save use, from a resolved config: the live run's, or a completed run's
+    record with its amendments."""
+    return {**{name: config["train"][name] for name in FINISH_FIELDS}, "system_prompt": config["data"]["system_prompt"]}
+
+
+FINISH_FIELDS = ("probe_prompts", "probe_max_new_tokens", "final_eval_samples", "final_eval_max_new_tokens",
+                 "retention_check")
+
+
+def complete_run(out: Path, is_main: bool) -> Path:
+    """--resume on a run whose final weights are saved but whose evaluation, probes, report or manifest are not
+    (it was killed after its final save): does what is missing, with the run's recorded settings, without
+    training. The model is loaded from the run folder, as `sftlab eval` loads it."""
+    from sftlab.eval.run_report import read_json, read_jsonl
+    from sftlab.model.load import load_for_inference
+
+    if not is_main:
+        return out
+    print(f"run {out}: its final weights were saved, but it stopped before its evaluation and report: completing "
+          "them with the run's recorded settings (no training)")
+    adapter = (out / ADAPTER_CONFIG).exists()
+    model, tokenizer = load_for_inference(adapter=str(out)) if adapter else load_for_inference(model=str(out))
+    step = read_json(out / "trainer_state.json")["global_step"]
+    heldout = [record["messages"] for record in read_jsonl(out / "heldout.jsonl")]
+    finish_run(model, tokenizer, out, step, finish_settings(effective_record(out)), heldout, None)
+    return out
+
+
+def finish_run(model, tokenizer, out: Path, step: int, settings: dict, test_messages: list, sharded: str | None
+               ) -> None:
+    """After the final save, on the main process: probe replies, held-out evaluation, report, model card, and
+    last the manifest marked complete (no generation where the weights are sharded: `sftlab eval` does it
+    afterwards from the saved run). Each output is rewritten whole, so a run stopped here is completed by
+    --resume without a record twice; and since the weights are safe, a stop signal here ends it at once."""
+    with StopAtOnce() as stop:
+        try:
+            write_finish(model, tokenizer, out, step, settings, test_messages, sharded)
+        except Stopped:
+            stopped_after_final_save(stop.received, out, "the steps after the final save", True)
+
+
+def write_finish(model, tokenizer, out: Path, step: int, settings: dict, test_messages: list, sharded: str | None
+                 ) -> None:
+    from sftlab.eval.evaluate import evaluate, with_replies, write_eval
+    from sftlab.eval.model_card import write_model_card
+    from sftlab.eval.run_report import write_run_report
+    from sftlab.eval.tables import table_text
+
+    final = []
+    if not sharded:
+        prompts, system_prompt = settings["probe_prompts"], settings["system_prompt"]
+        replies = run_probes(model, tokenizer, prompts, settings["probe_max_new_tokens"], system_prompt)
+        final = [dict(step=step, prompt=p, reply=r.text, finish_reason=r.finish_reason, new_tokens=r.new_tokens,
+                      final=True) for p, r in zip(prompts, replies)]
+        keep_lines(out / "predictions.jsonl", lambda record: not record.get("final"))  # an interrupted finish's
+        append_jsonl(out / "predictions.jsonl", final)
+        conversations = test_messages[:settings["final_eval_samples"]]
+        if conversations:
+            results, replies = evaluate(model, tokenizer, conversations, settings["final_eval_max_new_tokens"],
+                                        label="held-out")
+            results = {"tuned": results}
+            if settings["retention_check"] and hasattr(model, "disable_adapter"):
+                from sftlab.eval.retention import adapter_retention
+
+                results["retention"] = adapter_retention(model, tokenizer, system_prompt)
+            write_eval(out / "eval", results, with_replies(conversations, {"tuned": replies}))
+            print(f"\nHeld-out evaluation ({len(conversations)} conversations):\n{table_text(results)}")
+    write_run_report(out)
+    write_model_card(out)  # in place of PEFT's empty template
+    mark_complete(out)
+    if final:
+        print_probes(final)
+
+
+def write_training_manifest(out: Path, data: PreparedData, seed: int, chosen: dict) -> None:
+    """The manifest as training ends: the run's own config (a resume may only amend it, in amendments.jsonl),
+    the peak memory and what was chosen (attention, batches); `completed` false until the run's last step."""
+    from sftlab.eval.run_report import peak_memory_mb, write_manifest
+
+    record = yaml.safe_load((out / RESOLVED_CONFIG).read_text(encoding="utf-8"))
+    write_manifest(out, record, data.fingerprint, seed, {"peak_memory_mb": peak_memory_mb(), **chosen,
+                                                         "completed": False})
+
+
+def write_run_inputs(out: Path, config: dict, data: PreparedData) -> None:
+    """How the run was made, written before training so even a crashed run says it."""
+    from sftlab.eval.run_report import write_manifest
+
+    write_atomic(out / RESOLVED_CONFIG, yaml.safe_dump(config, allow_unicode=True, sort_keys=False))
+    write_manifest(out, config, data.fingerprint, config["train"]["seed"])
+    if data.examples:  # what `sftlab doctor` checks the saved template against
+        write_atomic(out / "render_check.json", json.dumps({"samples": data.examples}, ensure_ascii=False) + "\n")
+    heldout = "".join(json.dumps({"messages": m}, ensure_ascii=False) + "\n" for m in data.test_messages)
+    write_atomic(out / "heldout.jsonl", heldout)
+    rejected = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in data.rejected)
+    write_atomic(out / "rejected.jsonl", rejected)
+    write_atomic(out / "data_report.json", json.dumps(data.report, ensure_ascii=False, indent=2) + "\n")
+
+
+def save_final(trainer, tokenizer, out: Path, base_name: str | None) -> None:
+    """Writes the final weights, tokenizer and generation config into a staging folder, then moves them in.
+
+    The marker of a loadable folder (adapter_config.json, or config.json for a full model) is moved last,
+    so a crash mid-save never leaves a folder that looks complete. Called on every process: under ZeRO-3 and FSDP
+    save_model gathers the sharded weights (a collective); everywhere only the main process writes."""
+    refuse_non_finite(trainer.model, "final weights")  # each process checks the weights it holds
+    staging = out / ".final.tmp"
+    is_main = trainer.is_world_process_zero()
+    if is_main:
+        shutil.rmtree(staging, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    try:
+        trainer.save_model(str(staging))
+    except (OSError, RuntimeError) as exc:
+        raise_write_failure(exc, "the final weights", out)
+    if not is_main:
+        return
+    (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; sftlab_config.yaml says the same in YAML
+    save_tokenizer(tokenizer, staging)
+    generation_config = trainer.model.generation_config
+    # the model's own stop ids plus the template's end of a turn (GLM-4: <|endoftext|>, <|user|>, <|observation|>)
+    generation_config.eos_token_id = stop_token_ids(tokenizer, generation_config.eos_token_id)
+    generation_config.pad_token_id = tokenizer.pad_token_id
+    generation_config.save_pretrained(staging)
+    if (staging / ADAPTER_CONFIG).exists():
+        config = json.loads((staging / ADAPTER_CONFIG).read_text())
+        config["base_model_name_or_path"] = base_name
+        write_atomic(staging / ADAPTER_CONFIG, json.dumps(config, indent=2))
+    marker = ADAPTER_CONFIG if (staging / ADAPTER_CONFIG).exists() else "config.json"
+    trainer.state.save_to_json(str(staging / "trainer_state.json"))  # in before the marker: a completion reads it
+    for item in sorted(staging.iterdir(), key=lambda p: p.name == marker):
+        os.replace(item, out / item.name)
+    staging.rmdir()
+
+
+def print_probes(records: list[dict]) -> None:
+    print("\nProbe replies of the fine-tuned model:")
+    for r in records:
+        print(f"  Q: {r['prompt']}\n  A: {r['reply']}   [{r['finish_reason']}, {r['new_tokens']} tokens]")
+
+
