@@ -60,7 +60,7 @@ def _doctor(argv):
 
 
 def _merge(argv):
-    from sftlab.model.merge import main
+    from sftlab.train.merge import main
 
     return main(argv)
 

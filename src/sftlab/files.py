@@ -1,6 +1,5 @@
 """Writing files so that a crash never leaves a half-written one that looks complete."""
 
-import json
 import os
 import re
 import shutil
@@ -13,22 +12,6 @@ def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
-
-
-def append_jsonl(path: Path, records: list[dict]) -> None:
-    """Appends whole lines: a crash loses at most the line being written, never earlier ones."""
-    with open(path, "a", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-
-
-def keep_lines(path: Path, keep) -> None:
-    """Rewrites a JSON-lines file with only the records `keep` accepts (atomically)."""
-    path = Path(path)
-    if path.exists():
-        lines = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
-                 if line.strip() and keep(json.loads(line))]
-        write_atomic(path, "".join(lines))
 
 
 def remove_stale_staging(folder: Path, name: str | None = None) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from sftlab.chat_format import IGNORE_INDEX, ChatRenderer, MessageError, stop_token_ids
 from sftlab.errors import UserError
+from sftlab.run_dir import EVAL_DIR, RENDER_CHECK, RESULTS, TRAINER_LOG, read_json, read_jsonl
 
 FALLBACK_EXAMPLE = [{"role": "user", "content": "你好，告诉我你的名字。"}, {"role": "assistant", "content": "你好！"}]
 PLAIN_PROMPTS = {"zh": "你好，告诉我你的名字。", "en": "Hello! What is your name?"}  # a model folder without a run
@@ -50,10 +51,9 @@ class Check:
 def training_examples(run_dir: Path) -> list[dict]:
     """One training sample of each kind present (plain, system, multi-turn, tool call) as training rendered it
     (render_check.json), when the folder is a run; [] otherwise."""
-    path = run_dir / "render_check.json"
-    if not path.exists():
+    saved = read_json(run_dir / RENDER_CHECK)
+    if not saved:
         return []
-    saved = json.loads(path.read_text(encoding="utf-8"))
     return saved["samples"] if "samples" in saved else [{"kind": "plain", **saved}]  # older runs saved one
 
 
@@ -230,8 +230,7 @@ def check_retention(folder: Path) -> Check:
     name = "tuning kept what the base knew"
     if run_folder(folder) is None:
         return Check(name, "skip", "not a training run: nothing was tuned")
-    path = folder / "eval" / "results.json"
-    record = json.loads(path.read_text(encoding="utf-8")).get("retention") if path.exists() else None
+    record = read_json(folder / EVAL_DIR / RESULTS).get("retention")
     if record is None:
         return Check(name, "skip", "no retention record in eval/results.json: sftlab eval --adapter RUN --compare-base")
     if record["verdict"] == "n/a":
@@ -245,10 +244,7 @@ def check_retention(folder: Path) -> Check:
 
 
 def final_loss(folder: Path) -> float | None:
-    log = folder / "trainer_log.jsonl"
-    if not log.exists():
-        return None
-    records = list(map(json.loads, log.read_text(encoding="utf-8").splitlines()))
+    records = read_jsonl(folder / TRAINER_LOG)
     losses = [r["loss"] for r in records if "loss" in r] or [r["train_loss"] for r in records if "train_loss" in r]
     return losses[-1] if losses else None
 

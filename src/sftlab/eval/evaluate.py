@@ -2,7 +2,6 @@
 metrics, the stop rate; with --compare-base, the same for the base model and a side-by-side."""
 
 import argparse
-import json
 import math
 from pathlib import Path
 
@@ -25,6 +24,19 @@ from sftlab.model.load import (
     run_folder,
     run_of_checkpoint,
     with_system_prompt,
+)
+from sftlab.run_dir import (
+    EVAL_DIR,
+    HELDOUT,
+    REPORT,
+    RESULTS,
+    RETENTION,
+    SAMPLES,
+    TRAINER_STATE,
+    read_json,
+    read_jsonl,
+    write_json,
+    write_jsonl,
 )
 
 DEFAULT_MAX_NEW_TOKENS = 256  # for a model folder, which has no reply limit of its own
@@ -98,11 +110,10 @@ def load_conversations(data: str | None, run_dir: Path | None, tokenizer) -> tup
     rule (`"any": [...]` or `"all": [...]`, as in the retention probes) or None."""
     if data is None:
         run_dir = (run_folder(run_dir) or run_dir) if run_dir else None
-        heldout = run_dir / "heldout.jsonl" if run_dir else None
+        heldout = run_dir / HELDOUT if run_dir else None
         if heldout is None or not heldout.exists():
             raise UserError("no held-out split here (heldout.jsonl): pass --data FILE")
-        conversations = [json.loads(line)["messages"] for line in heldout.read_text(encoding="utf-8").splitlines()
-                         if line]
+        conversations = [record["messages"] for record in read_jsonl(heldout)]
         return conversations, [None] * len(conversations)
     from sftlab.config import CleanArguments
     from sftlab.data.clean import clean_rows
@@ -125,13 +136,13 @@ def write_eval(out_dir: Path, results: dict, samples: list[dict]) -> None:
     """results.json, report.md, samples.jsonl, and retention.jsonl (every probe, base vs tuned) when the
     retention check ran."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(out_dir / "samples.jsonl", "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+    write_jsonl(out_dir / SAMPLES, samples)
     if "per_probe" in results.get("retention", {}):
         results = {**results, "retention": dict(results["retention"])}
         probes = results["retention"].pop("per_probe")
-        write_atomic(out_dir / "retention.jsonl", "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in probes))
-    write_atomic(out_dir / "report.md", comparison_markdown(results, samples))
-    write_atomic(out_dir / "results.json", json.dumps(results, ensure_ascii=False, indent=2) + "\n")
+        write_jsonl(out_dir / RETENTION, probes)
+    write_atomic(out_dir / REPORT, comparison_markdown(results, samples))
+    write_json(out_dir / RESULTS, results)
 
 
 def run_eval(model: str | None, adapter: str | None, data: str | None, compare_base: bool,
@@ -198,7 +209,7 @@ def eval_folder(run_dir: Path, data: str | None) -> Path:
     evaluation on other data never replaces the held-out results. A checkpoint (RUN/checkpoint-N) is evaluated
     into RUN/eval/checkpoint-N: nothing is written inside a committed checkpoint."""
     run = run_of_checkpoint(run_dir)
-    folder = run / "eval" / run_dir.name if run is not None else run_dir / "eval"
+    folder = run / EVAL_DIR / run_dir.name if run is not None else run_dir / "eval"
     return folder if data is None else folder / Path(data).stem.replace(":", "-")  # sftlab:identity-checks
 
 
@@ -265,12 +276,12 @@ def main(argv: list[str]) -> int:
         check_tasks(**harness)  # a misspelt task is one line before any model is loaded
     out = run_eval(args.model, args.adapter, args.data, args.compare_base, args.max_new_tokens, args.batch_size,
                    args.output, args.retention_data, harness)
-    results = json.loads((out / "results.json").read_text())
+    results = read_json(out / RESULTS)
     print(table_text(results))
-    written = ", ".join(n for n in ("report.md", "samples.jsonl", "retention.jsonl") if (out / n).exists())
-    print(f"\nwrote {out}/results.json, {written}")
+    written = ", ".join(n for n in (REPORT, SAMPLES, RETENTION) if (out / n).exists())
+    print(f"\nwrote {out}/{RESULTS}, {written}")
     run_dir = Path(args.adapter or args.model)
-    finished_run = (run_dir / "trainer_state.json").exists() and run_of_checkpoint(run_dir) is None
+    finished_run = (run_dir / TRAINER_STATE).exists() and run_of_checkpoint(run_dir) is None
     if args.data is None and args.output is None and finished_run:  # a checkpoint's folder is left as committed
         write_run_report(run_dir)
     return 0

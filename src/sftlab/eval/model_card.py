@@ -3,7 +3,6 @@
 base model's applies), then the training config in brief, the data counts, the held-out evaluation and the
 probe replies, all read from the run's own files. It replaces PEFT's empty template."""
 
-import json
 import re
 from pathlib import Path
 
@@ -12,19 +11,18 @@ import yaml
 from sftlab.data.load import hub_parts
 from sftlab.data.sources import dataset_specs
 from sftlab.files import write_atomic
+from sftlab.run_dir import (
+    DATA_REPORT,
+    EVAL_DIR,
+    PREDICTIONS,
+    RESOLVED_CONFIG,
+    RESULTS,
+    read_json,
+    read_jsonl,
+    read_yaml,
+)
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-
-
-def _read(path: Path, kind: str = "json"):
-    if not path.exists():
-        return None
-    text = path.read_text(encoding="utf-8")
-    if kind == "yaml":
-        return yaml.safe_load(text)
-    if kind == "jsonl":
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    return json.loads(text)
 
 
 def hub_datasets(data_files: list) -> list[str]:
@@ -38,7 +36,7 @@ def model_card(run_dir: Path, merged: bool = False, name: str | None = None, che
     """The card's text for `run_dir` (a training run); `merged`: for the merged full model made from it, named
     `name`; `checkpoint`: made from that checkpoint of the run, not its final weights (whose evaluation and final
     probe replies are then not this model's, and are left out)."""
-    config = _read(run_dir / "sftlab_config.yaml", "yaml") or {}
+    config = read_yaml(run_dir / RESOLVED_CONFIG)
     model, data, train = config.get("model", {}), config.get("data", {}), config.get("train", {})
     base = str(model.get("model_name_or_path", ""))
     lora = bool(model.get("use_peft")) and not merged
@@ -57,10 +55,10 @@ def model_card(run_dir: Path, merged: bool = False, name: str | None = None, che
              f"{' (' + checkpoint + ' of the run ' + run_dir.name + ')' if checkpoint else ''}"
              f"{': the LoRA adapter merged into the base weights' if merged else ''}.", ""]
     name = name or run_dir.name + ("-merged" if merged else "")
-    lines += _training(model, train) + _data(_read(run_dir / "data_report.json")) + _usage(name, lora)
+    lines += _training(model, train) + _data(read_json(run_dir / DATA_REPORT)) + _usage(name, lora)
     if checkpoint is None:
-        lines += _evaluation(_read(run_dir / "eval" / "results.json"))
-        lines += _probes(_read(run_dir / "predictions.jsonl", "jsonl"))
+        lines += _evaluation(read_json(run_dir / EVAL_DIR / RESULTS))
+        lines += _probes(read_jsonl(run_dir / PREDICTIONS))
     return "\n".join(lines).rstrip() + "\n"
 
 

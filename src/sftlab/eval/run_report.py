@@ -1,6 +1,5 @@
 """The run report (report.md + loss_curves.png) and the manifest of a training run directory."""
 
-import json
 import os
 import platform
 import subprocess
@@ -9,18 +8,22 @@ from pathlib import Path
 
 from sftlab.eval.tables import table_text
 from sftlab.files import write_atomic
+from sftlab.run_dir import (
+    DATA_REPORT,
+    EVAL_DIR,
+    LOSS_PLOT,
+    MANIFEST,
+    PREDICTIONS,
+    REPORT,
+    RESULTS,
+    TRAINER_LOG,
+    TRAINER_STATE,
+    read_json,
+    read_jsonl,
+    write_json,
+)
 
 LIBRARIES = ("sftlab", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "swanlab", "tokenizers")
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def plot_losses(logs: list[dict], path: Path) -> bool:
@@ -61,11 +64,11 @@ def throughput(state: dict, logs: list[dict]) -> dict:
 
 def write_run_report(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
-    logs = read_jsonl(run_dir / "trainer_log.jsonl")
-    state, manifest = read_json(run_dir / "trainer_state.json"), read_json(run_dir / "manifest.json")
-    data, results = read_json(run_dir / "data_report.json"), read_json(run_dir / "eval" / "results.json")
+    logs = read_jsonl(run_dir / TRAINER_LOG)
+    state, manifest = read_json(run_dir / TRAINER_STATE), read_json(run_dir / MANIFEST)
+    data, results = read_json(run_dir / DATA_REPORT), read_json(run_dir / EVAL_DIR / RESULTS)
     lines = [f"# Run report: {run_dir.name}", ""]
-    if plot_losses(logs, run_dir / "loss_curves.png"):
+    if plot_losses(logs, run_dir / LOSS_PLOT):
         lines += ["![loss curves](loss_curves.png)", ""]
     lines += ["## Data", ""]
     if data:
@@ -81,15 +84,15 @@ def write_run_report(run_dir: Path) -> Path:
     if results:
         lines += ["## Evaluation (held-out split)", "", "```", table_text(results), "```",
                   "", "Replies side by side: eval/report.md", ""]
-    predictions = read_jsonl(run_dir / "predictions.jsonl")
+    predictions = read_jsonl(run_dir / PREDICTIONS)
     if predictions:
         lines += ["## Probe replies over training", "", "| step | prompt | reply | end |", "| ---: | --- | --- | --- |"]
         for p in predictions:
             reply = p["reply"].replace("|", "\\|").replace("\n", " ")[:160]
             lines.append(f"| {p['step']}{' (final)' if p.get('final') else ''} | {p['prompt']} | {reply} | "
                          f"{p['finish_reason']} |")
-    write_atomic(run_dir / "report.md", "\n".join(lines) + "\n")
-    return run_dir / "report.md"
+    write_atomic(run_dir / REPORT, "\n".join(lines) + "\n")
+    return run_dir / REPORT
 
 
 def git_commit() -> str | None:
@@ -132,5 +135,4 @@ def library_versions() -> dict:
 def write_manifest(run_dir: Path, config: dict, fingerprint: str, seed: int, extra: dict | None = None) -> None:
     manifest = {"config": config, "data_fingerprint": fingerprint, "seed": seed, "libraries": library_versions(),
                 "git_commit": git_commit(), "hardware": hardware(), **(extra or {})}
-    text = json.dumps(manifest, ensure_ascii=False, indent=2, default=str) + "\n"
-    write_atomic(Path(run_dir) / "manifest.json", text)
+    write_json(Path(run_dir) / MANIFEST, manifest)

@@ -16,6 +16,7 @@ from sftlab.internals import set_recorded_name
 from sftlab.model import attention  # noqa: F401  registers sdpa_varlen with transformers
 from sftlab.model.real import REAL_MODELS, ensure_real_model
 from sftlab.model.tiny import FAMILIES, ensure_tiny_model, glm4_chat_template
+from sftlab.run_dir import RESOLVED_CONFIG, read_yaml
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -165,14 +166,13 @@ def adapter_base(adapter_dir: Path) -> str:
     return base
 
 
-RUN_CONFIG = "sftlab_config.yaml"  # a run's resolved config; merge copies it beside the merged weights
 
 
 def run_of_checkpoint(folder: str | Path) -> Path | None:
     """The run folder that holds `folder` when `folder` is one of its checkpoint-N folders, else None: a
     checkpoint's metadata (recipe, stop ids, data report) is its run's, and nothing is written inside it."""
     folder = Path(folder)
-    if re.fullmatch(r"checkpoint-\d+", folder.name) and (folder.parent / RUN_CONFIG).exists():
+    if re.fullmatch(r"checkpoint-\d+", folder.name) and (folder.parent / RESOLVED_CONFIG).exists():
         return folder.parent
     return None
 
@@ -181,7 +181,7 @@ def run_folder(folder: str | Path) -> Path | None:
     """The training run `folder` belongs to: itself, or the run holding it when it is a checkpoint-N; None for a
     model folder that sftlab did not train."""
     folder = Path(folder)
-    return folder if (folder / RUN_CONFIG).is_file() else run_of_checkpoint(folder)
+    return folder if (folder / RESOLVED_CONFIG).is_file() else run_of_checkpoint(folder)
 
 
 def run_record(folder: str | Path | None) -> dict | None:
@@ -189,9 +189,7 @@ def run_record(folder: str | Path | None) -> dict | None:
     run = run_folder(folder) if folder is not None else None
     if run is None:
         return None
-    import yaml
-
-    return yaml.safe_load((run / RUN_CONFIG).read_text(encoding="utf-8")) or {}
+    return read_yaml(run / RESOLVED_CONFIG)
 
 
 def recorded_system_prompt(folder: str | Path | None) -> str | None:

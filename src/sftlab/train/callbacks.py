@@ -4,9 +4,9 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from sftlab.files import append_jsonl
 from sftlab.infer.generate import SamplingArgs, generate_replies
 from sftlab.model.load import with_system_prompt
+from sftlab.run_dir import PREDICTIONS, TRAINER_LOG, append_jsonl
 
 DEFAULT_PROBES = ["你好，告诉我你的名字。", "告诉我1+2等于多少？"]  # the tutorial's two probe prompts
 
@@ -26,7 +26,7 @@ class ProbeCallback(TrainerCallback):
     def __init__(self, tokenizer, prompts: list[str], max_new_tokens: int, output_dir: str,
                  system_prompt: str | None = None, stopper=None):
         self.tokenizer, self.prompts, self.max_new_tokens = tokenizer, prompts, max_new_tokens
-        self.path = Path(output_dir) / "predictions.jsonl"
+        self.path = Path(output_dir) / PREDICTIONS
         self.system_prompt = system_prompt
         self.stopper = stopper  # a StopOnSignal: the save that a stop signal asks for is not probed
 
@@ -52,7 +52,7 @@ class JsonlLogCallback(TrainerCallback):
     """Appends each log record (loss, lr, eval_loss, ...) to trainer_log.jsonl as it happens."""
 
     def __init__(self, output_dir: str):
-        self.path = Path(output_dir) / "trainer_log.jsonl"
+        self.path = Path(output_dir) / TRAINER_LOG
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:

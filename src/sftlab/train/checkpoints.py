@@ -9,7 +9,6 @@ says which newer ones it skipped and why; old checkpoints are deleted only after
 
 import fcntl
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -18,9 +17,9 @@ from pathlib import Path
 import xxhash
 
 from sftlab.errors import UserError
-from sftlab.files import write_atomic
+from sftlab.run_dir import COMMIT_MARKER, LOCK, read_json, write_json
 
-MARKER = "sftlab_commit.json"
+MARKER = COMMIT_MARKER
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -54,7 +53,7 @@ def commit(folder: Path) -> None:
     for path in files:
         fsync_path(path)
         record[str(path.relative_to(folder))] = {"size": path.stat().st_size, "xxh3_128": file_digest(path)}
-    write_atomic(folder / MARKER, json.dumps({"files": record}, indent=1) + "\n")
+    write_json(folder / MARKER, {"files": record}, indent=1)
     fsync_path(folder / MARKER)
     fsync_path(folder)
 
@@ -65,7 +64,7 @@ def why_not_committed(folder: Path) -> str | None:
     if not marker.exists():
         return "no commit marker (its writing was interrupted)"
     try:
-        files = json.loads(marker.read_text(encoding="utf-8"))["files"]
+        files = read_json(marker)["files"]
     except (ValueError, KeyError):
         return f"{MARKER} is unreadable"
     if not files:
@@ -125,7 +124,7 @@ class RunLock:
     not atomic: a second start reading in between saw no PID, removed the lock, and both ran.)"""
 
     def __init__(self, out: Path):
-        self.path = Path(out) / ".sftlab.lock"
+        self.path = Path(out) / LOCK
         self.fd: int | None = None
 
     def acquire(self) -> None:

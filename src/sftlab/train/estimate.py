@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from sftlab.errors import UserError
+from sftlab.run_dir import TRAINER_LOG, read_jsonl
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}
 NF4_BITS = 4.127  # 4-bit weights + double-quantized absmax per 64 weights (QLoRA paper)
@@ -184,7 +185,6 @@ def time_estimate(model_args, data_args, clean_args, train_args, total_params: i
                 if not can_probe else "not probed (--probe false)")
     import dataclasses
 
-    from sftlab.eval.run_report import read_jsonl
     from sftlab.train.sft import train
 
     probe_steps = min(20, steps)
@@ -195,7 +195,7 @@ def time_estimate(model_args, data_args, clean_args, train_args, total_params: i
         started = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()):  # the probe's own training output is not the answer
             train(model_args, data_args, clean_args, probe_args)
-        runtime = next(r["train_runtime"] for r in reversed(read_jsonl(Path(out) / "trainer_log.jsonl"))
+        runtime = next(r["train_runtime"] for r in reversed(read_jsonl(Path(out) / TRAINER_LOG))
                        if "train_runtime" in r)
         seconds_per_step = runtime / probe_steps
         overhead = time.perf_counter() - started - runtime

@@ -5,7 +5,6 @@ saves the final weights. `sftlab train` uses it with TRL's SFTTrainer; a second 
 `class MyTrainer(ReliableTrainer, DPOTrainer)`.
 """
 
-import json
 import shlex
 import signal
 import sys
@@ -14,14 +13,12 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from sftlab.errors import UserError, write_failure
-from sftlab.files import write_atomic
 from sftlab.internals import checkpoint_dir, logged_loss_sum, logging_state, restore_logging_state
+from sftlab.run_dir import LOG_STATE, read_json, write_json
 from sftlab.train.batching import SamplerEpochCallback, TokenBudgetSampler
 from sftlab.train.checkpoints import commit, newest_committed, rotate
 from sftlab.train.guards import BadSteps, StopOnSignal, refuse_non_finite
 from sftlab.train.resume import record_amendment
-
-LOG_STATE = "sftlab_log_state.json"
 
 
 class ReliableTrainer:
@@ -77,7 +74,7 @@ class CommitCheckpoints(TrainerCallback):
         self.trainer.accelerator.wait_for_everyone()
         if args.should_save:
             folder = checkpoint_dir(args, state.global_step)
-            write_atomic(folder / LOG_STATE, json.dumps(saved) + "\n")
+            write_json(folder / LOG_STATE, saved, indent=None)
             commit(folder)
             rotate(folder.parent, self.keep, folder)
 
@@ -96,7 +93,7 @@ class OnResume(TrainerCallback):
         path = Path(folder) / LOG_STATE if folder else None
         if path is None or not path.exists():  # a fresh run, or a checkpoint written before sftlab kept it
             return
-        restore_logging_state(self.trainer, json.loads(path.read_text(encoding="utf-8")))
+        restore_logging_state(self.trainer, read_json(path))
         self.restored = True
 
     def on_log(self, args, state, control, logs=None, **kwargs):

@@ -12,16 +12,24 @@ import json
 import shutil
 from pathlib import Path
 
-import yaml
-
 from sftlab.errors import UserError
-from sftlab.files import append_jsonl, keep_lines, write_atomic
-from sftlab.model.load import ADAPTER_CONFIG, RUN_CONFIG
+from sftlab.model.load import ADAPTER_CONFIG
+from sftlab.run_dir import (
+    AMENDMENTS,
+    MANIFEST,
+    PREDICTIONS,
+    REPORT,
+    RESOLVED_CONFIG,
+    TRAINER_LOG,
+    append_jsonl,
+    keep_lines,
+    read_json,
+    read_jsonl,
+    read_yaml,
+    write_json,
+)
 from sftlab.train.checkpoints import checkpoints, newest_committed
 
-RESOLVED_CONFIG = RUN_CONFIG  # sftlab_config.yaml
-AMENDMENTS = "amendments.jsonl"
-MANIFEST = "manifest.json"
 # the only fields a resume may change ("section.field" of the resolved config): they decide what is logged,
 # evaluated, saved, tracked and probed, or how data is fed, never what is learned. Any other change is refused
 # naming the field: an allow-list, so a field that a new transformers or TRL adds is refused until judged here.
@@ -61,15 +69,13 @@ def is_complete(out: Path) -> bool:
         return False
     try:
         # a run from before sftlab marked completion: finished when its report was written
-        return json.loads(path.read_text(encoding="utf-8")).get("completed", (Path(out) / "report.md").exists()) is True
+        return read_json(path).get("completed", (Path(out) / REPORT).exists()) is True
     except ValueError:
         return False
 
 
 def mark_complete(out: Path) -> None:
-    manifest = json.loads((Path(out) / MANIFEST).read_text(encoding="utf-8"))
-    write_atomic(Path(out) / MANIFEST, json.dumps({**manifest, "completed": True}, ensure_ascii=False, indent=2,
-                                                  default=str) + "\n")
+    write_json(Path(out) / MANIFEST, {**read_json(Path(out) / MANIFEST), "completed": True})
 
 
 def check_output_dir(out: Path, resume: bool, is_main: bool = True) -> str | None:
@@ -95,7 +101,7 @@ def check_output_dir(out: Path, resume: bool, is_main: bool = True) -> str | Non
               f"({', '.join(p.name for p in torn)}) and starting again")
         for folder in torn:
             shutil.rmtree(folder, ignore_errors=True)
-    for name in ("trainer_log.jsonl", "predictions.jsonl", AMENDMENTS) if is_main else ():
+    for name in (TRAINER_LOG, PREDICTIONS, AMENDMENTS) if is_main else ():
         (out / name).unlink(missing_ok=True)  # an interrupted run's records; this run writes its own
     return None
 
@@ -145,7 +151,7 @@ def _same(a, b) -> bool:
 def check_resume_config(out: Path, config: dict, step: int) -> dict | None:
     """Raises UserError naming every refused change against the run's record; returns the allowed changes as an
     amendment for record_amendment (the record itself is never rewritten)."""
-    recorded = yaml.safe_load((Path(out) / RESOLVED_CONFIG).read_text(encoding="utf-8"))
+    recorded = read_yaml(Path(out) / RESOLVED_CONFIG)
     blocking, allowed = config_drift(recorded, config)
     if blocking:
         raise UserError(f"--resume with a changed recipe: {'; '.join(blocking)}. Only logging, evaluation, saving, "
@@ -164,10 +170,9 @@ def record_amendment(out: Path, amendment: dict | None) -> None:
 
 def effective_record(out: Path) -> dict:
     """The run's sftlab_config.yaml with the amendments of its resumes applied."""
-    record = yaml.safe_load((Path(out) / RESOLVED_CONFIG).read_text(encoding="utf-8"))
-    path = Path(out) / AMENDMENTS
-    for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else []:
-        for key, (_, value) in json.loads(line)["changed"].items():
+    record = read_yaml(Path(out) / RESOLVED_CONFIG)
+    for amendment in read_jsonl(Path(out) / AMENDMENTS):
+        for key, (_, value) in amendment["changed"].items():
             section, _, name = key.partition(".")
             if name:
                 record[section][name] = value
@@ -178,5 +183,5 @@ def forget_after(out: Path, step: int) -> None:
     """On resume, drops the log and probe lines that the interrupted run wrote after its checkpoint, and the
     summary record of a run stopped by a signal: the resumed run writes those steps again, and its own summary,
     and each should be in the logs once."""
-    keep_lines(Path(out) / "trainer_log.jsonl", lambda r: r["step"] <= step and "train_runtime" not in r)
-    keep_lines(Path(out) / "predictions.jsonl", lambda r: r["step"] <= step)
+    keep_lines(Path(out) / TRAINER_LOG, lambda r: r["step"] <= step and "train_runtime" not in r)
+    keep_lines(Path(out) / PREDICTIONS, lambda r: r["step"] <= step)

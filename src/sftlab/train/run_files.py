@@ -4,21 +4,34 @@ finish (probes, held-out evaluation, retention, report, model card, the manifest
 trains through train/lifecycle.py writes the same run folder.
 """
 
-import json
 import os
 import shutil
 from pathlib import Path
 
-import yaml
-
 from sftlab.chat_format import stop_token_ids
 from sftlab.data.prepare import PreparedData
-from sftlab.files import append_jsonl, keep_lines, write_atomic
 from sftlab.model.load import ADAPTER_CONFIG, save_tokenizer
+from sftlab.run_dir import (
+    DATA_REPORT,
+    HELDOUT,
+    PREDICTIONS,
+    REJECTED,
+    RENDER_CHECK,
+    RESOLVED_CONFIG,
+    TRAINER_STATE,
+    append_jsonl,
+    keep_lines,
+    read_json,
+    read_jsonl,
+    read_yaml,
+    write_json,
+    write_jsonl,
+    write_yaml,
+)
 from sftlab.train.callbacks import run_probes
 from sftlab.train.guards import StopAtOnce, Stopped, refuse_non_finite
 from sftlab.train.lifecycle import raise_write_failure, stopped_after_final_save
-from sftlab.train.resume import RESOLVED_CONFIG, effective_record, mark_complete
+from sftlab.train.resume import effective_record, mark_complete
 
 
 def finish_settings(config: dict) -> dict:
@@ -35,7 +48,6 @@ def complete_run(out: Path, is_main: bool) -> Path:
     """--resume on a run whose final weights are saved but whose evaluation, probes, report or manifest are not
     (it was killed after its final save): does what is missing, with the run's recorded settings, without
     training. The model is loaded from the run folder, as `sftlab eval` loads it."""
-    from sftlab.eval.run_report import read_json, read_jsonl
     from sftlab.model.load import load_for_inference
 
     if not is_main:
@@ -44,8 +56,8 @@ def complete_run(out: Path, is_main: bool) -> Path:
           "them with the run's recorded settings (no training)")
     adapter = (out / ADAPTER_CONFIG).exists()
     model, tokenizer = load_for_inference(adapter=str(out)) if adapter else load_for_inference(model=str(out))
-    step = read_json(out / "trainer_state.json")["global_step"]
-    heldout = [record["messages"] for record in read_jsonl(out / "heldout.jsonl")]
+    step = read_json(out / TRAINER_STATE)["global_step"]
+    heldout = [record["messages"] for record in read_jsonl(out / HELDOUT)]
     finish_run(model, tokenizer, out, step, finish_settings(effective_record(out)), heldout, None)
     return out
 
@@ -76,8 +88,8 @@ def write_finish(model, tokenizer, out: Path, step: int, settings: dict, test_me
         replies = run_probes(model, tokenizer, prompts, settings["probe_max_new_tokens"], system_prompt)
         final = [dict(step=step, prompt=p, reply=r.text, finish_reason=r.finish_reason, new_tokens=r.new_tokens,
                       final=True) for p, r in zip(prompts, replies)]
-        keep_lines(out / "predictions.jsonl", lambda record: not record.get("final"))  # an interrupted finish's
-        append_jsonl(out / "predictions.jsonl", final)
+        keep_lines(out / PREDICTIONS, lambda record: not record.get("final"))  # an interrupted finish's
+        append_jsonl(out / PREDICTIONS, final)
         conversations = test_messages[:settings["final_eval_samples"]]
         if conversations:
             results, replies = evaluate(model, tokenizer, conversations, settings["final_eval_max_new_tokens"],
@@ -101,7 +113,7 @@ def write_training_manifest(out: Path, data: PreparedData, seed: int, chosen: di
     the peak memory and what was chosen (attention, batches); `completed` false until the run's last step."""
     from sftlab.eval.run_report import peak_memory_mb, write_manifest
 
-    record = yaml.safe_load((out / RESOLVED_CONFIG).read_text(encoding="utf-8"))
+    record = read_yaml(out / RESOLVED_CONFIG)
     write_manifest(out, record, data.fingerprint, seed, {"peak_memory_mb": peak_memory_mb(), **chosen,
                                                          "completed": False})
 
@@ -110,15 +122,13 @@ def write_run_inputs(out: Path, config: dict, data: PreparedData) -> None:
     """How the run was made, written before training so even a crashed run says it."""
     from sftlab.eval.run_report import write_manifest
 
-    write_atomic(out / RESOLVED_CONFIG, yaml.safe_dump(config, allow_unicode=True, sort_keys=False))
+    write_yaml(out / RESOLVED_CONFIG, config)
     write_manifest(out, config, data.fingerprint, config["train"]["seed"])
     if data.examples:  # what `sftlab doctor` checks the saved template against
-        write_atomic(out / "render_check.json", json.dumps({"samples": data.examples}, ensure_ascii=False) + "\n")
-    heldout = "".join(json.dumps({"messages": m}, ensure_ascii=False) + "\n" for m in data.test_messages)
-    write_atomic(out / "heldout.jsonl", heldout)
-    rejected = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in data.rejected)
-    write_atomic(out / "rejected.jsonl", rejected)
-    write_atomic(out / "data_report.json", json.dumps(data.report, ensure_ascii=False, indent=2) + "\n")
+        write_json(out / RENDER_CHECK, {"samples": data.examples}, indent=None)
+    write_jsonl(out / HELDOUT, ({"messages": m} for m in data.test_messages))
+    write_jsonl(out / REJECTED, data.rejected)
+    write_json(out / DATA_REPORT, data.report)
 
 
 def save_final(trainer, tokenizer, out: Path, base_name: str | None) -> None:
@@ -147,11 +157,10 @@ def save_final(trainer, tokenizer, out: Path, base_name: str | None) -> None:
     generation_config.pad_token_id = tokenizer.pad_token_id
     generation_config.save_pretrained(staging)
     if (staging / ADAPTER_CONFIG).exists():
-        config = json.loads((staging / ADAPTER_CONFIG).read_text())
-        config["base_model_name_or_path"] = base_name
-        write_atomic(staging / ADAPTER_CONFIG, json.dumps(config, indent=2))
+        adapter_config = read_json(staging / ADAPTER_CONFIG)
+        write_json(staging / ADAPTER_CONFIG, {**adapter_config, "base_model_name_or_path": base_name})
     marker = ADAPTER_CONFIG if (staging / ADAPTER_CONFIG).exists() else "config.json"
-    trainer.state.save_to_json(str(staging / "trainer_state.json"))  # in before the marker: a completion reads it
+    trainer.state.save_to_json(str(staging / TRAINER_STATE))  # in before the marker: a completion reads it
     for item in sorted(staging.iterdir(), key=lambda p: p.name == marker):
         os.replace(item, out / item.name)
     staging.rmdir()

@@ -15,13 +15,13 @@ import torch
 from sftlab.errors import UserError
 from sftlab.files import remove_stale_staging, staging_name
 from sftlab.model.load import (
-    RUN_CONFIG,
     inference_paths,
     load_model,
     load_tokenizer,
     run_of_checkpoint,
     save_tokenizer,
 )
+from sftlab.run_dir import RESOLVED_CONFIG
 
 DTYPES = ("bfloat16", "float16", "float32")
 
@@ -57,8 +57,8 @@ def merge(adapter: str, output: str | None = None, dtype: str = "bfloat16", devi
                      None)
         if stops is not None:
             shutil.copy(stops, staging / "generation_config.json")
-        if (record / RUN_CONFIG).exists():  # the recipe, and the system_prompt that chat and serve apply as trained
-            shutil.copy(record / RUN_CONFIG, staging / RUN_CONFIG)
+        if (record / RESOLVED_CONFIG).exists():  # the recipe, and the system_prompt chat and serve apply as trained
+            shutil.copy(record / RESOLVED_CONFIG, staging / RESOLVED_CONFIG)
         from sftlab.eval.model_card import write_model_card
 
         write_model_card(record, staging, merged=True, name=out.name,
