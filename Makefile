@@ -39,8 +39,8 @@ demo: setup
 	@for q in $(IDENTITY); do printf '  %s -> ' "$$q"; \
 	  $(BIN)/sftlab chat --adapter $(DEMO_OUT) --prompt "$$q" --temperature 0 --json 2>/dev/null; done
 	@echo; $(BIN)/sftlab doctor --adapter $(DEMO_OUT) 2>/dev/null
-	@echo; echo "Before (base) and after (tuned), on the held-out split (sftlab eval --adapter $(DEMO_OUT) --compare-base):"
-	@$(BIN)/sftlab eval --adapter $(DEMO_OUT) --compare-base --max_new_tokens 64 2>/dev/null
+	@echo; echo "Before (base) and after (tuned), on the held-out split (sftlab eval --adapter $(DEMO_OUT) --compare_base):"
+	@$(BIN)/sftlab eval --adapter $(DEMO_OUT) --compare_base --max_new_tokens 64 2>/dev/null
 
 # The real-model recipe: SmolLM2-135M-Instruct learns a new identity (Kestrel) and keeps what it knew.
 demo-real: setup
@@ -51,8 +51,8 @@ demo-real: setup
 	  $(BIN)/sftlab chat --adapter $(REAL_OUT) --prompt "$$q" --temperature 0 --json 2>/dev/null; done
 	@echo; echo "Held-out identity paraphrases (sftlab eval --adapter $(REAL_OUT) --data sftlab:identity-checks):"
 	@$(BIN)/sftlab eval --adapter $(REAL_OUT) --data sftlab:identity-checks 2>/dev/null
-	@echo; echo "Before (base) and after (tuned), with the retention check (sftlab eval --adapter $(REAL_OUT) --compare-base):"
-	@$(BIN)/sftlab eval --adapter $(REAL_OUT) --compare-base 2>/dev/null
+	@echo; echo "Before (base) and after (tuned), with the retention check (sftlab eval --adapter $(REAL_OUT) --compare_base):"
+	@$(BIN)/sftlab eval --adapter $(REAL_OUT) --compare_base 2>/dev/null
 
 test: setup
 	$(BIN)/ruff check .

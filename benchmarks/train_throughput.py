@@ -145,7 +145,8 @@ def run_tutorial(data_file: str, out: str, model_name: str) -> float:
 
 
 def run_sftlab(data_file: str, out: str, variant: str, model_name: str) -> float:
-    from sftlab.train.sft import parse_args, train
+    from sftlab.train.config import parse_args
+    from sftlab.train.sft import train
 
     extra = {"b": [], "c": FAST, "d": FAST[2:] + ["--padding_free", "false"],
              "e": FAST + ["--activation_checkpointing", "false"],

@@ -37,7 +37,7 @@ CASES = [
     (["train", "--config", "{tmp}/list.yaml"], "config file {tmp}/list.yaml: expected a mapping of field: value, got a "
                                                 "list"),
     (["train", "--config", "{tmp}/scalar.yaml"], "expected a mapping of field: value, got a str"),
-    (TRAIN + ["--lora_alpha", "0"], "lora_alpha: must be positive (the update is scaled by alpha / r), got 0"),
+    (TRAIN + ["--lora_alpha", "0"], "lora_alpha: must be a positive number (the update is scaled by alpha / r), got 0"),
     (TRAIN + ["--max_length", "5000"], "max_length 5000 is above the model's context of 4096 tokens "
                                        "(max_position_embeddings): set max_length to 4096 or less"),
     (TRAIN + ["--max_tokens_per_batch", "64"], "max_tokens_per_batch 64 is smaller than the longest training sample ("),
@@ -52,14 +52,14 @@ CASES = [
     (TRAIN + ["--data_files", "{tmp}/gbk.jsonl"], "data file {tmp}/gbk.jsonl is not UTF-8: no line of it decodes as "
                                                   "UTF-8, and it reads as GBK/GB18030"),
     (["chat", *TINY, "--prompt", "   "], "--prompt is empty"),
-    (["chat", *TINY, "--prompt", "hi", "--max_new_tokens", "0"], "--max_new_tokens: must be an integer >= 1, got 0"),
-    (["chat", *TINY, "--prompt", "hi", "--temperature", "-1"], "--temperature: must be >= 0 (0 is greedy), got -1.0"),
-    (["chat", *TINY, "--prompt", "hi", "--top_p", "2"], "--top_p: must be in (0, 1], got 2.0"),
-    (["chat", *TINY, "--prompt", "hi", "--repetition_penalty", "0"], "--repetition_penalty: must be > 0, got 0.0"),
+    (["chat", *TINY, "--prompt", "hi", "--max_new_tokens", "0"], "max_new_tokens: must be an integer >= 1, got 0"),
+    (["chat", *TINY, "--prompt", "hi", "--temperature", "-1"], "temperature: must be a number >= 0 (0 is greedy), got -1.0"),
+    (["chat", *TINY, "--prompt", "hi", "--top_p", "2"], "top_p: must be in (0, 1], got 2.0"),
+    (["chat", *TINY, "--prompt", "hi", "--repetition_penalty", "0"], "repetition_penalty: must be a positive number, or null, got 0.0"),
     (["chat", *TINY, "--prompt", "你好" * 5000], "it exceeds the model's context of 4096 tokens"),
     (["eval"], "pass --adapter RUN (a LoRA run) or --model PATH"),
-    (["eval", *TINY, "--batch_size", "0"], "--batch_size: must be an integer >= 1, got 0"),
-    (["eval", *TINY, "--max_new_tokens", "0"], "--max_new_tokens: must be an integer >= 1, got 0"),
+    (["eval", *TINY, "--batch_size", "0"], "batch_size: must be an integer >= 1, got 0"),
+    (["eval", *TINY, "--max_new_tokens", "0"], "max_new_tokens: must be an integer >= 1, or null, got 0"),
 ]
 if not torch.cuda.is_available():
     CASES.append((["chat", *TINY, "--prompt", "hi", "--device", "cuda"], "--device cuda: this machine has no CUDA GPU"))
@@ -111,7 +111,8 @@ def test_an_adapter_trained_on_another_base_is_one_line(tmp_path, capsys, tiny_m
 
     from transformers import GlmConfig, GlmForCausalLM
 
-    from sftlab.train.sft import parse_args, train
+    from sftlab.train.config import parse_args
+    from sftlab.train.sft import train
 
     run = train(*parse_args(["--config", str(REPO / "configs/demo.yaml"), "--output_dir", str(tmp_path / "run"),
                              "--report_to", "none", "--max_steps", "1", "--eval_strategy", "no",

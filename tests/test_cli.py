@@ -41,7 +41,7 @@ def sftlab_subprocess(*args, stdin=None):
     (["chat", "--model", "THUDM/glm-4-9b-chat-hf", "--prompt", "hi"],
      "sftlab chat: error: THUDM/glm-4-9b-chat-hf is a Hub id, and the Hub is offline (HF_HUB_OFFLINE=1)"),
     (["train", "--model_name_or_path", "sftlab:tiny-glm4", "--bf16", "false", "--lora_rnk", "4"],
-     "sftlab train: error: unknown config key(s): lora_rnk."),
+     "sftlab train: error: unknown argument(s): --lora_rnk. `sftlab train --help` lists them"),
     (["train", "--config", "configs/demo.yaml", "--data_files", "data/missing.json", "--output_dir", "{tmp}"],
      "sftlab train: error: data file data/missing.json does not exist"),
     (["train", "--config", "configs/nope.yaml"], "sftlab train: error: config file configs/nope.yaml does not exist"),
@@ -175,3 +175,25 @@ def test_report_to_accepts_every_tracker_transformers_knows_and_names_a_missing_
     assert result.returncode == 2 and "report_to: wandb needs `pip install wandb`" in result.stderr
     result = sftlab("train", "--model_name_or_path", "sftlab:tiny-glm4", "--report_to", "tensorbored", capsys=capsys)
     assert result.returncode == 2 and "report_to: 'tensorbored' is not one of none, azure_ml" in result.stderr
+
+
+@pytest.mark.parametrize("verb", list(cli.VERBS))
+def test_every_verb_is_parsed_one_way_and_lists_its_fields(verb, capsys):
+    """One table (cli.VERBS), one parser (config.parse_verb): --help lists the dataclass fields with their help."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([*verb.split(), "--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and out.startswith(f"usage: sftlab {verb} ")
+
+
+def test_a_flag_is_spelt_with_underscores_or_dashes_and_config_files_set_any_field(tmp_path):
+    from sftlab.config import parse_verb
+    from sftlab.infer.serve import ServeArguments
+
+    (tmp_path / "serve.yaml").write_text("model: m\nport: 9000\nenv:\n  SFTLAB_TEST_ENV: set\n")
+    (dashed,) = parse_verb("sftlab serve", (ServeArguments,), ["--model", "m", "--api-key", "k", "--max-queue", "3"])
+    (underscored,) = parse_verb("sftlab serve", (ServeArguments,), ["--model", "m", "--api_key", "k", "--max_queue", "3"])
+    assert dashed == underscored and (dashed.api_key, dashed.max_queue) == ("k", 3)
+    (configured,) = parse_verb("sftlab serve", (ServeArguments,), ["--config", str(tmp_path / "serve.yaml"),
+                                                                   "--port", "9001"])
+    assert (configured.model, configured.port, os.environ.pop("SFTLAB_TEST_ENV")) == ("m", 9001, "set")

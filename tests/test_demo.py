@@ -7,7 +7,8 @@ import pytest
 
 from sftlab.infer.generate import SamplingArgs, generate_replies
 from sftlab.model.load import load_for_inference
-from sftlab.train.sft import parse_args, train
+from sftlab.train.config import parse_args
+from sftlab.train.sft import train
 
 pytestmark = pytest.mark.slow  # the full demo training run
 REPO = Path(__file__).resolve().parents[1]

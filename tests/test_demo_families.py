@@ -9,7 +9,8 @@ import pytest
 from sftlab.eval.doctor import run_checks
 from sftlab.infer.generate import SamplingArgs, generate_replies
 from sftlab.model.load import load_for_inference
-from sftlab.train.sft import parse_args, train
+from sftlab.train.config import parse_args
+from sftlab.train.sft import train
 
 pytestmark = pytest.mark.slow  # three demo training runs
 REPO = Path(__file__).resolve().parents[1]

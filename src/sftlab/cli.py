@@ -1,106 +1,110 @@
-"""`sftlab <verb>`: parse the verb, call one stage function, turn user errors into one line and exit code 2."""
+"""`sftlab <verb>`: parse the verb's arguments (one way for every verb: config.parse_verb), call one stage function,
+turn user errors into one line and exit code 2."""
 
+import importlib
 import sys
-
-USAGE = """usage: sftlab [--debug] <verb> [args]
-
-verbs:
-  data    clean data and report what was wrong: sftlab data clean FILES... --output DIR
-          look at a file as the model sees it:   sftlab data inspect FILE
-  train   fine-tune a model (LoRA or full): sftlab train --config configs/demo.yaml [--field value ...]
-  estimate  tokens, steps, memory and time of a run before launching it: sftlab estimate --config FILE
-  eval    held-out metrics, before/after:   sftlab eval --adapter output/demo --compare-base
-  doctor  check a run for template drift and stopping: sftlab doctor --adapter output/demo
-  chat    chat with a base model or a run: sftlab chat --adapter output/demo [--prompt TEXT --json]
-  merge   merge a LoRA run into its base for serving: sftlab merge --adapter output/demo [--output DIR]
-  serve   an OpenAI-compatible server with a chat page: sftlab serve --adapter output/demo [--port 8000]
-
-`sftlab <verb> --help` lists each verb's options. --debug shows tracebacks."""
+from dataclasses import dataclass
 
 
-def _train(argv):
-    from sftlab.train.sft import main
+@dataclass(frozen=True)
+class Verb:
+    """One verb: its line in `sftlab --help`, and where its arguments and its stage function live."""
 
-    main(argv)
-    return 0
-
-
-def _estimate(argv):
-    from sftlab.train.estimate import main
-
-    return main(argv)
-
-
-def _chat(argv):
-    from sftlab.infer.chat import main
-
-    return main(argv)
+    summary: str
+    example: str
+    module: str  # holds the stage function and its argument dataclasses (and PARSER, where it is TRL's)
+    function: str  # called with the parsed dataclasses (and the positional arguments last); returns an exit code
+    arguments: str = "ARGUMENTS"  # the module's tuple of argument dataclasses
+    positional: tuple = ()  # (name, argparse keywords) pairs
 
 
-def _data(argv):
-    from sftlab.data.commands import clean_main, inspect_main
+INPUTS_HELP = ("Files (.json .jsonl .parquet .csv), globs, Hub dataset ids, or JSON with per-dataset options: "
+               "'{\"path\": \"a.jsonl\", \"columns\": {\"output\": \"answer\"}, \"max_samples\": 500}'.")
 
-    actions = {"clean": clean_main, "inspect": inspect_main}
-    if not argv or argv[0] not in actions:
-        print("usage: sftlab data {clean,inspect} ... (`sftlab data clean --help`)")
-        return 2
-    return actions[argv[0]](argv[1:])
-
-
-def _eval(argv):
-    from sftlab.eval.evaluate import main
-
-    return main(argv)
-
-
-def _doctor(argv):
-    from sftlab.eval.doctor import main
-
-    return main(argv)
-
-
-def _merge(argv):
-    from sftlab.train.merge import main
-
-    return main(argv)
-
-
-def _serve(argv):
-    from sftlab.infer.serve import main
-
-    return main(argv)
+VERBS = {
+    "data clean": Verb("clean data and report what was wrong", "sftlab data clean FILES... --output DIR",
+                       "sftlab.data.commands", "clean_data", "CLEAN_ARGUMENTS",
+                       (("inputs", {"nargs": "+", "help": INPUTS_HELP}),)),
+    "data inspect": Verb("look at a file as the model sees it", "sftlab data inspect FILE", "sftlab.data.commands",
+                         "inspect_data", "INSPECT_ARGUMENTS",
+                         (("file", {"help": "A data file (.json .jsonl .parquet .csv)."}),)),
+    "train": Verb("fine-tune a model (LoRA or full)", "sftlab train --config configs/demo.yaml [--field value ...]",
+                  "sftlab.train.sft", "run"),
+    "estimate": Verb("tokens, steps, memory and time of a run before launching it", "sftlab estimate --config FILE",
+                     "sftlab.train.estimate", "run"),
+    "eval": Verb("held-out metrics, before/after", "sftlab eval --adapter output/demo --compare_base",
+                 "sftlab.eval.evaluate", "run"),
+    "doctor": Verb("check a run for template drift and stopping", "sftlab doctor --adapter output/demo",
+                   "sftlab.eval.doctor", "run"),
+    "chat": Verb("chat with a base model or a run", "sftlab chat --adapter output/demo [--prompt TEXT --json]",
+                 "sftlab.infer.chat", "run"),
+    "merge": Verb("merge a LoRA run into its base for serving", "sftlab merge --adapter output/demo [--output DIR]",
+                  "sftlab.train.merge", "run"),
+    "serve": Verb("an OpenAI-compatible server with a chat page", "sftlab serve --adapter output/demo [--port 8000]",
+                  "sftlab.infer.serve", "run"),
+}
 
 
-VERBS = {"data": _data, "train": _train, "estimate": _estimate, "eval": _eval, "doctor": _doctor, "chat": _chat,
-         "merge": _merge, "serve": _serve}
+def usage() -> str:
+    width = max(map(len, VERBS))
+    lines = [f"  {name:<{width}}  {verb.summary}: {verb.example}" for name, verb in VERBS.items()]
+    return ("usage: sftlab [--debug] <verb> [args]\n\nverbs:\n" + "\n".join(lines) +
+            "\n\n`sftlab <verb> --help` lists each verb's options (--config FILE.yaml sets any of them; flags win; "
+            "each flag is spelt with underscores or dashes). --debug shows tracebacks.")
+
+
+def split_verb(argv: list[str]) -> tuple[str | None, list[str]]:
+    """('data clean', rest) for a two-word verb, ('train', rest) for one word, (None, argv) for neither."""
+    for words in (2, 1):
+        name = " ".join(argv[:words])
+        if len(argv) >= words and name in VERBS:
+            return name, argv[words:]
+    return None, argv
+
+
+def run_verb(name: str, argv: list[str]) -> int:
+    from sftlab.config import parse_verb
+
+    verb = VERBS[name]
+    module = importlib.import_module(verb.module)
+    parsed = parse_verb(f"sftlab {name}", getattr(module, verb.arguments), argv, getattr(module, "PARSER", None),
+                        verb.positional)
+    if verb.positional:  # the positional arguments come back as one namespace, after the dataclasses
+        *parsed, extra = parsed
+        parsed = [*parsed, *(getattr(extra, p) for p, _ in verb.positional)]
+    code = getattr(module, verb.function)(*parsed)
+    return code if isinstance(code, int) else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in VERBS:
-        print(USAGE, file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    name, rest = split_verb(argv)
+    if name is None:
+        asked = bool(argv) and argv[0] in ("-h", "--help")
+        print(usage(), file=sys.stdout if asked else sys.stderr)
+        return 0 if asked else 2
     from sftlab.errors import UserError, os_failure_line, report
 
+    verb = name.split()[0]
     try:
-        return VERBS[argv[0]](argv[1:])
+        return run_verb(name, rest)
     except UserError as exc:
         if debug:
             raise
-        report(argv[0], exc)
+        report(verb, exc)
         return 2
     except (OSError, RuntimeError) as exc:
         line = os_failure_line(exc)
         if debug or line is None:
             raise
-        print(f"sftlab {argv[0]}: error: {line}", file=sys.stderr, flush=True)
+        print(f"sftlab {verb}: error: {line}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:  # before training installs its own handler (or after it): while a model loads
         if debug:
             raise
-        print(f"sftlab {argv[0]}: interrupted (SIGINT)", file=sys.stderr, flush=True)
+        print(f"sftlab {verb}: interrupted (SIGINT)", file=sys.stderr, flush=True)
         return 130
 
 

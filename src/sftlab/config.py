@@ -2,9 +2,12 @@
 so the tutorial's YAML files keep working. The training config (SFTConfig subclass) lives in train/sft.py:
 train/ is the only package that imports trl."""
 
+import math
+import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Literal, get_args, get_origin
+from typing import ClassVar, Literal, get_args, get_origin
 
 import yaml
 
@@ -24,6 +27,55 @@ def check_choices(config) -> None:
         if get_origin(f.type) is Literal and getattr(config, f.name) not in get_args(f.type):
             allowed = ", ".join(get_args(f.type))
             raise ValueError(f"{f.name}: {getattr(config, f.name)!r} is not one of {allowed}")
+
+
+@dataclass(frozen=True)
+class Range:
+    """The numbers a field accepts, declared once in its dataclass's RANGES (a ClassVar beside the fields: the
+    argument parsers pass field metadata on to argparse); check_fields enforces them with one line naming the
+    field, what it must be and what it got."""
+
+    low: float
+    above: bool = False  # > low, not >= low
+    high: float | None = None
+    below: bool = False  # < high, not <= high
+    integer: bool = False
+    nullable: bool = False
+    also: tuple = ()  # values accepted besides the range (max_steps: -1)
+    note: str = ""  # after the rule, e.g. "(0 is greedy)"
+    say: str = ""  # the whole rule, where the generated one would not say it well
+
+    def accepts(self, value) -> bool:
+        if value is None:
+            return self.nullable
+        if value in self.also and not isinstance(value, bool):
+            return True
+        if isinstance(value, bool) or not isinstance(value, int if self.integer else (int, float)):
+            return False
+        if not math.isfinite(value) or value < self.low or (self.above and value == self.low):
+            return False
+        return self.high is None or value < self.high or (value == self.high and not self.below)
+
+    def text(self) -> str:
+        if self.say:
+            return self.say
+        if self.high is not None:
+            rule = f"in {'(' if self.above else '['}{self.low:g}, {self.high:g}{')' if self.below else ']'}"
+        elif self.integer:
+            rule = f"an integer {'>' if self.above else '>='} {self.low:g}"
+        else:
+            rule = "a positive number" if (self.low, self.above) == (0, True) else \
+                f"a number {'>' if self.above else '>='} {self.low:g}"
+        return rule + (f" {self.note}" if self.note else "") + (", or null" if self.nullable else "")
+
+
+def check_fields(config) -> None:
+    """Every range the config's class declares (RANGES) and every Literal choice: a ValueError naming the first
+    field outside its own."""
+    check_choices(config)
+    for name, declared in getattr(type(config), "RANGES", {}).items():
+        if not declared.accepts(getattr(config, name)):
+            raise ValueError(f"{name}: must be {declared.text()}, got {getattr(config, name)!r}")
 
 
 def read_config_file(argv: list[str]) -> tuple[str, dict] | None:
@@ -50,23 +102,41 @@ def read_config_file(argv: list[str]) -> tuple[str, dict] | None:
     return path, values or {}
 
 
-def parse_with_config(parser, argv: list[str]) -> tuple:
-    """`--config FILE.yaml` then flags, which win: TrlParser's convention, for the verbs outside train/ (which
-    alone imports trl). Unknown keys and bad values are one-line errors."""
+def parse_verb(prog: str, types: tuple, argv: list[str], parser_class=None, positional: tuple = ()) -> tuple:
+    """Every verb's arguments, parsed one way: dataclasses with help text on every field (transformers'
+    HfArgumentParser; train and estimate pass TRL's TrlParser), `--config FILE.yaml` first and flags winning, the
+    file's `env:` mapping set as environment variables (TrlParser's convention), each flag spelt with underscores
+    or dashes. `positional`: (name, add_argument kwargs) pairs, returned last as a namespace. An unknown key or flag
+    and a bad value are one line each."""
+    from transformers import HfArgumentParser
+
+    parser = (parser_class or HfArgumentParser)(types, prog=prog)
+    for name, kwargs in positional:
+        parser.add_argument(name, **kwargs)
     argv = list(argv)
     config = read_config_file(argv)
     if config is not None:
         path, values = config
         del argv[argv.index("--config"):argv.index("--config") + 2]
+        for key, value in (values.pop("env", None) or {}).items():
+            os.environ[str(key)] = str(value)
         known = {action.dest for action in parser._actions}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise UserError(f"{path}: unknown config key(s): {', '.join(unknown)}")
+            raise UserError(f"{path}: unknown config key(s): {', '.join(unknown)}. `{prog} --help` lists the fields")
         parser.set_defaults(**values)
     try:
-        return parser.parse_args_into_dataclasses(args=argv)
+        return tuple(parser.parse_args_into_dataclasses(args=argv))
     except ValueError as exc:
-        raise UserError(str(exc).splitlines()[0]) from exc
+        raise UserError(_parse_error_line(exc, prog)) from exc
+
+
+def _parse_error_line(exc: ValueError, prog: str) -> str:
+    text = str(exc)
+    if "not used by the HfArgumentParser" in text:
+        flags = re.findall(r"'(-[^']*)'", text)
+        return f"unknown argument(s): {', '.join(flags) or text}. `{prog} --help` lists them"
+    return text.splitlines()[0]
 
 
 @dataclass
@@ -99,14 +169,12 @@ class ModelArguments:
         default=None, metadata={"help": "Modules trained in full and saved with the adapter (e.g. lm_head)."}
     )
 
+    RANGES: ClassVar[dict] = {  # lora_alpha 0 scales the update to nothing: a run that trains and learns nothing
+        "lora_r": Range(1, integer=True), "lora_dropout": Range(0, high=1, below=True),
+        "lora_alpha": Range(0, above=True, note="(the update is scaled by alpha / r)")}
+
     def __post_init__(self):
-        check_choices(self)
-        if self.lora_r <= 0:
-            raise ValueError(f"lora_r: must be positive, got {self.lora_r}")
-        if not self.lora_alpha > 0:  # 0 scales the update to nothing: a run that trains and learns nothing
-            raise ValueError(f"lora_alpha: must be positive (the update is scaled by alpha / r), got {self.lora_alpha}")
-        if not 0 <= self.lora_dropout < 1:
-            raise ValueError(f"lora_dropout: must be in [0, 1), got {self.lora_dropout}")
+        check_fields(self)
 
 
 @dataclass
@@ -136,12 +204,12 @@ class DataArguments:
                                   "and its terminator kept)."},
     )
 
+    RANGES: ClassVar[dict] = {"test_size": Range(0, high=1, below=True)}
+
     def __post_init__(self):
         if isinstance(self.data_files, str):
             self.data_files = [self.data_files]
-        if not 0 <= self.test_size < 1:
-            raise ValueError(f"test_size: must be in [0, 1), got {self.test_size}")
-        check_choices(self)
+        check_fields(self)
 
 
 DEFAULT_BOILERPLATE = ["作为一个AI语言模型", "作为一个人工智能语言模型", "As an AI language model"]  # case-insensitive
@@ -193,13 +261,15 @@ class CleanArguments:
                                 "1: all in this process. The result is the same with any number."}
     )
 
+    RANGES: ClassVar[dict] = {  # lora_alpha 0 scales the update to nothing: a run that trains and learns nothing
+        "lora_r": Range(1, integer=True), "lora_dropout": Range(0, high=1, below=True),
+        "lora_alpha": Range(0, above=True, note="(the update is scaled by alpha / r)")}
+
+    RANGES: ClassVar[dict] = {
+        "near_dedup_threshold": Range(0, above=True, high=1), "min_response_chars": Range(0, integer=True),
+        "max_row_bytes": Range(1, integer=True), "num_proc": Range(1, integer=True, nullable=True)}
+
     def __post_init__(self):
-        if not isinstance(self.max_row_bytes, int) or self.max_row_bytes < 1:
-            raise ValueError(f"max_row_bytes: must be an integer >= 1, got {self.max_row_bytes!r}")
-        if self.num_proc is not None and self.num_proc < 1:
-            raise ValueError(f"num_proc: must be at least 1, got {self.num_proc}")
-        if not 0 < self.near_dedup_threshold <= 1:
-            raise ValueError(f"near_dedup_threshold: must be in (0, 1], got {self.near_dedup_threshold}")
-        check_choices(self)
+        check_fields(self)
         if self.boilerplate == ["none"]:
             self.boilerplate = []

@@ -164,5 +164,5 @@ def test_worker_count(monkeypatch, num_proc, rows, expected):
 
 
 def test_num_proc_below_one_is_refused():
-    with pytest.raises(ValueError, match="num_proc: must be at least 1, got 0"):
+    with pytest.raises(ValueError, match="num_proc: must be an integer >= 1, or null, got 0"):
         CleanArguments(num_proc=0)

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from sftlab.eval.doctor import run_checks
-from sftlab.train.sft import parse_args, train
+from sftlab.train.config import parse_args
+from sftlab.train.sft import train
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -114,9 +115,9 @@ def test_a_sample_truncated_in_training_is_checked_as_truncated(tmp_path):
 
 
 def test_doctor_prints_skips_and_counts_them(tiny_model_dir, capsys):
-    from sftlab.eval.doctor import main
+    from sftlab.cli import main
 
-    assert main(["--model", str(tiny_model_dir), "--max_new_tokens", "4"]) == 1
+    assert main(["doctor", "--model", str(tiny_model_dir), "--max_new_tokens", "4"]) == 1
     out = capsys.readouterr().out
     assert "[skip] terminator tokens are supervised: no render_check.json here" in out
     assert "[pass] system prompt: the chat template adds no default system prompt" in out

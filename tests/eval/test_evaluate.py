@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from sftlab import cli
-from sftlab.train.config import reply_limit
-from sftlab.train.sft import parse_args, train
+from sftlab.train.config import parse_args, reply_limit
+from sftlab.train.sft import train
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -1,5 +1,5 @@
 """The retention check: answer rules, the shipped probe set, the verdict's thresholds, the record that eval
-writes (worst probes, accuracy left out when the base knows too little), and `sftlab eval --compare-base` end to
+writes (worst probes, accuracy left out when the base knows too little), and `sftlab eval --compare_base` end to
 end on the tiny model, with the shipped probes and with a user's own file. Whether it tells a destroyed real
 model from a kept one is the slow test in test_real_recipes.py."""
 
@@ -89,7 +89,8 @@ def test_no_verdict_when_the_base_knows_too_little():
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    from sftlab.train.sft import parse_args, train
+    from sftlab.train.config import parse_args
+    from sftlab.train.sft import train
 
     out = tmp_path_factory.mktemp("retention") / "run"
     retention.MAX_NEW_TOKENS, limit = 4, retention.MAX_NEW_TOKENS  # the tiny model's replies are noise
@@ -127,7 +128,7 @@ def test_the_base_with_the_adapter_disabled_answers_as_the_base_itself(run_dir, 
 
 def test_eval_compare_base_checks_retention(run_dir, monkeypatch, capsys):
     monkeypatch.setattr(retention, "MAX_NEW_TOKENS", 4)  # the tiny model's replies are noise: short is enough
-    assert cli.main(["eval", "--adapter", str(run_dir), "--compare-base", "--max_new_tokens", "4",
+    assert cli.main(["eval", "--adapter", str(run_dir), "--compare_base", "--max_new_tokens", "4",
                      "--output", str(run_dir / "eval-retention")]) == 0
     out = capsys.readouterr().out
     record = json.loads((run_dir / "eval-retention" / "results.json").read_text())["retention"]
@@ -147,7 +148,7 @@ def test_a_users_own_retention_file_replaces_the_shipped_probes(run_dir, tmp_pat
     own = tmp_path / "general.jsonl"
     own.write_text("".join(json.dumps({"instruction": q, "output": a}, ensure_ascii=False) + "\n"
                            for q, a in [("天空是什么颜色？", "蓝色。"), ("Name a fruit.", "Apple.")]), encoding="utf-8")
-    assert cli.main(["eval", "--adapter", str(run_dir), "--compare-base", "--max_new_tokens", "4",
+    assert cli.main(["eval", "--adapter", str(run_dir), "--compare_base", "--max_new_tokens", "4",
                      "--retention_data", str(own), "--output", str(tmp_path / "out")]) == 0
     record = json.loads((tmp_path / "out" / "results.json").read_text())["retention"]
     assert (record["probes"], record["answer_keyed"], record["base_accuracy"]) == (2, 0, None)
@@ -156,7 +157,7 @@ def test_a_users_own_retention_file_replaces_the_shipped_probes(run_dir, tmp_pat
 
 def test_retention_data_needs_compare_base(run_dir, tmp_path, capsys):
     assert cli.main(["eval", "--adapter", str(run_dir), "--retention_data", str(tmp_path / "x.jsonl")]) == 2
-    assert "--retention_data needs --compare-base" in capsys.readouterr().err
+    assert "--retention_data needs --compare_base" in capsys.readouterr().err
 
 
 def test_eval_on_a_model_folder_names_its_column_model(tiny_model_dir, tmp_path, capsys):

@@ -32,13 +32,13 @@ def serving(app):
     """The app on a free loopback port, in a thread, as `sftlab serve` runs it; yields its base URL."""
     import uvicorn
 
-    from sftlab.infer.serve import KEEP_ALIVE_S, header_timeout_protocol
+    from sftlab.infer import http
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error",
-                                           timeout_keep_alive=KEEP_ALIVE_S, http=header_timeout_protocol()))
+                                           timeout_keep_alive=http.KEEP_ALIVE_S, http=http.header_timeout_protocol()))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -287,7 +287,7 @@ def test_chat_page_streams_a_reply_keeps_the_conversation_and_clears(chromium, s
 
 @pytest.mark.parametrize("argv, message", [
     ([], "pass --adapter RUN (a training run) or --model PATH (a model folder)"),
-    (["--model", "sftlab:tiny-glm4", "--max_queue", "0"], "--max_queue: must be >= 1, got 0"),
+    (["--model", "sftlab:tiny-glm4", "--max_queue", "0"], "max_queue: must be an integer >= 1, got 0"),
 ])
 def test_bad_serve_arguments_are_one_line(argv, message, capsys):
     from sftlab.cli import main
@@ -363,10 +363,10 @@ def test_a_body_over_the_limit_gets_its_413_back_to_ordinary_clients(url):
 def test_idle_and_slow_connections_are_closed(tiny, monkeypatch):
     """A connection that sends nothing, and one that sends its headers a line at a time past the deadline, are
     closed; an idle keep-alive connection too; a normal request on a fresh connection still gets its answer."""
-    import sftlab.infer.serve as serve
+    from sftlab.infer import http
 
-    monkeypatch.setattr(serve, "HEADER_TIMEOUT_S", 1)
-    monkeypatch.setattr(serve, "KEEP_ALIVE_S", 1)
+    monkeypatch.setattr(http, "HEADER_TIMEOUT_S", 1)
+    monkeypatch.setattr(http, "KEEP_ALIVE_S", 1)
     model, tokenizer = tiny
     app = create_app(model, tokenizer, "timeouts", limits=Limits(max_tokens=4))
     with serving(app) as base:

@@ -7,9 +7,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
+from sftlab.train.config import parse_args
 from sftlab.train.estimate import activation_elements_per_token, estimate, model_shapes
 from sftlab.train.loss import add_supervised_lm_head
-from sftlab.train.sft import parse_args
 
 REPO = Path(__file__).resolve().parents[2]
 TOLERANCE = 0.25  # the arithmetic is within 25% of the measured bytes

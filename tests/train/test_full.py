@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 
 from sftlab import cli
 from sftlab.eval.doctor import run_checks
-from sftlab.train.sft import parse_args, train
+from sftlab.train.config import parse_args
+from sftlab.train.sft import train
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -15,8 +15,9 @@ from safetensors.torch import load_file, save_file
 from sftlab.chat_format import ChatRenderer
 from sftlab.errors import UserError
 from sftlab.model.load import load_for_inference
+from sftlab.train.config import parse_args
 from sftlab.train.merge import merge
-from sftlab.train.sft import parse_args, train
+from sftlab.train.sft import train
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -11,7 +11,8 @@ import pytest
 from sftlab import cli
 from sftlab.data.load import demo_data_path
 from sftlab.eval.retention import shipped_probes
-from sftlab.train.sft import parse_args, train
+from sftlab.train.config import parse_args
+from sftlab.train.sft import train
 
 REPO = Path(__file__).resolve().parents[2]
 

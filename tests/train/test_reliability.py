@@ -15,7 +15,8 @@ import sftlab.train.lifecycle as lifecycle
 import sftlab.train.sft as sft
 from sftlab.errors import UserError
 from sftlab.train.checkpoints import MARKER, RunLock, newest_committed, why_not_committed
-from sftlab.train.sft import parse_args, train
+from sftlab.train.config import parse_args
+from sftlab.train.sft import train
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -115,7 +116,7 @@ def test_kill_while_writing_a_checkpoint_then_resume_ends_as_the_uninterrupted_r
         monkeypatch.setattr(lifecycle, "commit", lambda folder: (_ for _ in ()).throw(Killed(stage))
                             if folder.name == "checkpoint-6" else checkpoints.commit(folder))
     else:
-        monkeypatch.setattr(checkpoints, "write_atomic", kill_at_step_6(checkpoints.write_atomic))
+        monkeypatch.setattr(checkpoints, "write_json", kill_at_step_6(checkpoints.write_json))
     run = tmp_path / "run"
     with pytest.raises(Killed):
         train(*args_for(run))

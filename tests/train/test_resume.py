@@ -15,8 +15,9 @@ from test_reliability import Killed, args_for  # the same run settings (tests/tr
 import sftlab.train.sft as sft
 from sftlab.config import CleanArguments, DataArguments, ModelArguments
 from sftlab.errors import UserError
+from sftlab.train.config import TrainConfig
 from sftlab.train.resume import AMENDABLE, IGNORED, has_final, is_complete
-from sftlab.train.sft import TrainConfig, train
+from sftlab.train.sft import train
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from sftlab.errors import UserError
-from sftlab.train.sft import parse_args, train
+from sftlab.train.config import parse_args
+from sftlab.train.sft import train
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -110,7 +111,7 @@ def test_unknown_config_key_in_yaml_is_named(tmp_path):
 
 
 def test_unknown_cli_flag_is_named():
-    with pytest.raises(UserError, match="unknown config key\\(s\\): lora_rank"):
+    with pytest.raises(UserError, match="unknown argument\\(s\\): --lora_rank"):
         parse_args(["--lora_rank", "8"])
 
 

@@ -6,10 +6,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import HfArgumentParser
-
 from sftlab.chat_format import ChatRenderer, mark_supervised
-from sftlab.config import CleanArguments, Overflow, check_choices, parse_with_config
+from sftlab.config import CleanArguments, Overflow, check_choices
 from sftlab.data.clean import clean_rows
 from sftlab.data.convert import detect_format
 from sftlab.data.load import expand_inputs, read_source
@@ -52,6 +50,8 @@ class RenderArguments:
 @dataclass
 class CleanOutput:
     output: str = field(metadata={"help": "Folder for clean.jsonl, rejected.jsonl, report.json/.md."})
+    split_seed: int = field(default=42, metadata={"help": "Seed of the rows a dataset's max_samples keeps (train "
+                                                          "draws them with its split_seed, this same field)."})
 
 
 @dataclass
@@ -59,14 +59,8 @@ class InspectArguments:
     num_records: int = field(default=3, metadata={"help": "Records to render.", "aliases": ["-n"]})
 
 
-def clean_parser() -> HfArgumentParser:
-    parser = HfArgumentParser((CleanOutput, RenderArguments, CleanArguments), prog="sftlab data clean",
-                              description="Clean data files and report what was wrong. --config FILE.yaml sets "
-                                          "any field below; flags win.")
-    parser.add_argument("inputs", nargs="+", help="Files (.json .jsonl .parquet .csv), globs, Hub dataset ids, or "
-                        "JSON with per-dataset options: '{\"path\": \"a.jsonl\", \"columns\": {\"output\": "
-                        "\"answer\"}, \"max_samples\": 500}'.")
-    return parser
+CLEAN_ARGUMENTS = (CleanOutput, RenderArguments, CleanArguments)  # `sftlab data clean` (cli.py parses them)
+INSPECT_ARGUMENTS = (InspectArguments, RenderArguments)  # `sftlab data inspect`
 
 
 def renderer_for(args: RenderArguments) -> ChatRenderer:
@@ -74,9 +68,9 @@ def renderer_for(args: RenderArguments) -> ChatRenderer:
     return ChatRenderer(tokenizer, args.max_length, args.overflow)
 
 
-def clean_main(argv: list[str]) -> int:
-    output, render, config, extra = parse_with_config(clean_parser(), argv)
-    rows, per_dataset = read_datasets(dataset_specs(extra.inputs), seed=42, max_row_bytes=config.max_row_bytes)
+def clean_data(output: CleanOutput, render: RenderArguments, config: CleanArguments, inputs: list[str]) -> int:
+    rows, per_dataset = read_datasets(dataset_specs(inputs), seed=output.split_seed,
+                                      max_row_bytes=config.max_row_bytes)
     sources = [source for info in per_dataset.values() for source in info["sources"]]
     renderer = renderer_for(render) if render.model else None
     if renderer is None:
@@ -91,13 +85,6 @@ def clean_main(argv: list[str]) -> int:
     return 0
 
 
-def inspect_parser() -> HfArgumentParser:
-    parser = HfArgumentParser((InspectArguments, RenderArguments), prog="sftlab data inspect",
-                              description="Show a data file as the model will see it.")
-    parser.add_argument("file", help="A data file (.json .jsonl .parquet .csv).")
-    return parser
-
-
 def schema(rows) -> dict[str, Counter]:
     """Field -> counts of its JSON types, over all rows."""
     types = {}
@@ -108,14 +95,13 @@ def schema(rows) -> dict[str, Counter]:
     return types
 
 
-def inspect_main(argv: list[str]) -> int:
-    inspect, args, extra = parse_with_config(inspect_parser(), argv)
-    sources = expand_inputs([extra.file])
+def inspect_data(inspect: InspectArguments, args: RenderArguments, file: str) -> int:
+    sources = expand_inputs([file])
     rows = [row for source in sources for row in read_source(source)]
     formats = Counter(detect_format(r.row) for r in rows if r.error is None)
     renderer = renderer_for(args)
     result = clean_rows(rows, CleanArguments(near_dedup=False), renderer, args.system_prompt, enabled=False)
-    print(f"file: {extra.file}")
+    print(f"file: {file}")
     detected = ", ".join(f"{name or 'unknown'} ({count} rows)" for name, count in formats.most_common())
     print(f"format: {detected}")
     print(f"rows: {len(rows)}  (renderable: {len(result.kept)}, not: {len(result.rejected)})")

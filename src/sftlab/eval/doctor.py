@@ -1,12 +1,13 @@
 """`sftlab doctor`: checks a run (or a model folder) for the faults behind "the model won't stop" and
 "training and serving templates drift". Each check prints pass or fail; a failure says why and how to fix it."""
 
-import argparse
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from sftlab.chat_format import IGNORE_INDEX, ChatRenderer, MessageError, stop_token_ids
+from sftlab.config import Range, check_fields
 from sftlab.errors import UserError
 from sftlab.run_dir import EVAL_DIR, RENDER_CHECK, RESULTS, TRAINER_LOG, read_json, read_jsonl
 
@@ -232,7 +233,7 @@ def check_retention(folder: Path) -> Check:
         return Check(name, "skip", "not a training run: nothing was tuned")
     record = read_json(folder / EVAL_DIR / RESULTS).get("retention")
     if record is None:
-        return Check(name, "skip", "no retention record in eval/results.json: sftlab eval --adapter RUN --compare-base")
+        return Check(name, "skip", "no retention record in eval/results.json: sftlab eval --adapter RUN --compare_base")
     if record["verdict"] == "n/a":
         return Check(name, "skip", record["why"])
     if record["verdict"] == "kept":
@@ -268,15 +269,27 @@ def run_checks(model: str | None, adapter: str | None, max_new_tokens: int | Non
     return checks
 
 
-def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="sftlab doctor", description="Check a run for template drift and stopping.")
-    p.add_argument("--adapter", help="A LoRA run directory.")
-    p.add_argument("--model", help="A model folder (a full fine-tuning run), or the base for --adapter.")
-    p.add_argument("--max_new_tokens", type=int, default=None, help="Budget of the generation test (default: the "
-                   "run's reply limit, twice the p99 of its training replies; 64 for a model folder).")
-    args = p.parse_args(argv)
-    if not (args.adapter or args.model):
-        raise UserError("pass --adapter DIR or --model PATH")
+@dataclass
+class DoctorArguments:
+    adapter: str | None = field(default=None, metadata={"help": "A LoRA run directory."})
+    model: str | None = field(default=None, metadata={
+        "help": "A model folder (a full fine-tuning run), or the base for --adapter."})
+    max_new_tokens: int | None = field(default=None, metadata={
+        "help": "Budget of the generation test (default: the run's reply limit, twice the p99 of its training "
+                "replies; 64 for a model folder)."})
+
+    RANGES: ClassVar[dict] = {"max_new_tokens": Range(1, integer=True, nullable=True)}
+
+    def __post_init__(self):
+        check_fields(self)
+        if not (self.adapter or self.model):
+            raise ValueError("pass --adapter DIR or --model PATH")
+
+
+ARGUMENTS = (DoctorArguments,)  # `sftlab doctor`'s (cli.py parses them)
+
+
+def run(args: DoctorArguments) -> int:
     checks = run_checks(args.model, args.adapter, args.max_new_tokens)
     for check in checks:
         print(f"[{check.status}] {check.name}: {check.detail}")

@@ -1,14 +1,16 @@
 """`sftlab eval`: held-out loss and perplexity on the supervised tokens, batched greedy generation, text
-metrics, the stop rate; with --compare-base, the same for the base model and a side-by-side."""
+metrics, the stop rate; with --compare_base, the same for the base model and a side-by-side."""
 
-import argparse
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from tqdm.auto import tqdm
 
 from sftlab.chat_format import IGNORE_INDEX, ChatRenderer
+from sftlab.config import Range, check_fields
 from sftlab.errors import UserError
 from sftlab.eval import retention
 from sftlab.eval.metrics import text_scores
@@ -228,45 +230,58 @@ def with_replies(conversations: list[list[dict]], replies: dict[str, list], rule
     return samples
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sftlab eval", description="Evaluate a run on its held-out split (or --data).")
-    p.add_argument("--adapter", help="A LoRA run directory (its base is read from it).")
-    p.add_argument("--model", help="A full model folder, or the base for --adapter.")
-    p.add_argument("--data", help="Data file to evaluate on instead of the run's heldout.jsonl. Rows with an answer "
-                   "rule (\"any\": [...] or \"all\": [...] strings, as the retention probes) add answer_accuracy.")
-    p.add_argument("--compare-base", "--compare_base", dest="compare_base", action="store_true",
-                   help="Also evaluate the base model, write a side-by-side, and check retention: did tuning keep "
-                        "what the base knew (general probes, and the loss rise on the base's own replies)?")
-    p.add_argument("--retention_data", help="With --compare-base: a data file (any supported format) whose "
-                   "conversations, without their last reply, replace the shipped general probes (loss rise only).")
-    p.add_argument("--max_new_tokens", type=int, help="Reply limit. Default: the run's (twice the p99 reply length of "
-                   f"its training data, as its final evaluation used); {DEFAULT_MAX_NEW_TOKENS} for a model folder.")
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--tasks", help="lm-evaluation-harness tasks, comma-separated (mmlu, ceval-valid, cmmlu, or your "
-                   "own): scored on each side and added to the table (pip install 'sftlab[harness]').")
-    p.add_argument("--tasks_include", help="A folder of lm-eval task YAMLs (lm_eval --include_path): your own tasks, "
-                   "such as one on local files.")
-    p.add_argument("--tasks_limit", type=int, help="At most this many examples per task (a quick check).")
-    p.add_argument("--num_fewshot", type=int, help="Few-shot examples per task prompt (default: each task's own).")
-    p.add_argument("--output", help="Output folder (default: RUN/eval, or RUN/eval/<data file stem> with --data).")
-    return p
+@dataclass
+class EvalArguments:
+    adapter: str | None = field(default=None, metadata={"help": "A LoRA run directory (its base is read from it)."})
+    model: str | None = field(default=None, metadata={"help": "A full model folder, or the base for --adapter."})
+    data: str | None = field(default=None, metadata={
+        "help": "Data file to evaluate on instead of the run's heldout.jsonl. Rows with an answer rule (\"any\": "
+                "[...] or \"all\": [...] strings, as the retention probes) add answer_accuracy."})
+    compare_base: bool = field(default=False, metadata={
+        "help": "Also evaluate the base model, write a side-by-side, and check retention: did tuning keep what the "
+                "base knew (general probes, and the loss rise on the base's own replies)?"})
+    retention_data: str | None = field(default=None, metadata={
+        "help": "With --compare_base: a data file (any supported format) whose conversations, without their last "
+                "reply, replace the shipped general probes (loss rise only)."})
+    max_new_tokens: int | None = field(default=None, metadata={
+        "help": "Reply limit. Default: the run's (twice the p99 reply length of its training data, as its final "
+                f"evaluation used); {DEFAULT_MAX_NEW_TOKENS} for a model folder."})
+    batch_size: int = field(default=16, metadata={"help": "Conversations generated together."})
+    tasks: str | None = field(default=None, metadata={
+        "help": "lm-evaluation-harness tasks, comma-separated (mmlu, ceval-valid, cmmlu, or your own): scored on "
+                "each side and added to the table (pip install 'sftlab[harness]')."})
+    tasks_include: str | None = field(default=None, metadata={
+        "help": "A folder of lm-eval task YAMLs (lm_eval --include_path): your own tasks, such as one on local "
+                "files."})
+    tasks_limit: int | None = field(default=None, metadata={
+        "help": "At most this many examples per task (a quick check)."})
+    num_fewshot: int | None = field(default=None, metadata={
+        "help": "Few-shot examples per task prompt (default: each task's own)."})
+    output: str | None = field(default=None, metadata={
+        "help": "Output folder (default: RUN/eval, or RUN/eval/<data file stem> with --data)."})
+
+    RANGES: ClassVar[dict] = {"max_new_tokens": Range(1, integer=True, nullable=True),
+                              "batch_size": Range(1, integer=True),
+                              "tasks_limit": Range(1, integer=True, nullable=True),
+                              "num_fewshot": Range(0, integer=True, nullable=True)}
+
+    def __post_init__(self):
+        check_fields(self)
+        if not (self.adapter or self.model):
+            raise ValueError("pass --adapter RUN (a LoRA run) or --model PATH (a full model or run)")
+        if self.compare_base and not self.adapter:
+            raise ValueError("--compare_base needs --adapter (a full model has no separate base)")
+        if self.retention_data and not self.compare_base:
+            raise ValueError("--retention_data needs --compare_base (retention compares the tuned model with its "
+                             "base)")
+        if (self.tasks_include or self.tasks_limit or self.num_fewshot is not None) and not self.tasks:
+            raise ValueError("--tasks_include, --tasks_limit and --num_fewshot need --tasks")
 
 
-def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    if not (args.adapter or args.model):
-        raise UserError("pass --adapter RUN (a LoRA run) or --model PATH (a full model or run)")
-    for flag in ("max_new_tokens", "batch_size", "tasks_limit"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise UserError(f"--{flag}: must be an integer >= 1, got {getattr(args, flag)}")
-    if args.compare_base and not args.adapter:
-        raise UserError("--compare-base needs --adapter (a full model has no separate base)")
-    if args.retention_data and not args.compare_base:
-        raise UserError("--retention_data needs --compare-base (retention compares the tuned model with its base)")
-    if (args.tasks_include or args.tasks_limit or args.num_fewshot is not None) and not args.tasks:
-        raise UserError("--tasks_include, --tasks_limit and --num_fewshot need --tasks")
-    if args.num_fewshot is not None and args.num_fewshot < 0:
-        raise UserError(f"--num_fewshot: must be an integer >= 0, got {args.num_fewshot}")
+ARGUMENTS = (EvalArguments,)  # `sftlab eval`'s (cli.py parses them)
+
+
+def run(args: EvalArguments) -> int:
     harness = None if not args.tasks else {
         "tasks": [t.strip() for t in args.tasks.split(",") if t.strip()], "include_path": args.tasks_include,
         "limit": args.tasks_limit, "num_fewshot": args.num_fewshot, "batch_size": args.batch_size}

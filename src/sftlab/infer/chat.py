@@ -1,14 +1,15 @@
 """`sftlab chat`: streaming multi-turn chat in the terminal, or one-shot replies (`--prompt`, `--json`)."""
 
-import argparse
 import json
-import math
 import sys
+from dataclasses import dataclass, field
 from threading import Thread
+from typing import ClassVar
 
 import torch
 
 from sftlab.chat_format import ChatRenderer
+from sftlab.config import Range, check_fields
 from sftlab.errors import UserError
 from sftlab.infer.generate import Reply, SamplingArgs, generate_replies, without_opening
 from sftlab.model.load import (
@@ -22,47 +23,48 @@ from sftlab.model.load import (
 HELP = "commands: /clear (forget the history), /system TEXT (set the system prompt), /exit (also exit, quit)"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sftlab chat", description="Chat with a base model or a fine-tuned run.")
-    p.add_argument("--model", help="Base model: local folder, Hub id, or sftlab:tiny-glm4. "
-                   "Optional with --adapter, whose recorded base is used.")
-    p.add_argument("--adapter", help="A LoRA adapter folder (e.g. a run directory of `sftlab train`).")
-    p.add_argument("--prompt", help="One-shot: print the reply to this prompt and exit.")
-    p.add_argument("--json", action="store_true", help="One-shot: print {reply, finish_reason, new_tokens}.")
-    p.add_argument("--system", help="System prompt (default: the run's system_prompt, if it set one; \"\": an "
-                   "empty one, which keeps a chat template's default out).")
-    defaults = SamplingArgs()
-    p.add_argument("--temperature", type=float, default=defaults.temperature, help="0 is greedy.")
-    p.add_argument("--top_p", type=float, default=defaults.top_p)
-    p.add_argument("--repetition_penalty", type=float, default=None,
-                   help="Default: none when greedy (--temperature 0), the tutorial's 1.2 when sampling.")
-    p.add_argument("--max_new_tokens", type=int, default=defaults.max_new_tokens)
-    p.add_argument("--device", help="cuda or cpu (default: cuda when available, in bf16 where supported).")
-    p.add_argument("--trust_remote_code", action="store_true", help="Allow model code from the checkpoint.")
-    return p
+@dataclass
+class ChatArguments:
+    model: str | None = field(default=None, metadata={
+        "help": "Base model: local folder, Hub id, or sftlab:tiny-glm4. Optional with --adapter, whose recorded base "
+                "is used."})
+    adapter: str | None = field(default=None, metadata={
+        "help": "A LoRA adapter folder (e.g. a run directory of `sftlab train`)."})
+    prompt: str | None = field(default=None, metadata={"help": "One-shot: print the reply to this prompt and exit."})
+    json: bool = field(default=False, metadata={"help": "One-shot: print {reply, finish_reason, new_tokens}."})
+    system: str | None = field(default=None, metadata={
+        "help": "System prompt (default: the run's system_prompt, if it set one; \"\": an empty one, which keeps a "
+                "chat template's default out)."})
+    temperature: float = field(default=SamplingArgs.temperature, metadata={"help": "0 is greedy."})
+    top_p: float = field(default=SamplingArgs.top_p, metadata={"help": "Nucleus sampling's probability mass."})
+    repetition_penalty: float | None = field(default=None, metadata={
+        "help": "Default: none when greedy (--temperature 0), the tutorial's 1.2 when sampling."})
+    max_new_tokens: int = field(default=SamplingArgs.max_new_tokens, metadata={"help": "Reply limit."})
+    device: str | None = field(default=None, metadata={
+        "help": "cuda or cpu (default: cuda when available, in bf16 where supported)."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the checkpoint."})
+
+    RANGES: ClassVar[dict] = {"max_new_tokens": Range(1, integer=True),
+                              "temperature": Range(0, note="(0 is greedy)"),
+                              "top_p": Range(0, above=True, high=1),
+                              "repetition_penalty": Range(0, above=True, nullable=True)}
+
+    def __post_init__(self):
+        """Every bad flag is one line naming it and its range, before any model is loaded."""
+        check_fields(self)
+        if self.prompt is not None and not self.prompt.strip():
+            raise ValueError("--prompt is empty")
+        if self.device is not None and self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {self.device}: this machine has no CUDA GPU (use --device cpu, or leave it "
+                             "out)")
 
 
-def check_args(args) -> None:
-    """Every bad flag is one line naming it and its range, before any model is loaded."""
-    if args.max_new_tokens < 1:
-        raise UserError(f"--max_new_tokens: must be an integer >= 1, got {args.max_new_tokens}")
-    if not (math.isfinite(args.temperature) and args.temperature >= 0):
-        raise UserError(f"--temperature: must be >= 0 (0 is greedy), got {args.temperature}")
-    if not 0 < args.top_p <= 1:
-        raise UserError(f"--top_p: must be in (0, 1], got {args.top_p}")
-    if args.repetition_penalty is not None and not args.repetition_penalty > 0:
-        raise UserError(f"--repetition_penalty: must be > 0, got {args.repetition_penalty}")
-    if args.prompt is not None and not args.prompt.strip():
-        raise UserError("--prompt is empty")
-    if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device}: this machine has no CUDA GPU (use --device cpu, or leave it out)")
+ARGUMENTS = (ChatArguments,)  # `sftlab chat`'s (cli.py parses them)
 
 
 def check_prompt_fits(tokenizer, base_path, conversation: list[dict], max_new_tokens: int) -> None:
     """A prompt plus the reply must fit the model's context (else the model would generate garbage)."""
     from transformers import AutoConfig
-
-    from sftlab.chat_format import ChatRenderer
 
     context = getattr(AutoConfig.from_pretrained(base_path).get_text_config(), "max_position_embeddings", None)
     length = len(ChatRenderer(tokenizer).prompt_ids(conversation))
@@ -71,9 +73,7 @@ def check_prompt_fits(tokenizer, base_path, conversation: list[dict], max_new_to
                         f"context of {context} tokens")
 
 
-def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    check_args(args)
+def run(args: ChatArguments) -> int:
     if args.system is None:  # as the run was trained: its system_prompt, if it set one
         args.system = recorded_system_prompt(args.adapter or args.model)
     system = with_system_prompt([], args.system)

@@ -19,10 +19,12 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import torch
+from tokenizers.decoders import DecodeStream
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from sftlab.chat_format import ChatRenderer
 from sftlab.infer.generate import SamplingArgs, decode_complete, left_pad, without_opening
+from sftlab.internals import rust_tokenizer
 
 
 class QueueFull(Exception):
@@ -39,6 +41,8 @@ class Job:
     stop: list[str] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     text: str = ""  # the reply so far, without the template's opening
+    raw: str = ""  # the reply so far as decoded, opening included
+    decoder: object = None  # the tokenizers library's streaming decoder: each token decoded once, not the reply
     sent: int = 0  # characters of `text` already handed to the client
     finish_reason: str | None = None
     cancelled: bool = False
@@ -112,8 +116,11 @@ class RowStreamer:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64, batch_window_s: float = 0.05):
+    def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64,
+                 repetition_penalty: float | None = None, batch_window_s: float = 0.05):
         self.model, self.tokenizer = model, tokenizer
+        self.backend = rust_tokenizer(tokenizer)
+        self.repetition_penalty = repetition_penalty or 1.0  # none unless the server was told (OpenAI's API has none)
         self.renderer = ChatRenderer(tokenizer, generation_eos=model.generation_config.eos_token_id)
         self.stop_ids = set(self.renderer.stop_ids)
         self.opening = self.renderer.reply_opening
@@ -162,16 +169,26 @@ class Engine:
             job.finish_reason = "stop"
         else:
             job.tokens.append(token)
-            text = self.tokenizer.decode([t for t in job.tokens if t not in self.stop_ids], skip_special_tokens=True)
-            job.text = without_opening(text, self.opening)
-            for stop in job.stop:
-                at = job.text.find(stop)
+            before = len(job.text)
+            job.raw += self.decode_step(job, token)
+            job.text = without_opening(job.raw, self.opening)
+            for stop in job.stop:  # only where the new text can have completed it
+                at = job.text.find(stop, max(0, before - len(stop) + 1))
                 if at >= 0:
                     job.text, job.finish_reason = job.text[:at], "stop"
             if job.finish_reason is None and len(job.tokens) >= job.max_tokens:
                 self.cut_at_length(job)
         if job.stream or job.done:
             job.notify()
+
+    def decode_step(self, job: Job, token: int) -> str:
+        """The text `token` adds to its reply: "" while it ends inside a character (the next token completes it)."""
+        if self.backend is None:  # a tokenizer without a Rust backend: decode the whole reply again
+            text = self.tokenizer.decode([t for t in job.tokens if t not in self.stop_ids], skip_special_tokens=True)
+            return text.rstrip("\ufffd")[len(job.raw):]
+        if job.decoder is None:
+            job.decoder = DecodeStream(skip_special_tokens=True)
+        return job.decoder.step(self.backend, token) or ""
 
     def cut_at_length(self, job: Job) -> None:
         """Ends a reply at its token limit, without a character the cut split (as `sftlab chat` does)."""
@@ -222,7 +239,7 @@ class Engine:
     def _generate(self, jobs: list[Job]) -> None:
         first = jobs[0]
         sampling = SamplingArgs(max_new_tokens=max(j.max_tokens for j in jobs), temperature=first.temperature,
-                                top_p=first.top_p)
+                                top_p=first.top_p, repetition_penalty=self.repetition_penalty)
         if first.seed is not None:
             torch.manual_seed(first.seed)
         ids, mask = left_pad([j.prompt for j in jobs], self.tokenizer.pad_token_id, self.model.device)

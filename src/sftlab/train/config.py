@@ -1,15 +1,12 @@
 """The train verb's configuration: TRL's SFTConfig with sftlab's fields, their ranges, the command line, and the
 quantities derived from a config that `train` and `estimate` share (the batch plan, reply limits, LoRA config)."""
 
-import math
-import re
 from dataclasses import asdict, dataclass, field
 
 import torch
 from trl import SFTConfig, TrlParser
 
-from sftlab.config import CleanArguments, DataArguments, ModelArguments, read_config_file
-from sftlab.errors import UserError
+from sftlab.config import CleanArguments, DataArguments, ModelArguments, Range, check_fields, parse_verb
 from sftlab.train.batching import (
     BatchPlan,
     TokenBudgetSampler,
@@ -74,7 +71,7 @@ class TrainConfig(SFTConfig):
                                 "knew? General probes answered by the tuned model and by its base (the adapter "
                                 "disabled: no second model is loaded), and the loss rise on the base's own replies; "
                                 "a verdict (kept, degraded, lost) in eval/results.json, report.md and the model "
-                                "card. Full fine-tuning: sftlab eval --compare-base."}
+                                "card. Full fine-tuning: sftlab eval --compare_base."}
     )
     # typed str for the parser, which reads "auto", "null" and numbers alike; __post_init__ makes it an int or None
     max_tokens_per_batch: str | None = field(
@@ -137,59 +134,43 @@ def token_budget(value, max_length: int | None = None) -> int | None | str:
     return value
 
 
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-# (field, test, what the value must be): checked before transformers sees the config, so a bad value is one
-# line naming the field and its range, never a traceback from deep inside a library
-RANGES = [
-    ("learning_rate", lambda v: _number(v) and v > 0, "a positive number"),
-    ("num_train_epochs", lambda v: _number(v) and v > 0, "a positive number"),
-    ("max_steps", lambda v: isinstance(v, int) and (v == -1 or v > 0), "-1 (use num_train_epochs) or positive"),
-    ("per_device_train_batch_size", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
-    ("per_device_eval_batch_size", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
-    ("gradient_accumulation_steps", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
-    ("max_tokens_per_batch", lambda v: v is None or (isinstance(v, int) and v >= 1), "an integer >= 1, auto or null"),
-    ("max_length", lambda v: v is None or (isinstance(v, int) and v >= 8), "an integer >= 8, or null"),
-    ("save_steps", lambda v: _number(v) and v > 0, "a positive number (< 1: a share of all steps)"),
-    ("eval_steps", lambda v: v is None or (_number(v) and v > 0), "a positive number (< 1: a share of all steps)"),
-    ("logging_steps", lambda v: _number(v) and v > 0, "a positive number (< 1: a share of all steps)"),
-    ("warmup_steps", lambda v: _number(v) and v >= 0, "a number >= 0 (< 1: a share of all steps)"),
-    ("weight_decay", lambda v: _number(v) and v >= 0, "a number >= 0"),
-    ("max_grad_norm", lambda v: _number(v) and v >= 0, "a number >= 0 (0: no clipping)"),
-    ("save_total_limit", lambda v: v is None or (isinstance(v, int) and v >= 1), "an integer >= 1, or null"),
-    ("max_bad_steps", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
-    ("final_eval_samples", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
-    ("probe_max_new_tokens", lambda v: v is None or (isinstance(v, int) and v >= 1), "an integer >= 1, or null"),
-    ("final_eval_max_new_tokens", lambda v: v is None or (isinstance(v, int) and v >= 1), "an integer >= 1, or null"),
-]
+SHARE = "(< 1: a share of all steps)"
+# every field's range, declared once: checked before transformers sees the config, so a bad value is one line
+# naming the field and its range, never a traceback from deep inside a library
+TrainConfig.RANGES = {
+    "learning_rate": Range(0, above=True),
+    "num_train_epochs": Range(0, above=True),
+    "max_steps": Range(1, integer=True, also=(-1,), say="-1 (use num_train_epochs) or positive"),
+    "per_device_train_batch_size": Range(1, integer=True),
+    "per_device_eval_batch_size": Range(1, integer=True),
+    "gradient_accumulation_steps": Range(1, integer=True),
+    "max_tokens_per_batch": Range(1, integer=True, nullable=True, say="an integer >= 1, auto or null"),
+    "max_length": Range(8, integer=True, nullable=True),
+    "save_steps": Range(0, above=True, note=SHARE),
+    "eval_steps": Range(0, above=True, nullable=True, note=SHARE),
+    "logging_steps": Range(0, above=True, note=SHARE),
+    "warmup_steps": Range(0, note=SHARE),
+    "weight_decay": Range(0),
+    "max_grad_norm": Range(0, note="(0: no clipping)"),
+    "save_total_limit": Range(1, integer=True, nullable=True),
+    "max_bad_steps": Range(1, integer=True),
+    "final_eval_samples": Range(0, integer=True),
+    "probe_max_new_tokens": Range(1, integer=True, nullable=True),
+    "final_eval_max_new_tokens": Range(1, integer=True, nullable=True),
+}
 
 
 def check_ranges(config: TrainConfig) -> None:
     if not str(config.output_dir or "").strip():
         raise ValueError("output_dir: must name a folder, got an empty string")
-    for name, valid, allowed in RANGES:
-        value = getattr(config, name)
-        if not valid(value):
-            raise ValueError(f"{name}: must be {allowed}, got {value!r}")
+    check_fields(config)
 
 
 def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, CleanArguments, TrainConfig]:
-    parser = TrlParser((ModelArguments, DataArguments, CleanArguments, TrainConfig), prog="sftlab train")
-    read_config_file(argv)  # a missing file or a YAML that is not a mapping: one line before TrlParser reads it
-    try:
-        return parser.parse_args_and_config(args=argv)
-    except ValueError as exc:
-        raise UserError(_config_error_line(exc)) from exc
+    return parse_verb("sftlab train", TRAIN_ARGUMENTS, argv, TrlParser)
 
 
-def _config_error_line(exc: ValueError) -> str:
-    text = str(exc)
-    if "Unknown arguments from config file" in text or "not used by the HfArgumentParser" in text:
-        keys = re.findall(r"'--([\w.-]+)'", text)
-        return f"unknown config key(s): {', '.join(keys) or text}. `sftlab train --help` lists the fields"
-    return f"config: {text.splitlines()[0]}"
+TRAIN_ARGUMENTS = (ModelArguments, DataArguments, CleanArguments, TrainConfig)
 
 
 def resolved_config(model_args, data_args, clean_args, train_args, fingerprint: str | None = None,

@@ -15,13 +15,15 @@ import io
 import math
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from trl import TrlParser
 
 from sftlab.errors import UserError
 from sftlab.run_dir import TRAINER_LOG, read_jsonl
+from sftlab.train.config import TRAIN_ARGUMENTS, batch_setup, lora_config
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}
 NF4_BITS = 4.127  # 4-bit weights + double-quantized absmax per 64 weights (QLoRA paper)
@@ -86,7 +88,6 @@ def parameter_counts(model_path, model_args) -> tuple[int, int, int, int, object
         return total, linear, total, 0, config
     from peft import get_peft_model
 
-    from sftlab.train.config import lora_config
 
     peft_model = get_peft_model(model, lora_config(model_args))
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
@@ -110,7 +111,7 @@ def estimate(model_args, data_args, clean_args, train_args, probe: bool | None =
     from sftlab.data.prepare import prepare_data
     from sftlab.model.load import load_tokenizer, resolve_model_path
     from sftlab.train.batching import resolve_padding_free, training_attention
-    from sftlab.train.config import batch_setup
+
 
     model_path = resolve_model_path(model_args.model_name_or_path)
     tokenizer = load_tokenizer(model_path, train_args.trust_remote_code)
@@ -203,14 +204,16 @@ def time_estimate(model_args, data_args, clean_args, train_args, total_params: i
             f"{seconds_per_step * steps / 60:.1f} min for {steps:,} steps (+ {overhead:.0f} s to load and prepare)")
 
 
-def main(argv: list[str]) -> int:
-    from sftlab.train.config import parse_args
+@dataclass
+class EstimateArguments:
+    probe: bool | None = field(default=None, metadata={
+        "help": "Time a 20-step probe run. None: where it finishes in reasonable time (a GPU, or a model under 100M "
+                "parameters on CPU); false: never."})
 
-    probe = None
-    if "--probe" in argv:
-        i = argv.index("--probe")
-        probe = argv[i + 1].lower() not in ("false", "0", "no")
-        argv = argv[:i] + argv[i + 2:]
-    result = estimate(*parse_args(argv), probe=probe)
-    print(result.text())
+
+def run(model_args, data_args, clean_args, train_args, estimate_args: EstimateArguments) -> int:
+    print(estimate(model_args, data_args, clean_args, train_args, probe=estimate_args.probe).text())
     return 0
+
+
+ARGUMENTS, PARSER = (*TRAIN_ARGUMENTS, EstimateArguments), TrlParser  # `sftlab estimate`'s (cli.py parses them)

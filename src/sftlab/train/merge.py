@@ -5,13 +5,15 @@ template the run was trained with, the run's generation config (all its stop ids
 Written into a temporary folder beside the output and renamed into place, so a crash never leaves a folder
 that looks complete; a tensor with a NaN or an infinity is refused by name."""
 
-import argparse
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
+from sftlab.config import check_fields
 from sftlab.errors import UserError
 from sftlab.files import remove_stale_staging, staging_name
 from sftlab.model.load import (
@@ -23,7 +25,7 @@ from sftlab.model.load import (
 )
 from sftlab.run_dir import RESOLVED_CONFIG
 
-DTYPES = ("bfloat16", "float16", "float32")
+DTYPES = ("bfloat16", "float16", "float32")  # MergeArguments.dtype's choices
 
 
 def merge(adapter: str, output: str | None = None, dtype: str = "bfloat16", device: str = "cpu",
@@ -80,14 +82,24 @@ def refuse_non_finite_tensors(model) -> None:
                             "(the adapter or the base holds NaN or infinity)")
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="sftlab merge", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--adapter", required=True, help="A LoRA run folder (its base is read from it).")
-    parser.add_argument("--output", help="Merged model folder (default: the run folder's name + -merged).")
-    parser.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="Dtype of the merged weights.")
-    parser.add_argument("--device", default="cpu", help="Where to merge (cpu needs the base's size in RAM).")
-    parser.add_argument("--max_shard_size", default="5GB", help="Largest safetensors shard.")
-    args = parser.parse_args(argv)
+@dataclass
+class MergeArguments:
+    adapter: str = field(metadata={"help": "A LoRA run folder (its base is read from it)."})
+    output: str | None = field(default=None, metadata={
+        "help": "Merged model folder (default: the run folder's name + -merged)."})
+    dtype: Literal["bfloat16", "float16", "float32"] = field(default="bfloat16", metadata={
+        "help": "Dtype of the merged weights."})
+    device: str = field(default="cpu", metadata={"help": "Where to merge (cpu needs the base's size in RAM)."})
+    max_shard_size: str = field(default="5GB", metadata={"help": "Largest safetensors shard."})
+
+    def __post_init__(self):
+        check_fields(self)
+
+
+ARGUMENTS = (MergeArguments,)  # `sftlab merge`'s (cli.py parses them)
+
+
+def run(args: MergeArguments) -> int:
     if not Path(args.adapter).is_dir():
         raise UserError(f"adapter path {args.adapter} does not exist")
     out = merge(args.adapter, args.output, args.dtype, args.device, args.max_shard_size)

@@ -7,12 +7,11 @@ the prompt is masked (one renderer, chat_format.py); max_length is TRL's real fi
 once; the split is seeded; probes run in eval mode and decode only new tokens; checkpoints are limited.
 """
 
-import sys
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from trl import SFTTrainer
+from trl import SFTTrainer, TrlParser
 
 from sftlab.chat_format import ChatRenderer
 from sftlab.config import CleanArguments, DataArguments, ModelArguments
@@ -24,7 +23,14 @@ from sftlab.train.batching import BatchPlan, resolve_padding_free, training_atte
 from sftlab.train.callbacks import JsonlLogCallback, ProbeCallback
 from sftlab.train.checkpoints import RunLock
 from sftlab.train.checks import check_context, check_lora_targets, check_prepared
-from sftlab.train.config import TrainConfig, batch_setup, lora_config, parse_args, resolved_config, set_reply_limits
+from sftlab.train.config import (
+    TRAIN_ARGUMENTS,
+    TrainConfig,
+    batch_setup,
+    lora_config,
+    resolved_config,
+    set_reply_limits,
+)
 from sftlab.train.guards import BadSteps, StopOnSignal
 from sftlab.train.lifecycle import ReliableTrainer, fit_and_save, sharded_engine
 from sftlab.train.loss import add_supervised_lm_head
@@ -194,8 +200,11 @@ def prepare_once(data_args: DataArguments, clean_args: CleanArguments, renderer:
             raise
 
 
-def main(argv: list[str]) -> Path:
-    out = train(*parse_args(argv))
-    print(f"\nrun directory: {out}")
-    sys.stdout.flush()
-    return out
+ARGUMENTS, PARSER = TRAIN_ARGUMENTS, TrlParser  # `sftlab train`'s arguments (cli.py parses them)
+
+
+def run(model_args: ModelArguments, data_args: DataArguments, clean_args: CleanArguments,
+        train_args: TrainConfig) -> int:
+    out = train(model_args, data_args, clean_args, train_args)
+    print(f"\nrun directory: {out}", flush=True)
+    return 0
