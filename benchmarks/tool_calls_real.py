@@ -134,7 +134,7 @@ def held_out_prompts(rng: random.Random, per_tool: int = 10) -> list[dict]:
 
 
 def score(reply: str, case: dict) -> dict:
-    from sftlab.chat_format import fallback_call
+    from sftlab.chat_tools import fallback_call
 
     call = fallback_call(reply)
     names = {t["function"]["name"] for t in case["tools"]}

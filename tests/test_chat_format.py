@@ -195,6 +195,6 @@ def test_the_doctors_label_checks_hold_for_a_template_that_ends_turns(chatml_tok
     ('[{"name": "get_time"}]', None),
 ])
 def test_a_call_in_the_fallback_form_is_read_back_from_a_reply(reply, call):
-    from sftlab.chat_format import fallback_call
+    from sftlab.chat_tools import fallback_call
 
     assert fallback_call(reply) == call

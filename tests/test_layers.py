@@ -10,7 +10,8 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 LAYERS = [
     ["__init__", "environment"],
     ["errors", "files", "internals"],
-    ["config", "chat_format", "run_dir"],
+    ["config", "run_dir", "chat_tools"],
+    ["chat_format"],
     ["model"],
     ["data"],
     ["infer"],

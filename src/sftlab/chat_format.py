@@ -31,19 +31,22 @@ empty think block from history) gets every assistant turn in the form the model 
 prefix-preserving Qwen3 training template does: what is supervised is what the model will be asked to write.
 """
 
-import json
 from dataclasses import dataclass
 
 from transformers.utils.chat_template_utils import render_jinja_template
 
+from sftlab.chat_tools import (
+    PROBE_TOOL_CONVERSATION,
+    TOOL_DIALECTS,
+    has_tool_parts,
+    to_fallback_form,
+    to_template_form,
+)
+from sftlab.errors import MessageError
 from sftlab.internals import compiled_template, rust_tokenizer
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant", "observation")
-
-
-class MessageError(ValueError):
-    """A conversation that cannot be rendered for training (wrong roles, order or types)."""
 
 
 class SampleTooLong(ValueError):
@@ -109,99 +112,6 @@ def validate_messages(messages: list[dict], for_training: bool = True) -> None:
             raise MessageError(f"messages[{i}].role: an observation must follow an assistant tool call")
     if for_training and messages[-1]["role"] != "assistant":
         raise MessageError(f"messages[{len(messages) - 1}].role: a training conversation must end with the assistant")
-
-
-PROBE_TOOL = {"type": "function", "function": {
-    "name": "sftlab_probe_fn", "description": "sftlab_probe_description",
-    "parameters": {"type": "object", "properties": {"sftlab_probe_arg": {"type": "string"}}}}}
-PROBE_TOOL_CONVERSATION = [
-    {"role": "system", "content": "", "tools": [PROBE_TOOL]},
-    {"role": "user", "content": "hi"},
-    {"role": "assistant", "metadata": "sftlab_probe_fn", "content": '{"sftlab_probe_arg": "sftlab_probe_value"}'},
-    {"role": "observation", "content": "sftlab_probe_result"},
-]
-# (tools passed to the template, calls and results in OpenAI's form): sftlab's own form first
-TOOL_DIALECTS = ((False, False), (True, False), (True, True))
-
-
-def has_tool_parts(messages: list[dict]) -> bool:
-    return any(m.get("tools") or m.get("metadata") or m["role"] == "observation" for m in messages)
-
-
-def to_template_form(messages: list[dict], tools_as_kwarg: bool, openai_calls: bool) -> tuple[list[dict], list]:
-    """sftlab's messages -> (messages, tools) in the form a template wants (see TOOL_DIALECTS)."""
-    if not (tools_as_kwarg or openai_calls) or not has_tool_parts(messages):
-        return messages, []
-    out, tools = [], []
-    for i, message in enumerate(messages):
-        if message.get("tools"):
-            tools = message["tools"]
-            message = {k: v for k, v in message.items() if k != "tools"}
-            if message["role"] == "system" and not message["content"].strip():
-                continue  # a tools-only system message: the template writes the tools itself
-        if openai_calls and message["role"] == "assistant" and message.get("metadata"):
-            try:
-                arguments = json.loads(message["content"]) if message["content"].strip() else {}
-            except json.JSONDecodeError as exc:
-                raise MessageError(f"messages[{i}].content: the arguments of {message['metadata']} are not valid "
-                                   f"JSON ({exc.msg})") from exc
-            call = {"type": "function", "function": {"name": message["metadata"], "arguments": arguments}}
-            message = {"role": "assistant", "content": "", "tool_calls": [call]}
-        elif openai_calls and message["role"] == "observation":
-            message = {"role": "tool", "content": message["content"]}
-        out.append(message)
-    return out, (tools if tools_as_kwarg else [])
-
-
-FALLBACK_TOOLS_INTRO = "You can call these functions (JSON schemas, one per line):"
-FALLBACK_TOOLS_HOWTO = ('To call one, reply with only a JSON object: {"name": "<function name>", "arguments": '
-                        '{<arguments>}}. Its result comes back in the next message, starting with "Result of".')
-FALLBACK_RESULT = "Result of {name}: {content}"
-
-
-def fallback_tools_text(tools: list[dict]) -> str:
-    listing = "\n".join(json.dumps(t.get("function", t), ensure_ascii=False) for t in tools)
-    return f"{FALLBACK_TOOLS_INTRO}\n{listing}\n{FALLBACK_TOOLS_HOWTO}"
-
-
-def to_fallback_form(messages: list[dict]) -> list[dict]:
-    """sftlab's tool messages -> plain system, user and assistant text, one message for one (the mask stays
-    exact): tools appended to the system message's text, a call as the JSON object
-    {"name": ..., "arguments": {...}}, a result as a user message "Result of NAME: CONTENT"."""
-    out, called = [], "the function"
-    for i, message in enumerate(messages):
-        if message.get("tools"):
-            text, tools = message["content"].strip(), fallback_tools_text(message["tools"])
-            message = {"role": message["role"], "content": f"{text}\n\n{tools}" if text else tools}
-        elif message["role"] == "assistant" and message.get("metadata"):
-            called = message["metadata"]
-            try:
-                arguments = json.loads(message["content"]) if message["content"].strip() else {}
-            except json.JSONDecodeError as exc:
-                raise MessageError(f"messages[{i}].content: the arguments of {called} are not valid JSON "
-                                   f"({exc.msg})") from exc
-            message = {"role": "assistant", "content": json.dumps({"name": called, "arguments": arguments},
-                                                                  ensure_ascii=False)}
-        elif message["role"] == "observation":
-            message = {"role": "user", "content": FALLBACK_RESULT.format(name=called, content=message["content"])}
-        out.append(message)
-    return out
-
-
-def fallback_call(reply: str) -> dict | None:
-    """A function call in the fallback form read back from a reply: {"name": str, "arguments": dict}, or None
-    when the reply is not one (a code fence around the JSON is allowed)."""
-    text = reply.strip()
-    if text.startswith("```"):
-        text = text.strip("`").removeprefix("json").strip()
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        return None
-    if not (isinstance(value, dict) and isinstance(value.get("name"), str) and value["name"]
-            and isinstance(value.get("arguments", {}), dict)):
-        return None
-    return {"name": value["name"], "arguments": value.get("arguments", {})}
 
 
 class ChatRenderer:

@@ -51,3 +51,7 @@ def os_failure_line(exc: BaseException) -> str | None:
     if path and Path(path).resolve().is_relative_to(cache_root().resolve()):
         advice += "; the prepared-data cache is under SFTLAB_HOME, which can point elsewhere"
     return f"{why}{where}: {advice}"
+
+
+class MessageError(ValueError):
+    """A conversation that cannot be rendered for training (wrong roles, order or types)."""

@@ -52,6 +52,12 @@ def chunked_logprob():
     return ChunkedLogProbFunction, FusedCausalLMOutput
 
 
+def pool_processes(pool) -> list:
+    """The worker processes of a concurrent.futures process pool (a private attribute: no public API tells how a
+    killed worker ended)."""
+    return list((getattr(pool, "_processes", None) or {}).values())
+
+
 def logging_state(trainer) -> dict:
     """What the Trainer's logging holds between logging steps, which its checkpoints do not keep: the loss summed
     since the last logged step (the mean over processes: a collective), that step, the sum over every logged

@@ -181,7 +181,7 @@ def test_parallel_cleaning_restores_the_environment_and_keeps_no_worker_state(to
     TOKENIZERS_PARALLELISM as it found it, and leaves no checker behind in this process."""
     import os
 
-    from sftlab.data import clean
+    from sftlab.data import clean, pool
 
     rows = [SourceRow("mem.jsonl", i + 1, {"instruction": f"问题 {i} 是什么？", "input": "", "output": f"答案是 {i}。"})
             for i in range(clean.PARALLEL_MIN_ROWS)]
@@ -189,7 +189,7 @@ def test_parallel_cleaning_restores_the_environment_and_keeps_no_worker_state(to
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     renderer = ChatRenderer(tokenizer, 256)
     parallel = clean_rows(rows, CleanArguments(), renderer)
-    assert "TOKENIZERS_PARALLELISM" not in os.environ and clean._worker_checker is None
+    assert "TOKENIZERS_PARALLELISM" not in os.environ and pool._worker_checker is None
     monkeypatch.setattr(clean, "PARALLEL_MIN_ROWS", 10**9)
     serial = clean_rows(rows, CleanArguments(), renderer)
     assert [k.line for k in parallel.kept] == [k.line for k in serial.kept]

@@ -7,7 +7,8 @@ from importlib import resources
 
 import pytest
 
-from sftlab.chat_format import IGNORE_INDEX, ChatRenderer, mark_supervised, to_template_form
+from sftlab.chat_format import IGNORE_INDEX, ChatRenderer, mark_supervised
+from sftlab.chat_tools import to_template_form
 from sftlab.eval.doctor import check_pad_eos, check_template, check_terminator
 from sftlab.model.load import load_tokenizer, resolve_model_path
 from sftlab.model.tiny import FAMILIES

@@ -36,12 +36,9 @@ import json
 import multiprocessing as mp
 import os
 import re
-import signal
 from array import array
-from collections import Counter, deque
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
-from contextlib import closing, contextmanager
+from collections import Counter
+from contextlib import closing
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -52,13 +49,14 @@ from sftlab.chat_format import (
     MessageError,
     RenderedSample,
     SampleTooLong,
-    has_tool_parts,
     validate_messages,
 )
+from sftlab.chat_tools import has_tool_parts
 from sftlab.config import CleanArguments
 from sftlab.data.convert import FieldError, ToolCallError, detect_format, to_messages
 from sftlab.data.load import SourceRow
 from sftlab.data.near_dedup import NearDuplicateIndex
+from sftlab.data.pool import checked_in_pool
 from sftlab.errors import UserError
 
 MALFORMED = ("bad_json", "invalid_utf8", "invalid_text", "too_deep", "too_large", "mixed_format", "malformed_record",
@@ -394,103 +392,3 @@ def clean_rows(rows, config: CleanArguments, renderer: ChatRenderer | None, syst
             cleaner.add_batch(batch, *outcome)
             bar.update(len(batch))
     return cleaner.result
-
-
-CHECKING, CHECKED = 1, 2  # a batch's state in the pool's shared array (0: not started)
-
-
-def checked_in_pool(checker: RowChecker, batches: list[list[SourceRow]], workers: int):
-    """Each batch's check results, in order, from `workers` forked processes. A worker that dies (killed, out of
-    memory) or fails (a bug) ends the run with one line naming what happened and the rows it was checking,
-    never a BrokenProcessPool traceback; the pool is shut down either way."""
-    states = mp.get_context("fork").RawArray("b", len(batches))  # shared: which batches the workers are on
-    with one_tokenizer_thread():
-        pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_start_worker,
-                                   initargs=(checker, states))
-        try:
-            futures = deque(pool.submit(_check_in_worker, i, batch) for i, batch in enumerate(batches))
-            # With fork every worker is started at the first submit. The pool keeps its processes in a private
-            # attribute, read here only to say how one ended (no public API tells a killed worker's signal).
-            processes = list(getattr(pool, "_processes", {}).values())
-            for i in range(len(batches)):
-                future = futures.popleft()  # a future holds its result: dropped once used, as pool.map does
-                try:
-                    outcome = future.result()
-                except Exception as exc:
-                    # the pool's thread joins every worker first: read before that, a dead worker's exit code can
-                    # still be missing (its thread and this one both wait on it, and only one gets it)
-                    pool.shutdown(wait=True, cancel_futures=True)
-                    raise UserError(pool_failure(exc, processes, batches, states, i)) from exc
-                del future
-                yield outcome
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-
-
-def pool_failure(exc: Exception, processes: list, batches: list, states, failed: int) -> str:
-    """The one line for a worker that died or failed: what happened, and the rows it was checking."""
-    busy = [i for i in range(len(batches)) if states[i] == CHECKING] or [failed]
-    rows = " or ".join(row_span(batches[i]) for i in busy)
-    if not isinstance(exc, BrokenProcessPool):
-        what = f"a worker process failed with {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-    elif exc.__cause__ is not None:  # the pool broke reading a result back, not because a worker ended
-        cause = [line for line in str(exc.__cause__).splitlines() if line.strip(" '")]
-        what = f"a worker's result could not be read back ({cause[-1].strip() if cause else 'no detail'})"
-    else:
-        what = worker_ending(processes)
-    return (f"cleaning stopped: {what}, while checking rows {rows}; nothing was written. Run again with "
-            "--num_proc 1 to clean in one process, or sftlab --debug for the traceback")
-
-
-def worker_ending(processes: list) -> str:
-    """How the worker that broke the pool ended. The pool terminates the others with SIGTERM after one dies,
-    so an exit other than that is the one that broke it."""
-    codes = [p.exitcode for p in processes if p.exitcode not in (None, 0, -signal.SIGTERM)]
-    if not codes:
-        return "a worker process ended abruptly"
-    if codes[0] == -signal.SIGKILL:
-        return "a worker process was killed by SIGKILL (the kernel's out-of-memory killer sends it: check memory)"
-    if codes[0] < 0:
-        return f"a worker process was killed by {signal.Signals(-codes[0]).name}"
-    return f"a worker process exited with code {codes[0]}"
-
-
-def row_span(batch: list[SourceRow]) -> str:
-    first, last = batch[0], batch[-1]
-    if first.source == last.source:
-        return f"{first.source}:{first.line}-{last.line}"
-    return f"{first.source}:{first.line} to {last.source}:{last.line}"
-
-
-@contextmanager
-def one_tokenizer_thread():
-    """One encoding thread per worker process while the pool runs (the Rust tokenizer would otherwise start
-    a thread per core in every worker, or warn about the fork); the caller's setting is restored after."""
-    before = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("TOKENIZERS_PARALLELISM", None)
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = before
-
-
-# The worker's checker and the shared batch states. They exist in worker processes only: the pool's initializer
-# sets them there, and fork hands them over without pickling (the tokenizer and index would be costly to send
-# per task; the shared array cannot be sent at all).
-_worker_checker: RowChecker | None = None
-_worker_states = None
-
-
-def _start_worker(checker: RowChecker, states) -> None:
-    global _worker_checker, _worker_states
-    _worker_checker, _worker_states = checker, states
-
-
-def _check_in_worker(index: int, rows: list[SourceRow]):
-    _worker_states[index] = CHECKING
-    outcome = _worker_checker.check_batch(rows)
-    _worker_states[index] = CHECKED
-    return outcome

@@ -112,7 +112,6 @@ def estimate(model_args, data_args, clean_args, train_args, probe: bool | None =
     from sftlab.model.load import load_tokenizer, resolve_model_path
     from sftlab.train.batching import resolve_padding_free, training_attention
 
-
     model_path = resolve_model_path(model_args.model_name_or_path)
     tokenizer = load_tokenizer(model_path, train_args.trust_remote_code)
     data = prepare_data(data_args, clean_args, ChatRenderer(tokenizer, train_args.max_length, data_args.overflow))
@@ -128,30 +127,8 @@ def estimate(model_args, data_args, clean_args, train_args, probe: bool | None =
                   else sum(lengths[i] for i in b))
     positions = (sum(lengths[i] for i in largest) if padding_free else len(largest) * max(lengths[i] for i in largest))
     largest_supervised = sum(supervised[i] for i in largest)
-
-    total, linear, trainable, lora_modules, config = parameter_counts(model_path, model_args)
-    shapes = model_shapes(config)
-    weight_bytes = BYTES[model_args.dtype]
-    if model_args.load_in_4bit:
-        weights = linear * NF4_BITS / 8 + (total - linear) * 2
-    else:
-        weights = total * weight_bytes
-    trainable_bytes = 4 if weight_bytes == 4 else 2
-    optimizer = trainable * (trainable_bytes + 8)  # gradients + AdamW's two fp32 moments
-    compute_bytes = 2 if (train_args.bf16 or train_args.fp16) else weight_bytes
-    per_token = {ckpt: activation_elements_per_token(shapes, lora_modules, model_args.lora_r, ckpt)
-                 for ckpt in (True, False)}
-    act = {ckpt: elements * positions * compute_bytes for ckpt, elements in per_token.items()}
-    head_trainable = not model_args.use_peft or "lm_head" in (model_args.lora_modules_to_save or [])
-    logits = {chunked: logits_bytes(positions, largest_supervised, shapes.vocab, shapes.hidden, compute_bytes, chunked,
-                                    head_trainable) for chunked in (True, False)}
-    checkpointing = bool(train_args.activation_checkpointing)
-    chunked = bool(train_args.supervised_head)
-    gib = 2**30
-    memory = {"weights": weights / gib,
-              "trainable + gradients + AdamW": (trainable * trainable_bytes + optimizer) / gib,
-              "activations": act[checkpointing] / gib, "logits": logits[chunked] / gib}
-    total_gib = sum(memory.values())
+    total, _, trainable, _, _ = counts = parameter_counts(model_path, model_args)
+    memory, memory_lines = memory_estimate(model_args, train_args, counts, positions, largest_supervised)
     lines = [
         ("data", data.summary().removeprefix("data: ")),
         ("tokens", f"{sum(lengths):,} per epoch x {epochs:g} epochs = {sum(lengths) * epochs:,.0f}"),
@@ -160,16 +137,42 @@ def estimate(model_args, data_args, clean_args, train_args, probe: bool | None =
         ("largest micro-batch", f"{len(largest)} samples, {positions:,} positions, {largest_supervised:,} supervised"),
         ("parameters", f"{total:,} ({'4-bit NF4' if model_args.load_in_4bit else model_args.dtype}), "
                        f"{trainable:,} trainable"),
+        *memory_lines,
+        ("time", time_estimate(model_args, data_args, clean_args, train_args, total, steps, probe)),
+    ]
+    return Estimate(lines, memory, sum(memory.values()))
+
+
+def memory_estimate(model_args, train_args, counts: tuple, positions: int, supervised: int
+                    ) -> tuple[dict, list[tuple[str, str]]]:
+    """GiB per device by kind (weights, trainable state, activations, logits) for the largest micro-batch, and the
+    lines that show them with the alternatives (activation checkpointing on and off, chunked and plain head)."""
+    total, linear, trainable, lora_modules, config = counts
+    shapes = model_shapes(config)
+    weight_bytes = BYTES[model_args.dtype]
+    weights = linear * NF4_BITS / 8 + (total - linear) * 2 if model_args.load_in_4bit else total * weight_bytes
+    trainable_bytes = 4 if weight_bytes == 4 else 2
+    optimizer = trainable * (trainable_bytes + 8)  # gradients + AdamW's two fp32 moments
+    compute_bytes = 2 if (train_args.bf16 or train_args.fp16) else weight_bytes
+    act = {ckpt: activation_elements_per_token(shapes, lora_modules, model_args.lora_r, ckpt) * positions *
+           compute_bytes for ckpt in (True, False)}
+    head_trainable = not model_args.use_peft or "lm_head" in (model_args.lora_modules_to_save or [])
+    logits = {chunked: logits_bytes(positions, supervised, shapes.vocab, shapes.hidden, compute_bytes, chunked,
+                                    head_trainable) for chunked in (True, False)}
+    checkpointing, chunked, gib = bool(train_args.activation_checkpointing), bool(train_args.supervised_head), 2**30
+    memory = {"weights": weights / gib,
+              "trainable + gradients + AdamW": (trainable * trainable_bytes + optimizer) / gib,
+              "activations": act[checkpointing] / gib, "logits": logits[chunked] / gib}
+    return memory, [
         ("memory: weights", size(weights)),
         ("memory: trainable + grads + AdamW", size(trainable * trainable_bytes + optimizer)),
         ("memory: activations", f"{size(act[True])} with activation checkpointing, {size(act[False])} without "
                                 f"(this config: {'on' if checkpointing else 'off'})"),
         ("memory: logits", f"{size(logits[True])} chunked on supervised positions, {size(logits[False])} plain "
                            f"(this config: {'chunked' if chunked else 'plain'})"),
-        ("memory: total per device", f"{size(total_gib * gib)} (+ the framework's own: about 1 GiB on a GPU)"),
+        ("memory: total per device", f"{size(sum(memory.values()) * gib)} (+ the framework's own: about 1 GiB on a "
+                                     "GPU)"),
     ]
-    lines.append(("time", time_estimate(model_args, data_args, clean_args, train_args, total, steps, probe)))
-    return Estimate(lines, memory, total_gib)
 
 
 def size(n_bytes: float) -> str:
