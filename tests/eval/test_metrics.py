@@ -27,16 +27,22 @@ def test_rouge_l_by_hand():
 
 
 def test_bleu_4_by_hand():
-    hyp = ref = "the cat sat on the mat".split()
-    assert bleu_4(hyp, ref) == pytest.approx(1.0)
-    # hyp "the cat sat" vs ref "the cat sat on the mat": p1 = 3/3, p2 = (2+1)/(2+1), p3 = (1+1)/(1+1),
-    # p4 = (0+1)/(0+1) (add-one smoothing); brevity penalty exp(1 - 6/3) = e^-1
-    assert bleu_4("the cat sat".split(), ref) == pytest.approx(math.exp(-1))
+    """sacrebleu's sentence BLEU with add-one smoothing equals the formula worked by hand."""
+    ref = "the cat sat on the mat"
+    assert bleu_4(ref, ref) == pytest.approx(1.0)
+    # hyp "the cat sat": p1 = 3/3, p2 = 2/2, p3 = 1/1 (a 3-token reply has no 4-grams: effective order 3);
+    # brevity penalty exp(1 - 6/3) = e^-1
+    assert bleu_4("the cat sat", ref) == pytest.approx(math.exp(-1))
     # p1 = 2/4, p2 = (0+1)/(3+1), p3 = 1/3, p4 = 1/2; same length: no penalty
     expected = math.exp((math.log(2 / 4) + math.log(1 / 4) + math.log(1 / 3) + math.log(1 / 2)) / 4)
-    assert bleu_4("the dog on mat".split(), "the cat on a".split()) == pytest.approx(expected)
-    assert bleu_4(["x"], ["y"]) == 0.0
+    assert bleu_4("the dog on mat", "the cat on a") == pytest.approx(expected)
+    assert bleu_4("x", "y") == 0.0 and bleu_4("", "y") == 0.0
+    assert bleu_4("The Cat", "the cat") == pytest.approx(1.0)  # lowercased
 
 
 def test_text_scores_on_identical_chinese():
-    assert text_scores("一周有七天。", "一周有七天") == {"rouge_1": 1.0, "rouge_2": 1.0, "rouge_l": 1.0, "bleu_4": 1.0}
+    assert text_scores("一周有七天。", "一周有七天。") == {"rouge_1": 1.0, "rouge_2": 1.0, "rouge_l": 1.0,
+                                                  "bleu_4": pytest.approx(1.0)}
+    # ROUGE drops punctuation; sacrebleu's zh tokenizer keeps "。" as a token, as other tools' BLEU does
+    scores = text_scores("一周有七天。", "一周有七天")
+    assert scores["rouge_1"] == 1.0 and scores["bleu_4"] == pytest.approx(0.8034, abs=1e-4)
