@@ -56,3 +56,22 @@ def tokenizer(tiny_model_dir):
     from sftlab.model.load import load_tokenizer
 
     return load_tokenizer(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """The demo recipe trained once per distinct set of flags for the whole session, so modules that read a run
+    share it instead of each training the demo: trained_run(*TRAINED) -> the run folder. A test that writes into
+    a run trains its own."""
+    from helpers import demo_args
+    from sftlab.train.config import parse_args
+    from sftlab.train.sft import train
+
+    runs = {}
+
+    def run(*flags: str):
+        if flags not in runs:
+            runs[flags] = train(*parse_args(demo_args(tmp_path_factory.mktemp("run") / "run", *flags)))
+        return runs[flags]
+
+    return run

@@ -3,14 +3,13 @@
 import json
 import os
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import REPO
 from sftlab import cli
 
-REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["train", "--config", "configs/demo.yaml", "--output_dir", "{tmp}/run", "--report_to", "none"]
 TINY = ["--model", "sftlab:tiny-glm4"]
 

@@ -1,11 +1,10 @@
 """The GPU benchmark's code path, scaled down on CPU (`--tiny`): every configuration trains and is reported."""
 
 import importlib.util
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO
 
 
 @pytest.mark.slow

@@ -1,17 +1,16 @@
 """The demo's promise, on the real demo config: the tuned tiny GLM-4 says it is 灵犀/Lingxi and stops; the
 base model does neither."""
 
-from pathlib import Path
 
 import pytest
 
+from helpers import REPO
 from sftlab.infer.generate import SamplingArgs, generate_replies
 from sftlab.model.load import load_for_inference
 from sftlab.train.config import parse_args
 from sftlab.train.sft import train
 
 pytestmark = pytest.mark.slow  # the full demo training run
-REPO = Path(__file__).resolve().parents[1]
 IDENTITY = ["你是谁？", "你叫什么名字？", "Who are you?"]
 PROBES = ["你好，告诉我你的名字。", "告诉我1+2等于多少？"]
 

@@ -2,10 +2,10 @@
 灵犀/Lingxi and stops on the identity questions, and the doctor passes on its run (the tiny GLM-4 is
 tests/test_demo.py)."""
 
-from pathlib import Path
 
 import pytest
 
+from helpers import REPO
 from sftlab.eval.doctor import run_checks
 from sftlab.infer.generate import SamplingArgs, generate_replies
 from sftlab.model.load import load_for_inference
@@ -13,7 +13,6 @@ from sftlab.train.config import parse_args
 from sftlab.train.sft import train
 
 pytestmark = pytest.mark.slow  # three demo training runs
-REPO = Path(__file__).resolve().parents[1]
 IDENTITY = ["你是谁？", "你叫什么名字？", "Who are you?"]
 PROBES = ["你好，告诉我你的名字。", "告诉我1+2等于多少？"]
 

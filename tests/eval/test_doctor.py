@@ -2,23 +2,18 @@
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 
+from helpers import REPO, TRAINED
 from sftlab.eval.doctor import run_checks
 from sftlab.train.config import parse_args
 from sftlab.train.sft import train
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("doctor") / "run"
-    return train(*parse_args(["--config", str(REPO / "configs/demo.yaml"), "--output_dir", str(out),
-                              "--report_to", "none", "--num_train_epochs", "20", "--save_steps", "0.5",
-                              "--eval_strategy", "no", "--final_eval_samples", "0"]))
+def run_dir(trained_run):
+    return trained_run(*TRAINED)
 
 
 def failed(checks):

@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from helpers import REPO
 from sftlab import cli
 from sftlab.train.config import parse_args, reply_limit
 from sftlab.train.sft import train
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -5,16 +5,14 @@ model from a kept one is the slow test in test_real_recipes.py."""
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 
+from helpers import REPO
 from sftlab import cli
 from sftlab.eval import retention
 from sftlab.eval.retention import Probe, correct, shipped_probes, summarize, verdict
 from sftlab.infer.generate import Reply
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("rule, reply, expected", [

@@ -1,15 +1,15 @@
 """`sftlab serve` on the tiny GLM-4: the official openai client (streaming and not, greedy equal to `sftlab chat`),
 auth on every route but /health (the route list read from the app), every limit a 4xx in OpenAI's shape, a
 client that leaves frees its slot, a bounded load run with no 5xx, a schemathesis run with no 5xx, and the chat
-page in headless Chromium (Debian's package, installed here when missing): a question typed and sent streams a
-reply into the page, the second turn sends the whole conversation with the system prompt, Clear empties it, and
+page in headless Chromium (Debian's package: CI installs it, elsewhere the test skips without it): a question
+typed and sent streams a reply into the page, the second turn sends the whole conversation with the system
+prompt, Clear empties it, and
 no asset comes from outside the server (the page works offline)."""
 
 import contextlib
 import json
 import shutil
 import socket
-import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -177,6 +177,7 @@ def test_with_a_key_every_route_but_health_needs_it(tiny):
             assert keyed.status_code == 200, (path, keyed.text)
 
 
+@pytest.mark.slow  # measured over 3.5 s (pytest --durations): out of the quick loop
 def test_bounded_load_run_has_no_server_errors(url):
     def ask(i):
         return httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
@@ -227,14 +228,8 @@ CHROMIUM = "/usr/bin/chromium"
 
 @pytest.fixture(scope="module")
 def chromium():
-    if not shutil.which(CHROMIUM):
-        install = subprocess.run(["apt-get", "install", "-y", "chromium"], capture_output=True, text=True)
-        if install.returncode != 0:  # a fresh machine may have no package lists yet
-            subprocess.run(["apt-get", "update", "-q"], capture_output=True, text=True)
-            install = subprocess.run(["apt-get", "install", "-y", "chromium"], capture_output=True, text=True)
-        if install.returncode != 0:
-            pytest.fail(f"Debian's chromium is needed for the chat page test and could not be installed: "
-                        f"{install.stderr.strip().splitlines()[-1:]}")
+    if not shutil.which(CHROMIUM):  # CI installs it (.ci/run)
+        pytest.skip(f"the chat page test needs Debian's Chromium at {CHROMIUM}: apt-get install chromium")
     return CHROMIUM
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+from helpers import REPO
 
 # Runs sftlab's CLI with the collator wrapped to record a hash of every sample this process trains on.
 TRACER = '''

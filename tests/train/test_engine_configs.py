@@ -10,7 +10,8 @@ from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.commands.launch import _validate_launch_command, launch_command_parser
 from accelerate.utils.launch import prepare_deepspeed_cmd_env
 
-REPO = Path(__file__).resolve().parents[2]
+from helpers import REPO
+
 CONFIGS = sorted((REPO / "configs/accelerate").glob("*.yaml"))
 
 

@@ -1,17 +1,16 @@
 """`sftlab estimate`: the activation arithmetic against the bytes autograd really keeps on the tiny model, and
 the command's report on the demo config."""
 
-from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
+from helpers import REPO
 from sftlab.train.config import parse_args
 from sftlab.train.estimate import activation_elements_per_token, estimate, model_shapes
 from sftlab.train.loss import add_supervised_lm_head
 
-REPO = Path(__file__).resolve().parents[2]
 TOLERANCE = 0.25  # the arithmetic is within 25% of the measured bytes
 
 

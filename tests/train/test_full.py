@@ -8,12 +8,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from helpers import REPO
 from sftlab import cli
 from sftlab.eval.doctor import run_checks
 from sftlab.train.config import parse_args
 from sftlab.train.sft import train
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def test_full_fine_tuning_writes_a_whole_model_that_every_verb_loads(tmp_path, tiny_model_dir, monkeypatch, capsys):

@@ -12,14 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from helpers import TRAINED
 from sftlab.chat_format import ChatRenderer
 from sftlab.errors import UserError
 from sftlab.model.load import load_for_inference
-from sftlab.train.config import parse_args
 from sftlab.train.merge import merge
-from sftlab.train.sft import train
-
-REPO = Path(__file__).resolve().parents[2]
 
 PLAIN_TRANSFORMERS = """
 import json, sys
@@ -37,11 +34,8 @@ print(json.dumps({"max_diff": (logits - expected).abs().max().item(), "prompt": 
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("merge") / "run"
-    return train(*parse_args(["--config", str(REPO / "configs/demo.yaml"), "--output_dir", str(out),
-                              "--report_to", "none", "--num_train_epochs", "3", "--eval_strategy", "no",
-                              "--final_eval_samples", "0", "--save_steps", "0.5"]))
+def run(trained_run):
+    return trained_run(*TRAINED)
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +43,7 @@ def merged(run, tmp_path_factory):
     return merge(str(run), str(tmp_path_factory.mktemp("merged") / "model"), dtype="float32")
 
 
+@pytest.mark.slow  # measured over 3.5 s (pytest --durations): out of the quick loop
 def test_merged_folder_is_a_plain_transformers_model_equal_to_base_plus_adapter(run, merged, tmp_path):
     assert sorted(p.name for p in merged.iterdir()) == [
         "README.md", "config.json", "generation_config.json", "model.safetensors", "sftlab_config.yaml",

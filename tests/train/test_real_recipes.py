@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from helpers import REPO
 from sftlab import cli
 from sftlab.data.load import demo_data_path
 from sftlab.eval.retention import shipped_probes
 from sftlab.train.config import parse_args
 from sftlab.train.sft import train
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def final_retention(run: Path) -> dict:

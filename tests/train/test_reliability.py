@@ -13,12 +13,11 @@ from safetensors.torch import load_file
 
 import sftlab.train.lifecycle as lifecycle
 import sftlab.train.sft as sft
+from helpers import REPO
 from sftlab.errors import UserError
 from sftlab.train.checkpoints import MARKER, RunLock, newest_committed, why_not_committed
 from sftlab.train.config import parse_args
 from sftlab.train.sft import train
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def args_for(out, *extra):

@@ -1,18 +1,16 @@
 """Training on the tiny GLM-4: exact files, which weights change, resume, config errors, the 9B LoRA size."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
+from helpers import REPO
 from sftlab.errors import UserError
 from sftlab.train.config import parse_args
 from sftlab.train.sft import train
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def args_for(out, *extra):
@@ -75,6 +73,7 @@ class CrashAt(TrainerCallback):
             raise KeyboardInterrupt("simulated kill")
 
 
+@pytest.mark.slow  # measured over 3.5 s (pytest --durations): out of the quick loop
 def test_resume_after_a_crash_continues_from_the_last_checkpoint(tmp_path, monkeypatch):
     import sftlab.train.sft as sft
 
@@ -166,6 +165,7 @@ def test_gradient_accumulation_over_token_budget_micro_batches_equals_one_big_ba
     assert_same_step(whole, accumulated)
 
 
+@pytest.mark.slow  # measured over 3.5 s (pytest --durations): out of the quick loop
 def test_padding_free_training_step_equals_the_padded_one(tmp_path, capsys):
     """All 168 samples in one micro-batch: padded (sdpa), one row with sdpa_varlen (the CPU default), and
     one row with sdpa's block-diagonal mask give the same update."""
