@@ -9,6 +9,7 @@ from sftlab.chat_format import (
     SampleTooLong,
     mark_supervised,
     stop_token_ids,
+    validate_messages,
 )
 from sftlab.data.convert import alpaca_to_messages
 
@@ -198,3 +199,12 @@ def test_a_call_in_the_fallback_form_is_read_back_from_a_reply(reply, call):
     from sftlab.chat_tools import fallback_call
 
     assert fallback_call(reply) == call
+
+
+def test_a_tool_result_must_follow_a_function_call_in_chat_and_serve_as_in_training():
+    conversation = [{"role": "user", "content": "weather?"}, {"role": "assistant", "content": "let me see"},
+                    {"role": "observation", "content": "{\"temp\": 20}"}, {"role": "assistant", "content": "20"}]
+    with pytest.raises(MessageError, match="messages\\[2\\]: a tool result \\(observation\\) follows a plain reply"):
+        validate_messages(conversation, for_training=False)
+    conversation[1]["metadata"] = "get_weather"
+    validate_messages(conversation, for_training=False)

@@ -90,6 +90,17 @@ def test_data_clean_and_inspect_on_the_demo_data(tmp_path, capsys):
     assert result.returncode == 2 and f"error: {bad}:2: bad_json" in result.stderr
 
 
+
+def test_data_inspect_reads_a_dataset_as_training_does_columns_included(tmp_path, capsys):
+    """`data inspect` and `eval --data` read through the reader training uses: per-dataset columns apply."""
+    data = tmp_path / "renamed.jsonl"
+    data.write_text(json.dumps({"question": "hi", "answer": "hello there"}) + "\n")
+    spec = json.dumps({"path": str(data), "columns": {"instruction": "question", "output": "answer"}})
+    result = sftlab("data", "inspect", spec, capsys=capsys)
+    assert result.returncode == 0, result.stderr
+    assert "format: alpaca (1 rows)" in result.stdout and "rows: 1  (renderable: 1, not: 0)" in result.stdout
+
+
 @pytest.mark.slow
 def test_interactive_chat_keeps_history_and_obeys_commands():
     script = "hi\n/system Be brief.\nhello\n/clear\n/exit\n"

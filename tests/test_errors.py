@@ -59,7 +59,7 @@ def test_os_failures_are_one_line_naming_the_path_and_what_to_do(tmp_path, monke
     import tempfile
     from pathlib import Path
 
-    import sftlab.data.prepare as prepare
+    import sftlab.files as files
     from sftlab import cli
     from sftlab.environment import cache_root
 
@@ -93,4 +93,4 @@ def test_os_failures_are_one_line_naming_the_path_and_what_to_do(tmp_path, monke
     assert "Traceback" not in err and err.strip().splitlines()[-1:] == [f"sftlab train: error: permission denied writing {datasets}: choose a writable folder (or fix its "
                    "permissions) and run it again; the prepared-data cache is under SFTLAB_HOME, which can point "
                    "elsewhere"]
-    assert prepare.tempfile.mkdtemp is unwritable
+    assert files.tempfile.mkdtemp is unwritable  # the cache is staged by files.staged_folder

@@ -110,6 +110,9 @@ def validate_messages(messages: list[dict], for_training: bool = True) -> None:
             raise MessageError(f"messages[{i}].role: two user messages in a row")
         if messages[i]["role"] == "observation" and messages[i - 1]["role"] != "assistant":
             raise MessageError(f"messages[{i}].role: an observation must follow an assistant tool call")
+        if messages[i]["role"] == "observation" and not messages[i - 1].get("metadata"):  # training, chat, serve
+            raise MessageError(f"messages[{i}]: a tool result (observation) follows a plain reply, not a function "
+                               "call")
     if for_training and messages[-1]["role"] != "assistant":
         raise MessageError(f"messages[{len(messages) - 1}].role: a training conversation must end with the assistant")
 

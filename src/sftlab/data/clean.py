@@ -241,10 +241,6 @@ class RowChecker:
             validate_messages(messages)
         except MessageError as exc:
             raise _Reject("role_order", str(exc)) from exc
-        for i in range(1, len(messages)):
-            if messages[i]["role"] == "observation" and not messages[i - 1].get("metadata"):
-                raise _Reject("role_order", f"messages[{i}]: a tool result (observation) follows a plain reply, not a "
-                                            "function call")
 
     @staticmethod
     def _without_tools(messages: list[dict], repairs: Counter) -> list[dict]:

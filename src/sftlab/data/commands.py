@@ -10,7 +10,6 @@ from sftlab.chat_format import ChatRenderer, mark_supervised
 from sftlab.config import CleanArguments, Overflow, check_choices
 from sftlab.data.clean import clean_rows
 from sftlab.data.convert import detect_format
-from sftlab.data.load import expand_inputs, read_source
 from sftlab.data.report import (
     NO_MODEL,
     build_report,
@@ -96,8 +95,7 @@ def schema(rows) -> dict[str, Counter]:
 
 
 def inspect_data(inspect: InspectArguments, args: RenderArguments, file: str) -> int:
-    sources = expand_inputs([file])
-    rows = [row for source in sources for row in read_source(source)]
+    rows, _ = read_datasets(dataset_specs([file]), seed=0)  # as training reads a dataset: columns, max_samples
     formats = Counter(detect_format(r.row) for r in rows if r.error is None)
     renderer = renderer_for(args)
     result = clean_rows(rows, CleanArguments(near_dedup=False), renderer, args.system_prompt, enabled=False)

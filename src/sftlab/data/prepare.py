@@ -14,7 +14,6 @@ import json
 import random
 import shutil
 import sys
-import tempfile
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
@@ -36,7 +35,7 @@ from sftlab.data.report import build_report, dataset_rows, summary_line
 from sftlab.data.sources import dataset_specs, read_datasets, weighted
 from sftlab.environment import cache_root
 from sftlab.errors import UserError
-from sftlab.files import remove_stale_staging, staging_name
+from sftlab.files import remove_stale_staging, staged_folder
 
 
 @dataclass
@@ -201,24 +200,19 @@ SPLITS = ("train", "test")
 def write_cache(folder: Path, data: PreparedData) -> None:
     """Arrow datasets and a JSON file, written into a temporary folder that is renamed into place: another
     process never reads a half-written cache (the JSON file, written last, marks it complete)."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(folder.parent)  # what a killed preparation left behind, of any key
-    staging = Path(tempfile.mkdtemp(prefix=staging_name(folder.name), dir=folder.parent))
     try:
-        for split in SPLITS:
-            if len(getattr(data, split)):  # datasets cannot load an empty saved dataset; read_cache makes one
-                with quiet_datasets():
-                    getattr(data, split).save_to_disk(str(staging / split))
-        meta = {f.name: getattr(data, f.name) for f in fields(data) if f.name not in SPLITS}
-        files = {str(p.relative_to(staging)): p.stat().st_size for p in sorted(staging.rglob("*")) if p.is_file()}
-        (staging / META).write_text(json.dumps({**meta, FILES: files}, ensure_ascii=False), encoding="utf-8")
-        try:
-            staging.rename(folder)
-        except OSError:
-            if not (folder / META).exists():  # not a lost race with another process writing the same data
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        with staged_folder(folder) as staging:
+            for split in SPLITS:
+                if len(getattr(data, split)):  # datasets cannot load an empty saved dataset; read_cache makes one
+                    with quiet_datasets():
+                        getattr(data, split).save_to_disk(str(staging / split))
+            meta = {f.name: getattr(data, f.name) for f in fields(data) if f.name not in SPLITS}
+            files = {str(p.relative_to(staging)): p.stat().st_size for p in sorted(staging.rglob("*")) if p.is_file()}
+            (staging / META).write_text(json.dumps({**meta, FILES: files}, ensure_ascii=False), encoding="utf-8")
+    except OSError:
+        if not (folder / META).exists():  # not a lost race with another process writing the same data
+            raise
 
 
 @contextmanager

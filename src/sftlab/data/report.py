@@ -3,7 +3,6 @@
 Everything here is deterministic (no timestamps), so two runs over the same data write identical files."""
 
 import json
-import os
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from sftlab.data.clean import CleanResult
+from sftlab.files import move_in
 
 PERCENTILES = (50, 90, 95, 99)
 CANDIDATE_LENGTHS = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
@@ -203,9 +203,7 @@ def write_clean_outputs(out_dir: Path, result: CleanResult, report: dict) -> Non
     (staging / "report.md").write_text(render_markdown(report), encoding="utf-8")
     (staging / "report.json").write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     (out_dir / "report.json").unlink(missing_ok=True)
-    for name in ("clean.jsonl", "rejected.jsonl", "lengths.png", "report.md", "report.json"):
-        os.replace(staging / name, out_dir / name)
-    staging.rmdir()
+    move_in(staging, out_dir, last="report.json")  # the report comes last: with it, the outputs are complete
 
 
 def _truncate_row(row, limit: int = 10_000):

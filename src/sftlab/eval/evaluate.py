@@ -44,7 +44,7 @@ from sftlab.run_dir import (
 DEFAULT_MAX_NEW_TOKENS = 256  # for a model folder, which has no reply limit of its own
 
 
-def supervised_loss(model, tokenizer, conversations: list[list[dict]], batch_size: int = 8,
+def heldout_loss(model, tokenizer, conversations: list[list[dict]], batch_size: int = 8,
                     progress: str | None = None) -> float:
     """Mean cross-entropy over the supervised tokens (the replies and their terminators), as in training."""
     losses = sample_losses(model, tokenizer, conversations, batch_size, progress)
@@ -83,7 +83,7 @@ def evaluate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: 
              batch_size: int = 16, label: str = "", rules: list | None = None) -> tuple[dict, list]:
     """Metrics over conversations whose last message is the reference reply; and the replies. `label` names
     the model in the progress bars; `rules`, per conversation an answer rule or None, adds answer_accuracy."""
-    loss = supervised_loss(model, tokenizer, conversations, progress=f"{label} loss".strip())
+    loss = heldout_loss(model, tokenizer, conversations, progress=f"{label} loss".strip())
     greedy = SamplingArgs(max_new_tokens=max_new_tokens, temperature=0)
     replies = generate_replies(model, tokenizer, [c[:-1] for c in conversations], greedy, batch_size=batch_size,
                                progress=f"{label} replies".strip())
@@ -119,10 +119,9 @@ def load_conversations(data: str | None, run_dir: Path | None, tokenizer) -> tup
         return conversations, [None] * len(conversations)
     from sftlab.config import CleanArguments
     from sftlab.data.clean import clean_rows
-    from sftlab.data.load import expand_inputs
-    from sftlab.data.prepare import read_all
+    from sftlab.data.sources import dataset_specs, read_datasets
 
-    rows = list(read_all(expand_inputs([data])))
+    rows, _ = read_datasets(dataset_specs([data]), seed=0)  # as training reads a dataset: columns, max_samples
     rules = {(r.source, r.line): retention.answer_rule(r.row, f"{r.source}:{r.line}") for r in rows}
     result = clean_rows(rows, CleanArguments(near_dedup=False), ChatRenderer(tokenizer), enabled=False)
     if result.rejected:

@@ -16,6 +16,7 @@ from sftlab.model.load import (
     inference_paths,
     inference_tokenizer,
     load_for_inference,
+    model_context,
     recorded_system_prompt,
     with_system_prompt,
 )
@@ -64,9 +65,7 @@ ARGUMENTS = (ChatArguments,)  # `sftlab chat`'s (cli.py parses them)
 
 def check_prompt_fits(tokenizer, base_path, conversation: list[dict], max_new_tokens: int) -> None:
     """A prompt plus the reply must fit the model's context (else the model would generate garbage)."""
-    from transformers import AutoConfig
-
-    context = getattr(AutoConfig.from_pretrained(base_path).get_text_config(), "max_position_embeddings", None)
+    context = model_context(base_path)
     length = len(ChatRenderer(tokenizer).prompt_ids(conversation))
     if context is not None and length + max_new_tokens > context:
         raise UserError(f"the prompt is {length} tokens; with --max_new_tokens {max_new_tokens} it exceeds the model's "

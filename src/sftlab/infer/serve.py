@@ -249,12 +249,11 @@ ARGUMENTS = (ServeArguments,)  # `sftlab serve`'s (cli.py parses them)
 
 def run(args: ServeArguments) -> int:
     import uvicorn
-    from transformers import AutoConfig
 
-    from sftlab.model.load import inference_paths, load_for_inference, recorded_system_prompt
+    from sftlab.model.load import inference_paths, load_for_inference, model_context, recorded_system_prompt
 
     base_path, _ = inference_paths(args.model, args.adapter)
-    context = getattr(AutoConfig.from_pretrained(base_path).get_text_config(), "max_position_embeddings", None)
+    context = model_context(base_path)
     model, tokenizer = load_for_inference(args.model, args.adapter, args.device)
     name = args.name or os.path.basename(os.path.normpath(args.adapter or args.model))
     limits = Limits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens, max_queue=args.max_queue,

@@ -126,6 +126,22 @@ def load_model(model_path: Path, dtype: str = "auto", trust_remote_code: bool = 
     return model
 
 
+def meta_model(model_path: Path):
+    """The model's modules and shapes on the meta device: nothing is loaded or allocated."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
+
+
+def model_context(model_path: Path) -> int | None:
+    """The model's context in tokens (max_position_embeddings), or None where its config gives none."""
+    from transformers import AutoConfig
+
+    return getattr(AutoConfig.from_pretrained(model_path).get_text_config(), "max_position_embeddings", None)
+
+
 def check_weights(folder: Path, name: str) -> None:
     """A folder's safetensors weights are there and whole (each file's header read: a truncated or zero-byte file
     is one line here, not a deserializing error later); a pickle in their place is refused: sftlab loads

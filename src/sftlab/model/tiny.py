@@ -15,10 +15,9 @@ Each is built on first use, offline, and is the same bytes every time (fixed see
 resolves on any machine.
 """
 
-import fcntl
 import json
+import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -26,6 +25,7 @@ from pathlib import Path
 
 from sftlab.environment import cache_root
 from sftlab.errors import UserError
+from sftlab.files import exclusive_lock, staged_folder
 
 TINY_VERSION = "v1"  # bump when the build below changes, so old caches are not reused
 
@@ -115,18 +115,15 @@ def build_once(target: Path, build) -> Path:
     if _other_rank():
         return _wait_for(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    lock = exclusive_lock(target.parent / f".{target.name}.lock")
+    try:
         if (target / "model.safetensors").exists():
             return target
         shutil.rmtree(target, ignore_errors=True)  # a folder left without its weights is not a model
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-        try:
+        with staged_folder(target) as staging:
             build(staging)
-            staging.chmod(0o755)  # mkdtemp makes it private; the cache is shared like any model folder
-            staging.rename(target)  # atomic
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+    finally:
+        os.close(lock)
     return target
 
 

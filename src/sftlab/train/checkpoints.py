@@ -7,7 +7,6 @@ size and XXH3-128 hash. `--resume` takes the newest folder whose marker is there
 says which newer ones it skipped and why; old checkpoints are deleted only after a newer one is committed.
 """
 
-import fcntl
 import hashlib
 import os
 import re
@@ -17,6 +16,7 @@ from pathlib import Path
 import xxhash
 
 from sftlab.errors import UserError
+from sftlab.files import exclusive_lock
 from sftlab.run_dir import COMMIT_MARKER, LOCK, read_json, write_json
 
 MARKER = COMMIT_MARKER
@@ -130,14 +130,11 @@ class RunLock:
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-                os.close(fd)
+            fd = exclusive_lock(self.path, wait=False)
+            if fd is None:
+                holder = self._holder() or "unknown"
                 raise UserError(f"output_dir {self.path.parent} is in use by another sftlab train (PID {holder}); "
-                                f"wait for it, stop it, or choose another output_dir") from None
+                                f"wait for it, stop it, or choose another output_dir")
             if not self._still_the_file(fd):  # its holder released and removed it while we waited: again
                 os.close(fd)
                 continue
@@ -149,6 +146,12 @@ class RunLock:
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
             self.fd = fd
             return
+
+    def _holder(self) -> str:
+        try:
+            return self.path.read_text(errors="replace").strip()
+        except FileNotFoundError:
+            return ""
 
     def _still_the_file(self, fd: int) -> bool:
         try:

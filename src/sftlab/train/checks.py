@@ -8,6 +8,7 @@ import torch
 
 from sftlab.config import ModelArguments
 from sftlab.errors import UserError
+from sftlab.model.load import meta_model, model_context
 
 
 def check_lora_targets(model_path: Path, model_args: ModelArguments) -> None:
@@ -16,10 +17,7 @@ def check_lora_targets(model_path: Path, model_args: ModelArguments) -> None:
     checks_targets = model_args.lora_target_modules != ["all-linear"]
     if not model_args.use_peft or not (checks_targets or model_args.lora_modules_to_save):
         return
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
+    model = meta_model(model_path)
     refuse_tied_modules_to_save(model, model_args.lora_modules_to_save or [])
     names = {name.split(".")[-1] for name, _ in model.named_modules()}
     missing = [t for t in model_args.lora_target_modules if t not in names] if checks_targets else []
@@ -31,9 +29,7 @@ def check_lora_targets(model_path: Path, model_args: ModelArguments) -> None:
 
 def check_context(model_path: Path, max_length: int | None) -> None:
     """max_length within the model's context (max_position_embeddings): past it, positions the model never saw."""
-    from transformers import AutoConfig
-
-    context = getattr(AutoConfig.from_pretrained(model_path).get_text_config(), "max_position_embeddings", None)
+    context = model_context(model_path)
     if max_length is not None and context is not None and max_length > context:
         raise UserError(f"max_length {max_length} is above the model's context of {context} tokens "
                         f"(max_position_embeddings): set max_length to {context} or less")

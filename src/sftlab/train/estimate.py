@@ -76,18 +76,16 @@ def logits_bytes(tokens: int, supervised: int, vocab: int, hidden: int, compute_
 def parameter_counts(model_path, model_args) -> tuple[int, int, int, int, object]:
     """(all weights, linear weights quantizable to 4 bits, trainable, LoRA modules per layer, config),
     counted on the meta device."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from sftlab.model.load import meta_model
 
-    config = AutoConfig.from_pretrained(model_path)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    model = meta_model(model_path)
+    config = model.config
     total = sum(p.numel() for p in model.parameters())
     head = model.get_output_embeddings()
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)
     if not model_args.use_peft:
         return total, linear, total, 0, config
     from peft import get_peft_model
-
 
     peft_model = get_peft_model(model, lora_config(model_args))
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)

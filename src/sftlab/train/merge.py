@@ -6,7 +6,6 @@ Written into a temporary folder beside the output and renamed into place, so a c
 that looks complete; a tensor with a NaN or an infinity is refused by name."""
 
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -15,7 +14,8 @@ import torch
 
 from sftlab.config import check_fields
 from sftlab.errors import UserError
-from sftlab.files import remove_stale_staging, staging_name
+from sftlab.eval.model_card import write_model_card
+from sftlab.files import staged_folder
 from sftlab.model.load import (
     inference_paths,
     load_model,
@@ -48,10 +48,7 @@ def merge(adapter: str, output: str | None = None, dtype: str = "bfloat16", devi
     model = load_model(base_path, dtype, device=device)
     model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     refuse_non_finite_tensors(model)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_staging(out.parent, out.name)  # a killed merge's leftovers
-    staging = Path(tempfile.mkdtemp(prefix=staging_name(out.name), dir=out.parent))
-    try:
+    with staged_folder(out) as staging:  # a killed merge's leftovers are removed first
         model.save_pretrained(staging, max_shard_size=max_shard_size)
         save_tokenizer(tokenizer, staging)
         # the run's stop ids (the base's may lack the template's): the checkpoint's own, else its run's
@@ -61,16 +58,8 @@ def merge(adapter: str, output: str | None = None, dtype: str = "bfloat16", devi
             shutil.copy(stops, staging / "generation_config.json")
         if (record / RESOLVED_CONFIG).exists():  # the recipe, and the system_prompt chat and serve apply as trained
             shutil.copy(record / RESOLVED_CONFIG, staging / RESOLVED_CONFIG)
-        from sftlab.eval.model_card import write_model_card
-
         write_model_card(record, staging, merged=True, name=out.name,
                          checkpoint=run.name if record != run else None)
-        staging.chmod(0o755)
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out
 
 

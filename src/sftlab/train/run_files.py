@@ -4,12 +4,12 @@ finish (probes, held-out evaluation, retention, report, model card, the manifest
 trains through train/lifecycle.py writes the same run folder.
 """
 
-import os
 import shutil
 from pathlib import Path
 
 from sftlab.chat_format import stop_token_ids
 from sftlab.data.prepare import PreparedData
+from sftlab.files import move_in
 from sftlab.model.load import ADAPTER_CONFIG, save_tokenizer
 from sftlab.run_dir import (
     DATA_REPORT,
@@ -161,9 +161,7 @@ def save_final(trainer, tokenizer, out: Path, base_name: str | None) -> None:
         write_json(staging / ADAPTER_CONFIG, {**adapter_config, "base_model_name_or_path": base_name})
     marker = ADAPTER_CONFIG if (staging / ADAPTER_CONFIG).exists() else "config.json"
     trainer.state.save_to_json(str(staging / TRAINER_STATE))  # in before the marker: a completion reads it
-    for item in sorted(staging.iterdir(), key=lambda p: p.name == marker):
-        os.replace(item, out / item.name)
-    staging.rmdir()
+    move_in(staging, out, last=marker)
 
 
 def print_probes(records: list[dict]) -> None:
