@@ -157,6 +157,16 @@ def test_parquet_and_csv_and_globs(tmp_path, tokenizer):
     assert [(r.line, r.reason) for r in result.rejected] == [(2, "duplicate"), (3, "duplicate")]
 
 
+def test_csv_is_read_as_pandas_reads_it_quoted_newlines_and_empty_cells(tmp_path):
+    from sftlab.data.load import read_source
+
+    path = tmp_path / "rows.csv"
+    path.write_text('instruction,input,output\nhi,,"line one\nline two"\n"a, b",NA,ok\n', encoding="utf-8")
+    rows = list(read_source(str(path)))
+    assert [(r.line, r.row) for r in rows] == [(2, {"instruction": "hi", "output": "line one\nline two"}),
+                                               (3, {"instruction": "a, b", "output": "ok"})]
+
+
 def test_hub_dataset_id_offline_is_one_clear_error():
     with pytest.raises(UserError, match="llamafactory/alpaca_gpt4_zh is a Hub dataset id, and the Hub is offline"):
         list(read_all(expand_inputs(["llamafactory/alpaca_gpt4_zh"])))

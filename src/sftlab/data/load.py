@@ -218,10 +218,16 @@ def _read_json_array(path: Path, data: bytes, max_row_bytes: int = MAX_ROW_BYTES
 
 
 def _read_table(path: Path, kind: str) -> list[SourceRow]:
-    from datasets import Dataset
+    """Parquet and CSV through pyarrow itself (datasets would also write a copy into ~/.cache/huggingface). CSV as
+    pandas reads it: quoted values may span lines, and empty or NA-like cells are absent."""
+    from pyarrow import csv, parquet
 
     try:
-        table = Dataset.from_parquet(str(path)) if kind == "parquet" else Dataset.from_csv(str(path))
+        if kind == "parquet":
+            table = parquet.read_table(path).to_pylist()
+        else:
+            table = csv.read_csv(path, parse_options=csv.ParseOptions(newlines_in_values=True),
+                                 convert_options=csv.ConvertOptions(strings_can_be_null=True)).to_pylist()
     except Exception as exc:
         raise UserError(f"{path}: cannot be read as {kind} ({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
     first_line = 2 if kind == "csv" else 1  # csv: line 1 is the header

@@ -10,6 +10,7 @@ import yaml
 
 from sftlab.data.load import hub_parts
 from sftlab.data.sources import dataset_specs
+from sftlab.eval.tables import markdown_cell, table_text
 from sftlab.files import write_atomic
 from sftlab.run_dir import (
     DATA_REPORT,
@@ -96,8 +97,6 @@ def _usage(name: str, lora: bool) -> list[str]:
 def _evaluation(results: dict | None) -> list[str]:
     if not results:
         return []
-    from sftlab.eval.tables import table_text
-
     return ["## Evaluation (held-out split)", "", "```", table_text(results), "```", ""]
 
 
@@ -107,8 +106,7 @@ def _probes(predictions: list[dict] | None) -> list[str]:
         return []
     lines = ["## Probe replies (greedy, after training)", "", "| prompt | reply | end |", "| --- | --- | --- |"]
     for p in final:
-        reply = p["reply"].replace("|", "\\|").replace("\n", " ")[:200]
-        lines.append(f"| {p['prompt']} | {reply} | {p['finish_reason']} |")
+        lines.append(f"| {markdown_cell(p['prompt'], 200)} | {markdown_cell(p['reply'], 200)} | {p['finish_reason']} |")
     return lines + [""]
 
 

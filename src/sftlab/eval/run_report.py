@@ -6,7 +6,7 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
-from sftlab.eval.tables import table_text
+from sftlab.eval.tables import markdown_cell, table_text
 from sftlab.files import write_atomic
 from sftlab.run_dir import (
     DATA_REPORT,
@@ -88,9 +88,8 @@ def write_run_report(run_dir: Path) -> Path:
     if predictions:
         lines += ["## Probe replies over training", "", "| step | prompt | reply | end |", "| ---: | --- | --- | --- |"]
         for p in predictions:
-            reply = p["reply"].replace("|", "\\|").replace("\n", " ")[:160]
-            lines.append(f"| {p['step']}{' (final)' if p.get('final') else ''} | {p['prompt']} | {reply} | "
-                         f"{p['finish_reason']} |")
+            lines.append(f"| {p['step']}{' (final)' if p.get('final') else ''} | {markdown_cell(p['prompt'], 160)} | "
+                         f"{markdown_cell(p['reply'], 160)} | {p['finish_reason']} |")
     write_atomic(run_dir / REPORT, "\n".join(lines) + "\n")
     return run_dir / REPORT
 

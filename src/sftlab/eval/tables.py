@@ -53,6 +53,11 @@ def comparison_markdown(results: dict, samples: list[dict], limit: int = 10) -> 
     return "\n".join(lines) + "\n"
 
 
+def markdown_cell(text: str, limit: int) -> str:
+    """Text in one cell of a markdown table: its pipes escaped, on one line, at most `limit` characters."""
+    return text.replace("|", "\\|").replace("\n", " ")[:limit]
+
+
 def table_text(results: dict) -> str:
     """The before/after table for the terminal, and the retention verdict when there is one."""
     sides = [side for side in SIDES if side in results]

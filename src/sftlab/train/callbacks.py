@@ -17,6 +17,12 @@ def run_probes(model, tokenizer, prompts: list[str], max_new_tokens: int, system
     return generate_replies(model, tokenizer, conversations, sampling)
 
 
+def probe_records(step: int, prompts: list[str], replies: list, final: bool = False) -> list[dict]:
+    """predictions.jsonl's records: one per probe prompt, `final` for those after training."""
+    return [dict(step=step, prompt=p, reply=r.text, finish_reason=r.finish_reason, new_tokens=r.new_tokens,
+                 **({"final": True} if final else {})) for p, r in zip(prompts, replies)]
+
+
 class ProbeCallback(TrainerCallback):
     """At each save: greedy replies to the probe prompts, appended to predictions.jsonl and sent to SwanLab.
 
@@ -34,9 +40,7 @@ class ProbeCallback(TrainerCallback):
         if not self.prompts or not state.is_world_process_zero or getattr(self.stopper, "stopping", False):
             return
         replies = run_probes(model, self.tokenizer, self.prompts, self.max_new_tokens, self.system_prompt)
-        records = [dict(step=state.global_step, prompt=p, reply=r.text, finish_reason=r.finish_reason,
-                        new_tokens=r.new_tokens) for p, r in zip(self.prompts, replies)]
-        append_jsonl(self.path, records)
+        append_jsonl(self.path, probe_records(state.global_step, self.prompts, replies))
         log_text_to_swanlab([f"{p}\n→ {r.text}" for p, r in zip(self.prompts, replies)], state.global_step)
 
 

@@ -28,7 +28,7 @@ from sftlab.run_dir import (
     write_jsonl,
     write_yaml,
 )
-from sftlab.train.callbacks import run_probes
+from sftlab.train.callbacks import probe_records, run_probes
 from sftlab.train.guards import StopAtOnce, Stopped, refuse_non_finite
 from sftlab.train.lifecycle import raise_write_failure, stopped_after_final_save
 from sftlab.train.resume import effective_record, mark_complete
@@ -86,8 +86,7 @@ def write_finish(model, tokenizer, out: Path, step: int, settings: dict, test_me
     if not sharded:
         prompts, system_prompt = settings["probe_prompts"], settings["system_prompt"]
         replies = run_probes(model, tokenizer, prompts, settings["probe_max_new_tokens"], system_prompt)
-        final = [dict(step=step, prompt=p, reply=r.text, finish_reason=r.finish_reason, new_tokens=r.new_tokens,
-                      final=True) for p, r in zip(prompts, replies)]
+        final = probe_records(step, prompts, replies, final=True)
         keep_lines(out / PREDICTIONS, lambda record: not record.get("final"))  # an interrupted finish's
         append_jsonl(out / PREDICTIONS, final)
         conversations = test_messages[:settings["final_eval_samples"]]
