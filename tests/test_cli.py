@@ -144,8 +144,8 @@ def test_data_clean_takes_a_yaml_config_flags_win_and_choices_come_from_one_plac
     config.write_text("data_format: yaml\n")
     result = sftlab("data", "clean", "sftlab:demo", "--output", str(tmp_path / "b"), "--config", str(config),
                     capsys=capsys)
-    assert result.returncode == 2 and "data_format: 'yaml' is not one of auto, alpaca, sharegpt, openai, " \
-                                      "prompt_completion" in result.stderr
+    assert result.returncode == 2 and "data_format: 'yaml' is not one of auto, openai, sharegpt, alpaca, " \
+                                      "prompt_completion" in result.stderr  # the names of data.convert.FORMATS
     config.write_text("near_dedupe: false\n")
     result = sftlab("data", "clean", "sftlab:demo", "--output", str(tmp_path / "c"), "--config", str(config),
                     capsys=capsys)

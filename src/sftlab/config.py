@@ -18,7 +18,6 @@ from sftlab.errors import UserError
 # values become parser defaults, which argparse does not check against its choices).
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 Overflow = Literal["drop", "truncate"]
-DataFormat = Literal["auto", "alpaca", "sharegpt", "openai", "prompt_completion"]
 
 
 def check_choices(config) -> None:
@@ -223,8 +222,10 @@ class CleanArguments:
     """The cleaning stage: `sftlab data clean`, and `sftlab train` before it tokenizes."""
 
     clean: bool = field(default=True, metadata={"help": "Run the cleaning filters before training (train only)."})
-    data_format: DataFormat = field(
-        default="auto", metadata={"help": "Row format, or auto to detect it per file.", "aliases": ["--format"]},
+    data_format: str = field(
+        default="auto", metadata={"help": "auto: each row's format from its keys; or a format's name (alpaca, "
+                                  "sharegpt, openai, prompt_completion, or any other in sftlab.data.convert.FORMATS), "
+                                  "which every row must then be.", "aliases": ["--format"]},
     )
     near_dedup: bool = field(default=True, metadata={"help": "Drop near-duplicate rows (MinHash/LSH)."})
     near_dedup_threshold: float = field(

@@ -53,7 +53,7 @@ from sftlab.chat_format import (
 )
 from sftlab.chat_tools import has_tool_parts
 from sftlab.config import CleanArguments
-from sftlab.data.convert import FieldError, ToolCallError, detect_format, to_messages
+from sftlab.data.convert import NO_FORMAT, FieldError, ToolCallError, check_format_name, detect_format, to_messages
 from sftlab.data.load import SourceRow
 from sftlab.data.near_dedup import NearDuplicateIndex
 from sftlab.data.pool import checked_in_pool
@@ -169,6 +169,10 @@ class RowChecker:
 
     def __init__(self, config: CleanArguments, renderer: ChatRenderer | None, system_prompt: str | None,
                  enabled: bool):
+        try:
+            check_format_name(config.data_format)  # before any row is read
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
         self.config, self.renderer, self.system_prompt, self.enabled = config, renderer, system_prompt, enabled
         self.boilerplate = [phrase.lower() for phrase in config.boilerplate]
         self.near = NearDuplicateIndex(config.near_dedup_threshold) if enabled and config.near_dedup else None
@@ -219,8 +223,7 @@ class RowChecker:
     def _messages(self, source_row: SourceRow) -> list[dict]:
         row_format = detect_format(source_row.row)
         if row_format is None:
-            raise _Reject("malformed_record", "no known fields (alpaca instruction/output, sharegpt conversations, "
-                          "openai messages, or prompt/completion)")
+            raise _Reject("malformed_record", NO_FORMAT)
         forced = self.config.data_format
         if forced != "auto" and row_format != forced:
             raise _Reject("mixed_format", f"a {row_format} row, and data_format forces {forced}")

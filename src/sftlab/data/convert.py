@@ -1,4 +1,5 @@
-"""Row transforms: a source row (alpaca, ShareGPT, OpenAI messages, prompt/completion) -> chat messages.
+"""Row formats, in one registry (FORMATS): a source row (alpaca, ShareGPT, OpenAI messages, prompt/completion) ->
+chat messages.
 
 Tools travel in a system message (`{"role": "system", "content": "", "tools": [...]}`), where GLM-4's chat
 template renders them. A tool call is an assistant message whose `metadata` is the function name and whose
@@ -7,6 +8,8 @@ the loader adds the file and line.
 """
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from sftlab.chat_format import content_text
 
@@ -28,21 +31,6 @@ class FieldError(ValueError):
 
 class ToolCallError(FieldError):
     """A function call that a model could not be trained to write: not JSON, no name, arguments not JSON."""
-
-
-def detect_format(row) -> str | None:
-    """The format a row's keys say, or None."""
-    if not isinstance(row, dict):
-        return None
-    if "messages" in row:
-        return "openai"
-    if "conversations" in row:
-        return "sharegpt"
-    if "instruction" in row and "output" in row:
-        return "alpaca"
-    if "prompt" in row and "completion" in row:
-        return "prompt_completion"
-    return None
 
 
 def _text(row: dict, field: str, required: bool = True) -> str:
@@ -175,11 +163,45 @@ def prompt_completion_to_messages(row: dict, system_prompt: str | None = None) -
     return with_tools(messages, row, system_prompt)
 
 
-CONVERTERS = {"alpaca": alpaca_to_messages, "sharegpt": sharegpt_to_messages, "openai": openai_to_messages,
-              "prompt_completion": prompt_completion_to_messages}
+@dataclass(frozen=True)
+class RowFormat:
+    """A row format: the keys that identify a row of it, every field it reads (what a dataset's `columns` may map
+    onto) and its transform to messages. A new format is a transform and one entry in FORMATS."""
+
+    name: str
+    keys: tuple[str, ...]  # all present: a row of this format (the first match in FORMATS wins)
+    fields: tuple[str, ...]
+    to_messages: Callable[[dict, str | None], list[dict]]
+    shown_as: str  # how the rejection of a row of no format names it
+
+
+FORMATS = {f.name: f for f in (
+    RowFormat("openai", ("messages",), ("messages", "tools"), openai_to_messages, "openai messages"),
+    RowFormat("sharegpt", ("conversations",), ("conversations", "system", "tools"), sharegpt_to_messages,
+              "sharegpt conversations"),
+    RowFormat("alpaca", ("instruction", "output"), ("instruction", "input", "output", "system", "history", "tools"),
+              alpaca_to_messages, "alpaca instruction/output"),
+    RowFormat("prompt_completion", ("prompt", "completion"), ("prompt", "completion", "tools"),
+              prompt_completion_to_messages, "prompt/completion"),
+)}
+FIELDS = tuple(dict.fromkeys(name for f in FORMATS.values() for name in f.fields))
+NO_FORMAT = f"no known fields ({', '.join(f.shown_as for f in FORMATS.values())})"
+
+
+def detect_format(row) -> str | None:
+    """The format a row's keys say, or None."""
+    if not isinstance(row, dict):
+        return None
+    return next((f.name for f in FORMATS.values() if all(key in row for key in f.keys)), None)
+
+
+def check_format_name(name: str) -> None:
+    """data_format: auto, or the name of a format in FORMATS."""
+    if name != "auto" and name not in FORMATS:
+        raise ValueError(f"data_format: {name!r} is not one of auto, {', '.join(FORMATS)}")
 
 
 def to_messages(row, fmt: str, system_prompt: str | None = None) -> list[dict]:
     if not isinstance(row, dict):
         raise FieldError("<row>", f"expected a JSON object, got {type(row).__name__}")
-    return CONVERTERS[fmt](row, system_prompt)
+    return FORMATS[fmt].to_messages(row, system_prompt)

@@ -21,12 +21,10 @@ import random
 from dataclasses import dataclass
 
 from sftlab.config import MAX_ROW_BYTES
+from sftlab.data.convert import FIELDS  # what `columns` may map a file's own names onto
 from sftlab.data.load import SourceRow, expand_inputs, read_source
 from sftlab.errors import UserError
 
-# the fields each row format reads (sftlab.data.convert), which `columns` may map a file's own names onto
-FIELDS = ("instruction", "input", "output", "system", "history", "conversations", "messages", "tools", "prompt",
-          "completion")
 OPTIONS = ("path", "columns", "max_samples", "weight")
 
 
