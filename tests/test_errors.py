@@ -7,7 +7,7 @@ import pickle
 import pkgutil
 
 import sftlab
-from sftlab.chat_format import MessageError, SampleTooLong
+from sftlab.chat_format import MessageError, SampleTooLong, TemplateRefused
 from sftlab.data.clean import Rejection, _Reject
 from sftlab.data.convert import FieldError, ToolCallError
 from sftlab.errors import UserError
@@ -18,6 +18,7 @@ from sftlab.train.guards import Stopped
 EXAMPLES = {
     UserError: ("data.jsonl:3: something to fix",),
     MessageError: ("messages[1]: expected the assistant",),
+    TemplateRefused: ("the chat template refuses this conversation: only single tool-calls",),
     SampleTooLong: (1500, 1024),
     FieldError: ("instruction", "expected a string, got int"),
     ToolCallError: ("conversations[1].value", "function_call is not valid JSON"),

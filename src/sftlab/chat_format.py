@@ -33,6 +33,7 @@ prefix-preserving Qwen3 training template does: what is supervised is what the m
 
 from dataclasses import dataclass
 
+from jinja2.exceptions import TemplateError
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from sftlab.chat_tools import (
@@ -47,6 +48,10 @@ from sftlab.internals import compiled_template, rust_tokenizer
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant", "observation")
+
+
+class TemplateRefused(MessageError):
+    """The chat template raised on a conversation (Llama-3.1's refuses parallel tool calls, for one)."""
 
 
 class SampleTooLong(ValueError):
@@ -108,11 +113,12 @@ def validate_messages(messages: list[dict], for_training: bool = True) -> None:
     for i in range(first + 1, len(messages)):
         if messages[i]["role"] == messages[i - 1]["role"] and messages[i]["role"] == "user":
             raise MessageError(f"messages[{i}].role: two user messages in a row")
-        if messages[i]["role"] == "observation" and messages[i - 1]["role"] != "assistant":
+        previous = messages[i - 1]
+        if messages[i]["role"] == "observation" and previous["role"] not in ("assistant", "observation"):
             raise MessageError(f"messages[{i}].role: an observation must follow an assistant tool call")
-        if messages[i]["role"] == "observation" and not messages[i - 1].get("metadata"):  # training, chat, serve
+        if messages[i]["role"] == "observation" and previous["role"] == "assistant" and not previous.get("metadata"):
             raise MessageError(f"messages[{i}]: a tool result (observation) follows a plain reply, not a function "
-                               "call")
+                               "call")  # training, chat and serve alike
     if for_training and messages[-1]["role"] != "assistant":
         raise MessageError(f"messages[{len(messages) - 1}].role: a training conversation must end with the assistant")
 
@@ -226,6 +232,12 @@ class ChatRenderer:
         return self._render(*self.template_form(messages), add_generation_prompt)
 
     def _render(self, messages: list[dict], tools: list, add_generation_prompt: bool) -> str:
+        try:
+            return self._render_template(messages, tools, add_generation_prompt)
+        except TemplateError as exc:  # the template's own raise_exception: it refuses this conversation
+            raise TemplateRefused(f"the chat template refuses this conversation: {exc}") from None
+
+    def _render_template(self, messages: list[dict], tools: list, add_generation_prompt: bool) -> str:
         extra = {"tools": tools} if tools else {}
         if self._compiled is not None:
             # transformers' compiled template, called directly: render_jinja_template would deep-copy every
@@ -282,11 +294,9 @@ class ChatRenderer:
         assistant turn is in the form the template gives a final turn, the form the model generates."""
         validate_messages(messages)
         pieces, last_prompt, last_turn = [], None, ""
-        for i, message in enumerate(messages):
-            if message["role"] != "assistant":
-                continue
+        for i, end in assistant_turns(messages):
             prompt = self.render_text(messages[:i], add_generation_prompt=True)
-            turn = self._extend(prompt, self.render_text(messages[: i + 1]), i)
+            turn = self._extend(prompt, self.render_text(messages[:end]), i)
             if not pieces:
                 between = prompt
             elif prompt.startswith(last_turn):  # the template renders earlier turns the same whatever follows
@@ -356,6 +366,23 @@ class ChatRenderer:
         if ids[-1] not in self.stop_ids:
             ids, labels = ids + [self.terminator_id], labels + [self.terminator_id]
         return RenderedSample(ids, labels)
+
+
+def assistant_turns(messages: list[dict]) -> list[tuple[int, int]]:
+    """(start, end) of each assistant turn: one assistant message, or a run of consecutive function calls
+    (parallel calls are one turn: the model writes them all before any result comes back)."""
+    turns, i = [], 0
+    while i < len(messages):
+        if messages[i]["role"] != "assistant":
+            i += 1
+            continue
+        end = i + 1
+        while (messages[i].get("metadata") and end < len(messages) and messages[end]["role"] == "assistant"
+               and messages[end].get("metadata")):
+            end += 1
+        turns.append((i, end))
+        i = end
+    return turns
 
 
 def mark_supervised(tokenizer, sample: RenderedSample, open_mark: str = "«", close_mark: str = "»") -> str:

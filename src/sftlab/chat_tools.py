@@ -44,6 +44,9 @@ def to_template_form(messages: list[dict], tools_as_kwarg: bool, openai_calls: b
                 raise MessageError(f"messages[{i}].content: the arguments of {message['metadata']} are not valid "
                                    f"JSON ({exc.msg})") from exc
             call = {"type": "function", "function": {"name": message["metadata"], "arguments": arguments}}
+            if out and out[-1]["role"] == "assistant" and out[-1].get("tool_calls"):  # parallel calls: one turn
+                out[-1]["tool_calls"].append(call)
+                continue
             message = {"role": "assistant", "content": "", "tool_calls": [call]}
         elif openai_calls and message["role"] == "observation":
             message = {"role": "tool", "content": message["content"]}
@@ -63,10 +66,11 @@ def fallback_tools_text(tools: list[dict]) -> str:
 
 
 def to_fallback_form(messages: list[dict]) -> list[dict]:
-    """sftlab's tool messages -> plain system, user and assistant text, one message for one (the mask stays
-    exact): tools appended to the system message's text, a call as the JSON object
-    {"name": ..., "arguments": {...}}, a result as a user message "Result of NAME: CONTENT"."""
-    out, called = [], "the function"
+    """sftlab's tool messages -> plain system, user and assistant text: tools appended to the system message's
+    text, a call as the JSON object {"name": ..., "arguments": {...}} (parallel calls: one per line, in one
+    reply), a result as a user message "Result of NAME: CONTENT" (the results of parallel calls name their calls
+    in order)."""
+    out, pending, called = [], [], "the function"
     for i, message in enumerate(messages):
         if message.get("tools"):
             text, tools = message["content"].strip(), fallback_tools_text(message["tools"])
@@ -78,20 +82,27 @@ def to_fallback_form(messages: list[dict]) -> list[dict]:
             except json.JSONDecodeError as exc:
                 raise MessageError(f"messages[{i}].content: the arguments of {called} are not valid JSON "
                                    f"({exc.msg})") from exc
-            message = {"role": "assistant", "content": json.dumps({"name": called, "arguments": arguments},
-                                                                  ensure_ascii=False)}
+            call = json.dumps({"name": called, "arguments": arguments}, ensure_ascii=False)
+            if messages[i - 1]["role"] == "assistant" and messages[i - 1].get("metadata"):  # a parallel call
+                out[-1] = {"role": "assistant", "content": f"{out[-1]['content']}\n{call}"}
+                pending.append(called)
+                continue
+            message, pending = {"role": "assistant", "content": call}, [called]
         elif message["role"] == "observation":
-            message = {"role": "user", "content": FALLBACK_RESULT.format(name=called, content=message["content"])}
+            name = pending.pop(0) if pending else called
+            message = {"role": "user", "content": FALLBACK_RESULT.format(name=name, content=message["content"])}
         out.append(message)
     return out
 
 
 def fallback_call(reply: str) -> dict | None:
     """A function call in the fallback form read back from a reply: {"name": str, "arguments": dict}, or None
-    when the reply is not one (a code fence around the JSON is allowed)."""
+    when the reply is not one (a code fence around the JSON is allowed). Of parallel calls, one per line, the
+    first."""
     text = reply.strip()
     if text.startswith("```"):
         text = text.strip("`").removeprefix("json").strip()
+    text = text.split("\n{", 1)[0]  # parallel calls: the first line's
     try:
         value = json.loads(text)
     except json.JSONDecodeError:

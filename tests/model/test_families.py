@@ -7,7 +7,7 @@ from importlib import resources
 
 import pytest
 
-from sftlab.chat_format import IGNORE_INDEX, ChatRenderer, mark_supervised
+from sftlab.chat_format import IGNORE_INDEX, ChatRenderer, TemplateRefused, mark_supervised
 from sftlab.chat_tools import to_template_form
 from sftlab.eval.doctor import check_pad_eos, check_template, check_terminator
 from sftlab.model.load import load_tokenizer, resolve_model_path
@@ -261,6 +261,144 @@ GOLDEN = {
 
 GOLDEN["sftlab:tiny-glm4-0414"] = {**GOLDEN["sftlab:tiny-glm4"], **GOLDEN["sftlab:tiny-glm4-0414"]}
 
+# parallel calls: one assistant turn (GLM-4 writes each call after its own <|assistant|>, within the one turn)
+TOOLS_2 = TOOLS + [{"type": "function", "function": {"name": "get_time", "description": "Time now",
+                                                     "parameters": {"type": "object",
+                                                                    "properties": {"city": {"type": "string"}}}}}]
+PARALLEL_CALLS = [{"role": "system", "content": "", "tools": TOOLS_2}, {"role": "user", "content": "Paris?"},
+                  {"role": "assistant", "metadata": "get_weather", "content": '{"city": "Paris"}'},
+                  {"role": "assistant", "metadata": "get_time", "content": '{"city": "Paris"}'},
+                  {"role": "observation", "content": '{"temp": 21}'},
+                  {"role": "observation", "content": '{"time": "9:00"}'},
+                  {"role": "assistant", "content": "21 degrees at 9:00."}]
+GOLDEN["sftlab:tiny-glm4"]["parallel_calls"] = (
+    '[gMASK]<sop><|system|>\n'
+    '你是一个名为 ChatGLM 的人工智能助手。你是基于智谱AI训练的语言模型 GLM-4 模型开发的，你的任务是针对用户的问题和要求提供适当的答复和支持。\n'
+    '\n'
+    '# 可用工具\n'
+    '## get_weather\n'
+    '\n'
+    '{\n'
+    '    "name": "get_weather",\n'
+    '    "description": "Weather now",\n'
+    '    "parameters": {\n'
+    '        "type": "object",\n'
+    '        "properties": {\n'
+    '            "city": {\n'
+    '                "type": "string"\n'
+    '            }\n'
+    '        }\n'
+    '    }\n'
+    '}\n'
+    '在调用上述函数时，请使用 Json 格式表示调用的参数。\n'
+    '## get_time\n'
+    '\n'
+    '{\n'
+    '    "name": "get_time",\n'
+    '    "description": "Time now",\n'
+    '    "parameters": {\n'
+    '        "type": "object",\n'
+    '        "properties": {\n'
+    '            "city": {\n'
+    '                "type": "string"\n'
+    '            }\n'
+    '        }\n'
+    '    }\n'
+    '}\n'
+    '在调用上述函数时，请使用 Json 格式表示调用的参数。<|user|>\n'
+    'Paris?<|assistant|>«get_weather\n'
+    '{"city": "Paris"}<|assistant|>get_time\n'
+    '{"city": "Paris"}<|observation|>»\n'
+    '{"temp": 21}<|observation|>\n'
+    '{"time": "9:00"}<|assistant|>«\n'
+    '21 degrees at 9:00.<|endoftext|>»'
+)
+GOLDEN["sftlab:tiny-glm4-0414"]["parallel_calls"] = (
+    '[gMASK]<sop><|system|>\n'
+    '# 可用工具\n'
+    '\n'
+    '## get_weather\n'
+    '\n'
+    '{\n'
+    '    "name": "get_weather",\n'
+    '    "description": "Weather now",\n'
+    '    "parameters": {\n'
+    '        "type": "object",\n'
+    '        "properties": {\n'
+    '            "city": {\n'
+    '                "type": "string"\n'
+    '            }\n'
+    '        }\n'
+    '    }\n'
+    '}\n'
+    '在调用上述函数时，请使用 Json 格式表示调用的参数。\n'
+    '## get_time\n'
+    '\n'
+    '{\n'
+    '    "name": "get_time",\n'
+    '    "description": "Time now",\n'
+    '    "parameters": {\n'
+    '        "type": "object",\n'
+    '        "properties": {\n'
+    '            "city": {\n'
+    '                "type": "string"\n'
+    '            }\n'
+    '        }\n'
+    '    }\n'
+    '}\n'
+    '在调用上述函数时，请使用 Json 格式表示调用的参数。<|user|>\n'
+    'Paris?<|assistant|>«get_weather \n'
+    '{"city": "Paris"}<|assistant|>get_time \n'
+    '{"city": "Paris"}<|observation|>»\n'
+    '{"temp": 21}<|observation|>\n'
+    '{"time": "9:00"}<|assistant|>«\n'
+    '21 degrees at 9:00.<|endoftext|>»'
+)
+GOLDEN["sftlab:tiny-qwen3"]["parallel_calls"] = (
+    '<|im_start|>system\n'
+    '# Tools\n'
+    '\n'
+    'You may call one or more functions to assist with the user query.\n'
+    '\n'
+    'You are provided with function signatures within <tools></tools> XML tags:\n'
+    '<tools>\n'
+    '{"type": "function", "function": {"name": "get_weather", "description": "Weather now", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}\n'
+    '{"type": "function", "function": {"name": "get_time", "description": "Time now", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}\n'
+    '</tools>\n'
+    '\n'
+    'For each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n'
+    '<tool_call>\n'
+    '{"name": <function-name>, "arguments": <args-json-object>}\n'
+    '</tool_call><|im_end|>\n'
+    '<|im_start|>user\n'
+    'Paris?<|im_end|>\n'
+    '<|im_start|>assistant\n'
+    '«<think>\n'
+    '\n'
+    '</think>\n'
+    '\n'
+    '<tool_call>\n'
+    '{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
+    '</tool_call>\n'
+    '<tool_call>\n'
+    '{"name": "get_time", "arguments": {"city": "Paris"}}\n'
+    '</tool_call><|im_end|>»\n'
+    '<|im_start|>user\n'
+    '<tool_response>\n'
+    '{"temp": 21}\n'
+    '</tool_response>\n'
+    '<tool_response>\n'
+    '{"time": "9:00"}\n'
+    '</tool_response><|im_end|>\n'
+    '<|im_start|>assistant\n'
+    '«<think>\n'
+    '\n'
+    '</think>\n'
+    '\n'
+    '21 degrees at 9:00.<|im_end|>»\n'
+    ''
+)
+
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def family(request, sftlab_home):
@@ -274,6 +412,18 @@ def test_golden_masks(family, kind):
     sample = ChatRenderer(tokenizer).render(CONVERSATIONS[kind])
     assert mark_supervised(tokenizer, sample) == GOLDEN[name][kind]
     assert len(sample.input_ids) == len(sample.labels)
+
+
+def test_parallel_calls_are_one_turn_supervised_whole(family):
+    """Two calls before any result: one assistant turn, both calls supervised, both results in the prompt;
+    Llama-3.1's template refuses parallel calls, which is a clear MessageError (cleaning: tools_unsupported)."""
+    name, _, tokenizer = family
+    renderer = ChatRenderer(tokenizer)
+    if name == "sftlab:tiny-llama3":
+        with pytest.raises(TemplateRefused, match="This model only supports single tool-calls at once"):
+            renderer.render(PARALLEL_CALLS)
+        return
+    assert mark_supervised(tokenizer, renderer.render(PARALLEL_CALLS)) == GOLDEN[name]["parallel_calls"]
 
 
 # The published templates, as TRL keeps them (it compares them byte for byte with the Hub's in a weekly job)

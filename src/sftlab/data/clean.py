@@ -49,6 +49,7 @@ from sftlab.chat_format import (
     MessageError,
     RenderedSample,
     SampleTooLong,
+    TemplateRefused,
     validate_messages,
 )
 from sftlab.chat_tools import has_tool_parts
@@ -197,7 +198,8 @@ class RowChecker:
         for row, (i, sample) in enumerate(zip(passed, samples)):
             messages, text = results[i]
             if isinstance(sample, MessageError):  # decided after the duplicate checks
-                sample = Rejection("role_order", str(sample))
+                refused = isinstance(sample, TemplateRefused) and has_tool_parts(messages)
+                sample = Rejection("tools_unsupported" if refused else "role_order", str(sample))
             tools = tool_key(messages)
             digest = None if text is None else hashlib.blake2b(text.encode() + b"\0" + tools, digest_size=16).digest()
             results[i] = Checked(messages, text, digest, tools, None if signatures is None else row, sample)
