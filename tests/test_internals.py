@@ -34,6 +34,15 @@ def test_the_trainer_passes_a_batch_rebalance_sampler_as_the_batch_sampler_unsha
     assert source.count(f"isinstance(sampler, {base.__name__})") >= 2  # batch_sampler=, and no BatchSamplerShard
 
 
+def test_argparse_lists_what_a_parser_fills():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--max-queue", dest="max_queue")
+    parser.add_argument("inputs", nargs="*")
+    assert internals.parser_fields(parser) == {"help", "max_queue", "inputs"}
+
+
 def test_the_methods_sftlab_overrides_exist_with_the_parameters_it_expects():
     for name, parameters in internals.OVERRIDDEN_TRAINER_METHODS.items():
         assert tuple(inspect.signature(getattr(Trainer, name)).parameters) == parameters

@@ -13,6 +13,7 @@ import yaml
 
 from sftlab.environment import TINY_MODEL_NAME
 from sftlab.errors import UserError
+from sftlab.internals import parser_fields
 
 # Each choice is declared once, as the field's type: the parser lists it, check_choices enforces it (YAML
 # values become parser defaults, which argparse does not check against its choices).
@@ -119,7 +120,7 @@ def parse_verb(prog: str, types: tuple, argv: list[str], parser_class=None, posi
         del argv[argv.index("--config"):argv.index("--config") + 2]
         for key, value in (values.pop("env", None) or {}).items():
             os.environ[str(key)] = str(value)
-        known = {action.dest for action in parser._actions}
+        known = parser_fields(parser)
         unknown = sorted(set(values) - known)
         if unknown:
             raise UserError(f"{path}: unknown config key(s): {', '.join(unknown)}. `{prog} --help` lists the fields")

@@ -27,6 +27,12 @@ def rust_tokenizer(tokenizer):
     return getattr(tokenizer, "_tokenizer", None)
 
 
+def parser_fields(parser) -> set[str]:
+    """Every destination an argparse parser fills (argparse lists its actions only in a private attribute):
+    the keys a --config file may set."""
+    return {action.dest for action in parser._actions}
+
+
 def batch_sampler_base():
     """The sampler class transformers' Trainer passes as the DataLoader's batch_sampler, unsharded by accelerate
     (it is already rank-aware): sftlab's token-budget sampler subclasses it for that treatment alone."""
