@@ -11,6 +11,7 @@ from sftlab.chat_format import (
     stop_token_ids,
     validate_messages,
 )
+from sftlab.chat_tools import function_call
 from sftlab.data.convert import alpaca_to_messages
 
 
@@ -59,10 +60,10 @@ def test_alpaca_history_becomes_earlier_turns(tokenizer):
 
 def test_tool_call_and_observation_turns(tokenizer):
     tools = [{"type": "function", "function": {"name": "get_time", "parameters": {}}}]
-    messages = [{"role": "system", "content": "", "tools": tools}, {"role": "user", "content": "time?"},
-                {"role": "assistant", "metadata": "get_time", "content": "{}"},
-                {"role": "observation", "content": "12:00"}, {"role": "assistant", "content": "It is 12:00."}]
-    text = mark_supervised(tokenizer, render(tokenizer, messages))
+    messages = [{"role": "user", "content": "time?"},
+                {"role": "assistant", "content": "", "tool_calls": [function_call("get_time", {})]},
+                {"role": "tool", "content": "12:00"}, {"role": "assistant", "content": "It is 12:00."}]
+    text = mark_supervised(tokenizer, ChatRenderer(tokenizer).render(messages, tools))
     assert text.startswith("[gMASK]<sop><|system|>\n你是一个名为 ChatGLM 的人工智能助手。")
     assert '## get_time\n\n{\n    "name": "get_time",\n    "parameters": {}\n}\n在调用上述函数时，请使用 Json 格式表示调用的参数。' in text
     assert text.endswith("<|user|>\ntime?<|assistant|>«get_time\n{}<|observation|>»\n12:00<|assistant|>"
@@ -203,8 +204,11 @@ def test_a_call_in_the_fallback_form_is_read_back_from_a_reply(reply, call):
 
 def test_a_tool_result_must_follow_a_function_call_in_chat_and_serve_as_in_training():
     conversation = [{"role": "user", "content": "weather?"}, {"role": "assistant", "content": "let me see"},
-                    {"role": "observation", "content": "{\"temp\": 20}"}, {"role": "assistant", "content": "20"}]
-    with pytest.raises(MessageError, match="messages\\[2\\]: a tool result \\(observation\\) follows a plain reply"):
+                    {"role": "tool", "content": "{\"temp\": 20}"}, {"role": "assistant", "content": "20"}]
+    with pytest.raises(MessageError, match="messages\\[2\\]: a tool result follows a plain reply"):
         validate_messages(conversation, for_training=False)
-    conversation[1]["metadata"] = "get_weather"
+    conversation[1]["tool_calls"] = [function_call("get_weather", {"city": "Paris"})]
     validate_messages(conversation, for_training=False)
+    conversation[1]["tool_calls"] = [function_call("get_weather", '{"city": "Paris"}')]  # arguments as text
+    with pytest.raises(MessageError, match="messages\\[1\\].tool_calls\\[0\\].function.arguments: expected an object"):
+        validate_messages(conversation, for_training=False)

@@ -1,34 +1,44 @@
-"""Tool calls in the forms templates take (chat_tools.py): parallel calls stay one turn in every form."""
+"""Tool calls in the forms templates take (chat_tools.py): OpenAI's form inside, each template's dialect at the
+edge, and parallel calls one turn in every form."""
 
 import json
 
-from sftlab.chat_tools import fallback_call, to_fallback_form, to_template_form
+from sftlab.chat_tools import fallback_call, function_call, glm_form, to_fallback_form, to_template_form
 
 TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {}}},
          {"type": "function", "function": {"name": "g", "parameters": {}}}]
-PARALLEL = [{"role": "system", "content": "", "tools": TOOLS}, {"role": "user", "content": "go"},
-            {"role": "assistant", "metadata": "f", "content": '{"x": 1}'},
-            {"role": "assistant", "metadata": "g", "content": '{"y": 2}'},
-            {"role": "observation", "content": "F done"}, {"role": "observation", "content": "G done"},
+PARALLEL = [{"role": "user", "content": "go"},
+            {"role": "assistant", "content": "", "tool_calls": [function_call("f", {"x": 1}),
+                                                                function_call("g", {"y": "是"})]},
+            {"role": "tool", "content": "F done"}, {"role": "tool", "content": "G done"},
             {"role": "assistant", "content": "both done"}]
 
 
-def test_openai_form_puts_parallel_calls_in_one_assistant_message():
-    messages, tools = to_template_form(PARALLEL, tools_as_kwarg=True, openai_calls=True)
-    assert tools == TOOLS
-    assert messages == [
-        {"role": "user", "content": "go"},
-        {"role": "assistant", "content": "", "tool_calls": [
-            {"type": "function", "function": {"name": "f", "arguments": {"x": 1}}},
-            {"type": "function", "function": {"name": "g", "arguments": {"y": 2}}}]},
-        {"role": "tool", "content": "F done"}, {"role": "tool", "content": "G done"},
+def test_openai_form_goes_to_an_openai_template_as_it_is():
+    assert to_template_form(PARALLEL, TOOLS, tools_as_kwarg=True, openai_calls=True) == (PARALLEL, TOOLS)
+
+
+def test_glm4_form_puts_the_tools_on_the_system_message_and_each_call_in_a_message_of_its_own():
+    messages, tools = to_template_form(PARALLEL, TOOLS, tools_as_kwarg=False, openai_calls=False)
+    assert tools == [] and messages == [
+        {"role": "system", "content": "", "tools": TOOLS}, {"role": "user", "content": "go"},
+        {"role": "assistant", "metadata": "f", "content": '{"x": 1}'},
+        {"role": "assistant", "metadata": "g", "content": '{"y": "是"}'},
+        {"role": "observation", "content": "F done"}, {"role": "observation", "content": "G done"},
         {"role": "assistant", "content": "both done"}]
+    with_system = [{"role": "system", "content": "Be brief."}, *PARALLEL]
+    assert glm_form(with_system, TOOLS)[0] == {"role": "system", "content": "Be brief.", "tools": TOOLS}
+    # GLM-4-0414: the tools passed to the template, the calls in GLM-4's form
+    messages, tools = to_template_form(PARALLEL, TOOLS, tools_as_kwarg=True, openai_calls=False)
+    assert tools == TOOLS and messages[0] == {"role": "user", "content": "go"} and messages[1]["metadata"] == "f"
 
 
 def test_fallback_form_writes_parallel_calls_one_per_line_in_one_reply_and_names_each_result():
-    messages = to_fallback_form(PARALLEL)
+    messages = to_fallback_form(PARALLEL, TOOLS)
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "user", "assistant"]
+    assert messages[0]["content"].startswith("You can call these functions")
     assert messages[2]["content"].splitlines() == [json.dumps({"name": "f", "arguments": {"x": 1}}),
-                                                   json.dumps({"name": "g", "arguments": {"y": 2}})]
+                                                   json.dumps({"name": "g", "arguments": {"y": "是"}},
+                                                              ensure_ascii=False)]
     assert [messages[3]["content"], messages[4]["content"]] == ["Result of f: F done", "Result of g: G done"]
     assert fallback_call(messages[2]["content"]) == {"name": "f", "arguments": {"x": 1}}  # the first of them

@@ -59,13 +59,13 @@ def test_system_prompt_chooses_what_the_model_is_trained_with(chatml_with_defaul
     for row in (ROW, {"conversations": [{"from": "human", "value": "你是谁？"}, {"from": "gpt", "value": "我是灵犀。"}]},
                 {"messages": [{"role": "user", "content": "你是谁？"}, {"role": "assistant", "content": "我是灵犀。"}]}):
         fmt = {"instruction": "alpaca", "conversations": "sharegpt", "messages": "openai"}[next(iter(row))]
-        text = renderer.render_text(to_messages(row, fmt, system_prompt))
+        text = renderer.render_text(*to_messages(row, fmt, system_prompt))
         assert text == (f"<|im_start|>system\n{rendered_system}<|im_end|>\n<|im_start|>user\n你是谁？<|im_end|>\n"
                         "<|im_start|>assistant\n我是灵犀。<|im_end|>\n")
 
 
 def test_a_rows_own_system_message_wins(chatml_with_default):
-    messages = to_messages({**ROW, "system": "你是助手。"}, "alpaca", "")
+    messages, _ = to_messages({**ROW, "system": "你是助手。"}, "alpaca", "")
     assert messages[0] == {"role": "system", "content": "你是助手。"}
 
 

@@ -12,19 +12,20 @@ message prefix at a time; the loss mask follows GLM-4's own fine-tuning demo:
   end-of-turn token after the reply (ChatML's `<|im_end|>`, Llama-3's `<|eot_id|>`), that token, and nothing
   after it; where it writes none (GLM-4), the first token of the next message (`<|user|>` or
   `<|observation|>`), or the end-of-text token appended after the last message;
-- every other token (system, user, observation, role tokens, `[gMASK]<sop>`) has label -100.
+- every other token (system, user, tool results, role tokens, `[gMASK]<sop>`) has label -100.
 
 Without the supervised terminator the model never learns to stop (the tutorial's first defect).
 
-Conversations are in sftlab's message form: tools on the system message (`"tools": [...]`), a tool call as an
-assistant message whose `metadata` is the function name and whose content is the JSON arguments, a tool
-result as an `observation` message. Each template is probed once for how it wants them: in that form (GLM-4),
-with the tools passed to the template (GLM-4-0414), or in OpenAI's form, `tools` passed to the template,
-assistant `tool_calls`, `tool` results (Qwen, Llama-3 and most others). A template that renders tools in
-none of these forms (SmolLM2's ChatML) gets the fallback form (`to_fallback_form`): the tool definitions as JSON
-in the system message, each call as a JSON object `{"name": ..., "arguments": {...}}` as the assistant's whole
-reply, each result as a user message `Result of NAME: ...`. It is plain text in roles every template has, so
-training, chat and the server render it the same way, and `fallback_call` reads a call back from a reply.
+Conversations are in OpenAI's form: `tools` beside the messages, a call as an assistant message's `tool_calls`
+(the arguments an object; parallel calls in one message, one turn), a result as a `tool` message. Each template
+is probed once for the dialect it wants (chat_tools.py): OpenAI's form with `tools=` (Qwen, Llama-3 and most
+others), or GLM-4's, each call an assistant message whose `metadata` is the function's name and whose content is
+the JSON arguments, each result an `observation`, the tools passed to the template (GLM-4-0414) or on the system
+message (GLM-4). A template that renders tools in none of these (SmolLM2's ChatML) gets the fallback form
+(`to_fallback_form`): the tool definitions as JSON in the system message, each call as a JSON object
+`{"name": ..., "arguments": {...}}` as the assistant's reply, each result as a user message `Result of NAME: ...`.
+It is plain text in roles every template has, so training, chat and the server render it the same way, and
+`fallback_call` reads a call back from a reply.
 
 A template that renders an earlier assistant turn differently once more messages follow (Qwen3 drops the
 empty think block from history) gets every assistant turn in the form the model generates it, as TRL's
@@ -38,7 +39,9 @@ from transformers.utils.chat_template_utils import render_jinja_template
 
 from sftlab.chat_tools import (
     PROBE_TOOL_CONVERSATION,
+    PROBE_TOOLS,
     TOOL_DIALECTS,
+    check_tool_calls,
     has_tool_parts,
     to_fallback_form,
     to_template_form,
@@ -47,7 +50,7 @@ from sftlab.errors import MessageError
 from sftlab.internals import compiled_template, rust_tokenizer
 
 IGNORE_INDEX = -100
-ROLES = ("system", "user", "assistant", "observation")
+ROLES = ("system", "user", "assistant", "tool")
 
 
 class TemplateRefused(MessageError):
@@ -101,9 +104,14 @@ def validate_messages(messages: list[dict], for_training: bool = True) -> None:
             raise MessageError(f"messages[{i}].role: {message.get('role')!r} is not one of {', '.join(ROLES)}")
         if not isinstance(message.get("content"), str):
             raise MessageError(f"messages[{i}].content: expected a string")
+        calls = message.get("tool_calls")
+        if calls is not None:
+            if message["role"] != "assistant":
+                raise MessageError(f"messages[{i}].tool_calls: only an assistant message calls functions")
+            check_tool_calls(calls, i)
         # GLM-4's template skips a message whose content is empty. A system message may be empty: it then only
-        # keeps a template's default system prompt out (system_prompt: ""), or carries the tools.
-        if not message["content"].strip() and message["role"] != "system":
+        # keeps a template's default system prompt out (system_prompt: ""); a call needs no words.
+        if not message["content"].strip() and message["role"] != "system" and not calls:
             raise MessageError(f"messages[{i}].content: empty {message['role']} message")
     first = next((i for i, m in enumerate(messages) if m["role"] != "system"), None)
     if first is None or messages[first]["role"] != "user":
@@ -113,12 +121,11 @@ def validate_messages(messages: list[dict], for_training: bool = True) -> None:
     for i in range(first + 1, len(messages)):
         if messages[i]["role"] == messages[i - 1]["role"] and messages[i]["role"] == "user":
             raise MessageError(f"messages[{i}].role: two user messages in a row")
-        previous = messages[i - 1]
-        if messages[i]["role"] == "observation" and previous["role"] not in ("assistant", "observation"):
-            raise MessageError(f"messages[{i}].role: an observation must follow an assistant tool call")
-        if messages[i]["role"] == "observation" and previous["role"] == "assistant" and not previous.get("metadata"):
-            raise MessageError(f"messages[{i}]: a tool result (observation) follows a plain reply, not a function "
-                               "call")  # training, chat and serve alike
+        previous = messages[i - 1]  # training, chat and serve alike:
+        if messages[i]["role"] == "tool" and previous["role"] not in ("assistant", "tool"):
+            raise MessageError(f"messages[{i}].role: a tool result must follow an assistant's tool call")
+        if messages[i]["role"] == "tool" and previous["role"] == "assistant" and not previous.get("tool_calls"):
+            raise MessageError(f"messages[{i}]: a tool result follows a plain reply, not a function call")
     if for_training and messages[-1]["role"] != "assistant":
         raise MessageError(f"messages[{len(messages) - 1}].role: a training conversation must end with the assistant")
 
@@ -173,7 +180,7 @@ class ChatRenderer:
         and arguments and the result; None if it writes tools in none of them."""
         for dialect in TOOL_DIALECTS:
             try:
-                text = self._render(*to_template_form(PROBE_TOOL_CONVERSATION, *dialect), False)
+                text = self._render(*to_template_form(PROBE_TOOL_CONVERSATION, PROBE_TOOLS, *dialect), False)
             except Exception:  # the template refuses this form
                 continue
             if ("sftlab_probe_description" in text and text.count("sftlab_probe_fn") >= 2
@@ -200,9 +207,9 @@ class ChatRenderer:
         end = after[0] if after and after[0] in special_ids(self.tokenizer) else None
         return end, (full[len(prompt):at] if full.startswith(prompt) else "")
 
-    def _after_turn(self, messages: list[dict]) -> int | None:
+    def _after_turn(self, messages: list[dict], tools: list | None = None) -> int | None:
         """The first token the template writes after the assistant turn that ends `messages[:-1]`, if special."""
-        before, after = self.render_text(messages[:-1]), self.render_text(messages)
+        before, after = self.render_text(messages[:-1], tools), self.render_text(messages, tools)
         if not after.startswith(before) or after == before:
             return None
         token = self.encode(after[len(before):])[0]
@@ -219,17 +226,18 @@ class ChatRenderer:
             reply = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": END_PROBE}]
             ids.append(self._after_turn([*reply, {"role": "user", "content": "hi"}]))
             if self.tool_dialect is not None:
-                ids.append(self._after_turn(PROBE_TOOL_CONVERSATION))
+                ids.append(self._after_turn(PROBE_TOOL_CONVERSATION, PROBE_TOOLS))
         return list(dict.fromkeys(i for i in ids if i is not None))
 
-    def template_form(self, messages: list[dict]) -> tuple[list[dict], list]:
+    def template_form(self, messages: list[dict], tools: list | None = None) -> tuple[list[dict], list]:
         """(messages, tools) as this template wants them: what apply_chat_template is to be given."""
         if self.tool_dialect is None:
-            return (to_fallback_form(messages) if has_tool_parts(messages) else messages), []
-        return to_template_form(messages, *self.tool_dialect)
+            return (to_fallback_form(messages, tools) if has_tool_parts(messages, tools) else messages), []
+        return to_template_form(messages, tools, *self.tool_dialect)
 
-    def render_text(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        return self._render(*self.template_form(messages), add_generation_prompt)
+    def render_text(self, messages: list[dict], tools: list | None = None, add_generation_prompt: bool = False
+                    ) -> str:
+        return self._render(*self.template_form(messages, tools), add_generation_prompt)
 
     def _render(self, messages: list[dict], tools: list, add_generation_prompt: bool) -> str:
         try:
@@ -261,24 +269,25 @@ class ChatRenderer:
             return [e.ids for e in encode(texts, add_special_tokens=False)]
         return [self.encode(t) for t in texts]
 
-    def prompt_ids(self, messages: list[dict]) -> list[int]:
-        """The generation prompt: equal to apply_chat_template(messages, add_generation_prompt=True)."""
+    def prompt_ids(self, messages: list[dict], tools: list | None = None) -> list[int]:
+        """The generation prompt: equal to apply_chat_template(messages, tools=tools, add_generation_prompt=True)."""
         validate_messages(messages, for_training=False)
-        return self.encode(self.render_text(messages, add_generation_prompt=True))
+        return self.encode(self.render_text(messages, tools, add_generation_prompt=True))
 
-    def render(self, messages: list[dict]) -> RenderedSample:
+    def render(self, messages: list[dict], tools: list | None = None) -> RenderedSample:
         """Ids and labels for a training conversation, fitted to max_length; raises MessageError, or
         SampleTooLong for a sample over max_length that cannot be kept."""
-        pieces = self.pieces(messages)
+        pieces = self.pieces(messages, tools)
         return self.fit(self.assemble(pieces, [self.encode(text) for text, _ in pieces]))
 
-    def render_batch(self, conversations: list[list[dict]]) -> list:
+    def render_batch(self, conversations: list[list[dict]], tools: list | None = None) -> list:
         """Each conversation's whole sample (before max_length, for length statistics; the caller fits it),
-        tokenized in one batch; a MessageError in place of a conversation that cannot be rendered."""
+        tokenized in one batch; a MessageError in place of a conversation that cannot be rendered. `tools`: per
+        conversation, its tools or None."""
         all_pieces = []
-        for messages in conversations:
+        for messages, its_tools in zip(conversations, tools or [None] * len(conversations)):
             try:
-                all_pieces.append(self.pieces(messages))
+                all_pieces.append(self.pieces(messages, its_tools))
             except MessageError as exc:
                 all_pieces.append(exc)
         texts = [text for pieces in all_pieces if isinstance(pieces, list) for text, _ in pieces]
@@ -286,7 +295,7 @@ class ChatRenderer:
         return [pieces if isinstance(pieces, MessageError) else self.assemble(pieces, [next(ids) for _ in pieces])
                 for pieces in all_pieces]
 
-    def pieces(self, messages: list[dict]) -> list[tuple[str, str]]:
+    def pieces(self, messages: list[dict], tools: list | None = None) -> list[tuple[str, str]]:
         """The rendered text cut where the mask changes: (text, "prompt" | "completion") pieces.
 
         A "prompt" piece runs from the end of the last assistant turn to the generation prompt of the next;
@@ -294,9 +303,11 @@ class ChatRenderer:
         assistant turn is in the form the template gives a final turn, the form the model generates."""
         validate_messages(messages)
         pieces, last_prompt, last_turn = [], None, ""
-        for i, end in assistant_turns(messages):
-            prompt = self.render_text(messages[:i], add_generation_prompt=True)
-            turn = self._extend(prompt, self.render_text(messages[:end]), i)
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            prompt = self.render_text(messages[:i], tools, add_generation_prompt=True)
+            turn = self._extend(prompt, self.render_text(messages[: i + 1], tools), i)
             if not pieces:
                 between = prompt
             elif prompt.startswith(last_turn):  # the template renders earlier turns the same whatever follows
@@ -366,23 +377,6 @@ class ChatRenderer:
         if ids[-1] not in self.stop_ids:
             ids, labels = ids + [self.terminator_id], labels + [self.terminator_id]
         return RenderedSample(ids, labels)
-
-
-def assistant_turns(messages: list[dict]) -> list[tuple[int, int]]:
-    """(start, end) of each assistant turn: one assistant message, or a run of consecutive function calls
-    (parallel calls are one turn: the model writes them all before any result comes back)."""
-    turns, i = [], 0
-    while i < len(messages):
-        if messages[i]["role"] != "assistant":
-            i += 1
-            continue
-        end = i + 1
-        while (messages[i].get("metadata") and end < len(messages) and messages[end]["role"] == "assistant"
-               and messages[end].get("metadata")):
-            end += 1
-        turns.append((i, end))
-        i = end
-    return turns
 
 
 def mark_supervised(tokenizer, sample: RenderedSample, open_mark: str = "«", close_mark: str = "»") -> str:

@@ -1,57 +1,83 @@
-"""Tool calls in the forms chat templates take. sftlab's messages carry tools on a message (`tools`), a call as an
-assistant message naming its function (`metadata`, the arguments as JSON text) and a result as role `observation`
-(GLM-4's own form). Templates that take OpenAI's form get `tools=` and `tool_calls` / role `tool` instead
-(to_template_form), and templates that render no tools get sftlab's fallback: plain text, one message for one
-(to_fallback_form), read back by fallback_call.
+"""Tool calls in the forms chat templates take. sftlab's conversations are in OpenAI's form: `tools` beside the
+messages (passed to a template as `tools=`), a call as an assistant message's `tool_calls` with the arguments as
+an object (parallel calls are one message: one turn), a result as a message of role `tool`.
+
+Each template gets its own dialect at the edge (to_template_form): OpenAI's form as it is (Qwen, Llama-3.1);
+GLM-4-0414's, the tools passed but each call an assistant message naming its function (`metadata`) with the
+arguments as JSON text, and each result role `observation`; GLM-4's, the same with the tools on the system
+message. A template that renders no tools gets sftlab's fallback, plain text (to_fallback_form), read back by
+fallback_call.
 """
 
 import json
 
 from sftlab.errors import MessageError
 
-PROBE_TOOL = {"type": "function", "function": {
+
+def function_call(name: str, arguments: dict) -> dict:
+    """One entry of an assistant message's tool_calls."""
+    return {"type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+PROBE_TOOLS = [{"type": "function", "function": {
     "name": "sftlab_probe_fn", "description": "sftlab_probe_description",
-    "parameters": {"type": "object", "properties": {"sftlab_probe_arg": {"type": "string"}}}}}
+    "parameters": {"type": "object", "properties": {"sftlab_probe_arg": {"type": "string"}}}}}]
 PROBE_TOOL_CONVERSATION = [
-    {"role": "system", "content": "", "tools": [PROBE_TOOL]},
     {"role": "user", "content": "hi"},
-    {"role": "assistant", "metadata": "sftlab_probe_fn", "content": '{"sftlab_probe_arg": "sftlab_probe_value"}'},
-    {"role": "observation", "content": "sftlab_probe_result"},
+    {"role": "assistant", "content": "",
+     "tool_calls": [function_call("sftlab_probe_fn", {"sftlab_probe_arg": "sftlab_probe_value"})]},
+    {"role": "tool", "content": "sftlab_probe_result"},
 ]
-# (tools passed to the template, calls and results in OpenAI's form): sftlab's own form first
+# (tools passed to the template, calls and results in OpenAI's form): GLM-4's dialect first
 TOOL_DIALECTS = ((False, False), (True, False), (True, True))
 
 
-def has_tool_parts(messages: list[dict]) -> bool:
-    return any(m.get("tools") or m.get("metadata") or m["role"] == "observation" for m in messages)
+def calls_text(message: dict) -> str:
+    """A message's function calls as text (name and JSON arguments, one per line); "" for none."""
+    return "\n".join(f"{call['function']['name']} {json.dumps(call['function']['arguments'], ensure_ascii=False)}"
+                     for call in message.get("tool_calls") or [])
 
 
-def to_template_form(messages: list[dict], tools_as_kwarg: bool, openai_calls: bool) -> tuple[list[dict], list]:
-    """sftlab's messages -> (messages, tools) in the form a template wants (see TOOL_DIALECTS)."""
-    if not (tools_as_kwarg or openai_calls) or not has_tool_parts(messages):
-        return messages, []
-    out, tools = [], []
-    for i, message in enumerate(messages):
-        if message.get("tools"):
-            tools = message["tools"]
-            message = {k: v for k, v in message.items() if k != "tools"}
-            if message["role"] == "system" and not message["content"].strip():
-                continue  # a tools-only system message: the template writes the tools itself
-        if openai_calls and message["role"] == "assistant" and message.get("metadata"):
-            try:
-                arguments = json.loads(message["content"]) if message["content"].strip() else {}
-            except json.JSONDecodeError as exc:
-                raise MessageError(f"messages[{i}].content: the arguments of {message['metadata']} are not valid "
-                                   f"JSON ({exc.msg})") from exc
-            call = {"type": "function", "function": {"name": message["metadata"], "arguments": arguments}}
-            if out and out[-1]["role"] == "assistant" and out[-1].get("tool_calls"):  # parallel calls: one turn
-                out[-1]["tool_calls"].append(call)
-                continue
-            message = {"role": "assistant", "content": "", "tool_calls": [call]}
-        elif openai_calls and message["role"] == "observation":
-            message = {"role": "tool", "content": message["content"]}
-        out.append(message)
-    return out, (tools if tools_as_kwarg else [])
+def message_text(message: dict) -> str:
+    """What a message says: its content, and the calls it makes."""
+    calls = calls_text(message)
+    return f"{message['content']}\n{calls}" if message["content"] and calls else message["content"] or calls
+
+
+def has_tool_parts(messages: list[dict], tools: list | None = None) -> bool:
+    return bool(tools) or any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
+
+
+def to_template_form(messages: list[dict], tools: list | None, tools_as_kwarg: bool, openai_calls: bool
+                     ) -> tuple[list[dict], list]:
+    """(messages, tools) in the form a template wants (see TOOL_DIALECTS)."""
+    tools = tools or []
+    if openai_calls or not has_tool_parts(messages, tools):
+        return messages, tools if tools_as_kwarg else []
+    return glm_form(messages, [] if tools_as_kwarg else tools), tools if tools_as_kwarg else []
+
+
+def glm_form(messages: list[dict], system_tools: list) -> list[dict]:
+    """OpenAI's form -> GLM-4's: each call an assistant message whose `metadata` is the function's name and whose
+    content is the arguments as JSON (parallel calls one after another), each result role `observation`, and
+    `system_tools` on the system message (one is added where there is none)."""
+    out = []
+    if system_tools:
+        first = messages[0] if messages and messages[0]["role"] == "system" else {"role": "system", "content": ""}
+        out.append({**first, "tools": system_tools})
+        messages = messages[1:] if first is messages[0] else messages
+    for message in messages:
+        if message["role"] == "assistant" and message.get("tool_calls"):
+            if message["content"].strip():  # words before the calls: a turn of their own in GLM-4's form
+                out.append({"role": "assistant", "content": message["content"]})
+            out += [{"role": "assistant", "metadata": call["function"]["name"],
+                     "content": json.dumps(call["function"]["arguments"], ensure_ascii=False)}
+                    for call in message["tool_calls"]]
+        elif message["role"] == "tool":
+            out.append({"role": "observation", "content": message["content"]})
+        else:
+            out.append(message)
+    return out
 
 
 FALLBACK_TOOLS_INTRO = "You can call these functions (JSON schemas, one per line):"
@@ -65,30 +91,26 @@ def fallback_tools_text(tools: list[dict]) -> str:
     return f"{FALLBACK_TOOLS_INTRO}\n{listing}\n{FALLBACK_TOOLS_HOWTO}"
 
 
-def to_fallback_form(messages: list[dict]) -> list[dict]:
-    """sftlab's tool messages -> plain system, user and assistant text: tools appended to the system message's
-    text, a call as the JSON object {"name": ..., "arguments": {...}} (parallel calls: one per line, in one
-    reply), a result as a user message "Result of NAME: CONTENT" (the results of parallel calls name their calls
-    in order)."""
+def to_fallback_form(messages: list[dict], tools: list | None) -> list[dict]:
+    """Plain system, user and assistant text: the tools appended to the system message's text (one is added where
+    there is none), a call as the JSON object {"name": ..., "arguments": {...}} (parallel calls one per line, in
+    one reply), a result as a user message "Result of NAME: CONTENT" (the results of parallel calls name their
+    calls in order)."""
     out, pending, called = [], [], "the function"
-    for i, message in enumerate(messages):
-        if message.get("tools"):
-            text, tools = message["content"].strip(), fallback_tools_text(message["tools"])
-            message = {"role": message["role"], "content": f"{text}\n\n{tools}" if text else tools}
-        elif message["role"] == "assistant" and message.get("metadata"):
-            called = message["metadata"]
-            try:
-                arguments = json.loads(message["content"]) if message["content"].strip() else {}
-            except json.JSONDecodeError as exc:
-                raise MessageError(f"messages[{i}].content: the arguments of {called} are not valid JSON "
-                                   f"({exc.msg})") from exc
-            call = json.dumps({"name": called, "arguments": arguments}, ensure_ascii=False)
-            if messages[i - 1]["role"] == "assistant" and messages[i - 1].get("metadata"):  # a parallel call
-                out[-1] = {"role": "assistant", "content": f"{out[-1]['content']}\n{call}"}
-                pending.append(called)
-                continue
-            message, pending = {"role": "assistant", "content": call}, [called]
-        elif message["role"] == "observation":
+    if tools:
+        first = messages[0] if messages and messages[0]["role"] == "system" else {"role": "system", "content": ""}
+        text, listing = first["content"].strip(), fallback_tools_text(tools)
+        out.append({"role": "system", "content": f"{text}\n\n{listing}" if text else listing})
+        messages = messages[1:] if first is messages[0] else messages
+    for message in messages:
+        if message["role"] == "assistant" and message.get("tool_calls"):
+            pending = [call["function"]["name"] for call in message["tool_calls"]]
+            called = pending[-1]
+            lines = [json.dumps({"name": call["function"]["name"], "arguments": call["function"]["arguments"]},
+                                ensure_ascii=False) for call in message["tool_calls"]]
+            words = [message["content"]] if message["content"].strip() else []
+            message = {"role": "assistant", "content": "\n".join(words + lines)}
+        elif message["role"] == "tool":
             name = pending.pop(0) if pending else called
             message = {"role": "user", "content": FALLBACK_RESULT.format(name=name, content=message["content"])}
         out.append(message)
@@ -111,3 +133,16 @@ def fallback_call(reply: str) -> dict | None:
             and isinstance(value.get("arguments", {}), dict)):
         return None
     return {"name": value["name"], "arguments": value.get("arguments", {})}
+
+
+def check_tool_calls(calls, i: int) -> None:
+    """An assistant message's tool_calls: a list of {"type": "function", "function": {"name", "arguments"}}, each
+    name a non-empty string and the arguments an object (a MessageError naming the first that is not)."""
+    if not isinstance(calls, list) or not calls:
+        raise MessageError(f"messages[{i}].tool_calls: expected a non-empty list")
+    for n, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise MessageError(f"messages[{i}].tool_calls[{n}]: expected a function with a name")
+        if not isinstance(function.get("arguments"), dict):
+            raise MessageError(f"messages[{i}].tool_calls[{n}].function.arguments: expected an object")

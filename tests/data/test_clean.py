@@ -262,7 +262,7 @@ def test_tool_results_need_a_function_call_and_calls_need_json_arguments(tokeniz
     result, _ = run_clean(tokenizer, [path], max_length=2048)
     assert [(r.line, r.reason) for r in result.rejected] == [
         (1, "role_order"), (2, "invalid_tool_call"), (3, "invalid_tool_call"), (4, "invalid_tool_call")]
-    assert "a tool result (observation) follows a plain reply, not a function call" in result.rejected[0].detail
+    assert "a tool result follows a plain reply, not a function call" in result.rejected[0].detail
     assert "the arguments of get_weather are not valid JSON" in result.rejected[1].detail
 
 

@@ -28,7 +28,7 @@ def test_prepared_data_is_cached_under_a_content_hash(tokenizer, tmp_path, monke
     monkeypatch.setattr(prepare, "clean_rows", lambda *a, **k: pytest.fail("the cache was not used"))
     again = prepare_data(args, CleanArguments(), renderer)
     assert again.fingerprint == first.fingerprint and again.report == first.report
-    assert again.train.to_dict() == first.train.to_dict() and again.test_messages == first.test_messages
+    assert again.train.to_dict() == first.train.to_dict() and again.heldout == first.heldout
     monkeypatch.undo()
     # Arrow files on disk, read memory-mapped: the token ids are not held in Python objects
     assert again.train.cache_files and again.train.column_names == ["input_ids", "labels", "length", "num_supervised"]

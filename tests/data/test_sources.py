@@ -65,9 +65,9 @@ def test_mixing_is_reported_per_dataset_and_never_repeats_held_out_rows(tokenize
     held_out = len(data.test)
     assert held_out == round(data.report["kept"] * 0.2)
     assert table[small]["train_rows"] + table[big]["train_rows"] == len(data.train)
-    small_train = table[small]["kept"] - sum(m[0]["content"].startswith("small") for m in data.test_messages)
+    small_train = table[small]["kept"] - sum(r["messages"][0]["content"].startswith("small") for r in data.heldout)
     assert table[small]["train_rows"] == 3 * small_train
-    assert len({tuple(m[0]["content"] for m in [msgs]) for msgs in data.test_messages}) == held_out  # no repeats
+    assert len({r["messages"][0]["content"] for r in data.heldout}) == held_out  # no repeats
     from sftlab.data.report import render_markdown
 
     assert f"| {small} | 10 | 0 | 10 | 0 | 3 | {3 * small_train} |" in render_markdown(data.report)

@@ -295,7 +295,8 @@ def test_the_runs_system_prompt_goes_before_conversations_without_one(tiny):
     model, tokenizer = tiny
     app = create_app(model, tokenizer, "run", limits=Limits(max_tokens=2), context=4096, system_prompt="你是灵犀。")
     seen, prompt_ids = [], app.state.engine.renderer.prompt_ids
-    app.state.engine.renderer.prompt_ids = lambda messages: seen.append(messages) or prompt_ids(messages)
+    app.state.engine.renderer.prompt_ids = lambda messages, tools=None: seen.append(messages) or prompt_ids(messages,
+                                                                                                             tools)
     with serving(app) as url:
         for messages in ([{"role": "user", "content": "你是谁？"}],
                          [{"role": "system", "content": "mine"}, {"role": "user", "content": "你是谁？"}]):
@@ -303,6 +304,35 @@ def test_the_runs_system_prompt_goes_before_conversations_without_one(tiny):
                                   json={"model": "run", "messages": messages, "max_tokens": 2})
             assert response.status_code == 200, response.text
     assert [m[0] for m in seen] == [{"role": "system", "content": "你是灵犀。"}, {"role": "system", "content": "mine"}]
+
+
+def test_parallel_tool_calls_from_an_openai_client_are_prompted_as_one_turn_of_the_templates_dialect(tiny):
+    """The request's history in OpenAI's wire form (two calls in one assistant message, their arguments JSON
+    strings, two results) is the prompt training renders for the same conversation: the arguments parsed, the
+    calls one turn in GLM-4's dialect."""
+    from sftlab.chat_format import ChatRenderer
+    from sftlab.chat_tools import function_call
+
+    model, tokenizer = tiny
+    app = create_app(model, tokenizer, "tools", limits=Limits(max_tokens=2), context=4096)
+    tools = [{"type": "function", "function": {"name": name, "parameters": {"type": "object"}}}
+             for name in ("get_weather", "get_time")]
+    wire = [{"role": "user", "content": "Paris?"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "a", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+                {"id": "b", "type": "function", "function": {"name": "get_time", "arguments": '{"city": "Paris"}'}}]},
+            {"role": "tool", "tool_call_id": "a", "content": "21"}, {"role": "tool", "tool_call_id": "b", "content": "9:00"}]
+    with serving(app) as url:
+        response = httpx.post(f"{url}/v1/chat/completions", timeout=60,
+                              json={"model": "tools", "messages": wire, "tools": tools, "max_tokens": 2})
+    assert response.status_code == 200, response.text
+    inside = [wire[0], {"role": "assistant", "content": "", "tool_calls": [
+        function_call("get_weather", {"city": "Paris"}), function_call("get_time", {"city": "Paris"})]},
+        {"role": "tool", "content": "21"}, {"role": "tool", "content": "9:00"}]
+    prompt = ChatRenderer(tokenizer).render_text(inside, tools, add_generation_prompt=True)
+    assert '<|assistant|>get_weather\n{"city": "Paris"}<|assistant|>get_time\n{"city": "Paris"}<|observation|>\n21' \
+           '<|observation|>\n9:00<|assistant|>' in prompt
+    assert response.json()["usage"]["prompt_tokens"] == len(tokenizer.encode(prompt, add_special_tokens=False))
 
 
 def test_tools_for_a_template_that_renders_none_are_prompted_in_the_fallback_form(tiny):
@@ -321,8 +351,7 @@ def test_tools_for_a_template_that_renders_none_are_prompted_in_the_fallback_for
     assert response.status_code == 200, response.text
     from sftlab.chat_format import ChatRenderer
 
-    trained = ChatRenderer(plain).render_text([{"role": "system", "content": "", "tools": tools}, *messages],
-                                              add_generation_prompt=True)
+    trained = ChatRenderer(plain).render_text(messages, tools, add_generation_prompt=True)
     assert trained == ("<|system|>\nYou can call these functions (JSON schemas, one per line):\n"
                        '{"name": "get_time", "parameters": {"type": "object"}}\nTo call one, reply with only a JSON '
                        'object: {"name": "<function name>", "arguments": {<arguments>}}. Its result comes back in the '

@@ -8,7 +8,7 @@ from importlib import resources
 import pytest
 
 from sftlab.chat_format import IGNORE_INDEX, ChatRenderer, TemplateRefused, mark_supervised
-from sftlab.chat_tools import to_template_form
+from sftlab.chat_tools import function_call, to_template_form
 from sftlab.eval.doctor import check_pad_eos, check_template, check_terminator
 from sftlab.model.load import load_tokenizer, resolve_model_path
 from sftlab.model.tiny import FAMILIES
@@ -21,11 +21,12 @@ CONVERSATIONS = {
                {"role": "assistant", "content": "Hello!"}],
     "multi_turn": [{"role": "user", "content": "1+2?"}, {"role": "assistant", "content": "3"},
                    {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
-    "tool_call": [{"role": "system", "content": "", "tools": TOOLS}, {"role": "user", "content": "Paris?"},
-                  {"role": "assistant", "metadata": "get_weather", "content": '{"city": "Paris"}'},
-                  {"role": "observation", "content": '{"temp": 21}'},
+    "tool_call": [{"role": "user", "content": "Paris?"},
+                  {"role": "assistant", "content": "", "tool_calls": [function_call("get_weather", {"city": "Paris"})]},
+                  {"role": "tool", "content": '{"temp": 21}'},
                   {"role": "assistant", "content": "21 degrees."}],
 }
+TOOLS_OF = {"tool_call": TOOLS}  # the conversations' tools, beside their messages (OpenAI's form)
 
 GOLDEN = {
     'sftlab:tiny-glm4': {
@@ -265,11 +266,10 @@ GOLDEN["sftlab:tiny-glm4-0414"] = {**GOLDEN["sftlab:tiny-glm4"], **GOLDEN["sftla
 TOOLS_2 = TOOLS + [{"type": "function", "function": {"name": "get_time", "description": "Time now",
                                                      "parameters": {"type": "object",
                                                                     "properties": {"city": {"type": "string"}}}}}]
-PARALLEL_CALLS = [{"role": "system", "content": "", "tools": TOOLS_2}, {"role": "user", "content": "Paris?"},
-                  {"role": "assistant", "metadata": "get_weather", "content": '{"city": "Paris"}'},
-                  {"role": "assistant", "metadata": "get_time", "content": '{"city": "Paris"}'},
-                  {"role": "observation", "content": '{"temp": 21}'},
-                  {"role": "observation", "content": '{"time": "9:00"}'},
+PARALLEL_CALLS = [{"role": "user", "content": "Paris?"},
+                  {"role": "assistant", "content": "", "tool_calls": [function_call("get_weather", {"city": "Paris"}),
+                                                                      function_call("get_time", {"city": "Paris"})]},
+                  {"role": "tool", "content": '{"temp": 21}'}, {"role": "tool", "content": '{"time": "9:00"}'},
                   {"role": "assistant", "content": "21 degrees at 9:00."}]
 GOLDEN["sftlab:tiny-glm4"]["parallel_calls"] = (
     '[gMASK]<sop><|system|>\n'
@@ -409,7 +409,7 @@ def family(request, sftlab_home):
 @pytest.mark.parametrize("kind", list(CONVERSATIONS))
 def test_golden_masks(family, kind):
     name, _, tokenizer = family
-    sample = ChatRenderer(tokenizer).render(CONVERSATIONS[kind])
+    sample = ChatRenderer(tokenizer).render(CONVERSATIONS[kind], TOOLS_OF.get(kind))
     assert mark_supervised(tokenizer, sample) == GOLDEN[name][kind]
     assert len(sample.input_ids) == len(sample.labels)
 
@@ -421,9 +421,9 @@ def test_parallel_calls_are_one_turn_supervised_whole(family):
     renderer = ChatRenderer(tokenizer)
     if name == "sftlab:tiny-llama3":
         with pytest.raises(TemplateRefused, match="This model only supports single tool-calls at once"):
-            renderer.render(PARALLEL_CALLS)
+            renderer.render(PARALLEL_CALLS, TOOLS_2)
         return
-    assert mark_supervised(tokenizer, renderer.render(PARALLEL_CALLS)) == GOLDEN[name]["parallel_calls"]
+    assert mark_supervised(tokenizer, renderer.render(PARALLEL_CALLS, TOOLS_2)) == GOLDEN[name]["parallel_calls"]
 
 
 # The published templates, as TRL keeps them (it compares them byte for byte with the Hub's in a weekly job)
@@ -445,11 +445,11 @@ def test_prompts_equal_apply_chat_template(family):
     """What sftlab prompts with is what transformers (and so vLLM) prompts with, tools included."""
     _, _, tokenizer = family
     renderer = ChatRenderer(tokenizer)
-    for messages in CONVERSATIONS.values():
-        conversation, tools = to_template_form(messages[:-1], *renderer.tool_dialect)
+    for kind, messages in CONVERSATIONS.items():
+        conversation, tools = to_template_form(messages[:-1], TOOLS_OF.get(kind), *renderer.tool_dialect)
         served = tokenizer.apply_chat_template(conversation, tools=tools or None, add_generation_prompt=True,
                                                return_dict=True)["input_ids"]
-        assert renderer.prompt_ids(messages[:-1]) == list(served)
+        assert renderer.prompt_ids(messages[:-1], TOOLS_OF.get(kind)) == list(served)
 
 
 def test_qwen3_turns_are_rendered_as_trls_prefix_preserving_training_template_renders_them(sftlab_home):
@@ -461,10 +461,10 @@ def test_qwen3_turns_are_rendered_as_trls_prefix_preserving_training_template_re
     training_template = get_training_chat_template(tokenizer)
     renderer = ChatRenderer(tokenizer)
     for kind in ("multi_turn", "tool_call"):
-        conversation, tools = to_template_form(CONVERSATIONS[kind], *renderer.tool_dialect)
+        conversation, tools = to_template_form(CONVERSATIONS[kind], TOOLS_OF.get(kind), *renderer.tool_dialect)
         expected = tokenizer.apply_chat_template(conversation, tools=tools or None, chat_template=training_template,
                                                  tokenize=False)
-        assert tokenizer.decode(renderer.render(CONVERSATIONS[kind]).input_ids) == expected
+        assert tokenizer.decode(renderer.render(CONVERSATIONS[kind], TOOLS_OF.get(kind)).input_ids) == expected
 
 
 STOPS = {"sftlab:tiny-glm4": ["<|endoftext|>", "<|user|>", "<|observation|>"],
@@ -485,8 +485,9 @@ def test_doctor_label_and_template_checks_hold_for_every_family(family):
     name, folder, tokenizer = family
     renderer, examples = ChatRenderer(tokenizer), []
     for kind, messages in CONVERSATIONS.items():
-        sample = renderer.render(messages)
-        examples.append({"kind": kind, "messages": messages, "input_ids": sample.input_ids, "labels": sample.labels})
+        sample = renderer.render(messages, TOOLS_OF.get(kind))
+        examples.append({"kind": kind, "messages": messages, **({"tools": TOOLS} if kind in TOOLS_OF else {}),
+                         "input_ids": sample.input_ids, "labels": sample.labels})
     assert check_terminator(tokenizer, examples).status == "pass"
     assert check_pad_eos(tokenizer, examples).status == "pass"
     assert check_template(folder, tokenizer, examples).status == "pass", check_template(folder, tokenizer, examples)

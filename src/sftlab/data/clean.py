@@ -13,8 +13,8 @@ Reason codes, in the order they are checked:
   invalid_tool_call        a function call that is not JSON, has no name, or whose arguments are not a JSON object
   empty_instruction        a user message is empty
   empty_response           an assistant message is empty
-  role_order               the roles are not user -> assistant [-> observation -> assistant ...]; an
-                           observation (tool result) must follow an assistant function call
+  role_order               the roles are not user -> assistant [-> tool -> assistant ...]; a tool result
+                           must follow an assistant's function call
   tools_unsupported        the row has tool calls, the model's chat template renders no tools, and
                            tool_fallback is off
   boilerplate              a reply contains a configured phrase ("As an AI language model", ...)
@@ -52,7 +52,7 @@ from sftlab.chat_format import (
     TemplateRefused,
     validate_messages,
 )
-from sftlab.chat_tools import has_tool_parts
+from sftlab.chat_tools import calls_text, has_tool_parts, message_text
 from sftlab.config import CleanArguments
 from sftlab.data.convert import NO_FORMAT, FieldError, ToolCallError, check_format_name, detect_format, to_messages
 from sftlab.data.load import SourceRow
@@ -88,6 +88,7 @@ class Kept:
     line: int
     messages: list[dict]
     sample: RenderedSample | None  # fitted to max_length; None when cleaning without a model
+    tools: list[dict] | None = None  # the functions the conversation may call (OpenAI's `tools`)
 
 
 @dataclass
@@ -95,9 +96,10 @@ class Checked:
     """A row that passed the per-row checks, with what the cross-row decisions need."""
 
     messages: list[dict]
+    tools: list[dict] | None
     text: str | None  # normalized for duplicate detection (None when cleaning is off)
     digest: bytes | None  # of the text and the tool key: the exact-duplicate key
-    tools: bytes  # tool_key: near duplicates are looked for among rows with the same one
+    tool_key: bytes  # near duplicates are looked for among rows with the same one
     signature_row: int | None  # its row in the batch's signature array, for near-duplicate detection
     sample: RenderedSample | Rejection | None  # rendered whole (before max_length), why it cannot be, or no model
 
@@ -148,19 +150,18 @@ def repair_text(text: str, repairs: Counter) -> str:
 
 def dedup_text(messages: list[dict]) -> str:
     """The normalized conversation that duplicates are found on: lowercased, whitespace collapsed."""
-    return _SPACES.sub(" ", "\n".join(f"{m['role']}:{m.get('metadata', '')}{m['content']}" for m in messages)).lower()
+    return _SPACES.sub(" ", "\n".join(f"{m['role']}:{message_text(m)}" for m in messages)).lower()
 
 
-def tool_key(messages: list[dict]) -> bytes:
+def tool_key(messages: list[dict], tools: list | None) -> bytes:
     """What a tool-call row teaches beyond its text: the tool definitions and every function call's name and
     arguments, exactly. Rows are duplicates or near duplicates only when this is the same (b"" without tools):
     rows that differ only there teach different calls, which is the point of tool-call data. (Adding the tools'
     JSON to the near-duplicate text instead would make unrelated rows that share a long tool list look alike.)"""
-    tools = [m["tools"] for m in messages if m.get("tools")]
-    calls = [(m["metadata"], m["content"]) for m in messages if m["role"] == "assistant" and m.get("metadata")]
+    calls = [calls_text(m) for m in messages if m.get("tool_calls")]
     if not tools and not calls:
         return b""
-    return hashlib.blake2b(json.dumps([tools, calls], sort_keys=True, ensure_ascii=False).encode(),
+    return hashlib.blake2b(json.dumps([tools or [], calls], sort_keys=True, ensure_ascii=False).encode(),
                            digest_size=16).digest()
 
 
@@ -185,44 +186,44 @@ class RowChecker:
         repairs, results, passed = Counter(), [], []
         for source_row in rows:
             try:
-                messages, text = self._check_text(source_row, repairs)
+                messages, tools, text = self._check_text(source_row, repairs)
             except _Reject as reject:
                 results.append(Rejection(reject.reason, reject.detail))
                 continue
             passed.append(len(results))
-            results.append((messages, text))
-        texts = [results[i][1] for i in passed]
+            results.append((messages, tools, text))
+        texts = [results[i][2] for i in passed]
         signatures = self.near.signatures_of(texts) if self.near is not None and texts else None
-        samples = (self.renderer.render_batch([results[i][0] for i in passed]) if self.renderer is not None
-                   else [None] * len(passed))
+        samples = (self.renderer.render_batch([results[i][0] for i in passed], [results[i][1] for i in passed])
+                   if self.renderer is not None else [None] * len(passed))
         for row, (i, sample) in enumerate(zip(passed, samples)):
-            messages, text = results[i]
+            messages, tools, text = results[i]
             if isinstance(sample, MessageError):  # decided after the duplicate checks
-                refused = isinstance(sample, TemplateRefused) and has_tool_parts(messages)
+                refused = isinstance(sample, TemplateRefused) and has_tool_parts(messages, tools)
                 sample = Rejection("tools_unsupported" if refused else "role_order", str(sample))
-            tools = tool_key(messages)
-            digest = None if text is None else hashlib.blake2b(text.encode() + b"\0" + tools, digest_size=16).digest()
-            results[i] = Checked(messages, text, digest, tools, None if signatures is None else row, sample)
+            key = tool_key(messages, tools)
+            digest = None if text is None else hashlib.blake2b(text.encode() + b"\0" + key, digest_size=16).digest()
+            results[i] = Checked(messages, tools, text, digest, key, None if signatures is None else row, sample)
         return results, repairs, signatures
 
-    def _check_text(self, source_row: SourceRow, repairs: Counter) -> tuple[list[dict], str | None]:
+    def _check_text(self, source_row: SourceRow, repairs: Counter) -> tuple[list[dict], list | None, str | None]:
         if source_row.error:
             raise _Reject(source_row.error_reason or "bad_json", source_row.error)
-        messages = self._messages(source_row)
+        messages, tools = self._messages(source_row)
         if self.enabled:
             for message in messages:
                 message["content"] = repair_text(message["content"], repairs)
         self._check_structure(messages)
         if not self.config.tool_fallback and self.renderer is not None and self.renderer.tool_dialect is None:
-            messages = self._without_tools(messages, repairs)
+            tools = self._without_tools(messages, tools, repairs)
         max_length = self.renderer.max_length if self.renderer is not None else None
-        chars = sum(len(m["content"]) for m in messages)
+        chars = sum(len(message_text(m)) for m in messages)
         if max_length is not None and chars > max_length * self.max_token_chars:
             # certainly too long: neither hashed nor tokenized (a single 10 MB row would take seconds)
             raise _Reject("too_long", f"{chars} characters: over {max_length} tokens")
-        return messages, (self._check_content(messages) if self.enabled else None)
+        return messages, tools, (self._check_content(messages) if self.enabled else None)
 
-    def _messages(self, source_row: SourceRow) -> list[dict]:
+    def _messages(self, source_row: SourceRow) -> tuple[list[dict], list | None]:
         row_format = detect_format(source_row.row)
         if row_format is None:
             raise _Reject("malformed_record", NO_FORMAT)
@@ -240,7 +241,7 @@ class RowChecker:
         for message in messages:
             if message["role"] == "user" and not message["content"].strip():
                 raise _Reject("empty_instruction", "a user message is empty")
-            if message["role"] == "assistant" and not message["content"].strip():
+            if message["role"] == "assistant" and not message["content"].strip() and not message.get("tool_calls"):
                 raise _Reject("empty_response", "an assistant message is empty")
         try:
             validate_messages(messages)
@@ -248,21 +249,19 @@ class RowChecker:
             raise _Reject("role_order", str(exc)) from exc
 
     @staticmethod
-    def _without_tools(messages: list[dict], repairs: Counter) -> list[dict]:
+    def _without_tools(messages: list[dict], tools: list | None, repairs: Counter) -> None:
         """tool_fallback off, on a template that renders no tools: a row with calls or results is
-        tools_unsupported; a row that only lists tools keeps its conversation, without them."""
-        if not has_tool_parts(messages):
-            return messages
-        if any(m.get("metadata") or m["role"] == "observation" for m in messages):
+        tools_unsupported; a row that only lists tools keeps its conversation, without them (None)."""
+        if any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
             raise _Reject("tools_unsupported", "the chat template renders no tools and tool_fallback is off: this "
                                                "row has function calls")
-        repairs["tools_dropped"] += 1
-        kept = [{k: v for k, v in m.items() if k != "tools"} for m in messages]
-        return [m for m, was in zip(kept, messages) if not (was.get("tools") and not m["content"].strip())]
+        if tools:
+            repairs["tools_dropped"] += 1
+        return None
 
     def _check_content(self, messages: list[dict]) -> str:
         """The text filters; returns the normalized text that duplicates are found on."""
-        replies = [m["content"] for m in messages if m["role"] == "assistant"]
+        replies = [message_text(m) for m in messages if m["role"] == "assistant"]
         for phrase in self.boilerplate:
             if any(phrase in reply.lower() for reply in replies):
                 raise _Reject("boilerplate", f"a reply contains {phrase!r}")
@@ -319,25 +318,25 @@ class Cleaner:
                 raise _Reject("duplicate", f"same as {self.seen[checked.digest]}")
             self.seen[checked.digest] = key
         if signature is not None and self.near is not None:
-            if checked.tools not in self.near_by_tools:  # same seed: the same hash functions as self.near's
-                self.near_by_tools[checked.tools] = NearDuplicateIndex(self.near.threshold)
-            twin = self.near_by_tools[checked.tools].find_or_add(key, signature, checked.text)
+            if checked.tool_key not in self.near_by_tools:  # same seed: the same hash functions as self.near's
+                self.near_by_tools[checked.tool_key] = NearDuplicateIndex(self.near.threshold)
+            twin = self.near_by_tools[checked.tool_key].find_or_add(key, signature, checked.text)
             if twin is not None:
                 raise _Reject("near_duplicate", f"near {twin}")
         sample = checked.sample
         if isinstance(sample, Rejection):
             raise _Reject(sample.reason, sample.detail)
         if sample is None:  # no model: lengths in characters, no token limit
-            response = sum(len(m["content"]) for m in checked.messages if m["role"] == "assistant")
-            self.result.lengths.append((sum(len(m["content"]) for m in checked.messages) - response, response))
-            return Kept(source_row.source, source_row.line, checked.messages, None)
+            response = sum(len(message_text(m)) for m in checked.messages if m["role"] == "assistant")
+            self.result.lengths.append((sum(len(message_text(m)) for m in checked.messages) - response, response))
+            return Kept(source_row.source, source_row.line, checked.messages, None, checked.tools)
         supervised = sample.num_supervised
         self.result.lengths.append((len(sample.input_ids) - supervised, supervised))
         try:
             fitted = self.renderer.fit(sample)
             if self.compact:  # 4 bytes a token instead of a Python int object and a list slot (~36 bytes)
                 fitted = RenderedSample(array("i", fitted.input_ids), array("i", fitted.labels))
-            return Kept(source_row.source, source_row.line, checked.messages, fitted)
+            return Kept(source_row.source, source_row.line, checked.messages, fitted, checked.tools)
         except SampleTooLong as exc:
             raise _Reject("too_long", str(exc)) from exc
 

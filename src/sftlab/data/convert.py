@@ -1,10 +1,8 @@
 """Row formats, in one registry (FORMATS): a source row (alpaca, ShareGPT, OpenAI messages, prompt/completion) ->
-chat messages.
-
-Tools travel in a system message (`{"role": "system", "content": "", "tools": [...]}`), where GLM-4's chat
-template renders them. A tool call is an assistant message whose `metadata` is the function name and whose
-content is the JSON arguments, as GLM-4 writes it. Each transform raises FieldError naming the bad field;
-the loader adds the file and line.
+a conversation in OpenAI's form, (messages, tools): `tools` beside the messages, a call in an assistant message's
+`tool_calls` with its arguments as an object (parallel calls in one message), a result as a `tool` message.
+GLM-4's own form (a call as an assistant message naming its function in `metadata`, a result as `observation`)
+is read too. Each transform raises FieldError naming the bad field; the loader adds the file and line.
 """
 
 import json
@@ -12,10 +10,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from sftlab.chat_format import content_text
+from sftlab.chat_tools import function_call
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "system": "system", "observation": "observation", "tool": "observation",
-                  "function_call": "assistant"}
+                  "system": "system", "observation": "tool", "tool": "tool", "function_call": "assistant"}
+Conversation = tuple[list[dict], list[dict] | None]  # (messages, tools)
 
 
 class FieldError(ValueError):
@@ -67,7 +66,8 @@ def alpaca_to_messages(row: dict, system_prompt: str | None = None) -> list[dict
 
 
 def parse_tools(value, field: str = "tools") -> list[dict]:
-    """Tools as a JSON string or a list; bare function schemas are wrapped as GLM-4 expects them."""
+    """Tools as a JSON string or a list; bare function schemas are wrapped as OpenAI's {"type": "function",
+    "function": ...}."""
     if isinstance(value, str):
         try:
             value = json.loads(value) if value.strip() else []
@@ -78,10 +78,11 @@ def parse_tools(value, field: str = "tools") -> list[dict]:
     return [t if "type" in t else {"type": "function", "function": t} for t in value]
 
 
-def _tool_call(value: str, field: str) -> dict:
-    """A glaive-style function_call turn ({"name", "arguments"}) -> GLM-4's assistant tool call."""
+def _tool_call(value, field: str) -> dict:
+    """A call ({"name", "arguments"}, or its JSON as a glaive function_call turn writes it) -> an entry of
+    tool_calls, its arguments an object (OpenAI and glaive write them as a JSON string)."""
     try:
-        call = json.loads(value)
+        call = json.loads(value) if isinstance(value, str) else value
     except json.JSONDecodeError as exc:
         raise ToolCallError(field, f"function_call is not valid JSON ({exc.msg})") from exc
     if not isinstance(call, dict) or not isinstance(call.get("name"), str) or not call["name"].strip():
@@ -94,26 +95,26 @@ def _tool_call(value: str, field: str) -> dict:
             raise ToolCallError(field, f"the arguments of {call['name']} are not valid JSON ({exc.msg})") from exc
     if not isinstance(arguments, dict):
         raise ToolCallError(field, f"the arguments of {call['name']} are not a JSON object")
-    content = json.dumps(arguments, ensure_ascii=False)
-    return {"role": "assistant", "metadata": call["name"], "content": content}
+    return function_call(call["name"], arguments)
 
 
-def with_tools(messages: list[dict], row: dict, system_prompt: str | None) -> list[dict]:
-    """The row's tools on its system message; `system_prompt` (when not None) as the system message of a row
+def with_tools(messages: list[dict], row: dict, system_prompt: str | None) -> Conversation:
+    """The conversation with the row's tools; `system_prompt` (when not None) as the system message of a row
     that has none: "" gives it an empty one, which keeps a chat template's default system prompt out."""
-    tools = parse_tools(row["tools"]) if row.get("tools") else []
-    has_system = bool(messages) and messages[0]["role"] == "system"
-    if tools:
-        if has_system:
-            messages[0]["tools"] = tools
-        else:
-            messages.insert(0, {"role": "system", "content": system_prompt or "", "tools": tools})
-    elif not has_system and system_prompt is not None:
+    if (not messages or messages[0]["role"] != "system") and system_prompt is not None:
         messages.insert(0, {"role": "system", "content": system_prompt})
-    return messages
+    return messages, (parse_tools(row["tools"]) or None) if row.get("tools") else None
 
 
-def sharegpt_to_messages(row: dict, system_prompt: str | None = None) -> list[dict]:
+def add_call(messages: list[dict], call: dict) -> None:
+    """A call after a call is a parallel one: the same assistant message (one turn)."""
+    if messages and messages[-1]["role"] == "assistant" and messages[-1].get("tool_calls"):
+        messages[-1]["tool_calls"].append(call)
+    else:
+        messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
+
+
+def sharegpt_to_messages(row: dict, system_prompt: str | None = None) -> Conversation:
     """ShareGPT (`conversations` of from/value, glaive function_call/observation turns, optional tools/system)."""
     turns = row.get("conversations")
     if not isinstance(turns, list):
@@ -126,38 +127,57 @@ def sharegpt_to_messages(row: dict, system_prompt: str | None = None) -> list[di
         if not isinstance(turn.get("value"), str):
             raise FieldError(f"{field}.value", "expected a string")
         if turn["from"] == "function_call":
-            messages.append(_tool_call(turn["value"], f"{field}.value"))
+            add_call(messages, _tool_call(turn["value"], f"{field}.value"))
         else:
             messages.append({"role": SHAREGPT_ROLES[turn["from"]], "content": turn["value"]})
     return with_tools(messages, row, system_prompt)
 
 
-def openai_to_messages(row: dict, system_prompt: str | None = None) -> list[dict]:
-    """OpenAI chat (`messages` of role/content, `tool` results, assistant `tool_calls`, optional tools)."""
+def openai_to_messages(row: dict, system_prompt: str | None = None) -> Conversation:
+    """OpenAI chat (`messages` of role/content, `tool` results, assistant `tool_calls`, optional tools); GLM-4's
+    form of the same (`metadata` calls, `observation` results, tools on the system message) is read too."""
     raw = row.get("messages")
     if not isinstance(raw, list):
         raise FieldError("messages", "expected a list of {role, content} messages")
-    messages = []
+    messages, glm_tools = [], None
     for i, message in enumerate(raw):
         field = f"messages[{i}]"
         if not isinstance(message, dict):
             raise FieldError(field, "expected an object")
-        role = {"tool": "observation"}.get(message.get("role"), message.get("role"))
-        if message.get("tool_calls"):
-            for call in message["tool_calls"]:
-                function = call.get("function", call) if isinstance(call, dict) else None
-                if not isinstance(function, dict):
-                    raise FieldError(f"{field}.tool_calls", "expected objects with a function")
-                messages.append(_tool_call(json.dumps(function, ensure_ascii=False), f"{field}.tool_calls"))
-            continue
-        content = content_text(message.get("content"))
+        glm_tools = glm_tools or message.get("tools")
+        calls = _calls(message, field)
+        content = "" if message.get("content") is None and calls else content_text(message.get("content"))
         if content is None:
             raise FieldError(f"{field}.content", "expected a string or a list of text parts")
-        messages.append({"role": role, "content": content})
-    return with_tools(messages, row, system_prompt)
+        if message.get("metadata"):  # GLM-4's call: its content was the arguments
+            content = ""
+        if calls and not content.strip():
+            for call in calls:
+                add_call(messages, call)
+        elif calls:
+            messages.append({"role": "assistant", "content": content, "tool_calls": calls})
+        elif message.get("role") == "system" and not content.strip() and message.get("tools"):
+            continue  # GLM-4's tools-only system message: the tools go beside the messages
+        else:
+            messages.append({"role": {"observation": "tool"}.get(message.get("role"), message.get("role")),
+                             "content": content})
+    return with_tools(messages, {"tools": row.get("tools") or glm_tools}, system_prompt)
 
 
-def prompt_completion_to_messages(row: dict, system_prompt: str | None = None) -> list[dict]:
+def _calls(message: dict, field: str) -> list[dict]:
+    """A message's calls as tool_calls entries: OpenAI's `tool_calls`, or GLM-4's `metadata` call."""
+    if message.get("metadata") and message.get("role") == "assistant":
+        return [_tool_call({"name": message["metadata"], "arguments": message.get("content") or ""}, field)]
+    calls = message.get("tool_calls") or []
+    if not isinstance(calls, list):
+        raise FieldError(f"{field}.tool_calls", "expected a list of calls")
+    functions = [call.get("function", call) if isinstance(call, dict) else None for call in calls]
+    if not all(isinstance(function, dict) for function in functions):
+        raise FieldError(f"{field}.tool_calls", "expected objects with a function")
+    return [_tool_call(function, f"{field}.tool_calls") for function in functions]
+
+
+def prompt_completion_to_messages(row: dict, system_prompt: str | None = None) -> Conversation:
     messages = [{"role": "user", "content": _text(row, "prompt")},
                 {"role": "assistant", "content": _text(row, "completion")}]
     return with_tools(messages, row, system_prompt)
@@ -171,7 +191,7 @@ class RowFormat:
     name: str
     keys: tuple[str, ...]  # all present: a row of this format (the first match in FORMATS wins)
     fields: tuple[str, ...]
-    to_messages: Callable[[dict, str | None], list[dict]]
+    to_messages: Callable[[dict, str | None], Conversation]
     shown_as: str  # how the rejection of a row of no format names it
 
 
@@ -179,8 +199,8 @@ FORMATS = {f.name: f for f in (
     RowFormat("openai", ("messages",), ("messages", "tools"), openai_to_messages, "openai messages"),
     RowFormat("sharegpt", ("conversations",), ("conversations", "system", "tools"), sharegpt_to_messages,
               "sharegpt conversations"),
-    RowFormat("alpaca", ("instruction", "output"), ("instruction", "input", "output", "system", "history", "tools"),
-              alpaca_to_messages, "alpaca instruction/output"),
+    RowFormat("alpaca", ("instruction", "output"), ("instruction", "input", "output", "system", "history"),
+              lambda row, system_prompt: (alpaca_to_messages(row, system_prompt), None), "alpaca instruction/output"),
     RowFormat("prompt_completion", ("prompt", "completion"), ("prompt", "completion", "tools"),
               prompt_completion_to_messages, "prompt/completion"),
 )}
@@ -201,7 +221,7 @@ def check_format_name(name: str) -> None:
         raise ValueError(f"data_format: {name!r} is not one of auto, {', '.join(FORMATS)}")
 
 
-def to_messages(row, fmt: str, system_prompt: str | None = None) -> list[dict]:
+def to_messages(row, fmt: str, system_prompt: str | None = None) -> Conversation:
     if not isinstance(row, dict):
         raise FieldError("<row>", f"expected a JSON object, got {type(row).__name__}")
     return FORMATS[fmt].to_messages(row, system_prompt)

@@ -26,6 +26,7 @@ from datasets import utils as datasets_progress
 
 from sftlab import __version__, chat_format
 from sftlab.chat_format import IGNORE_INDEX, ChatRenderer
+from sftlab.chat_tools import has_tool_parts
 from sftlab.config import CleanArguments, DataArguments
 from sftlab.data import clean, convert, load, near_dedup
 from sftlab.data import sources as dataset_sources
@@ -42,7 +43,7 @@ from sftlab.files import remove_stale_staging, staged_folder
 class PreparedData:
     train: "Dataset"  # columns input_ids, labels, length (tokens), num_supervised
     test: "Dataset"
-    test_messages: list[list[dict]]  # the held-out conversations, for evaluation
+    heldout: list[dict]  # the held-out conversations, {"messages", "tools"} (tools where there are any)
     rejected: list[dict]  # {"reason", "source", "line", "detail"}
     report: dict
     fingerprint: str  # the content hash the prepared data is cached under
@@ -102,7 +103,7 @@ def prepare_data(data_args: DataArguments, clean_args: CleanArguments, renderer:
 
     data = PreparedData(
         train=samples(train_idx), test=samples(test_idx),
-        test_messages=[result.kept[i].messages for i in test_idx],
+        heldout=[conversation_record(result.kept[i]) for i in test_idx],
         rejected=[{"reason": r.reason, "source": r.source, "line": r.line, "detail": r.detail}
                   for r in result.rejected],
         report=report, fingerprint=key,
@@ -134,8 +135,13 @@ def int32_lists(rows: list) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
 
 
-def sample_kind(messages: list[dict]) -> str:
-    if any(m.get("tools") or (m["role"] == "assistant" and m.get("metadata")) for m in messages):
+def conversation_record(kept) -> dict:
+    """A conversation as heldout.jsonl, clean.jsonl and render_check.json keep it: OpenAI's row form."""
+    return {"messages": kept.messages, **({"tools": kept.tools} if kept.tools else {})}
+
+
+def sample_kind(messages: list[dict], tools: list | None = None) -> str:
+    if has_tool_parts(messages, tools):
         return "tool call"
     if sum(m["role"] == "assistant" for m in messages) > 1:
         return "multi-turn"
@@ -147,7 +153,7 @@ def examples_by_kind(kept: list, renderer: ChatRenderer) -> list[dict]:
     the saved template against each, since a template can render one kind right and another wrong."""
     firsts = {}
     for row in kept:
-        firsts.setdefault(sample_kind(row.messages), row)
+        firsts.setdefault(sample_kind(row.messages, row.tools), row)
         if len(firsts) == 4:  # every kind found: no need to look at the rest of a large dataset
             break
     return [_example(row, renderer, kind) for kind, row in firsts.items()]
@@ -155,7 +161,7 @@ def examples_by_kind(kept: list, renderer: ChatRenderer) -> list[dict]:
 
 def _example(kept, renderer: ChatRenderer, kind: str) -> dict:
     """One training sample as rendered, with the length settings that shaped it (for `sftlab doctor`)."""
-    return {"kind": kind, "messages": kept.messages, "input_ids": list(kept.sample.input_ids),
+    return {"kind": kind, **conversation_record(kept), "input_ids": list(kept.sample.input_ids),
             "labels": list(kept.sample.labels),
             "max_length": renderer.max_length, "overflow": renderer.overflow}
 

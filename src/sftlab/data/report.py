@@ -193,7 +193,8 @@ def write_clean_outputs(out_dir: Path, result: CleanResult, report: dict) -> Non
     staging.mkdir()
     with open(staging / "clean.jsonl", "w", encoding="utf-8") as f:
         for kept in result.kept:
-            f.write(json.dumps({"messages": kept.messages, "source": kept.source, "line": kept.line},
+            f.write(json.dumps({"messages": kept.messages, **({"tools": kept.tools} if kept.tools else {}),
+                                "source": kept.source, "line": kept.line},
                                ensure_ascii=False) + "\n")
     with open(staging / "rejected.jsonl", "w", encoding="utf-8") as f:
         for r in result.rejected:

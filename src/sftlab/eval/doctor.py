@@ -8,6 +8,7 @@ from typing import ClassVar
 
 from sftlab.chat_format import IGNORE_INDEX, ChatRenderer, MessageError, stop_token_ids
 from sftlab.config import Range, check_fields
+from sftlab.data.convert import openai_to_messages
 from sftlab.errors import UserError
 from sftlab.run_dir import EVAL_DIR, RENDER_CHECK, RESULTS, TRAINER_LOG, read_json, read_jsonl
 
@@ -86,11 +87,11 @@ def check_template(folder: Path, tokenizer, examples: list[dict]) -> Check:
 
 def template_problem(tokenizer, example: dict) -> tuple[str, str] | None:
     """(what is wrong, the fix) when the saved template does not render `example` as training did."""
-    messages = example["messages"]
+    messages, tools = openai_to_messages(example)  # a run's render_check.json, of GLM-4's form in older runs
     try:
         # as training rendered it: a sample cut by overflow=truncate is cut again the same way
         renderer = ChatRenderer(tokenizer, example.get("max_length"), example.get("overflow", "drop"))
-        sample = renderer.render(messages)
+        sample = renderer.render(messages, tools)
     except MessageError as exc:
         return f"the saved template cannot render it: {exc}", "restore the template the model was trained with"
     if "input_ids" in example and sample.input_ids != example["input_ids"]:  # the mask: the terminator check
@@ -102,10 +103,10 @@ def template_problem(tokenizer, example: dict) -> tuple[str, str] | None:
     # re-render history (Qwen3 drops think blocks), so for the last reply sftlab's prompt must equal the server's
     first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
     for end, exact in ((first, False), (len(messages) - 1, True)):
-        conversation, tools = renderer.template_form(messages[:end])
-        served = list(tokenizer.apply_chat_template(conversation, tools=tools or None, add_generation_prompt=True,
-                                                    return_dict=True)["input_ids"])
-        if exact and served != renderer.prompt_ids(messages[:end]):
+        conversation, template_tools = renderer.template_form(messages[:end], tools)
+        served = list(tokenizer.apply_chat_template(conversation, tools=template_tools or None,
+                                                    add_generation_prompt=True, return_dict=True)["input_ids"])
+        if exact and served != renderer.prompt_ids(messages[:end], tools):
             return ("apply_chat_template's prompt differs from sftlab's for the last reply",
                     "the template must render the conversation prefix-by-prefix")
         if not exact and sample.input_ids[:len(served)] != served:
@@ -179,11 +180,13 @@ def check_generation(model, tokenizer, examples: list[dict], max_new_tokens: int
     name = "greedy generation stops"
     example = next((e for e in examples if e["kind"] == "plain"), examples[0] if examples else None)
     # a training prompt of the run; for a model folder, a prompt in its tokenizer's language
-    messages = (example["messages"][:-1] if example else
-                [{"role": "user", "content": PLAIN_PROMPTS[main_language(tokenizer)]}])
+    messages, tools = openai_to_messages(example) if example else (
+        [{"role": "user", "content": PLAIN_PROMPTS[main_language(tokenizer)]}, None], None)
+    messages = messages[:-1]
     budget, source = generation_budget(folder, max_new_tokens)
     greedy = SamplingArgs(max_new_tokens=budget, temperature=0)
-    reply = generate_replies(model, tokenizer, [messages], greedy, progress="doctor: greedy generation")[0]
+    reply = generate_replies(model, tokenizer, [messages], greedy, progress="doctor: greedy generation",
+                             tools=[tools])[0]
     if reply.finish_reason == "stop":
         return Check(name, "pass", f"stopped after {reply.new_tokens} tokens (of {budget}: {source}): "
                                    f"{reply.text[:60]!r}")

@@ -10,7 +10,9 @@ import torch
 from tqdm.auto import tqdm
 
 from sftlab.chat_format import IGNORE_INDEX, ChatRenderer
+from sftlab.chat_tools import message_text
 from sftlab.config import Range, check_fields
+from sftlab.data.convert import openai_to_messages
 from sftlab.errors import UserError
 from sftlab.eval import retention
 from sftlab.eval.metrics import text_scores
@@ -45,18 +47,19 @@ DEFAULT_MAX_NEW_TOKENS = 256  # for a model folder, which has no reply limit of 
 
 
 def heldout_loss(model, tokenizer, conversations: list[list[dict]], batch_size: int = 8,
-                    progress: str | None = None) -> float:
-    """Mean cross-entropy over the supervised tokens (the replies and their terminators), as in training."""
-    losses = sample_losses(model, tokenizer, conversations, batch_size, progress)
+                 progress: str | None = None, tools: list | None = None) -> float:
+    """Mean cross-entropy over the supervised tokens (the replies and their terminators), as in training.
+    `tools`: per conversation, its tools or None."""
+    losses = sample_losses(model, tokenizer, conversations, batch_size, progress, tools)
     return sum(total for total, _ in losses) / max(sum(tokens for _, tokens in losses), 1)
 
 
 @torch.no_grad()
 def sample_losses(model, tokenizer, conversations: list[list[dict]], batch_size: int = 8,
-                  progress: str | None = None) -> list[tuple[float, int]]:
+                  progress: str | None = None, tools: list | None = None) -> list[tuple[float, int]]:
     """Per conversation: the summed cross-entropy over its supervised tokens, and how many there are."""
     renderer = ChatRenderer(tokenizer)
-    samples = [renderer.render(c) for c in conversations]
+    samples = [renderer.render(c, t) for c, t in zip(conversations, tools or [None] * len(conversations))]
     results = []
     model.eval()
     for start in tqdm(range(0, len(samples), batch_size), desc=progress, unit="batch", leave=False,
@@ -80,14 +83,16 @@ def sample_losses(model, tokenizer, conversations: list[list[dict]], batch_size:
 
 
 def evaluate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 256,
-             batch_size: int = 16, label: str = "", rules: list | None = None) -> tuple[dict, list]:
+             batch_size: int = 16, label: str = "", rules: list | None = None, tools: list | None = None
+             ) -> tuple[dict, list]:
     """Metrics over conversations whose last message is the reference reply; and the replies. `label` names
-    the model in the progress bars; `rules`, per conversation an answer rule or None, adds answer_accuracy."""
-    loss = heldout_loss(model, tokenizer, conversations, progress=f"{label} loss".strip())
+    the model in the progress bars; `rules`, per conversation an answer rule or None, adds answer_accuracy;
+    `tools`, per conversation its tools or None."""
+    loss = heldout_loss(model, tokenizer, conversations, progress=f"{label} loss".strip(), tools=tools)
     greedy = SamplingArgs(max_new_tokens=max_new_tokens, temperature=0)
     replies = generate_replies(model, tokenizer, [c[:-1] for c in conversations], greedy, batch_size=batch_size,
-                               progress=f"{label} replies".strip())
-    scores = [text_scores(r.text, c[-1]["content"]) for r, c in zip(replies, conversations)]
+                               progress=f"{label} replies".strip(), tools=tools)
+    scores = [text_scores(r.text, message_text(c[-1])) for r, c in zip(replies, conversations)]
     n = len(conversations)
     results = {"eval_loss": round(loss, 4), "perplexity": round(math.exp(min(loss, 50)), 3),
                **{k: round(sum(s[k] for s in scores) / n, 4) for k in ("rouge_1", "rouge_2", "rouge_l", "bleu_4")},
@@ -106,7 +111,7 @@ def answer_accuracy(replies: list, rules: list | None) -> dict:
     return {"answer_accuracy": round(sum(retention.correct(rule, r.text) for r, rule in checked) / len(checked), 4)}
 
 
-def load_conversations(data: str | None, run_dir: Path | None, tokenizer) -> tuple[list, list]:
+def load_conversations(data: str | None, run_dir: Path | None, tokenizer) -> tuple[list, list, list]:
     """The held-out split of a run (heldout.jsonl; a checkpoint's is its run's), or any data file sftlab can read
     (rows that cannot be rendered with the model's template are left out); and per conversation the row's answer
     rule (`"any": [...]` or `"all": [...]`, as in the retention probes) or None."""
@@ -115,8 +120,8 @@ def load_conversations(data: str | None, run_dir: Path | None, tokenizer) -> tup
         heldout = run_dir / HELDOUT if run_dir else None
         if heldout is None or not heldout.exists():
             raise UserError("no held-out split here (heldout.jsonl): pass --data FILE")
-        conversations = [record["messages"] for record in read_jsonl(heldout)]
-        return conversations, [None] * len(conversations)
+        records = [openai_to_messages(record) for record in read_jsonl(heldout)]  # also a run's of GLM-4's form
+        return [m for m, _ in records], [t for _, t in records], [None] * len(records)
     from sftlab.config import CleanArguments
     from sftlab.data.clean import clean_rows
     from sftlab.data.sources import dataset_specs, read_datasets
@@ -129,7 +134,8 @@ def load_conversations(data: str | None, run_dir: Path | None, tokenizer) -> tup
     if not result.kept:
         raise UserError(f"--data {data}: no conversation to evaluate ({result.rows_read} rows read, all left out: "
                         f"{result.reasons()})")
-    return [kept.messages for kept in result.kept], [rules[kept.source, kept.line] for kept in result.kept]
+    return ([kept.messages for kept in result.kept], [kept.tools for kept in result.kept],
+            [rules[kept.source, kept.line] for kept in result.kept])
 
 
 
@@ -158,7 +164,7 @@ def run_eval(model: str | None, adapter: str | None, data: str | None, compare_b
         raise UserError(f"{adapter or model} is not a run folder: pass --output DIR for the results")
     # the data first: a file with nothing usable is an error before a (possibly 9B) model is loaded
     tokenizer = inference_tokenizer(model, adapter)
-    conversations, rules = load_conversations(data, run_dir if run_dir.is_dir() else None, tokenizer)
+    conversations, tools, rules = load_conversations(data, run_dir if run_dir.is_dir() else None, tokenizer)
     system_prompt = recorded_system_prompt(run_dir)  # asked as training asked: held-out rows already carry it
     conversations = [with_system_prompt(c, system_prompt) for c in conversations]
     max_new_tokens = max_new_tokens or recorded_reply_limit(run_dir) or DEFAULT_MAX_NEW_TOKENS
@@ -174,7 +180,7 @@ def run_eval(model: str | None, adapter: str | None, data: str | None, compare_b
 
         base, _ = load_for_inference(model or adapter_base(Path(adapter)))
         results["base"], replies["base"] = evaluate(base, tokenizer, conversations, max_new_tokens, batch_size, "base",
-                                                    rules)
+                                                    rules, tools)
         add_task_scores(results, "base", base, tokenizer, harness)
         base_probe_replies = retention.answer(base, tokenizer, probes, system_prompt, batch_size, "base")
         if retention.knows_too_little(probes, base_probe_replies):
@@ -184,7 +190,7 @@ def run_eval(model: str | None, adapter: str | None, data: str | None, compare_b
         del base
     tuned, tokenizer = load_for_inference(model, adapter, tokenizer=tokenizer)
     results[side], replies[side] = evaluate(tuned, tokenizer, conversations, max_new_tokens, batch_size, side,
-                                            rules)
+                                            rules, tools)
     add_task_scores(results, side, tuned, tokenizer, harness)
     if compare_base and "retention" not in results:
         tuned_probe_replies = retention.answer(tuned, tokenizer, probes, system_prompt, batch_size, "tuned")
@@ -219,7 +225,7 @@ def with_replies(conversations: list[list[dict]], replies: dict[str, list], rule
     samples = []
     for i, conversation in enumerate(conversations):
         rule = rules[i] if rules else None
-        sample = {"prompt": conversation[-2]["content"], "reference": conversation[-1]["content"],
+        sample = {"prompt": message_text(conversation[-2]), "reference": message_text(conversation[-1]),
                   **({"answer_rule": rule} if rule else {})}
         for side, side_replies in replies.items():
             reply = side_replies[i]

@@ -98,9 +98,12 @@ class TokenProgress:
 
 @torch.no_grad()
 def generate_replies(model, tokenizer, conversations: list[list[dict]], sampling: SamplingArgs,
-                     batch_size: int = 16, streamer=None, progress: str | None = None) -> list[Reply]:
+                     batch_size: int = 16, streamer=None, progress: str | None = None,
+                     tools: list | None = None) -> list[Reply]:
     """Replies to each conversation (the last message is the user's). Runs in eval mode, then restores.
-    `progress`: a description for a progress bar (per batch, or per token for one conversation)."""
+    `progress`: a description for a progress bar (per batch, or per token for one conversation); `tools`: per
+    conversation, its tools or None."""
+    tools = tools or [None] * len(conversations)
     renderer = ChatRenderer(tokenizer, generation_eos=model.generation_config.eos_token_id)
     stop_ids = renderer.stop_ids
     was_training = model.training
@@ -113,7 +116,8 @@ def generate_replies(model, tokenizer, conversations: list[list[dict]], sampling
         starts = tqdm(starts, desc=progress, unit="batch", leave=False)
     try:
         for start in starts:
-            prompts = [renderer.prompt_ids(c) for c in conversations[start:start + batch_size]]
+            prompts = [renderer.prompt_ids(c, t) for c, t in zip(conversations[start:start + batch_size],
+                                                                   tools[start:start + batch_size])]
             ids, mask = left_pad(prompts, tokenizer.pad_token_id, model.device)
             out = model.generate(
                 input_ids=ids, attention_mask=mask, max_new_tokens=sampling.max_new_tokens,

@@ -71,8 +71,8 @@ def text_of(content, i: int) -> str:
     return text
 
 
-def conversation(request: ChatRequest) -> list[dict]:
-    """OpenAI messages -> sftlab's messages (tool calls and results included), checked like chat's."""
+def conversation(request: ChatRequest) -> tuple[list[dict], list | None]:
+    """The request's (messages, tools), their arguments parsed, checked like chat's."""
     raw = []
     for i, message in enumerate(request.messages):
         item = message.model_dump(exclude_none=True)
@@ -85,14 +85,14 @@ def conversation(request: ChatRequest) -> list[dict]:
     if problem:
         raise MessageError(problem[1])
     try:
-        messages = openai_to_messages({"messages": raw, "tools": request.tools} if request.tools else {"messages": raw})
+        messages, tools = openai_to_messages({"messages": raw, "tools": request.tools})
     except FieldError as exc:
         raise MessageError(str(exc)) from exc
     validate_messages(messages, for_training=False)
     if messages[-1]["role"] == "assistant":
         raise MessageError(f"messages[{len(messages) - 1}].role: the last message must be the user's or a tool "
                            "result, not the assistant's")
-    return messages
+    return messages, tools
 
 
 def create_app(model, tokenizer, name: str, api_key: str | None = None, limits: Limits | None = None,
@@ -151,7 +151,8 @@ def new_job(body: ChatRequest, engine: Engine, limits: Limits, context: int | No
     if body.n != 1:
         return error(400, "n: only n=1 is supported", param="n")
     try:  # rendering too: a template that renders no tools refuses a request with them (a 400, not a 500)
-        prompt = engine.renderer.prompt_ids(with_system_prompt(conversation(body), system_prompt))
+        messages, tools = conversation(body)
+        prompt = engine.renderer.prompt_ids(with_system_prompt(messages, system_prompt), tools)
     except MessageError as exc:
         return error(400, str(exc), param="messages")
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])

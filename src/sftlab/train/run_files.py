@@ -57,12 +57,11 @@ def complete_run(out: Path, is_main: bool) -> Path:
     adapter = (out / ADAPTER_CONFIG).exists()
     model, tokenizer = load_for_inference(adapter=str(out)) if adapter else load_for_inference(model=str(out))
     step = read_json(out / TRAINER_STATE)["global_step"]
-    heldout = [record["messages"] for record in read_jsonl(out / HELDOUT)]
-    finish_run(model, tokenizer, out, step, finish_settings(effective_record(out)), heldout, None)
+    finish_run(model, tokenizer, out, step, finish_settings(effective_record(out)), read_jsonl(out / HELDOUT), None)
     return out
 
 
-def finish_run(model, tokenizer, out: Path, step: int, settings: dict, test_messages: list, sharded: str | None
+def finish_run(model, tokenizer, out: Path, step: int, settings: dict, heldout: list[dict], sharded: str | None
                ) -> None:
     """After the final save, on the main process: probe replies, held-out evaluation, report, model card, and
     last the manifest marked complete (no generation where the weights are sharded: `sftlab eval` does it
@@ -70,12 +69,12 @@ def finish_run(model, tokenizer, out: Path, step: int, settings: dict, test_mess
     --resume without a record twice; and since the weights are safe, a stop signal here ends it at once."""
     with StopAtOnce() as stop:
         try:
-            write_finish(model, tokenizer, out, step, settings, test_messages, sharded)
+            write_finish(model, tokenizer, out, step, settings, heldout, sharded)
         except Stopped:
             stopped_after_final_save(stop.received, out, "the steps after the final save", True)
 
 
-def write_finish(model, tokenizer, out: Path, step: int, settings: dict, test_messages: list, sharded: str | None
+def write_finish(model, tokenizer, out: Path, step: int, settings: dict, heldout: list[dict], sharded: str | None
                  ) -> None:
     from sftlab.eval.evaluate import evaluate, with_replies, write_eval
     from sftlab.eval.model_card import write_model_card
@@ -89,10 +88,11 @@ def write_finish(model, tokenizer, out: Path, step: int, settings: dict, test_me
         final = probe_records(step, prompts, replies, final=True)
         keep_lines(out / PREDICTIONS, lambda record: not record.get("final"))  # an interrupted finish's
         append_jsonl(out / PREDICTIONS, final)
-        conversations = test_messages[:settings["final_eval_samples"]]
+        records = heldout[:settings["final_eval_samples"]]
+        conversations, tools = [r["messages"] for r in records], [r.get("tools") for r in records]
         if conversations:
             results, replies = evaluate(model, tokenizer, conversations, settings["final_eval_max_new_tokens"],
-                                        label="held-out")
+                                        label="held-out", tools=tools)
             results = {"tuned": results}
             if settings["retention_check"] and hasattr(model, "disable_adapter"):
                 from sftlab.eval.retention import adapter_retention
@@ -125,7 +125,7 @@ def write_run_inputs(out: Path, config: dict, data: PreparedData) -> None:
     write_manifest(out, config, data.fingerprint, config["train"]["seed"])
     if data.examples:  # what `sftlab doctor` checks the saved template against
         write_json(out / RENDER_CHECK, {"samples": data.examples}, indent=None)
-    write_jsonl(out / HELDOUT, ({"messages": m} for m in data.test_messages))
+    write_jsonl(out / HELDOUT, data.heldout)
     write_jsonl(out / REJECTED, data.rejected)
     write_json(out / DATA_REPORT, data.report)
 

@@ -106,7 +106,7 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, clean_arg
                                                    recorded_base_name(model_args.model_name_or_path)))
         if is_main:
             finish_run(trainer.model, prepared.tokenizer, out, trainer.state.global_step,
-                       finish_settings(prepared.config), prepared.data.test_messages, sharded)
+                       finish_settings(prepared.config), prepared.data.heldout, sharded)
     finally:
         stopper.uninstall()
         if "swanlab" in reports and is_main:
