@@ -393,15 +393,3 @@ def mark_supervised(tokenizer, sample: RenderedSample, open_mark: str = "«", cl
             run.append(token_id)
             run_supervised = supervised
     return "".join(pieces)
-
-
-def content_text(content) -> str | None:
-    """An OpenAI message's content as text: a string, or a list of text parts ({"type": "text", "text": ...})
-    joined; None for anything else (an image part, a number). The data loader and the server read it alike."""
-    if isinstance(content, str):
-        return content
-    is_text = [isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-               for p in content] if isinstance(content, list) else [False]
-    if all(is_text):
-        return "".join(p["text"] for p in content)
-    return None

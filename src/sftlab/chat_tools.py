@@ -1,6 +1,7 @@
-"""Tool calls in the forms chat templates take. sftlab's conversations are in OpenAI's form: `tools` beside the
-messages (passed to a template as `tools=`), a call as an assistant message's `tool_calls` with the arguments as
-an object (parallel calls are one message: one turn), a result as a message of role `tool`.
+"""OpenAI's message form, which sftlab's conversations are in, and the tool-call dialects chat templates take.
+The form: `tools` beside the messages (passed to a template as `tools=`), a call as an assistant message's
+`tool_calls` with the arguments as an object (parallel calls are one message: one turn), a result as a message of
+role `tool`, content as text (content_text).
 
 Each template gets its own dialect at the edge (to_template_form): OpenAI's form as it is (Qwen, Llama-3.1);
 GLM-4-0414's, the tools passed but each call an assistant message naming its function (`metadata`) with the
@@ -12,6 +13,18 @@ fallback_call.
 import json
 
 from sftlab.errors import MessageError
+
+
+def content_text(content) -> str | None:
+    """An OpenAI message's content as text: a string, or a list of text parts ({"type": "text", "text": ...})
+    joined; None for anything else (an image part, a number). The data loader and the server read it alike."""
+    if isinstance(content, str):
+        return content
+    is_text = [isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+               for p in content] if isinstance(content, list) else [False]
+    if all(is_text):
+        return "".join(p["text"] for p in content)
+    return None
 
 
 def function_call(name: str, arguments: dict) -> dict:

@@ -239,8 +239,10 @@ def test_chat_page_streams_a_reply_keeps_the_conversation_and_clears(chromium, s
 
     import sftlab.infer.serve as serve
 
-    # a chunk per generated step: on idle cores the tiny model's 24 tokens took under 0.1 s, fewer than the 6
-    # chunks (one per 20 ms at most) that show the reply arriving piece by piece
+    # a chunk per generated step: on idle cores the tiny model's 24 tokens took under 0.1 s, fewer than the
+    # chunks (one per 20 ms at most) that show the reply arriving piece by piece. Even so the engine coalesces the
+    # wake-ups of tokens that come faster than the event loop reads them (each token is decoded once now), so a
+    # few updates, not one per token, are what streaming guarantees
     monkeypatch.setattr(serve, "STREAM_INTERVAL_S", 0)
 
     model, tokenizer = load_for_inference(model="sftlab:tiny-glm4", device="cpu", dtype="float32")
@@ -263,7 +265,7 @@ def test_chat_page_streams_a_reply_keeps_the_conversation_and_clears(chromium, s
         page.press("#prompt", "Enter")
         page.wait_for_selector(".msg.assistant[data-streaming='false']", timeout=60_000)
         reply = page.text_content(".msg.assistant")
-        assert reply.strip() and page.evaluate("window.updates") > 5  # the reply arrived piece by piece
+        assert reply.strip() and page.evaluate("window.updates") > 2  # the reply arrived piece by piece
         assert page.get_attribute(".msg.assistant", "data-finish") == "length"
         assert "cut at the length limit" in reply
 

@@ -9,8 +9,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sftlab.chat_format import content_text
-from sftlab.chat_tools import function_call
+from sftlab.chat_tools import content_text, function_call
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system", "observation": "tool", "tool": "tool", "function_call": "assistant"}

@@ -21,7 +21,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from sftlab.chat_format import MessageError, content_text, validate_messages
+from sftlab.chat_format import MessageError, validate_messages
+from sftlab.chat_tools import content_text
 from sftlab.config import Range, check_fields
 from sftlab.data.convert import FieldError, openai_to_messages
 from sftlab.data.load import unusable
