@@ -94,7 +94,8 @@ def stop_token_ids(tokenizer, generation_eos=None) -> list[int]:
 
 
 def validate_messages(messages: list[dict], for_training: bool = True) -> None:
-    """Raises MessageError naming the message index and field when the conversation is malformed."""
+    """Raises MessageError naming the message index and field when the conversation is not a list of
+    chat_tools.Message in a usable order."""
     if not isinstance(messages, list) or not messages:
         raise MessageError("messages: expected a non-empty list")
     for i, message in enumerate(messages):

@@ -11,8 +11,27 @@ fallback_call.
 """
 
 import json
+from typing import Literal, NotRequired, TypedDict
 
 from sftlab.errors import MessageError
+
+
+class Function(TypedDict):
+    name: str
+    arguments: dict  # an object, not OpenAI's JSON string: templates render it (`| tojson`)
+
+
+class ToolCall(TypedDict):
+    type: Literal["function"]
+    function: Function
+
+
+class Message(TypedDict):
+    """One message of a conversation inside sftlab (validate_messages checks it)."""
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str  # "" for an assistant message that only calls
+    tool_calls: NotRequired[list[ToolCall]]  # an assistant's calls; parallel calls in one message
 
 
 def content_text(content) -> str | None:
@@ -27,7 +46,7 @@ def content_text(content) -> str | None:
     return None
 
 
-def function_call(name: str, arguments: dict) -> dict:
+def function_call(name: str, arguments: dict) -> ToolCall:
     """One entry of an assistant message's tool_calls."""
     return {"type": "function", "function": {"name": name, "arguments": arguments}}
 
@@ -61,7 +80,7 @@ def has_tool_parts(messages: list[dict], tools: list | None = None) -> bool:
     return bool(tools) or any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
 
 
-def to_template_form(messages: list[dict], tools: list | None, tools_as_kwarg: bool, openai_calls: bool
+def to_template_form(messages: list[Message], tools: list | None, tools_as_kwarg: bool, openai_calls: bool
                      ) -> tuple[list[dict], list]:
     """(messages, tools) in the form a template wants (see TOOL_DIALECTS)."""
     tools = tools or []
@@ -70,7 +89,7 @@ def to_template_form(messages: list[dict], tools: list | None, tools_as_kwarg: b
     return glm_form(messages, [] if tools_as_kwarg else tools), tools if tools_as_kwarg else []
 
 
-def glm_form(messages: list[dict], system_tools: list) -> list[dict]:
+def glm_form(messages: list[Message], system_tools: list) -> list[dict]:
     """OpenAI's form -> GLM-4's: each call an assistant message whose `metadata` is the function's name and whose
     content is the arguments as JSON (parallel calls one after another), each result role `observation`, and
     `system_tools` on the system message (one is added where there is none)."""
@@ -104,7 +123,7 @@ def fallback_tools_text(tools: list[dict]) -> str:
     return f"{FALLBACK_TOOLS_INTRO}\n{listing}\n{FALLBACK_TOOLS_HOWTO}"
 
 
-def to_fallback_form(messages: list[dict], tools: list | None) -> list[dict]:
+def to_fallback_form(messages: list[Message], tools: list | None) -> list[Message]:
     """Plain system, user and assistant text: the tools appended to the system message's text (one is added where
     there is none), a call as the JSON object {"name": ..., "arguments": {...}} (parallel calls one per line, in
     one reply), a result as a user message "Result of NAME: CONTENT" (the results of parallel calls name their

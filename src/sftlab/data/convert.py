@@ -9,11 +9,11 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sftlab.chat_tools import content_text, function_call
+from sftlab.chat_tools import Message, content_text, function_call
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system", "observation": "tool", "tool": "tool", "function_call": "assistant"}
-Conversation = tuple[list[dict], list[dict] | None]  # (messages, tools)
+Conversation = tuple[list[Message], list[dict] | None]  # (messages, tools)
 
 
 class FieldError(ValueError):
