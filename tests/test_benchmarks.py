@@ -51,3 +51,12 @@ def test_the_tool_call_benchmark_holds_out_its_prompts():
     asked = {r["messages"][0]["content"] for r in rows}
     assert len(rows) == 240 and len(cases) == 43 and not asked & {c["prompt"] for c in cases}
     assert all(c["tool"] in {t["function"]["name"] for t in c["tools"]} for c in cases if c["tool"])
+
+
+@pytest.mark.slow
+def test_the_data_scale_benchmark_measures_each_size(capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))  # its sibling modules (the row generator)
+    table = load_benchmark("data_scale").main(["--rows", "300,900", "--repeats", "1"])
+    assert [row["rows"] > n for row, n in zip(table, (300, 900))] == [True, True]  # the planted defects added
+    assert all(row["seconds"] > 0 and row["peak_mb"] > 50 and 0 < row["kept"] <= row["rows"] for row in table)
+    assert "KB per row" in capsys.readouterr().out
