@@ -97,12 +97,13 @@ def _tool_call(value, field: str) -> dict:
     return function_call(call["name"], arguments)
 
 
-def with_tools(messages: list[dict], row: dict, system_prompt: str | None) -> Conversation:
-    """The conversation with the row's tools; `system_prompt` (when not None) as the system message of a row
-    that has none: "" gives it an empty one, which keeps a chat template's default system prompt out."""
+def with_tools(messages: list[dict], tools, system_prompt: str | None) -> Conversation:
+    """The conversation with its tools (a row's `tools` field: a list or JSON text); `system_prompt` (when not
+    None) as the system message of a row that has none: "" gives it an empty one, which keeps a chat template's
+    default system prompt out."""
     if (not messages or messages[0]["role"] != "system") and system_prompt is not None:
         messages.insert(0, {"role": "system", "content": system_prompt})
-    return messages, (parse_tools(row["tools"]) or None) if row.get("tools") else None
+    return messages, (parse_tools(tools) or None) if tools else None
 
 
 def add_call(messages: list[dict], call: dict) -> None:
@@ -129,7 +130,7 @@ def sharegpt_to_messages(row: dict, system_prompt: str | None = None) -> Convers
             add_call(messages, _tool_call(turn["value"], f"{field}.value"))
         else:
             messages.append({"role": SHAREGPT_ROLES[turn["from"]], "content": turn["value"]})
-    return with_tools(messages, row, system_prompt)
+    return with_tools(messages, row.get("tools"), system_prompt)
 
 
 def openai_to_messages(row: dict, system_prompt: str | None = None) -> Conversation:
@@ -160,7 +161,7 @@ def openai_to_messages(row: dict, system_prompt: str | None = None) -> Conversat
         else:
             messages.append({"role": {"observation": "tool"}.get(message.get("role"), message.get("role")),
                              "content": content})
-    return with_tools(messages, {"tools": row.get("tools") or glm_tools}, system_prompt)
+    return with_tools(messages, row.get("tools") or glm_tools, system_prompt)
 
 
 def _calls(message: dict, field: str) -> list[dict]:
@@ -179,7 +180,7 @@ def _calls(message: dict, field: str) -> list[dict]:
 def prompt_completion_to_messages(row: dict, system_prompt: str | None = None) -> Conversation:
     messages = [{"role": "user", "content": _text(row, "prompt")},
                 {"role": "assistant", "content": _text(row, "completion")}]
-    return with_tools(messages, row, system_prompt)
+    return with_tools(messages, row.get("tools"), system_prompt)
 
 
 @dataclass(frozen=True)

@@ -180,9 +180,11 @@ def check_generation(model, tokenizer, examples: list[dict], max_new_tokens: int
     name = "greedy generation stops"
     example = next((e for e in examples if e["kind"] == "plain"), examples[0] if examples else None)
     # a training prompt of the run; for a model folder, a prompt in its tokenizer's language
-    messages, tools = openai_to_messages(example) if example else (
-        [{"role": "user", "content": PLAIN_PROMPTS[main_language(tokenizer)]}, None], None)
-    messages = messages[:-1]
+    if example:
+        messages, tools = openai_to_messages(example)
+        messages = messages[:-1]  # the prompt, without its reply
+    else:
+        messages, tools = [{"role": "user", "content": PLAIN_PROMPTS[main_language(tokenizer)]}], None
     budget, source = generation_budget(folder, max_new_tokens)
     greedy = SamplingArgs(max_new_tokens=budget, temperature=0)
     reply = generate_replies(model, tokenizer, [messages], greedy, progress="doctor: greedy generation",

@@ -54,15 +54,15 @@ def refuse_tied_modules_to_save(model, modules_to_save: list[str]) -> None:
 
 
 
-def check_prepared(data, data_args, train_args) -> None:
-    """The prepared data can train as configured: samples left, a token budget that holds the longest sample, a
-    held-out split where evaluation is asked for."""
+def check_prepared(data, lengths: list[int], data_args, train_args) -> None:
+    """The prepared data can train as configured: samples left, a token budget that holds the longest sample
+    (`lengths`: the training samples'), a held-out split where evaluation is asked for."""
     if not len(data.train):
         if len(data.test):
             raise UserError(f"test_size {data_args.test_size} leaves no training samples: all {len(data.test)} usable "
                             "rows were held out; lower test_size (a share of the rows, e.g. 0.05)")
         raise UserError(f"no training samples left from {', '.join(data_args.data_files)} ({data.summary()})")
-    longest = max(data.train["length"])
+    longest = max(lengths)
     if train_args.max_tokens_per_batch is not None and train_args.max_tokens_per_batch < longest:
         raise UserError(f"max_tokens_per_batch {train_args.max_tokens_per_batch} is smaller than the longest training "
                         f"sample ({longest} tokens): each such sample would be a micro-batch of its own, over the "

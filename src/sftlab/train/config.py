@@ -2,6 +2,7 @@
 quantities derived from a config that `train` and `estimate` share (the batch plan, reply limits, LoRA config)."""
 
 from dataclasses import asdict, dataclass, field
+from typing import ClassVar
 
 import torch
 from trl import SFTConfig, TrlParser
@@ -15,6 +16,8 @@ from sftlab.train.batching import (
 )
 from sftlab.train.callbacks import DEFAULT_PROBES
 from sftlab.train.tracking import check_report_to
+
+SHARE = "(< 1: a share of all steps)"
 
 
 @dataclass
@@ -103,6 +106,30 @@ class TrainConfig(SFTConfig):
                                 "full-vocabulary logits). False: TRL's own fused head."}
     )
 
+    # every field's range, declared once: checked before transformers sees the config, so a bad value is one line
+    # naming the field and its range, never a traceback from deep inside a library
+    RANGES: ClassVar[dict] = {
+        "learning_rate": Range(0, above=True),
+        "num_train_epochs": Range(0, above=True),
+        "max_steps": Range(1, integer=True, also=(-1,), say="-1 (use num_train_epochs) or positive"),
+        "per_device_train_batch_size": Range(1, integer=True),
+        "per_device_eval_batch_size": Range(1, integer=True),
+        "gradient_accumulation_steps": Range(1, integer=True),
+        "max_tokens_per_batch": Range(1, integer=True, nullable=True, say="an integer >= 1, auto or null"),
+        "max_length": Range(8, integer=True, nullable=True),
+        "save_steps": Range(0, above=True, note=SHARE),
+        "eval_steps": Range(0, above=True, nullable=True, note=SHARE),
+        "logging_steps": Range(0, above=True, note=SHARE),
+        "warmup_steps": Range(0, note=SHARE),
+        "weight_decay": Range(0),
+        "max_grad_norm": Range(0, note="(0: no clipping)"),
+        "save_total_limit": Range(1, integer=True, nullable=True),
+        "max_bad_steps": Range(1, integer=True),
+        "final_eval_samples": Range(0, integer=True),
+        "probe_max_new_tokens": Range(1, integer=True, nullable=True),
+        "final_eval_max_new_tokens": Range(1, integer=True, nullable=True),
+    }
+
     def __post_init__(self):
         reports = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to or ["none"])
         check_report_to(reports)
@@ -132,32 +159,6 @@ def token_budget(value, max_length: int | None = None) -> int | None | str:
             return None
         return int(text) if text.lstrip("-").isdigit() else value
     return value
-
-
-SHARE = "(< 1: a share of all steps)"
-# every field's range, declared once: checked before transformers sees the config, so a bad value is one line
-# naming the field and its range, never a traceback from deep inside a library
-TrainConfig.RANGES = {
-    "learning_rate": Range(0, above=True),
-    "num_train_epochs": Range(0, above=True),
-    "max_steps": Range(1, integer=True, also=(-1,), say="-1 (use num_train_epochs) or positive"),
-    "per_device_train_batch_size": Range(1, integer=True),
-    "per_device_eval_batch_size": Range(1, integer=True),
-    "gradient_accumulation_steps": Range(1, integer=True),
-    "max_tokens_per_batch": Range(1, integer=True, nullable=True, say="an integer >= 1, auto or null"),
-    "max_length": Range(8, integer=True, nullable=True),
-    "save_steps": Range(0, above=True, note=SHARE),
-    "eval_steps": Range(0, above=True, nullable=True, note=SHARE),
-    "logging_steps": Range(0, above=True, note=SHARE),
-    "warmup_steps": Range(0, note=SHARE),
-    "weight_decay": Range(0),
-    "max_grad_norm": Range(0, note="(0: no clipping)"),
-    "save_total_limit": Range(1, integer=True, nullable=True),
-    "max_bad_steps": Range(1, integer=True),
-    "final_eval_samples": Range(0, integer=True),
-    "probe_max_new_tokens": Range(1, integer=True, nullable=True),
-    "final_eval_max_new_tokens": Range(1, integer=True, nullable=True),
-}
 
 
 def check_ranges(config: TrainConfig) -> None:

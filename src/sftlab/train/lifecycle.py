@@ -31,19 +31,19 @@ class ReliableTrainer:
         self.token_sampler, self.bad_steps, self.amendment = token_sampler, bad_steps, amendment
         self.resumed_from: str | None = None
         guards = [bad_steps] if bad_steps is not None else []  # first: the log record it annotates is then written
-        kwargs["callbacks"] = [OnResume(self), *guards, *(kwargs.get("callbacks") or []), CommitCheckpoints(self)]
+        self.commits = CommitCheckpoints(self)
+        kwargs["callbacks"] = [OnResume(self), *guards, *(kwargs.get("callbacks") or []), self.commits]
         super().__init__(*args, **kwargs)
         if token_sampler is not None:
             self.add_callback(SamplerEpochCallback(token_sampler))
 
     def train(self, resume_from_checkpoint=None, **kwargs):
         self.resumed_from = resume_from_checkpoint
-        commits = next(c for c in self.callback_handler.callbacks if isinstance(c, CommitCheckpoints))
-        commits.keep, self.args.save_total_limit = self.args.save_total_limit, None  # see CommitCheckpoints
+        self.commits.keep, self.args.save_total_limit = self.args.save_total_limit, None  # see CommitCheckpoints
         try:
             return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         finally:
-            self.args.save_total_limit = commits.keep
+            self.args.save_total_limit = self.commits.keep
 
     def training_step(self, *args, **kwargs):
         loss = super().training_step(*args, **kwargs)

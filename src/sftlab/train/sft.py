@@ -60,6 +60,7 @@ class Prepared:
     model_path: Path
     tokenizer: object
     data: PreparedData
+    lengths: list[int]  # the training samples' token lengths, read once: the budget check, then the sampler
     config: dict  # the resolved config, as recorded in the run folder
     resume_from: str | None
     amendment: dict | None
@@ -127,7 +128,8 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, clean_args: Cl
     check_context(model_path, train_args.max_length)
     data = prepare_once(data_args, clean_args, renderer, train_args)
     print(data.summary())
-    check_prepared(data, data_args, train_args)
+    lengths = data.train["length"] if len(data.train) else []
+    check_prepared(data, lengths, data_args, train_args)
     set_reply_limits(train_args, data.report)
     config = resolved_config(model_args, data_args, clean_args, train_args, data.fingerprint, data.sources)
     amendment = None
@@ -139,7 +141,7 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, clean_args: Cl
     elif is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_run_inputs(out, config, data)
-    return Prepared(model_path, tokenizer, data, config, resume_from, amendment)
+    return Prepared(model_path, tokenizer, data, lengths, config, resume_from, amendment)
 
 
 def build(model_args: ModelArguments, data_args: DataArguments, train_args: TrainConfig, prepared: Prepared
@@ -152,7 +154,7 @@ def build(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
                        record_name=recorded_base_name(model_args.model_name_or_path),
                        load_in_4bit=model_args.load_in_4bit)
     padding_free = resolve_padding_free(train_args.padding_free, attention_of(model), is_main)
-    sampler, _, plan = batch_setup(train_args, data.train["length"], padding_free, verbose=is_main)
+    sampler, _, plan = batch_setup(train_args, prepared.lengths, padding_free, verbose=is_main)
     stopper = StopOnSignal()
     probe = ProbeCallback(tokenizer, train_args.probe_prompts, train_args.probe_max_new_tokens, str(out),
                           data_args.system_prompt, stopper)
