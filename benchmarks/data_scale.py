@@ -1,13 +1,20 @@
-"""How `sftlab data clean` grows with the row count: rows/s and peak memory at several sizes, and the memory a
-straight line through the two largest sizes gives for 10M rows. Today's path, as the baseline the streaming
-pipeline will be measured against.
+"""How `sftlab data clean` grows with the row count: rows/s and peak memory at several sizes, for each way of
+running it, beside the path before streaming (a git worktree of --baseline, where it still fits), with the
+extrapolation to 10M rows.
 
-    .venv/bin/python benchmarks/data_scale.py [--rows 100000,250000] [--repeats 3]
+    .venv/bin/python benchmarks/data_scale.py [--rows 100000,250000,1000000] [--repeats 3]
+        [--variants single,pool2,datatrove2] [--baseline af5542c --baseline_max 250000] [--repeats_above 1]
 
-Rows are data_pipeline.py's Alpaca-like rows with its planted defects of every kind (dirty_data.py). Each size is
-cleaned by `sftlab data clean FILE --model sftlab:tiny-glm4 --max_length 1024` in its own process (one worker
-per core past 4,096 rows, as by default), sizes interleaved (A B A B ...), median of --repeats. Peak memory is
-the largest resident set of the command's processes (getrusage of the children, which waits for every one).
+Rows are data_pipeline.py's Alpaca-like rows with its planted defects of every kind (dirty_data.py). Each run is
+`sftlab data clean FILE --model sftlab:tiny-glm4 --max_length 1024` in its own process:
+  single      --num_proc 1 (one process)
+  pool2       --num_proc 2 (sftlab's worker pool: 2 workers and the deciding process)
+  datatrove2  --datatrove_tasks 2 --num_proc 2 (2 datatrove tasks on LocalPipelineExecutor, then the decisions)
+  baseline    the --baseline commit's `data clean` with its defaults (one worker per core past 4,096 rows)
+Variants and sizes are interleaved (A B A B ...), the median of --repeats is reported (sizes over 250,000 rows:
+--repeats_above runs, since a million rows takes minutes a run). Peak memory is the largest resident set of the
+command's processes (getrusage of the children, which waits for every one), so for the pool and datatrove it is
+the largest single process.
 """
 
 import argparse
@@ -29,57 +36,100 @@ REPO = Path(__file__).resolve().parents[1]
 # children covers this one command only
 MEASURED = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(code)")
+VARIANTS = {"single": ["--num_proc", "1"], "pool2": ["--num_proc", "2"],
+            "datatrove2": ["--datatrove_tasks", "2", "--num_proc", "2"], "baseline": []}
 
 
 def write_rows(path: Path, n: int) -> int:
-    lines = with_defects(make_rows(n), MAX_LENGTH)
-    path.write_bytes(b"\n".join(lines) + b"\n")
-    return len(lines)
+    """n generated rows and their planted defects, written a chunk at a time (a million rows do not fit twice)."""
+    written = 0
+    with open(path, "wb") as f:
+        for start in range(0, n, 100_000):
+            lines = with_defects(make_rows(min(100_000, n - start), seed=start), MAX_LENGTH, seed=start)
+            f.write(b"\n".join(lines) + b"\n")
+            written += len(lines)
+    return written
 
 
-def clean_once(path: Path, out: Path) -> dict:
+def clean_once(path: Path, out: Path, variant: str, baseline_src: Path | None) -> dict:
     command = [sys.executable, "-m", "sftlab.cli", "data", "clean", str(path), "--model", "sftlab:tiny-glm4",
-               "--max_length", str(MAX_LENGTH), "--output", str(out)]
+               "--max_length", str(MAX_LENGTH), "--output", str(out), *VARIANTS[variant]]
+    env = {**os.environ, **({"PYTHONPATH": str(baseline_src)} if variant == "baseline" else {})}
     started = time.perf_counter()
     result = subprocess.run([sys.executable, "-c", MEASURED, *command], capture_output=True, text=True,
-                            cwd=REPO)
+                            cwd=REPO, env=env)
     seconds = time.perf_counter() - started
     if result.returncode != 0:
-        raise SystemExit(f"sftlab data clean failed:\n{result.stderr[-2000:]}")
+        raise SystemExit(f"sftlab data clean ({variant}) failed:\n{result.stderr[-2000:]}")
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     return {"seconds": seconds, "peak_mb": int(result.stdout.strip().splitlines()[-1]) / 1024,
-            "kept": report["kept"]}
+            "kept": report["kept"], "clean": (out / "clean.jsonl").stat().st_size}
+
+
+def baseline_worktree(commit: str, folder: Path) -> Path:
+    subprocess.run(["git", "worktree", "add", "--detach", str(folder), commit], cwd=REPO, check=True,
+                   capture_output=True)
+    return folder / "src"
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rows", default="100000,250000", help="Comma-separated sizes (generated rows).")
+    parser.add_argument("--rows", default="100000,250000,1000000", help="Comma-separated sizes (generated rows).")
+    parser.add_argument("--variants", default="single,pool2,datatrove2")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats_above", type=int, default=1, help="Runs of sizes over 250,000 rows.")
+    parser.add_argument("--baseline", default=None, help="A commit of the path before streaming, e.g. af5542c.")
+    parser.add_argument("--baseline_max", type=int, default=250_000, help="The largest size the baseline runs.")
     args = parser.parse_args(argv)
-    sizes = [int(n) for n in args.rows.split(",")]
-    runs = {n: [] for n in sizes}
+    sizes, variants = [int(n) for n in args.rows.split(",")], args.variants.split(",")
     with tempfile.TemporaryDirectory() as tmp:
+        baseline_src = baseline_worktree(args.baseline, Path(tmp) / "baseline") if args.baseline else None
+        if baseline_src:
+            variants.append("baseline")
         files = {n: Path(tmp) / f"rows_{n}.jsonl" for n in sizes}
         lines = {n: write_rows(files[n], n) for n in sizes}
+        runs = {(n, v): [] for n in sizes for v in variants}
         print(f"sftlab data clean, {os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f} at the start",
               flush=True)
-        for repeat in range(args.repeats):  # interleaved: every size once per round
-            for n in sizes:
-                runs[n].append(clean_once(files[n], Path(tmp) / f"out_{n}"))
-                print(f"  round {repeat + 1}: {lines[n]:,} rows in {runs[n][-1]['seconds']:.1f} s, peak "
-                      f"{runs[n][-1]['peak_mb']:,.0f} MB", flush=True)
-    table = [{"rows": lines[n], "seconds": statistics.median(r["seconds"] for r in runs[n]),
-              "peak_mb": statistics.median(r["peak_mb"] for r in runs[n]), "kept": runs[n][0]["kept"]} for n in sizes]
-    print(f"\nmedian of {args.repeats}; load average {os.getloadavg()[0]:.1f} at the end\n")
-    print("| rows | rows/s | peak RSS | KB per row |\n| ---: | ---: | ---: | ---: |")
-    for row in table:
-        print(f"| {row['rows']:,} | {row['rows'] / row['seconds']:,.0f} | {row['peak_mb']:,.0f} MB | "
-              f"{row['peak_mb'] * 1024 / row['rows']:.1f} |")
-    if len(table) >= 2:
-        small, large = table[-2], table[-1]
-        slope = (large["peak_mb"] - small["peak_mb"]) / (large["rows"] - small["rows"])  # MB per row
-        print(f"\nmemory grows {slope * 1024:.1f} KB per row from {small['rows']:,} to {large['rows']:,} rows: "
-              f"about {large['peak_mb'] + slope * (10_000_000 - large['rows']):,.0f} MB for 10M rows")
+        try:
+            for repeat in range(args.repeats):  # interleaved: every size and variant once per round
+                for n in sizes:
+                    for v in variants:
+                        skip = v == "baseline" and n > args.baseline_max
+                        if skip or (n > 250_000 and repeat >= args.repeats_above):
+                            continue
+                        runs[n, v].append(clean_once(files[n], Path(tmp) / f"out_{n}_{v}", v, baseline_src))
+                        run = runs[n, v][-1]
+                        print(f"  round {repeat + 1}: {v:10s} {lines[n]:>9,} rows in {run['seconds']:6.1f} s, "
+                              f"peak {run['peak_mb']:,.0f} MB", flush=True)
+        finally:
+            if baseline_src:
+                subprocess.run(["git", "worktree", "remove", "--force", str(baseline_src.parent)], cwd=REPO)
+    table = [{"variant": v, "rows": lines[n], "runs": len(r), "seconds": statistics.median(x["seconds"] for x in r),
+              "peak_mb": statistics.median(x["peak_mb"] for x in r), "kept": r[0]["kept"], "clean": r[0]["clean"]}
+             for (n, v), r in runs.items() if r]
+    outputs = {(row["rows"], row["kept"], row["clean"]) for row in table}
+    print(f"\nload average {os.getloadavg()[0]:.1f} at the end; every variant kept the same rows at each size: "
+          f"{len(outputs) == len(sizes)}\n")
+    print("| variant | rows | runs | rows/s | peak RSS | vs baseline (time, memory) |\n"
+          "| --- | ---: | ---: | ---: | ---: | --- |")
+    base = {row["rows"]: row for row in table if row["variant"] == "baseline"}
+    for row in sorted(table, key=lambda r: (r["variant"], r["rows"])):
+        ref = base.get(row["rows"])
+        ratio = (f"{ref['seconds'] / row['seconds']:.2f}x faster, {row['peak_mb'] / ref['peak_mb']:.2f}x memory"
+                 if ref and row is not ref else "")
+        print(f"| {row['variant']} | {row['rows']:,} | {row['runs']} | {row['rows'] / row['seconds']:,.0f} | "
+              f"{row['peak_mb']:,.0f} MB | {ratio} |")
+    for variant in variants:
+        rows = sorted((r for r in table if r["variant"] == variant), key=lambda r: r["rows"])
+        if len(rows) >= 2:
+            small, large = rows[-2], rows[-1]
+            slope = (large["peak_mb"] - small["peak_mb"]) / (large["rows"] - small["rows"])  # MB per row
+            per_row = (large["seconds"] / large["rows"]) / (small["seconds"] / small["rows"])
+            print(f"{variant}: from {small['rows']:,} to {large['rows']:,} rows, peak memory x"
+                  f"{large['peak_mb'] / small['peak_mb']:.2f} ({slope * 1024:+.2f} KB a row: about "
+                  f"{large['peak_mb'] + slope * (10_000_000 - large['rows']):,.0f} MB at 10M rows), time per row "
+                  f"x{per_row:.2f} (10M rows: about {large['seconds'] / large['rows'] * 1e7 / 3600:.1f} h)")
     return table
 
 

@@ -57,10 +57,8 @@ def test_os_failures_are_one_line_naming_the_path_and_what_to_do(tmp_path, monke
     """A read-only output folder and an unwritable prepared-data cache: exit 1 and one line, no traceback."""
     import errno
     import json
-    import tempfile
     from pathlib import Path
 
-    import sftlab.files as files
     from sftlab import cli
     from sftlab.environment import cache_root
 
@@ -85,13 +83,15 @@ def test_os_failures_are_one_line_naming_the_path_and_what_to_do(tmp_path, monke
     monkeypatch.undo()
     datasets = str(cache_root() / "datasets")
 
-    def unwritable(*args, **kwargs):
-        raise PermissionError(errno.EACCES, "Permission denied", datasets)
+    def unwritable(self, *args, **kwargs):
+        if str(self).startswith(datasets):
+            raise PermissionError(errno.EACCES, "Permission denied", datasets)
+        return mkdir(self, *args, **kwargs)
 
-    monkeypatch.setattr(tempfile, "mkdtemp", unwritable)
+    monkeypatch.setattr(Path, "mkdir", unwritable)
     assert cli.main([*train, "--output_dir", str(tmp_path / "run")]) == 1
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.strip().splitlines()[-1:] == [f"sftlab train: error: permission denied writing {datasets}: choose a writable folder (or fix its "
                    "permissions) and run it again; the prepared-data cache is under SFTLAB_HOME, which can point "
                    "elsewhere"]
-    assert files.tempfile.mkdtemp is unwritable  # the cache is staged by files.staged_folder
+    assert Path.mkdir is unwritable  # the preparation's work folder is made with Path.mkdir

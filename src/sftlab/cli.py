@@ -28,6 +28,8 @@ VERBS = {
     "data inspect": Verb("look at a file as the model sees it", "sftlab data inspect FILE", "sftlab.data.commands",
                          "inspect_data", "INSPECT_ARGUMENTS",
                          (("file", {"help": "A data file (.json .jsonl .parquet .csv)."}),)),
+    "data prepare": Verb("clean, render and shard the data of a training config", "sftlab data prepare --config FILE",
+                         "sftlab.train.sft", "prepare_only"),
     "train": Verb("fine-tune a model (LoRA or full)", "sftlab train --config configs/demo.yaml [--field value ...]",
                   "sftlab.train.sft", "run"),
     "estimate": Verb("tokens, steps, memory and time of a run before launching it", "sftlab estimate --config FILE",

@@ -262,6 +262,13 @@ class CleanArguments:
                                 "inputs of 4,096 rows or more (below that, starting them costs more than they save); "
                                 "1: all in this process. The result is the same with any number."}
     )
+    datatrove_tasks: int | None = field(
+        default=None, metadata={"help": "Check and tokenize the rows as this many datatrove tasks (its "
+                                "LocalPipelineExecutor, num_proc of them at a time; a task that completed is not run "
+                                "again), then decide duplicates in one pass over their results: the same result as "
+                                "without. None: sftlab's own worker pool. Across machines, run the same steps under "
+                                "datatrove's Slurm or Ray executor (sftlab.data.pipeline; README, Large datasets)."}
+    )
 
     RANGES: ClassVar[dict] = {  # lora_alpha 0 scales the update to nothing: a run that trains and learns nothing
         "lora_r": Range(1, integer=True), "lora_dropout": Range(0, high=1, below=True),
@@ -269,7 +276,8 @@ class CleanArguments:
 
     RANGES: ClassVar[dict] = {
         "near_dedup_threshold": Range(0, above=True, high=1), "min_response_chars": Range(0, integer=True),
-        "max_row_bytes": Range(1, integer=True), "num_proc": Range(1, integer=True, nullable=True)}
+        "max_row_bytes": Range(1, integer=True), "num_proc": Range(1, integer=True, nullable=True),
+        "datatrove_tasks": Range(1, integer=True, nullable=True)}
 
     def __post_init__(self):
         check_fields(self)

@@ -7,6 +7,7 @@ The weight, tokenizer and generation files are transformers' and PEFT's (named i
 """
 
 import json
+import os
 from pathlib import Path
 
 import yaml
@@ -68,7 +69,13 @@ def write_json(path: Path, value, indent: int | None = 2) -> None:
 
 
 def write_jsonl(path: Path, records) -> None:
-    write_atomic(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+    """A line per record, streamed to a temporary name and renamed (records may be a lazy sequence of any
+    length: the file is never built in memory)."""
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
 
 
 def write_yaml(path: Path, value: dict) -> None:

@@ -7,8 +7,7 @@ import pytest
 from sftlab.chat_format import ChatRenderer, mark_supervised
 from sftlab.config import CleanArguments
 from sftlab.data.clean import clean_rows, repair_text
-from sftlab.data.load import SourceRow, expand_inputs, read_source
-from sftlab.data.prepare import read_all
+from sftlab.data.load import SourceRow, expand_inputs, read_all, read_source
 from sftlab.data.report import build_report, summary_line, write_clean_outputs
 from sftlab.errors import UserError
 
@@ -172,18 +171,26 @@ def test_hub_dataset_id_offline_is_one_clear_error():
         list(read_all(expand_inputs(["llamafactory/alpaca_gpt4_zh"])))
 
 
-def test_near_duplicate_decision_is_the_exact_jaccard_not_the_estimate():
-    from sftlab.data.near_dedup import NearDuplicateIndex
+def test_near_duplicate_decision_is_the_exact_jaccard_not_the_estimate(tmp_path):
+    from sftlab.data.dedup import DedupStore
+    from sftlab.data.near_dedup import MinHash
 
-    index = NearDuplicateIndex(0.9)
+    minhash = MinHash(0.9)
+    store = DedupStore(tmp_path / "dedup.sqlite", minhash)
     first = "user:who are you? assistant:i am lingxi, an ai assistant made by the sftlab team. how can i help you?"
     close = first.replace("help you?", "help you!")  # exact 5-gram Jaccard above 0.9
     farther = first.replace("who are you?", "which assistant are you?")  # 0.85: the estimate once said 0.92
-    assert index.jaccard(first, close) >= 0.9 and index.jaccard(first, farther) < 0.9
-    signatures = index.signatures_of([first, close, farther])
-    assert index.find_or_add("a", signatures[0], first) is None
-    assert index.find_or_add("b", signatures[1], close) == "a"
-    assert index.find_or_add("c", signatures[2], farther) is None
+    assert minhash.jaccard(first, close) >= 0.9 and minhash.jaccard(first, farther) < 0.9
+    buckets = [[hash(key) for key in minhash.band_keys(s)] for s in minhash.signatures_of([first, close, farther])]
+    assert set(buckets[0]) & set(buckets[2])  # an LSH candidate, which the exact similarity then turns down
+    store.start_batch([], buckets[0])
+    assert store.near_twin("a", first, buckets[0]) is None
+    store.end_batch()
+    store.commit()
+    store.start_batch([], buckets[1] + buckets[2])  # a later batch: "a" comes from the file
+    assert store.near_twin("b", close, buckets[1]) == "a"
+    assert store.near_twin("c", farther, buckets[2]) is None
+    store.close()
 
 
 def test_parallel_cleaning_restores_the_environment_and_keeps_no_worker_state(tokenizer, monkeypatch):

@@ -76,8 +76,7 @@ def test_the_reported_crash_is_gone(tiny_model_dir, tmp_path, monkeypatch):
         assert report["rows_read"] == 5001 and report["reasons"][reason] == 1
         assert report["kept"] + report["rejected"] == 5001
     renderer = ChatRenderer(load_tokenizer(tiny_model_dir), 1024)
-    data = prepare_data(DataArguments(data_files=[str(path)], test_size=0.05), CleanArguments(), renderer,
-                        use_cache=False)
+    data = prepare_data(DataArguments(data_files=[str(path)], test_size=0.05), CleanArguments(), renderer)
     assert data.report["reasons"]["empty_response"] == 1 and data.report["rows_read"] == 5001
     assert len(data.train) + len(data.test) == data.report["kept"] == 5001 - data.report["rejected"]
 
@@ -159,8 +158,7 @@ def test_a_strict_stop_while_the_pool_runs_shuts_it_down(tokenizer):
                                                       (2, 600, 2), (8, 5000, 8)])
 def test_worker_count(monkeypatch, num_proc, rows, expected):
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    batches = -(-rows // clean.BATCH_ROWS)
-    assert clean.worker_count(num_proc, rows, batches) == expected
+    assert clean.worker_count(num_proc, rows) == expected
 
 
 def test_num_proc_below_one_is_refused():

@@ -14,8 +14,7 @@ from sftlab.chat_format import ChatRenderer
 from sftlab.config import CleanArguments
 from sftlab.data import clean
 from sftlab.data.clean import clean_rows
-from sftlab.data.load import expand_inputs
-from sftlab.data.prepare import read_all
+from sftlab.data.load import expand_inputs, read_all
 from sftlab.data.report import build_report
 
 # any code point, surrogates and controls included (json.dumps writes a lone surrogate as an escape)

@@ -13,9 +13,15 @@ from sftlab.data.prepare import prepare_data, split_indices
 
 def test_split_is_seeded_and_disjoint():
     train, test = split_indices(100, 0.05, seed=42)
-    assert (train, test) == split_indices(100, 0.05, seed=42)
-    assert len(test) == 5 and not set(train) & set(test) and len(train) + len(test) == 100
-    assert split_indices(100, 0.05, seed=7)[1] != test
+    again = split_indices(100, 0.05, seed=42)
+    assert train.tolist() == again[0].tolist() and test.tolist() == again[1].tolist()
+    assert len(test) == 5 and not set(train.tolist()) & set(test.tolist()) and len(train) + len(test) == 100
+    assert split_indices(100, 0.05, seed=7)[1].tolist() != test.tolist()
+    # the draw of random.shuffle on a list, which the split drew before it took index arrays
+    order = list(range(100))
+    import random
+    random.Random(42).shuffle(order)
+    assert test.tolist() == sorted(order[:5])
 
 
 def test_prepared_data_is_cached_under_a_content_hash(tokenizer, tmp_path, monkeypatch):
@@ -25,7 +31,7 @@ def test_prepared_data_is_cached_under_a_content_hash(tokenizer, tmp_path, monke
     renderer = ChatRenderer(tokenizer, 64)
     args = DataArguments(data_files=[str(data_file)], test_size=0.1)
     first = prepare_data(args, CleanArguments(), renderer)
-    monkeypatch.setattr(prepare, "clean_rows", lambda *a, **k: pytest.fail("the cache was not used"))
+    monkeypatch.setattr(prepare, "build", lambda *a, **k: pytest.fail("the cache was not used"))
     again = prepare_data(args, CleanArguments(), renderer)
     assert again.fingerprint == first.fingerprint and again.report == first.report
     assert again.train.to_dict() == first.train.to_dict() and again.heldout == first.heldout
@@ -68,7 +74,7 @@ def test_a_damaged_cache_entry_is_rebuilt_with_a_line(tokenizer, tmp_path, capsy
     capsys.readouterr()
     again = prepare_data(args, CleanArguments(), renderer)
     shown = {"truncated": f"{size // 2} bytes", "zero_bytes": "0 bytes", "missing": "no file"}[damage]
-    assert (f"prepared-data cache {Path(arrow).parents[1]} is damaged (train/{Path(arrow).name}: {shown}, {size} bytes "
+    assert (f"prepared-data cache {Path(arrow).parents[1]} is damaged (shards/{Path(arrow).name}: {shown}, {size} bytes "
             "were written): removing it and preparing the data again") in capsys.readouterr().out
     assert again.train.to_dict() == expected and Path(arrow).stat().st_size == size
 

@@ -55,7 +55,7 @@ def test_mixing_is_reported_per_dataset_and_never_repeats_held_out_rows(tokenize
     args = DataArguments(data_files=[{"path": small, "weight": 3},
                                      {"path": big, "columns": {"instruction": "q", "output": "a"}, "max_samples": 30,
                                       "weight": 0.5}], test_size=0.2)
-    data = prepare_data(args, CleanArguments(near_dedup=False), ChatRenderer(tokenizer, 128), use_cache=False)
+    data = prepare_data(args, CleanArguments(near_dedup=False), ChatRenderer(tokenizer, 128))
     table = data.report["datasets"]
     assert set(table) == {small, big}
     assert table[small]["read"] == 10 and table[small]["not_sampled"] == 0 and table[small]["weight"] == 3.0

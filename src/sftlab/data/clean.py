@@ -32,14 +32,17 @@ With tool_fallback off, tools a template cannot render are dropped from rows tha
 """
 
 import hashlib
+import itertools
 import json
 import multiprocessing as mp
 import os
 import re
-from array import array
+import tempfile
 from collections import Counter
-from contextlib import closing
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -55,8 +58,10 @@ from sftlab.chat_format import (
 from sftlab.chat_tools import calls_text, has_tool_parts, message_text
 from sftlab.config import CleanArguments
 from sftlab.data.convert import NO_FORMAT, FieldError, ToolCallError, check_format_name, detect_format, to_messages
+from sftlab.data.dedup import DedupStore
+from sftlab.data.lengths import Lengths
 from sftlab.data.load import SourceRow
-from sftlab.data.near_dedup import NearDuplicateIndex
+from sftlab.data.near_dedup import MinHash
 from sftlab.data.pool import checked_in_pool
 from sftlab.errors import UserError
 
@@ -115,17 +120,51 @@ class Rejected:
 
 @dataclass
 class CleanResult:
+    """What cleaning found: counts and length distributions, in memory whatever the number of rows. The kept and
+    rejected rows themselves go to a sink (`clean_rows`'s collects them in `kept` and `rejected`; `data clean` and
+    the preparation write them out as they come)."""
+
     kept: list[Kept] = field(default_factory=list)
     rejected: list[Rejected] = field(default_factory=list)
     repairs: Counter = field(default_factory=Counter)
-    lengths: list[tuple[int, int]] = field(default_factory=list)  # (prompt, response) of every rendered row
+    lengths: Lengths = field(default_factory=Lengths)  # (prompt, response) of every rendered kept row
     unit: str = "tokens"  # of `lengths`: "characters" when cleaning without a model
     rows_read: int = 0
-    formats: dict = field(default_factory=dict)  # source -> {format: rows}
+    formats: dict = field(default_factory=dict)  # source -> Counter of its rows' formats
+    rejected_for: Counter = field(default_factory=Counter)  # reason -> rows
+    kept_from: Counter = field(default_factory=Counter)  # source -> kept rows
+    rejected_from: Counter = field(default_factory=Counter)  # source -> rejected rows
+    without_system: int = 0  # kept rows without a system message (a template's default goes into them)
+
+    @property
+    def kept_count(self) -> int:
+        return self.kept_from.total()
+
+    @property
+    def rejected_count(self) -> int:
+        return self.rejected_from.total()
 
     def reasons(self) -> dict[str, int]:
-        counts = Counter(r.reason for r in self.rejected)
-        return {reason: counts[reason] for reason in REASONS if counts[reason]}
+        return {reason: self.rejected_for[reason] for reason in REASONS if self.rejected_for[reason]}
+
+    def formats_by_file(self) -> dict[str, dict]:
+        """Each file's formats, with how many readable rows have each (the report shows files that mix them)."""
+        return {source: dict(counter.most_common()) for source, counter in self.formats.items()}
+
+    COUNTERS = ("repairs", "rejected_for", "kept_from", "rejected_from")
+
+    def to_state(self) -> dict:
+        """The counts as JSON, for a resumed preparation (the rows themselves are in its shards)."""
+        return {"unit": self.unit, "rows_read": self.rows_read, "without_system": self.without_system,
+                "lengths": self.lengths.to_state(), **{name: dict(getattr(self, name)) for name in self.COUNTERS},
+                "formats": {source: list(counter.items()) for source, counter in self.formats.items()}}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "CleanResult":
+        return cls(unit=state["unit"], rows_read=state["rows_read"], without_system=state["without_system"],
+                   lengths=Lengths.from_state(state["lengths"]),
+                   **{name: Counter(state[name]) for name in cls.COUNTERS},
+                   formats={source: Counter(dict(items)) for source, items in state["formats"].items()})
 
 
 def repair_text(text: str, repairs: Counter) -> str:
@@ -177,7 +216,7 @@ class RowChecker:
             raise UserError(str(exc)) from None
         self.config, self.renderer, self.system_prompt, self.enabled = config, renderer, system_prompt, enabled
         self.boilerplate = [phrase.lower() for phrase in config.boilerplate]
-        self.near = NearDuplicateIndex(config.near_dedup_threshold) if enabled and config.near_dedup else None
+        self.minhash = MinHash(config.near_dedup_threshold) if enabled and config.near_dedup else None
         self.max_token_chars = max(map(len, renderer.tokenizer.get_vocab())) if renderer is not None else None
 
     def check_batch(self, rows: list[SourceRow]) -> tuple[list, Counter, np.ndarray | None]:
@@ -193,7 +232,7 @@ class RowChecker:
             passed.append(len(results))
             results.append((messages, tools, text))
         texts = [results[i][2] for i in passed]
-        signatures = self.near.signatures_of(texts) if self.near is not None and texts else None
+        signatures = self.minhash.signatures_of(texts) if self.minhash is not None and texts else None
         samples = (self.renderer.render_batch([results[i][0] for i in passed], [results[i][1] for i in passed])
                    if self.renderer is not None else [None] * len(passed))
         for row, (i, sample) in enumerate(zip(passed, samples)):
@@ -270,57 +309,67 @@ class RowChecker:
         return dedup_text(messages)
 
 
-def formats_by_file(rows: list[SourceRow]) -> dict[str, dict]:
-    """Each file's formats, with how many readable rows have each (the report shows files that mix them)."""
-    counts = {}
-    for source_row in rows:
-        if source_row.error is None:
-            row_format = detect_format(source_row.row) or "unknown"
-            counts.setdefault(source_row.source, Counter())[row_format] += 1
-    return {source: dict(counter.most_common()) for source, counter in counts.items()}
-
-
 class Cleaner:
-    """The cross-row decisions, in file order, so the first occurrence of a duplicate wins."""
+    """The cross-row decisions, in file order, so the first occurrence of a duplicate wins. Duplicate state lives
+    in a DedupStore on disk; the kept and rejected rows go to `sink` (kept(Kept), rejected(Rejected)) as they are
+    decided, or are collected in the result when there is none."""
 
-    def __init__(self, config: CleanArguments, renderer: ChatRenderer, near: NearDuplicateIndex | None,
-                 compact: bool = False):
-        self.config, self.renderer, self.compact = config, renderer, compact
-        self.seen = {}
-        self.near = near  # the index whose hash functions made the signatures (in this process, not a worker's)
-        self.near_by_tools = {}  # tool_key -> the index of the rows with those tools and calls
-        self.result = CleanResult()
+    def __init__(self, config: CleanArguments, renderer: ChatRenderer, minhash: MinHash | None, store: DedupStore,
+                 sink=None, result: CleanResult | None = None):
+        self.config, self.renderer, self.minhash, self.store = config, renderer, minhash, store
+        self.result = result or CleanResult(unit="tokens" if renderer is not None else "characters")
+        self.sink = sink or Collect(self.result)
 
     def add_batch(self, rows: list[SourceRow], results: list, repairs: Counter, signatures) -> None:
         self.result.repairs.update(repairs)
+        checked = [outcome for outcome in results if not isinstance(outcome, Rejection)]
+        buckets = {id(c): self._buckets(c, signatures[c.signature_row]) for c in checked
+                   if c.signature_row is not None and self.minhash is not None}
+        self.store.start_batch([c.digest for c in checked if c.digest is not None],
+                               [bucket for keys in buckets.values() for bucket in keys])
         for source_row, outcome in zip(rows, results):
             self.result.rows_read += 1
+            if source_row.error is None:
+                counts = self.result.formats.setdefault(source_row.source, Counter())
+                counts[detect_format(source_row.row) or "unknown"] += 1
             if isinstance(outcome, Rejection):
                 self._reject(source_row, outcome)
                 continue
             try:
-                signature = None if outcome.signature_row is None else signatures[outcome.signature_row]
-                self.result.kept.append(self._decide(source_row, outcome, signature))
+                self._keep(self._decide(source_row, outcome, buckets.get(id(outcome))))
             except _Reject as reject:
                 self._reject(source_row, Rejection(reject.reason, reject.detail))
+        self.store.end_batch()
+
+    def _buckets(self, checked: Checked, signature) -> list[int]:
+        """The row's LSH buckets: its signature's bands, within the rows of the same tools and calls (rows are near
+        duplicates only when those are the same), as 64-bit keys."""
+        return [int.from_bytes(hashlib.blake2b(checked.tool_key + bytes([band]) + key, digest_size=8).digest(),
+                               "little", signed=True)
+                for band, key in enumerate(self.minhash.band_keys(signature))]
+
+    def _keep(self, kept: Kept) -> None:
+        self.result.kept_from[kept.source] += 1
+        self.result.without_system += kept.messages[0]["role"] != "system"
+        self.sink.kept(kept)
 
     def _reject(self, source_row: SourceRow, rejection: Rejection) -> None:
         if self.config.strict and rejection.reason in MALFORMED:
             raise UserError(f"{source_row.source}:{source_row.line}: {rejection.reason}: {rejection.detail} "
                             "(--strict)")
-        self.result.rejected.append(Rejected(source_row.source, source_row.line, rejection.reason,
-                                             rejection.detail, source_row.row))
+        self.result.rejected_for[rejection.reason] += 1
+        self.result.rejected_from[source_row.source] += 1
+        self.sink.rejected(Rejected(source_row.source, source_row.line, rejection.reason, rejection.detail,
+                                    source_row.row))
 
-    def _decide(self, source_row: SourceRow, checked: Checked, signature) -> Kept:
+    def _decide(self, source_row: SourceRow, checked: Checked, buckets: list[int] | None) -> Kept:
         key = f"{source_row.source}:{source_row.line}"
         if checked.digest is not None:
-            if checked.digest in self.seen:
-                raise _Reject("duplicate", f"same as {self.seen[checked.digest]}")
-            self.seen[checked.digest] = key
-        if signature is not None and self.near is not None:
-            if checked.tool_key not in self.near_by_tools:  # same seed: the same hash functions as self.near's
-                self.near_by_tools[checked.tool_key] = NearDuplicateIndex(self.near.threshold)
-            twin = self.near_by_tools[checked.tool_key].find_or_add(key, signature, checked.text)
+            first = self.store.first_copy(checked.digest, key)
+            if first is not None:
+                raise _Reject("duplicate", f"same as {first}")
+        if buckets is not None:
+            twin = self.store.near_twin(key, checked.text, buckets)
             if twin is not None:
                 raise _Reject("near_duplicate", f"near {twin}")
         sample = checked.sample
@@ -328,17 +377,28 @@ class Cleaner:
             raise _Reject(sample.reason, sample.detail)
         if sample is None:  # no model: lengths in characters, no token limit
             response = sum(len(message_text(m)) for m in checked.messages if m["role"] == "assistant")
-            self.result.lengths.append((sum(len(message_text(m)) for m in checked.messages) - response, response))
+            self.result.lengths.add(sum(len(message_text(m)) for m in checked.messages) - response, response)
             return Kept(source_row.source, source_row.line, checked.messages, None, checked.tools)
         supervised = sample.num_supervised
-        self.result.lengths.append((len(sample.input_ids) - supervised, supervised))
+        self.result.lengths.add(len(sample.input_ids) - supervised, supervised)
         try:
             fitted = self.renderer.fit(sample)
-            if self.compact:  # 4 bytes a token instead of a Python int object and a list slot (~36 bytes)
-                fitted = RenderedSample(array("i", fitted.input_ids), array("i", fitted.labels))
             return Kept(source_row.source, source_row.line, checked.messages, fitted, checked.tools)
         except SampleTooLong as exc:
             raise _Reject("too_long", str(exc)) from exc
+
+
+class Collect:
+    """The sink that keeps every row in the result (for inputs that fit in memory: evaluation, tests)."""
+
+    def __init__(self, result: CleanResult):
+        self.result = result
+
+    def kept(self, kept: Kept) -> None:
+        self.result.kept.append(kept)
+
+    def rejected(self, rejected: Rejected) -> None:
+        self.result.rejected.append(rejected)
 
 
 class _Reject(Exception):
@@ -357,38 +417,75 @@ BATCH_ROWS = 512
 PARALLEL_MIN_ROWS = 4096  # below this, starting worker processes costs more than it saves
 
 
-def worker_count(num_proc: int | None, rows: int, batches: int) -> int:
+def worker_count(num_proc: int | None, rows: int) -> int:
     """How many worker processes check the rows: num_proc when given (1: none, all in this process); by default
-    one per core for inputs of PARALLEL_MIN_ROWS rows or more. Never more than there are batches, and none where
-    processes cannot be forked (they inherit the tokenizer instead of receiving it pickled)."""
+    one per core for inputs of PARALLEL_MIN_ROWS rows or more (`rows`: how many there are, up to that). Never more
+    than there are batches, and none where processes cannot be forked (they inherit the tokenizer instead of
+    receiving it pickled)."""
     if "fork" not in mp.get_all_start_methods():
         return 1
     if num_proc is None:
         num_proc = (os.cpu_count() or 1) if rows >= PARALLEL_MIN_ROWS else 1
-    return max(1, min(num_proc, batches))
+    return max(1, min(num_proc, -(-rows // BATCH_ROWS)))
+
+
+def batches_of(rows: Iterator[SourceRow], size: int | None = None) -> Iterator[list[SourceRow]]:
+    rows, size = iter(rows), size or BATCH_ROWS
+    while batch := list(itertools.islice(rows, size)):
+        yield batch
+
+
+def checked_batches(checker: "RowChecker", rows, num_proc: int | None) -> Iterator[tuple[list, tuple]]:
+    """(batch, its check results) for consecutive batches of `rows`, read as they are needed: in worker processes
+    for large inputs (forked, so they share the tokenizer), in order either way. Whether the input is large is
+    found by reading up to PARALLEL_MIN_ROWS rows ahead."""
+    rows = iter(rows)
+    ahead = list(itertools.islice(rows, PARALLEL_MIN_ROWS))
+    workers = worker_count(num_proc, len(ahead))
+    batches = batches_of(itertools.chain(ahead, rows))
+    if workers > 1:
+        yield from checked_in_pool(checker, batches, workers)
+    else:
+        for batch in batches:
+            yield batch, checker.check_batch(batch)
 
 
 def clean_rows(rows, config: CleanArguments, renderer: ChatRenderer | None, system_prompt: str | None = None,
-               enabled: bool = True, progress: bool = False, compact: bool = False) -> CleanResult:
-    """Cleans `rows` (SourceRows in file order). Large inputs are checked in worker processes (forked, so they
-    share the tokenizer), while the duplicate decisions stay in order here: the result is the same with any
-    number of workers. `compact`: the kept samples' ids and labels as int32 arrays (array('i')) rather than
-    lists, for large datasets."""
-    rows = list(rows)
+               enabled: bool = True, progress: bool = False, sink=None, work_dir: Path | None = None,
+               checked: Iterator[tuple[list, tuple]] | None = None) -> CleanResult:
+    """Cleans `rows` (SourceRows in file order, read as they are needed). Large inputs are checked in worker
+    processes while the duplicate decisions stay in order here: the result is the same with any number of
+    workers. `sink`: where kept and rejected rows go as they are decided (by default, into the result);
+    `work_dir`: where the duplicate state's SQLite file is kept while cleaning (by default, a temporary
+    folder); `checked`: the batches with their check results, when they were checked elsewhere (datatrove tasks:
+    sftlab.data.pipeline), in place of `rows`."""
     if not enabled:
         config = CleanArguments(**{**config.__dict__, "near_dedup": False})
     checker = RowChecker(config, renderer, system_prompt, enabled)
-    cleaner = Cleaner(config, renderer, checker.near, compact)
-    cleaner.result.formats = formats_by_file(rows)
-    cleaner.result.unit = "tokens" if renderer is not None else "characters"
-    batches = [rows[i:i + BATCH_ROWS] for i in range(0, len(rows), BATCH_ROWS)]
-    workers = worker_count(config.num_proc, len(rows), len(batches))
-    outcomes = (checked_in_pool(checker, batches, workers) if workers > 1
-                else (checker.check_batch(batch) for batch in batches))
-    # closing(): a --strict stop here shuts the pool down now, not whenever the generator is collected
-    with closing(outcomes), tqdm(total=len(rows), desc="cleaning", unit="rows", mininterval=1.0,
-                                 disable=not progress) as bar:
-        for batch, outcome in zip(batches, outcomes):
-            cleaner.add_batch(batch, *outcome)
-            bar.update(len(batch))
+    with dedup_store(work_dir, checker.minhash) as store:
+        cleaner = Cleaner(config, renderer, checker.minhash, store, sink)
+        outcomes = checked if checked is not None else checked_batches(checker, rows, config.num_proc)
+        # closing(): a --strict stop here shuts the pool down now, not whenever the generator is collected
+        with closing(outcomes), tqdm(desc="cleaning", unit="rows", mininterval=1.0, disable=not progress) as bar:
+            for batch, outcome in outcomes:
+                cleaner.add_batch(batch, *outcome)
+                bar.update(len(batch))
     return cleaner.result
+
+
+@contextmanager
+def dedup_store(work_dir: Path | None, minhash: MinHash | None, name: str = "dedup.sqlite"):
+    """A DedupStore in `work_dir` (kept: the caller owns it) or in a temporary folder removed after."""
+    if work_dir is not None:
+        store = DedupStore(Path(work_dir) / name, minhash)
+        try:
+            yield store
+        finally:
+            store.close()
+        return
+    with tempfile.TemporaryDirectory(prefix="sftlab-dedup-") as folder:
+        store = DedupStore(Path(folder) / name, minhash)
+        try:
+            yield store
+        finally:
+            store.close()

@@ -2,6 +2,7 @@
 as the model will see it."""
 
 import json
+import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,16 +11,8 @@ from sftlab.chat_format import ChatRenderer, mark_supervised
 from sftlab.config import CleanArguments, Overflow, check_choices
 from sftlab.data.clean import clean_rows
 from sftlab.data.convert import detect_format
-from sftlab.data.report import (
-    NO_MODEL,
-    build_report,
-    dataset_rows,
-    length_stats,
-    summary_line,
-    template_system_prompt,
-    write_clean_outputs,
-)
-from sftlab.data.sources import dataset_specs, read_datasets
+from sftlab.data.report import NO_MODEL, CleanFiles, build_report, dataset_rows, summary_line, template_system_prompt
+from sftlab.data.sources import dataset_specs, iter_datasets, read_datasets
 from sftlab.environment import TINY_MODEL_NAME
 from sftlab.model.load import load_tokenizer, resolve_model_path
 
@@ -68,20 +61,44 @@ def renderer_for(args: RenderArguments) -> ChatRenderer:
 
 
 def clean_data(output: CleanOutput, render: RenderArguments, config: CleanArguments, inputs: list[str]) -> int:
-    rows, per_dataset = read_datasets(dataset_specs(inputs), seed=output.split_seed,
-                                      max_row_bytes=config.max_row_bytes)
-    sources = [source for info in per_dataset.values() for source in info["sources"]]
+    """Streams: rows are read, checked, decided and written a batch at a time, with the duplicate state on disk
+    (in the staging folder), so memory does not grow with the number of rows."""
+    per_dataset = {}
+    rows = iter_datasets(dataset_specs(inputs), output.split_seed, per_dataset, config.max_row_bytes)
     renderer = renderer_for(render) if render.model else None
     if renderer is None:
         print(f"note: {NO_MODEL}")
-    result = clean_rows(rows, config, renderer, render.system_prompt, enabled=config.clean, progress=True)
-    report = build_report(result, sources, render.max_length, render.model,
-                          renderer.default_system if renderer is not None else None)
-    report["datasets"] = dataset_rows(per_dataset, result)
-    write_clean_outputs(Path(output.output), result, report)
+    with CleanFiles(Path(output.output)) as files:
+        checked = None
+        if config.datatrove_tasks:
+            checked, per_dataset = checked_on_datatrove(files.staging, inputs, config, render, output.split_seed)
+        result = clean_rows(rows, config, renderer, render.system_prompt, enabled=config.clean, progress=True,
+                            sink=files, work_dir=files.staging, checked=checked)
+        shutil.rmtree(files.staging / "checked", ignore_errors=True)
+        shutil.rmtree(files.staging / "datatrove-logs", ignore_errors=True)
+        (files.staging / "dedup.sqlite").unlink(missing_ok=True)
+        for leftover in files.staging.glob("dedup.sqlite-*"):  # SQLite's journal files
+            leftover.unlink()
+        sources = [source for info in per_dataset.values() for source in info["sources"]]
+        report = build_report(result, sources, render.max_length, render.model,
+                              renderer.default_system if renderer is not None else None)
+        report["datasets"] = dataset_rows(per_dataset, result)
+        files.finish(result, report)
     print(summary_line(report))
     print(f"wrote {output.output}/clean.jsonl, rejected.jsonl, report.json, report.md, lengths.png")
     return 0
+
+
+def checked_on_datatrove(folder: Path, inputs: list[str], config: CleanArguments, render: RenderArguments,
+                         split_seed: int):
+    """The rows checked by datatrove tasks (sftlab.data.pipeline, stage 1), as batches in order, and the datasets'
+    counts."""
+    from sftlab.data import pipeline
+
+    steps = pipeline.check_steps(inputs, folder, config, render.model, render.max_length, render.overflow,
+                                 render.system_prompt, split_seed)
+    pipeline.run_locally(steps, folder, config.datatrove_tasks, config.num_proc)
+    return pipeline.checked_batches(folder, config.datatrove_tasks), pipeline.dataset_counts(folder)
 
 
 def schema(rows) -> dict[str, Counter]:
@@ -123,7 +140,6 @@ def inspect_data(inspect: InspectArguments, args: RenderArguments, file: str) ->
         print(f"\nnote: rendered with {TINY_MODEL_NAME}, whose tokenizer is not your model's: pass --model PATH "
               "for its real token counts")
     print(f"\ntokens ({args.model or TINY_MODEL_NAME}, max_length {args.max_length}):")
-    for name, values in (("prompt", [p for p, _ in result.lengths]), ("response", [r for _, r in result.lengths]),
-                         ("total", [p + r for p, r in result.lengths])):
-        print(f"  {name:8s} {json.dumps(length_stats(values))}")
+    for name, stats in result.lengths.stats().items():
+        print(f"  {name:8s} {json.dumps(stats)}")
     return 0

@@ -7,11 +7,15 @@ A line that cannot be read (bad JSON, invalid UTF-8) becomes a row with an error
 file:line and the rest of the file is still read.
 """
 
+import codecs
 import glob
 import gzip
+import io
 import json
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -99,9 +103,24 @@ def _printable(key) -> str:
 
 
 def read_source(source: str, max_row_bytes: int = MAX_ROW_BYTES) -> list[SourceRow]:
-    """The rows of one file; a row over max_row_bytes is a too_large row, never parsed."""
+    """The rows of one file, as a list (iter_source streams them)."""
+    return list(iter_source(source, max_row_bytes))
+
+
+def read_all(sources: list[str]) -> Iterator[SourceRow]:
+    """The rows of several files, in order, read as they are used."""
+    for source in sources:
+        yield from iter_source(source)
+
+
+def iter_source(source: str, max_row_bytes: int = MAX_ROW_BYTES) -> Iterator[SourceRow]:
+    """The rows of one file, read as they are used: JSON Lines (gzip too) a line at a time and Parquet a record
+    batch at a time, so memory does not grow with the file. A JSON array and CSV are read whole (the standard
+    parsers take a whole document; JSON Lines is the format for large data). A row over max_row_bytes is a
+    too_large row, never parsed."""
     if source.startswith("hub:"):
-        return read_hub_dataset(source[4:])
+        yield from read_hub_dataset(source[4:])
+        return
     path = Path(source)
     if path.stat().st_size == 0:
         raise UserError(f"data file {path} is empty")
@@ -110,22 +129,38 @@ def read_source(source: str, max_row_bytes: int = MAX_ROW_BYTES) -> list[SourceR
     if suffix in (".parquet", ".csv"):
         if compressed:
             raise UserError(f"data file {path}: a compressed {suffix} is not supported; decompress it (gunzip)")
-        return _read_table(path, suffix[1:])
-    data = path.read_bytes()
-    if compressed:
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError) as exc:
-            raise UserError(f"data file {path}: not a readable gzip file ({exc})") from None
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]  # a UTF-8 byte-order mark is not part of the data
-    refuse_utf16(path, data)
-    if suffix == ".jsonl" or not data.lstrip().startswith(b"["):
-        rows = _read_jsonl(path, data, max_row_bytes)
-        if all(r.error_reason == "invalid_utf8" for r in rows):
-            refuse_gbk(path, data)
-        return rows
-    return _read_json_array(path, data, max_row_bytes)
+        yield from (_iter_parquet(path) if suffix == ".parquet" else _read_table(path, "csv"))
+        return
+    with _open_text_file(path, compressed) as f:
+        head = f.peek(4096)[:4096]
+        if head.startswith(b"\xef\xbb\xbf"):
+            f.read(3)  # a UTF-8 byte-order mark is not part of the data
+            head = head[3:]
+        refuse_utf16(path, head)
+        if suffix != ".jsonl" and _starts_array(f):
+            yield from _read_json_array(path, f.read(), max_row_bytes)
+            return
+        yield from _iter_jsonl(path, f, max_row_bytes)
+
+
+@contextmanager
+def _open_text_file(path: Path, compressed: bool):
+    """The file as a buffered binary stream (decompressed on the fly); a broken gzip file is one line."""
+    # a 1 MiB buffer: what peek() can look at before reading (the format is told from the first bytes)
+    stream = io.BufferedReader(gzip.open(path, "rb"), 1 << 20) if compressed else open(path, "rb", 1 << 20)
+    try:
+        yield stream
+    except (OSError, EOFError) as exc:
+        if not compressed or isinstance(exc, UserError):
+            raise
+        raise UserError(f"data file {path}: not a readable gzip file ({exc})") from None
+    finally:
+        stream.close()
+
+
+def _starts_array(f) -> bool:
+    """Whether the text starts with "[" after whitespace (a JSON array, not JSON Lines)."""
+    return f.peek(1 << 20).lstrip().startswith(b"[")
 
 
 # A whole file in another encoding is one line naming it and how to convert it: its rows would otherwise each be
@@ -138,10 +173,14 @@ def refuse_utf16(path: Path, data: bytes) -> None:
                         f"`iconv -f UTF-16 -t UTF-8 {path} > {path.stem}.utf8{path.suffix}`")
 
 
-def refuse_gbk(path: Path, data: bytes) -> None:
+def refuse_gbk(path: Path) -> None:
     """For a file no line of which is UTF-8: GB18030 (which covers GBK and GB2312) if it reads as that."""
+    decoder = codecs.getincrementaldecoder("gb18030")()
     try:
-        data.decode("gb18030")
+        with _open_text_file(path, path.suffix == ".gz") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                decoder.decode(block)
+        decoder.decode(b"", final=True)
     except UnicodeDecodeError:
         return  # not a known encoding: each row stays counted as invalid_utf8
     raise UserError(f"data file {path} is not UTF-8: no line of it decodes as UTF-8, and it reads as GBK/GB18030: "
@@ -152,33 +191,56 @@ def too_large(path: Path, line: int, size: int, limit: int) -> SourceRow:
     return SourceRow(str(path), line, None, f"{size:,} bytes, over max_row_bytes ({limit:,})", "too_large")
 
 
-def _read_jsonl(path: Path, data: bytes, max_row_bytes: int = MAX_ROW_BYTES) -> list[SourceRow]:
-    rows = []
-    for number, raw in enumerate(data.split(b"\n"), start=1):
+def _iter_jsonl(path: Path, f, max_row_bytes: int = MAX_ROW_BYTES) -> Iterator[SourceRow]:
+    rows = not_utf8 = 0
+    for number, raw in enumerate(_lines(f, max_row_bytes), start=1):
+        if isinstance(raw, int):
+            rows += 1
+            yield too_large(path, number, raw, max_row_bytes)
+            continue
         if not raw.strip():
             continue
-        if len(raw) > max_row_bytes:
-            rows.append(too_large(path, number, len(raw), max_row_bytes))
-            continue
+        rows += 1
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            rows.append(SourceRow(str(path), number, None, f"invalid UTF-8 at byte {exc.start}", "invalid_utf8"))
+            not_utf8 += 1
+            yield SourceRow(str(path), number, None, f"invalid UTF-8 at byte {exc.start}", "invalid_utf8")
             continue
         try:
             value = json.loads(line)
         except json.JSONDecodeError as exc:
-            rows.append(SourceRow(str(path), number, None, f"bad JSON: {exc.msg} at column {exc.colno}", "bad_json"))
+            yield SourceRow(str(path), number, None, f"bad JSON: {exc.msg} at column {exc.colno}", "bad_json")
             continue
         except RecursionError:
-            rows.append(SourceRow(str(path), number, None, "nested too deep to parse", "too_deep"))
+            yield SourceRow(str(path), number, None, "nested too deep to parse", "too_deep")
             continue
         problem = unusable(value)
-        rows.append(SourceRow(str(path), number, None, problem[1], problem[0]) if problem
-                    else SourceRow(str(path), number, value))
+        yield (SourceRow(str(path), number, None, problem[1], problem[0]) if problem
+               else SourceRow(str(path), number, value))
     if not rows:
         raise UserError(f"data file {path} has no rows")
-    return rows
+    if not_utf8 == rows:
+        refuse_gbk(path)
+
+
+def _lines(f, max_row_bytes: int) -> Iterator[bytes | int]:
+    """The file's lines without their newline; a line over max_row_bytes is its size in bytes instead, read past
+    in pieces (never held whole: one 50 MB line would otherwise take its size, several times over)."""
+    while True:
+        line = f.readline(max_row_bytes + 1)
+        if not line:
+            return
+        if len(line) <= max_row_bytes or line.endswith(b"\n"):
+            yield line[:-1] if line.endswith(b"\n") else line
+            continue
+        size = len(line)
+        while not line.endswith(b"\n"):
+            line = f.readline(1 << 20)
+            if not line:
+                break
+            size += len(line)
+        yield size - line.endswith(b"\n")
 
 
 def _read_json_array(path: Path, data: bytes, max_row_bytes: int = MAX_ROW_BYTES) -> list[SourceRow]:
@@ -232,6 +294,24 @@ def _read_table(path: Path, kind: str) -> list[SourceRow]:
         raise UserError(f"{path}: cannot be read as {kind} ({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
     first_line = 2 if kind == "csv" else 1  # csv: line 1 is the header
     return [SourceRow(str(path), first_line + i, _drop_nulls(row)) for i, row in enumerate(table)]
+
+
+def _iter_parquet(path: Path) -> Iterator[SourceRow]:
+    """Parquet a record batch at a time (pyarrow's own reader: no copy under ~/.cache/huggingface)."""
+    from pyarrow import parquet
+
+    try:
+        batches = parquet.ParquetFile(path).iter_batches(batch_size=1024)
+        line = 1
+        for batch in batches:
+            for row in batch.to_pylist():
+                yield SourceRow(str(path), line, _drop_nulls(row))
+                line += 1
+    except Exception as exc:
+        if isinstance(exc, UserError):
+            raise
+        raise UserError(f"{path}: cannot be read as parquet ({type(exc).__name__}: {str(exc).splitlines()[0]})"
+                        ) from exc
 
 
 def _drop_nulls(row: dict) -> dict:

@@ -21,8 +21,9 @@ def lsh_bands(threshold: float, num_perm: int, false_negative_weight: float = 0.
     return best
 
 
-class NearDuplicateIndex:
-    """MinHash signatures of character 5-grams in banded LSH buckets.
+class MinHash:
+    """MinHash signatures of character 5-grams, cut into LSH bands; the rows that share a band are candidates,
+    decided by the exact Jaccard similarity of their texts (sftlab.data.dedup keeps the bands and texts on disk).
 
     Written here rather than taken from datasketch: its MinHash hashes each shingle with SHA-1 in Python and
     builds its permutations per object, which alone caps cleaning far below 3,000 rows/s on 2 cores. Here a
@@ -36,8 +37,11 @@ class NearDuplicateIndex:
         self.a = (rng.randint(0, 1 << 62, size=num_perm, dtype=np.uint64) << np.uint64(1)) | np.uint64(1)
         self.b = rng.randint(0, 1 << 62, size=num_perm, dtype=np.uint64)
         self.bands, self.rows = lsh_bands(threshold, num_perm)
-        self.buckets = [{} for _ in range(self.bands)]
-        self.texts = {}
+
+    def band_keys(self, signature: np.ndarray) -> list[bytes]:
+        """The signature's bands, as the bytes that LSH buckets are keyed on."""
+        raw, width = signature.tobytes(), self.rows * signature.itemsize
+        return [raw[i * width:(i + 1) * width] for i in range(self.bands)]
 
     def signatures_of(self, texts: list[str], group: int = 32) -> np.ndarray:
         """One signature row per text. Groups of 32 texts share a few numpy operations: larger groups are
@@ -62,23 +66,6 @@ class NearDuplicateIndex:
         with np.errstate(over="ignore"):
             permuted = (self.a[:, None] * flat[None, :] + self.b[:, None]) >> np.uint64(32)
         return np.ascontiguousarray(np.minimum.reduceat(permuted, starts, axis=1).T, dtype=np.uint32)
-
-    def find_or_add(self, key: str, signature: np.ndarray, text: str) -> str | None:
-        """The key of an earlier near-duplicate, or None (and the row is added under `key`). LSH only proposes
-        candidates; the decision is the exact Jaccard similarity of the two texts' 5-gram sets, so the noise
-        of the signature estimate never rejects a row."""
-        raw, width = signature.tobytes(), self.rows * signature.itemsize
-        band_keys = [raw[i * width:(i + 1) * width] for i in range(self.bands)]
-        checked = set()
-        for bucket, band_key in zip(self.buckets, band_keys):
-            for other in bucket.get(band_key, ()):
-                if other not in checked and self.jaccard(text, self.texts[other]) >= self.threshold:
-                    return other
-                checked.add(other)
-        for bucket, band_key in zip(self.buckets, band_keys):
-            bucket.setdefault(band_key, []).append(key)
-        self.texts[key] = text
-        return None
 
     def jaccard(self, a: str, b: str) -> float:
         n = self.ngram

@@ -6,6 +6,7 @@ import multiprocessing as mp
 import os
 import signal
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
@@ -17,37 +18,51 @@ from sftlab.internals import pool_processes
 CHECKING, CHECKED = 1, 2  # a batch's state in the pool's shared array (0: not started)
 
 
-def checked_in_pool(checker, batches: list[list[SourceRow]], workers: int):
-    """Each batch's check results, in order, from `workers` forked processes. A worker that dies (killed, out of
-    memory) or fails (a bug) ends the run with one line naming what happened and the rows it was checking,
+def checked_in_pool(checker, batches: Iterator[list[SourceRow]], workers: int, window: int | None = None):
+    """(batch, its check results) for each batch, in order, from `workers` forked processes; at most `window`
+    batches (4 per worker) are read ahead, so memory does not grow with the input. A worker that dies (killed,
+    out of memory) or fails (a bug) ends the run with one line naming what happened and the rows it was checking,
     never a BrokenProcessPool traceback; the pool is shut down either way."""
-    states = mp.get_context("fork").RawArray("b", len(batches))  # shared: which batches the workers are on
+    window = window or 4 * workers
+    states = mp.get_context("fork").RawArray("b", window)  # shared: which batches the workers are on, by slot
+    batches = enumerate(batches)
     with one_tokenizer_thread():
         pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_start_worker,
                                    initargs=(checker, states))
+        in_flight = deque()  # (index, batch, future), oldest first
+
+        def submit_next() -> None:
+            index, batch = next(batches, (None, None))
+            if batch is not None:
+                states[index % window] = 0
+                in_flight.append((index, batch, pool.submit(_check_in_worker, index % window, batch)))
+
         try:
-            futures = deque(pool.submit(_check_in_worker, i, batch) for i, batch in enumerate(batches))
-            # with fork every worker is started at the first submit; read only to say how one ended
-            processes = pool_processes(pool)
-            for i in range(len(batches)):
-                future = futures.popleft()  # a future holds its result: dropped once used, as pool.map does
+            submit_next()
+            processes = pool_processes(pool)  # with fork every worker is started at the first submit
+            for _ in range(window - 1):
+                submit_next()
+            while in_flight:
+                index, batch, future = in_flight[0]
                 try:
                     outcome = future.result()
                 except Exception as exc:
                     # the pool's thread joins every worker first: read before that, a dead worker's exit code can
                     # still be missing (its thread and this one both wait on it, and only one gets it)
                     pool.shutdown(wait=True, cancel_futures=True)
-                    raise UserError(pool_failure(exc, processes, batches, states, i)) from exc
+                    raise UserError(pool_failure(exc, processes, in_flight, states, window)) from exc
+                in_flight.popleft()  # a future holds its result: dropped once used, as pool.map does
                 del future
-                yield outcome
+                submit_next()
+                yield batch, outcome
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-def pool_failure(exc: Exception, processes: list, batches: list, states, failed: int) -> str:
+def pool_failure(exc: Exception, processes: list, in_flight, states, window: int) -> str:
     """The one line for a worker that died or failed: what happened, and the rows it was checking."""
-    busy = [i for i in range(len(batches)) if states[i] == CHECKING] or [failed]
-    rows = " or ".join(row_span(batches[i]) for i in busy)
+    busy = [batch for index, batch, _ in in_flight if states[index % window] == CHECKING] or [in_flight[0][1]]
+    rows = " or ".join(row_span(batch) for batch in busy)
     if not isinstance(exc, BrokenProcessPool):
         what = f"a worker process failed with {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     elif exc.__cause__ is not None:  # the pool broke reading a result back, not because a worker ended

@@ -1,54 +1,91 @@
-"""Data files -> cleaned, rendered train and held-out samples, cached under a content hash.
+"""Data files -> cleaned, rendered train and held-out samples, as Arrow shards cached under a content hash.
 
 The cache key covers the data files' bytes, the tokenizer and its chat template, max_length, the cleaning
 config and the split, so a second run (and every process of a multi-process run) reuses the result, and any
 change to one of them prepares the data again.
 
-The samples are `datasets` Arrow datasets, saved with save_to_disk and read back memory-mapped, so neither a
-cached run nor the trainer holds a second copy of the token ids in Python objects; the rest (report, rejected
-rows, held-out conversations) is one small JSON file beside them."""
+Preparation streams: rows are read, cleaned and rendered a batch at a time, and the kept samples are appended to
+Arrow shards (one per SHARD_BATCHES batches of rows read), so memory does not grow with the number of rows. The
+work happens in a `.KEY.partial` folder; after every shard the duplicate state and a progress record are
+committed together, so an interrupted preparation (killed, out of disk, a --strict stop) resumes after its last
+complete shard. When every row is read, the split and the dataset weights are applied as index arrays and the
+folder is renamed to KEY, with prepared.json (written last) and manifest.json (each shard's rows, tokens and
+SHA-256). Training reads the shards memory-mapped (datasets' Dataset.from_file), concatenated without a copy."""
 
 import hashlib
 import itertools
 import json
+import os
 import random
 import shutil
 import sys
-from collections import Counter
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Sequence
+from contextlib import closing
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from datasets import Dataset, load_from_disk
-from datasets import utils as datasets_progress
+from datasets import Dataset, concatenate_datasets
+from tqdm.auto import tqdm
 
 from sftlab import __version__, chat_format
 from sftlab.chat_format import IGNORE_INDEX, ChatRenderer
 from sftlab.chat_tools import has_tool_parts
 from sftlab.config import CleanArguments, DataArguments
-from sftlab.data import clean, convert, load, near_dedup
+from sftlab.data import clean, convert, dedup, lengths, load, near_dedup
 from sftlab.data import sources as dataset_sources
-from sftlab.data.clean import clean_rows
-from sftlab.data.load import expand_inputs, read_source
+from sftlab.data.clean import Cleaner, CleanResult, RowChecker, checked_batches, dedup_store
+from sftlab.data.load import expand_inputs
 from sftlab.data.report import build_report, dataset_rows, summary_line
-from sftlab.data.sources import dataset_specs, read_datasets, weighted
+from sftlab.data.sources import dataset_specs, iter_datasets
 from sftlab.environment import cache_root
 from sftlab.errors import UserError
-from sftlab.files import remove_stale_staging, staged_folder
+from sftlab.files import exclusive_lock, remove_stale_staging, write_atomic
+
+COLUMNS = ("input_ids", "labels", "length", "num_supervised")  # what training reads
+KINDS = ("plain", "system", "multi-turn", "tool call")
+SHARD_SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
+                          ("length", pa.int32()), ("num_supervised", pa.int32()),
+                          ("source", pa.int32()),  # index into the prepared data's sources
+                          ("kind", pa.int8()),  # index into KINDS
+                          ("conversation", pa.string())])  # {"messages", "tools"?} as JSON, for the held-out rows
+SHARD_BATCHES = 128  # batches of rows read (clean.BATCH_ROWS each: 65,536 rows) per shard
+
+
+class Conversations(Sequence):
+    """The held-out conversations ({"messages", "tools"?}), read from the memory-mapped shards when used."""
+
+    def __init__(self, rows: Dataset):
+        self.rows = rows  # a Dataset with a "conversation" column
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [json.loads(text) for text in self.rows[index]["conversation"]]
+        return json.loads(self.rows[index]["conversation"])
+
+    def __iter__(self):
+        for batch in self.rows.iter(batch_size=1024):
+            yield from map(json.loads, batch["conversation"])
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Sequence) and len(self) == len(other) and list(self) == list(other)
 
 
 @dataclass
 class PreparedData:
     train: "Dataset"  # columns input_ids, labels, length (tokens), num_supervised
     test: "Dataset"
-    heldout: list[dict]  # the held-out conversations, {"messages", "tools"} (tools where there are any)
-    rejected: list[dict]  # {"reason", "source", "line", "detail"}
+    heldout: Conversations  # the held-out conversations, {"messages", "tools"} (tools where there are any)
+    rejected: Path  # rejected.jsonl: {"reason", "source", "line", "detail"} per rejected row
     report: dict
     fingerprint: str  # the content hash the prepared data is cached under
     examples: list[dict]  # the first training sample of each kind present, as rendered, for `sftlab doctor`
     sources: dict[str, str]  # each data file's SHA-256 (a resume names the file that changed)
+    folder: Path  # where it is: shards/, manifest.json, rejected.jsonl, prepared.json
 
     def summary(self) -> str:
         datasets = self.report.get("datasets", {})
@@ -57,73 +94,260 @@ class PreparedData:
         return summary_line(self.report) + f"; {len(self.train)} train, {len(self.test)} held out" + mix
 
 
-def split_indices(n: int, test_size: float, seed: int) -> tuple[list[int], list[int]]:
-    """A seeded split, identical in every process (the tutorial's was unseeded, so test rows leaked)."""
-    order = list(range(n))
+def split_indices(n: int, test_size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded split, identical in every process (the tutorial's was unseeded, so test rows leaked). As int64
+    arrays (8 bytes a row); random.shuffle on the array draws what it draws on a list."""
+    order = np.arange(n, dtype=np.int64)
     random.Random(seed).shuffle(order)
     n_test = 0 if test_size == 0 or n < 2 else max(1, round(n * test_size))
-    return sorted(order[n_test:]), sorted(order[:n_test])
+    return np.sort(order[n_test:]), np.sort(order[:n_test])
 
 
-def read_all(sources: list[str]):
-    for source in sources:
-        yield from read_source(source)
+NOT_PREPARED = ("the data is not prepared for this run, and a multi-process run does not prepare it (every process "
+                "would wait for one): run `sftlab data prepare` with the same config first (same data, model, "
+                "max_length and cleaning settings; prepared data is found by their content hash), then launch again")
 
 
 def prepare_data(data_args: DataArguments, clean_args: CleanArguments, renderer: ChatRenderer,
-                 use_cache: bool = True, cached_only: bool = False) -> PreparedData:
-    """The prepared data, from the cache when it is there. `cached_only`: for the processes of a multi-process
-    run that wait for the main one to prepare it; when it is not there, the main one failed, and preparing it
-    again here would only repeat that (for hours, on a large dataset)."""
+                 cached_only: bool = False) -> PreparedData:
+    """The prepared data, from the cache when it is there (else prepared, or its interrupted preparation
+    resumed). `cached_only`: for the processes of a multi-process run, which read prepared data and never
+    prepare it."""
     specs = dataset_specs(data_args.data_files)
     sources = [source for spec in specs for source in expand_inputs([spec.path])]
     digests = source_digests(sources)
     key = cache_key(digests, data_args, clean_args, renderer)
     cached = cache_root() / "datasets" / key
-    if use_cache and (cached / META).exists():
+    if (cached / META).exists():
         data = read_cache(cached)
         if data is not None:
             return data
     if cached_only:
-        raise UserError(f"the main process did not prepare the data (no {cached}): it stopped, and its error says "
-                        "why")
-    rows, per_dataset = read_datasets(specs, data_args.split_seed, clean_args.max_row_bytes)
-    result = clean_rows(rows, clean_args, renderer, data_args.system_prompt, enabled=clean_args.clean,
-                        progress=True, compact=True)
+        raise UserError(f"{NOT_PREPARED} (no {cached})")
+    partial = cached.with_name(f".{key}.partial")
+    partial.mkdir(parents=True, exist_ok=True)
+    lock = exclusive_lock(partial / ".lock")  # one preparation per key; a second waits, then reads its result
+    try:
+        if not (cached / META).exists():
+            remove_stale_staging(cached.parent)  # what an older sftlab's killed preparation left behind
+            build(partial, specs, sources, digests, key, data_args, clean_args, renderer)
+            os.replace(partial, cached) if not cached.exists() else _replace_damaged(partial, cached)
+    finally:
+        os.close(lock)
+    return read_cache(cached) or _failed_twice(cached)
+
+
+def _replace_damaged(partial: Path, cached: Path) -> None:
+    shutil.rmtree(cached)  # read_cache found it damaged (and removed it), or another process left it half there
+    os.replace(partial, cached)
+
+
+def _failed_twice(cached: Path):
+    raise UserError(f"the data prepared in {cached} does not read back (see the line above): check the disk")
+
+
+def build(folder: Path, specs, sources: list[str], digests: dict, key: str, data_args: DataArguments,
+          clean_args: CleanArguments, renderer: ChatRenderer) -> None:
+    """Prepares the data in `folder`, resuming what an interrupted preparation there committed."""
+    (folder / "shards").mkdir(exist_ok=True)
+    checker = RowChecker(clean_args, renderer, data_args.system_prompt, clean_args.clean)
+    with dedup_store(folder, checker.minhash) as store:
+        progress = store.progress() or {"rows_read": 0, "shards": [], "rejected_bytes": 0, "result": None}
+        result = CleanResult.from_state(progress["result"]) if progress["result"] else None
+        writer = ShardWriter(folder, sources, progress["shards"], progress["rejected_bytes"])
+        cleaner = Cleaner(clean_args if clean_args.clean else CleanArguments(**{**asdict(clean_args),
+                                                                                 "near_dedup": False}),
+                          renderer, checker.minhash, store, writer, result)
+        done = progress["rows_read"]
+        if done:
+            print(f"resuming the interrupted preparation of {folder.name[1:-8]}: {len(progress['shards'])} shards "
+                  f"done, {done:,} rows read; reading on from there")
+        if clean_args.datatrove_tasks:
+            batches, per_dataset = checked_on_datatrove(folder, data_args, clean_args, renderer)
+            batches = skip_rows(batches, done)
+        else:
+            per_dataset = {}
+            rows = iter_datasets(specs, data_args.split_seed, per_dataset, clean_args.max_row_bytes)
+            rows = itertools.islice(rows, done, None)  # rows read before are read past (parsed, not checked)
+            batches = checked_batches(checker, rows, clean_args.num_proc)
+        with closing(batches), tqdm(desc="preparing", unit="rows", initial=done, mininterval=1.0) as bar:
+            for count, (batch, outcome) in enumerate(batches, start=1):
+                cleaner.add_batch(batch, *outcome)
+                writer.end_batch()
+                bar.update(len(batch))
+                if count % SHARD_BATCHES == 0:
+                    writer.end_shard()
+                    store.commit(writer.progress(cleaner.result))
+            writer.end_shard()
+            store.commit(writer.progress(cleaner.result))
+        writer.close()
+    finish(folder, writer.shards, cleaner.result, per_dataset, sources, digests, key, data_args, renderer)
+
+
+def checked_on_datatrove(folder: Path, data_args: DataArguments, clean_args: CleanArguments,
+                         renderer: ChatRenderer) -> tuple:
+    """The rows checked by clean_args.datatrove_tasks datatrove tasks (sftlab.data.pipeline, stage 1; tasks that
+    completed before are not run again), as batches in order, and the datasets' counts."""
+    from sftlab.data import pipeline
+
+    steps = pipeline.check_steps(data_args.data_files, folder, clean_args, renderer.tokenizer.name_or_path,
+                                 renderer.max_length, renderer.overflow, data_args.system_prompt, data_args.split_seed)
+    pipeline.run_locally(steps, folder, clean_args.datatrove_tasks, clean_args.num_proc)
+    return pipeline.checked_batches(folder, clean_args.datatrove_tasks), pipeline.dataset_counts(folder)
+
+
+def skip_rows(batches, rows: int):
+    """The batches after the first `rows` rows (a resumed preparation's shards end on a batch boundary)."""
+    for batch, outcome in batches:
+        if rows <= 0:
+            yield batch, outcome
+        rows -= len(batch)
+
+
+class ShardWriter:
+    """The preparation's sink: kept samples go to the current shard (an Arrow stream file, a record batch per
+    batch of rows), rejected rows to rejected.jsonl. A shard is named in the progress record only once it is
+    complete; what an interrupted run wrote past its last record is removed here."""
+
+    def __init__(self, folder: Path, sources: list[str], shards: list[dict], rejected_bytes: int):
+        self.folder, self.shards, self.pending, self.stream = folder, list(shards), [], None
+        self.source_ids = {source: i for i, source in enumerate(sources)}
+        named = {entry["file"] for entry in self.shards}
+        for path in (folder / "shards").iterdir():
+            if f"shards/{path.name}" not in named:
+                path.unlink()  # written after the last commit: its rows are read again
+        self.rejects = open(folder / "rejected.jsonl", "ab")
+        self.rejects.truncate(rejected_bytes)
+        self.rejects.seek(rejected_bytes)
+
+    def kept(self, kept) -> None:
+        self.pending.append(kept)
+
+    def rejected(self, r) -> None:
+        self.rejects.write(json.dumps({"reason": r.reason, "source": r.source, "line": r.line, "detail": r.detail},
+                                      ensure_ascii=False).encode() + b"\n")
+
+    def end_batch(self) -> None:
+        """The batch's kept samples, appended to the current shard as one record batch."""
+        if not self.pending:
+            return
+        if self.stream is None:
+            self.path = self.folder / "shards" / f"{len(self.shards):05d}.arrow"
+            self.sink = pa.OSFile(str(self.path) + ".tmp", "wb")
+            self.stream, self.rows, self.tokens = pa.ipc.new_stream(self.sink, SHARD_SCHEMA), 0, 0
+        samples = [kept.sample for kept in self.pending]
+        columns = samples_columns(samples)
+        columns["source"] = pa.array([self.source_ids[kept.source] for kept in self.pending], type=pa.int32())
+        columns["kind"] = pa.array([KINDS.index(sample_kind(k.messages, k.tools)) for k in self.pending],
+                                   type=pa.int8())
+        columns["conversation"] = pa.array([json.dumps(conversation_record(k), ensure_ascii=False)
+                                            for k in self.pending], type=pa.string())
+        self.stream.write_batch(pa.record_batch(columns, schema=SHARD_SCHEMA))
+        self.rows += len(samples)
+        self.tokens += int(columns["length"].to_numpy().sum())
+        self.pending = []
+
+    def end_shard(self) -> None:
+        """Closes the current shard (synced, then renamed to its name: a shard under its name is complete)."""
+        if self.stream is None:
+            return
+        self.stream.close()
+        self.sink.close()
+        tmp = Path(str(self.path) + ".tmp")
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        os.replace(tmp, self.path)
+        self.shards.append({"file": f"shards/{self.path.name}", "rows": self.rows, "tokens": self.tokens,
+                            "sha256": digest})
+        self.stream = None
+
+    def progress(self, result: CleanResult) -> dict:
+        """The record committed with the duplicate state: what the rows read so far produced."""
+        self.rejects.flush()
+        os.fsync(self.rejects.fileno())
+        return {"rows_read": result.rows_read, "shards": self.shards, "rejected_bytes": self.rejects.tell(),
+                "result": result.to_state()}
+
+    def close(self) -> None:
+        self.rejects.close()
+
+
+def finish(folder: Path, shards: list[dict], result: CleanResult, per_dataset: dict, sources: list[str],
+           digests: dict, key: str, data_args: DataArguments, renderer: ChatRenderer) -> None:
+    """The split, the weights, the report, the manifest and prepared.json (last: with it the folder is
+    complete), from the shards, read memory-mapped (a byte and an int32 a row come into memory)."""
+    for name in os.listdir(folder):
+        if name.startswith("dedup.sqlite"):
+            os.unlink(folder / name)  # the duplicate state: done with
+        elif name in ("checked", "datatrove-logs"):
+            shutil.rmtree(folder / name)  # datatrove's check results and logs: done with
+    table = open_shards(folder, shards)
+    n = len(table) if table is not None else 0
+    source_of = _column(table, "source", np.int32)
+    train_idx, test_idx = split_indices(n, data_args.test_size, data_args.split_seed)
+    weights = {source: info["weight"] for info in per_dataset.values() for source in info["sources"]}
+    train_idx = weighted_indices(train_idx, source_of, sources, weights, data_args.split_seed)
     report = build_report(result, sources, renderer.max_length, renderer.tokenizer.name_or_path,
                           renderer.default_system)
-    train_idx, test_idx = split_indices(len(result.kept), data_args.test_size, data_args.split_seed)
-    weights = {source: info["weight"] for info in per_dataset.values() for source in info["sources"]}
-    kept_sources = [kept.source for kept in result.kept]
-    train_idx = weighted(train_idx, kept_sources, weights, data_args.split_seed)
-    report["datasets"] = dataset_rows(per_dataset, result, Counter(kept_sources[i] for i in train_idx))
+    train_rows = np.bincount(source_of[train_idx], minlength=len(sources))
+    report["datasets"] = dataset_rows(per_dataset, result, {s: int(train_rows[i]) for i, s in enumerate(sources)})
+    np.save(folder / TRAIN_ROWS, train_idx)
+    np.save(folder / TEST_ROWS, test_idx)
+    examples = examples_by_kind(table, train_idx, _column(table, "kind", np.int8), renderer)
+    write_atomic(folder / MANIFEST, json.dumps({"fingerprint": key, "rows": n, "tokens": sum(
+        entry["tokens"] for entry in shards), "shards": shards}, indent=1) + "\n")
+    files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
+             if p.is_file() and p.name != ".lock"}
+    meta = {"report": report, "fingerprint": key, "examples": examples, "sources": digests, FILES: files}
+    write_atomic(folder / META, json.dumps(meta, ensure_ascii=False))
 
-    def samples(indices):
-        return samples_dataset([result.kept[i].sample for i in indices])
 
-    data = PreparedData(
-        train=samples(train_idx), test=samples(test_idx),
-        heldout=[conversation_record(result.kept[i]) for i in test_idx],
-        rejected=[{"reason": r.reason, "source": r.source, "line": r.line, "detail": r.detail}
-                  for r in result.rejected],
-        report=report, fingerprint=key,
-        examples=examples_by_kind([result.kept[i] for i in train_idx], renderer), sources=digests,
-    )
-    if use_cache:
-        write_cache(cached, data)
-        return read_cache(cached) or data  # memory-mapped: the in-memory copy above is freed
-    return data
+def open_shards(folder: Path, shards: list[dict]) -> Dataset | None:
+    """The shards as one Dataset, memory-mapped and concatenated without a copy; None when there are none."""
+    if not shards:
+        return None
+    return concatenate_datasets([Dataset.from_file(str(folder / entry["file"])) for entry in shards])
+
+
+def _column(table: Dataset | None, name: str, dtype) -> np.ndarray:
+    """One column of the concatenated shards as a numpy array."""
+    if table is None:
+        return np.zeros(0, dtype=dtype)
+    return table.data.column(name).to_numpy().astype(dtype, copy=False)
+
+
+def weighted_indices(indices: np.ndarray, source_of: np.ndarray, sources: list[str], weights: dict[str, float],
+                     seed: int) -> np.ndarray:
+    """Training indices with each dataset's weight applied (sftlab.data.sources.weighted, on index arrays: the
+    same rows): weight 2 lists every row twice, 0.5 half of the rows (a seeded sample), 1.5 every row once and a
+    seeded half again. `source_of[i]`: row i's file, as an index into `sources`."""
+    parts = []
+    for source_id in np.unique(source_of[indices]):
+        rows = indices[source_of[indices] == source_id]
+        source = sources[source_id]
+        weight = weights.get(source, 1.0)
+        whole, part = int(weight), weight - int(weight)
+        parts += [rows] * whole
+        extra = round(part * len(rows))
+        if extra:  # random.sample picks positions from the population's length alone: the list version's picks
+            picked = random.Random(f"{seed}:{source}:weight").sample(range(len(rows)), extra)
+            parts.append(rows[np.asarray(picked, dtype=np.int64)])
+    return np.sort(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
+
+
+def samples_columns(samples: list) -> dict:
+    """input_ids, labels, length and num_supervised as Arrow columns, built from flat int32 buffers: never from
+    per-token Python lists, which take about ten times the memory of the ids themselves."""
+    supervised = [len(s.labels) - list(s.labels).count(IGNORE_INDEX) for s in samples]
+    return {"input_ids": int32_lists([s.input_ids for s in samples]),
+            "labels": int32_lists([s.labels for s in samples]),
+            "length": pa.array([len(s.input_ids) for s in samples], type=pa.int32()),
+            "num_supervised": pa.array(supervised, type=pa.int32())}
 
 
 def samples_dataset(samples: list) -> Dataset:
-    """The samples as an Arrow dataset, built from flat int32 buffers: never from per-token Python lists,
-    which take about ten times the memory of the ids themselves."""
-    supervised = [len(s.labels) - s.labels.count(IGNORE_INDEX) for s in samples]
-    table = pa.table({"input_ids": int32_lists([s.input_ids for s in samples]),
-                      "labels": int32_lists([s.labels for s in samples]),
-                      "length": pa.array([len(s.input_ids) for s in samples], type=pa.int32()),
-                      "num_supervised": pa.array(supervised, type=pa.int32())})
-    return Dataset(table)
+    return Dataset(pa.table(samples_columns(samples)))
 
 
 def int32_lists(rows: list) -> pa.ListArray:
@@ -148,22 +372,22 @@ def sample_kind(messages: list[dict], tools: list | None = None) -> str:
     return "system" if messages[0]["role"] == "system" else "plain"
 
 
-def examples_by_kind(kept: list, renderer: ChatRenderer) -> list[dict]:
-    """The first training sample of each kind present (plain, system, multi-turn, tool call): the doctor checks
-    the saved template against each, since a template can render one kind right and another wrong."""
-    firsts = {}
-    for row in kept:
-        firsts.setdefault(sample_kind(row.messages, row.tools), row)
-        if len(firsts) == 4:  # every kind found: no need to look at the rest of a large dataset
-            break
-    return [_example(row, renderer, kind) for kind, row in firsts.items()]
+def examples_by_kind(table: Dataset | None, train_idx: np.ndarray, kinds: np.ndarray, renderer: ChatRenderer
+                     ) -> list[dict]:
+    """The first training sample of each kind present (plain, system, multi-turn, tool call), in the order they
+    first come: the doctor checks the saved template against each, since a template can render one kind right
+    and another wrong."""
+    if table is None or not len(train_idx):
+        return []
+    train_kinds = kinds[train_idx]
+    firsts = sorted((int(train_idx[np.argmax(train_kinds == k)]), KINDS[k]) for k in np.unique(train_kinds))
+    return [_example(table[row], renderer, kind) for row, kind in firsts]
 
 
-def _example(kept, renderer: ChatRenderer, kind: str) -> dict:
+def _example(row: dict, renderer: ChatRenderer, kind: str) -> dict:
     """One training sample as rendered, with the length settings that shaped it (for `sftlab doctor`)."""
-    return {"kind": kind, **conversation_record(kept), "input_ids": list(kept.sample.input_ids),
-            "labels": list(kept.sample.labels),
-            "max_length": renderer.max_length, "overflow": renderer.overflow}
+    return {"kind": kind, **json.loads(row["conversation"]), "input_ids": list(row["input_ids"]),
+            "labels": list(row["labels"]), "max_length": renderer.max_length, "overflow": renderer.overflow}
 
 
 def source_digests(sources: list[str]) -> dict[str, str]:
@@ -189,67 +413,51 @@ def cache_key(digests: dict[str, str], data_args: DataArguments, clean_args: Cle
     digest.update((backend.to_str() if backend is not None else str(sorted(tokenizer.get_vocab().items()))).encode())
     settings = dict(template=tokenizer.chat_template, max_length=renderer.max_length, overflow=renderer.overflow,
                     data=asdict(data_args), version=__version__,
-                    # num_proc: how many processes clean, not what comes out
-                    clean={k: v for k, v in asdict(clean_args).items() if k != "num_proc"})
+                    # how many processes or tasks clean, not what comes out
+                    clean={k: v for k, v in asdict(clean_args).items() if k not in ("num_proc", "datatrove_tasks")})
     # a change to the preparing code is a new key too
-    for module in (chat_format, clean, convert, load, near_dedup, dataset_sources, sys.modules[__name__]):
+    for module in (chat_format, clean, convert, dedup, lengths, load, near_dedup, dataset_sources,
+                   sys.modules[__name__]):
         digest.update(Path(module.__file__).read_bytes())
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:24]
 
 
-META = "prepared.json"
+META = "prepared.json"  # written last: a folder with it is complete
+MANIFEST = "manifest.json"  # the shards: file, rows, tokens, SHA-256
+TRAIN_ROWS, TEST_ROWS = "train_rows.npy", "test_rows.npy"  # the split and weights, as indices into the shards
 FILES = "files"  # in META: each file's size as written, checked at every read (a cut-short file is rebuilt)
-SPLITS = ("train", "test")
-
-
-def write_cache(folder: Path, data: PreparedData) -> None:
-    """Arrow datasets and a JSON file, written into a temporary folder that is renamed into place: another
-    process never reads a half-written cache (the JSON file, written last, marks it complete)."""
-    remove_stale_staging(folder.parent)  # what a killed preparation left behind, of any key
-    try:
-        with staged_folder(folder) as staging:
-            for split in SPLITS:
-                if len(getattr(data, split)):  # datasets cannot load an empty saved dataset; read_cache makes one
-                    with quiet_datasets():
-                        getattr(data, split).save_to_disk(str(staging / split))
-            meta = {f.name: getattr(data, f.name) for f in fields(data) if f.name not in SPLITS}
-            files = {str(p.relative_to(staging)): p.stat().st_size for p in sorted(staging.rglob("*")) if p.is_file()}
-            (staging / META).write_text(json.dumps({**meta, FILES: files}, ensure_ascii=False), encoding="utf-8")
-    except OSError:
-        if not (folder / META).exists():  # not a lost race with another process writing the same data
-            raise
-
-
-@contextmanager
-def quiet_datasets():
-    """No progress bar from `datasets` for a cache save that takes a moment (the cleaning bar said it all)."""
-    was_enabled = datasets_progress.is_progress_bar_enabled()
-    datasets_progress.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            datasets_progress.enable_progress_bars()
 
 
 def read_cache(folder: Path) -> PreparedData | None:
-    """The cached data; None, after removing the entry with a line, when it is damaged (a file cut short or
-    missing, or Arrow that does not read): the caller prepares it again."""
+    """The prepared data, memory-mapped; None, after removing the folder with a line, when it is damaged (a file
+    cut short or missing, or Arrow that does not read): the caller prepares it again."""
     try:
         meta = json.loads((folder / META).read_text(encoding="utf-8"))
         sizes = {name: (size, size_on_disk(folder / name)) for name, size in meta.pop(FILES).items()}
         damaged = next((f"{name}: {'no file' if now is None else f'{now} bytes'}, {size} bytes were written"
                         for name, (size, now) in sizes.items() if now != size), None)
         if damaged is None:
-            splits = {split: load_from_disk(str(folder / split)) if (folder / split).exists() else samples_dataset([])
-                      for split in SPLITS}
-            return PreparedData(**splits, **meta)
+            shards = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))["shards"]
+            table = open_shards(folder, shards)
+            train, test = (_rows(table, np.load(folder / name)) for name in (TRAIN_ROWS, TEST_ROWS))
+            return PreparedData(train=train.select_columns(list(COLUMNS)), test=test.select_columns(list(COLUMNS)),
+                                heldout=Conversations(test), rejected=folder / "rejected.jsonl", folder=folder,
+                                **meta)
     except (OSError, ValueError, KeyError, TypeError, pa.ArrowException) as exc:
         damaged = f"it does not read: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     print(f"prepared-data cache {folder} is damaged ({damaged}): removing it and preparing the data again")
     shutil.rmtree(folder, ignore_errors=True)
     return None
+
+
+def _rows(table: Dataset | None, indices: np.ndarray) -> Dataset:
+    """The rows at `indices` (repeats allowed), through an index mapping kept in memory (8 bytes a row): the
+    shards are not copied."""
+    if table is None:
+        return Dataset(pa.table({**samples_columns([]), "source": pa.array([], pa.int32()),
+                                 "kind": pa.array([], pa.int8()), "conversation": pa.array([], pa.string())}))
+    return table.select(indices, keep_in_memory=True)
 
 
 def size_on_disk(path: Path) -> int | None:

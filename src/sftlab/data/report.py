@@ -4,41 +4,11 @@ Everything here is deterministic (no timestamps), so two runs over the same data
 
 import json
 import shutil
-from collections import Counter
 from pathlib import Path
 
-import numpy as np
-
 from sftlab.data.clean import CleanResult
+from sftlab.data.lengths import max_length_suggestion
 from sftlab.files import move_in
-
-PERCENTILES = (50, 90, 95, 99)
-CANDIDATE_LENGTHS = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
-
-
-def length_stats(values: list[int]) -> dict:
-    if not values:
-        return {"n": 0}
-    array = np.asarray(values)
-    stats = {f"p{p}": int(np.percentile(array, p, method="lower")) for p in PERCENTILES}
-    return {"n": len(values), "mean": round(float(array.mean()), 1), **stats, "max": int(array.max())}
-
-
-def max_length_suggestion(lengths: list[tuple[int, int]]) -> list[dict]:
-    """For each candidate max_length: the share of samples, and of supervised tokens, that would be lost."""
-    if not lengths:
-        return []
-    totals = np.array([p + r for p, r in lengths])
-    supervised = np.array([r for _, r in lengths])
-    rows = []
-    for candidate in CANDIDATE_LENGTHS:
-        over = totals > candidate
-        rows.append({"max_length": candidate, "samples_lost": round(float(over.mean()), 4),
-                     "supervised_tokens_lost": round(float(supervised[over].sum() / max(supervised.sum(), 1)), 4)})
-        if candidate >= totals.max():
-            break
-    return rows
-
 
 NO_MODEL = "lengths are in characters: token counts and the too_long filter need --model PATH (the model you train)"
 
@@ -48,8 +18,7 @@ def template_system_prompt(result: CleanResult, default_system: str | None) -> d
     it goes into (they are trained with it); None when the template has no default."""
     if default_system is None:
         return None
-    rows = sum(1 for kept in result.kept if kept.messages[0]["role"] != "system")
-    return {"text": default_system, "rows": rows}
+    return {"text": default_system, "rows": result.without_system}
 
 
 def build_report(result: CleanResult, inputs: list[str], max_length: int | None, tokenizer_name: str | None,
@@ -57,24 +26,22 @@ def build_report(result: CleanResult, inputs: list[str], max_length: int | None,
     """The report. Lengths are in tokens of `tokenizer_name`'s tokenizer and template; without a model
     (tokenizer_name None) in characters, under "characters", with no max_length advice. `default_system`: the
     template's default system prompt (ChatRenderer.default_system), reported with the rows it goes into."""
-    prompts, responses = [p for p, _ in result.lengths], [r for _, r in result.lengths]
-    stats = {"prompt": length_stats(prompts), "response": length_stats(responses),
-             "total": length_stats([p + r for p, r in result.lengths])}
+    stats = result.lengths.stats()
     if result.unit == "characters":
         return {"inputs": inputs, "tokenizer": None, "note": NO_MODEL, "max_length": None,
-                "rows_read": result.rows_read, "kept": len(result.kept), "rejected": len(result.rejected),
+                "rows_read": result.rows_read, "kept": result.kept_count, "rejected": result.rejected_count,
                 "reasons": result.reasons(), "repairs": dict(sorted(result.repairs.items())),
-                "formats": result.formats, "characters": stats}
+                "formats": result.formats_by_file(), "characters": stats}
     return {
         "inputs": inputs,
         "tokenizer": tokenizer_name,
         "max_length": max_length,
         "rows_read": result.rows_read,
-        "kept": len(result.kept),
-        "rejected": len(result.rejected),
+        "kept": result.kept_count,
+        "rejected": result.rejected_count,
         "reasons": result.reasons(),
         "repairs": dict(sorted(result.repairs.items())),
-        "formats": result.formats,
+        "formats": result.formats_by_file(),
         "tokens": stats,
         "max_length_suggestion": max_length_suggestion(result.lengths),
         **({"template_system_prompt": system} if (system := template_system_prompt(result, default_system)) else {}),
@@ -94,7 +61,7 @@ def dataset_rows(per_dataset: dict[str, dict], result: CleanResult, train_rows: 
                  ) -> dict[str, dict]:
     """Per dataset: rows read, not sampled (max_samples), kept, rejected, weight and, for training, the training
     rows after weighting; `per_dataset` comes from sftlab.data.sources.read_datasets."""
-    kept, rejected = Counter(k.source for k in result.kept), Counter(r.source for r in result.rejected)
+    kept, rejected = result.kept_from, result.rejected_from
     table = {}
     for label, info in per_dataset.items():
         row = {"read": info["read"], "not_sampled": info["not_sampled"],
@@ -137,14 +104,16 @@ def plot_lengths(result: CleanResult, max_length: int | None, path: Path) -> Non
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     unit = result.unit
-    series = {f"prompt {unit}": [p for p, _ in result.lengths], f"response {unit}": [r for _, r in result.lengths],
-              f"total {unit}": [p + r for p, r in result.lengths]}
-    for ax, (title, values) in zip(axes, series.items()):
-        ax.hist(values or [0], bins=50, color="#4C72B0")
+    lengths = result.lengths
+    series = {f"prompt {unit}": lengths.prompt, f"response {unit}": lengths.response, f"total {unit}": lengths.total}
+    for ax, (title, counts) in zip(axes, series.items()):
+        # each distinct length once, weighted by its rows: the histogram of every row's length
+        values = sorted(counts) or [0]
+        ax.hist(values, bins=50, weights=[counts[v] for v in values] if counts else None, color="#4C72B0")
         ax.set_title(title)
         ax.set_xlabel(unit)
         if max_length and title == "total tokens":
-            if max_length <= 1.2 * max(values or [0]):  # far beyond the data, the line would squash the bars
+            if max_length <= 1.2 * max(values):  # far beyond the data, the line would squash the bars
                 ax.axvline(max_length, color="#C44E52", linestyle="--", label=f"max_length {max_length}")
                 ax.legend()
             else:
@@ -184,27 +153,56 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+class CleanFiles:
+    """The outputs of `sftlab data clean`, written as the rows are decided (a sink for clean_rows): clean.jsonl
+    and rejected.jsonl go to a staging folder, and `finish` adds the report and the plot and moves them all in,
+    report.json last: a folder with report.json is complete. Use as a context manager: on an error the staging
+    folder is removed and nothing is moved in."""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = Path(out_dir)
+        self.staging = self.out_dir.with_name(f".{self.out_dir.name}.clean.tmp")  # beside it: no output folder
+        shutil.rmtree(self.staging, ignore_errors=True)                           # appears until it is complete
+        self.staging.mkdir(parents=True)
+        self.clean = open(self.staging / "clean.jsonl", "w", encoding="utf-8")
+        self.rejects = open(self.staging / "rejected.jsonl", "w", encoding="utf-8")
+
+    def kept(self, kept) -> None:
+        self.clean.write(json.dumps({"messages": kept.messages, **({"tools": kept.tools} if kept.tools else {}),
+                                    "source": kept.source, "line": kept.line}, ensure_ascii=False) + "\n")
+
+    def rejected(self, r) -> None:
+        self.rejects.write(json.dumps({"reason": r.reason, "source": r.source, "line": r.line, "detail": r.detail,
+                                       "row": _truncate_row(r.row)}, ensure_ascii=False) + "\n")
+
+    def finish(self, result: CleanResult, report: dict) -> None:
+        self.clean.close()
+        self.rejects.close()
+        plot_lengths(result, report["max_length"], self.staging / "lengths.png")
+        (self.staging / "report.md").write_text(render_markdown(report), encoding="utf-8")
+        (self.staging / "report.json").write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n",
+                                                  encoding="utf-8")
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "report.json").unlink(missing_ok=True)
+        move_in(self.staging, self.out_dir, last="report.json")  # the report last: with it, the outputs are complete
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.clean.close()
+        self.rejects.close()
+        shutil.rmtree(self.staging, ignore_errors=True)  # gone already after finish()
+
+
 def write_clean_outputs(out_dir: Path, result: CleanResult, report: dict) -> None:
-    """clean.jsonl, rejected.jsonl, report.json, report.md and lengths.png, written to a staging folder and
-    moved in, report.json last: a folder with report.json is complete."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staging = out_dir / ".clean.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    with open(staging / "clean.jsonl", "w", encoding="utf-8") as f:
+    """The outputs of a cleaning whose rows were collected in `result`."""
+    with CleanFiles(out_dir) as files:
         for kept in result.kept:
-            f.write(json.dumps({"messages": kept.messages, **({"tools": kept.tools} if kept.tools else {}),
-                                "source": kept.source, "line": kept.line},
-                               ensure_ascii=False) + "\n")
-    with open(staging / "rejected.jsonl", "w", encoding="utf-8") as f:
-        for r in result.rejected:
-            f.write(json.dumps({"reason": r.reason, "source": r.source, "line": r.line, "detail": r.detail,
-                                "row": _truncate_row(r.row)}, ensure_ascii=False) + "\n")
-    plot_lengths(result, report["max_length"], staging / "lengths.png")
-    (staging / "report.md").write_text(render_markdown(report), encoding="utf-8")
-    (staging / "report.json").write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    (out_dir / "report.json").unlink(missing_ok=True)
-    move_in(staging, out_dir, last="report.json")  # the report comes last: with it, the outputs are complete
+            files.kept(kept)
+        for rejected in result.rejected:
+            files.rejected(rejected)
+        files.finish(result, report)
 
 
 def _truncate_row(row, limit: int = 10_000):

@@ -18,11 +18,12 @@ dataset with its rows read, sampled, kept, rejected and training rows after weig
 
 import json
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from sftlab.config import MAX_ROW_BYTES
 from sftlab.data.convert import FIELDS  # what `columns` may map a file's own names onto
-from sftlab.data.load import SourceRow, expand_inputs, read_source
+from sftlab.data.load import SourceRow, expand_inputs, iter_source
 from sftlab.errors import UserError
 
 OPTIONS = ("path", "columns", "max_samples", "weight")
@@ -85,24 +86,37 @@ def renamed(row, columns: tuple[tuple[str, str], ...]):
 
 def read_datasets(specs: list[DatasetSpec], seed: int, max_row_bytes: int = MAX_ROW_BYTES
                   ) -> tuple[list[SourceRow], dict[str, dict]]:
-    """Every row of every dataset, columns mapped and max_samples applied (a sample drawn under `seed`, in
-    file order), and per dataset: {"sources", "read", "not_sampled", "weight"}."""
-    rows, stats = [], {}
+    """Every row of every dataset, as a list (iter_datasets streams them), and the per-dataset counts."""
+    stats = {}
+    rows = list(iter_datasets(specs, seed, stats, max_row_bytes))
+    return rows, stats
+
+
+def iter_datasets(specs: list[DatasetSpec], seed: int, stats: dict, max_row_bytes: int = MAX_ROW_BYTES
+                  ) -> Iterator[SourceRow]:
+    """Every row of every dataset, read as it is used, columns mapped and max_samples applied (a sample drawn
+    under `seed`, in file order). `stats` receives per dataset {"sources", "read", "not_sampled", "weight"},
+    complete once the rows are all read. A dataset with max_samples is read twice: once to count its rows (the
+    sample depends on the count), once to yield the chosen ones, so that neither pass holds the rows."""
     for spec in specs:
         sources = expand_inputs([spec.path])
-        read = [r for source in sources for r in read_source(source, max_row_bytes)]
-        chosen = read
-        if spec.max_samples is not None and len(read) > spec.max_samples:
-            keep = sorted(random.Random(f"{seed}:{spec.path}").sample(range(len(read)), spec.max_samples))
-            chosen = [read[i] for i in keep]
-        for source_row in chosen:
-            source_row.row = renamed(source_row.row, spec.columns)
-        rows += chosen
         entry = stats.setdefault(spec.path, {"sources": [], "read": 0, "not_sampled": 0, "weight": spec.weight})
         entry["sources"] += sources
-        entry["read"] += len(read)
-        entry["not_sampled"] += len(read) - len(chosen)
-    return rows, stats
+        chosen = None
+        if spec.max_samples is not None:
+            total = sum(1 for source in sources for _ in iter_source(source, max_row_bytes))
+            if total > spec.max_samples:
+                chosen = set(random.Random(f"{seed}:{spec.path}").sample(range(total), spec.max_samples))
+        index = 0
+        for source in sources:
+            for source_row in iter_source(source, max_row_bytes):
+                entry["read"] += 1
+                index += 1
+                if chosen is not None and index - 1 not in chosen:
+                    entry["not_sampled"] += 1
+                    continue
+                source_row.row = renamed(source_row.row, spec.columns)
+                yield source_row
 
 
 def weighted(indices: list[int], sources: list[str], weights: dict[str, float], seed: int) -> list[int]:

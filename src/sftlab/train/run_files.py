@@ -4,6 +4,7 @@ finish (probes, held-out evaluation, retention, report, model card, the manifest
 trains through train/lifecycle.py writes the same run folder.
 """
 
+import os
 import shutil
 from pathlib import Path
 
@@ -126,7 +127,8 @@ def write_run_inputs(out: Path, config: dict, data: PreparedData) -> None:
     if data.examples:  # what `sftlab doctor` checks the saved template against
         write_json(out / RENDER_CHECK, {"samples": data.examples}, indent=None)
     write_jsonl(out / HELDOUT, data.heldout)
-    write_jsonl(out / REJECTED, data.rejected)
+    shutil.copyfile(data.rejected, out / (REJECTED + ".tmp"))
+    os.replace(out / (REJECTED + ".tmp"), out / REJECTED)
     write_json(out / DATA_REPORT, data.report)
 
 

@@ -16,7 +16,7 @@ from trl import SFTTrainer, TrlParser
 from sftlab.chat_format import ChatRenderer
 from sftlab.config import CleanArguments, DataArguments, ModelArguments
 from sftlab.data.prepare import PreparedData, prepare_data
-from sftlab.errors import UserError, report
+from sftlab.errors import UserError
 from sftlab.internals import attention_of, sft_collator
 from sftlab.model.load import load_model, load_tokenizer, quantization_config, recorded_base_name, resolve_model_path
 from sftlab.train.batching import BatchPlan, resolve_padding_free, training_attention
@@ -187,19 +187,21 @@ def build(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
 
 def prepare_once(data_args: DataArguments, clean_args: CleanArguments, renderer: ChatRenderer,
                  train_args: TrainConfig) -> PreparedData:
-    """The data, prepared by the main process of each machine while the others wait, then read from its cache by
-    them. When the main one fails, it says why before it releases the others (which then stop at once, and the
-    launcher ends the rest: a line printed later could be lost), and they do not prepare the data again."""
-    first = train_args.world_size == 1 or train_args.local_process_index == 0
-    with train_args.main_process_first(desc="data preparation"):
-        if not first:
-            return prepare_data(data_args, clean_args, renderer, cached_only=True)
-        try:
-            return prepare_data(data_args, clean_args, renderer)
-        except UserError as exc:
-            if train_args.world_size > 1:
-                report("train", exc)
-            raise
+    """The data: prepared here by a one-process run (or read from the cache); read by every process of a
+    multi-process run, which never prepares it: one rank tokenizing while the others wait is how runs of other
+    tools time out on large data. `sftlab data prepare` with the same config prepares it, once, first."""
+    return prepare_data(data_args, clean_args, renderer, cached_only=train_args.world_size > 1)
+
+
+def prepare_only(model_args: ModelArguments, data_args: DataArguments, clean_args: CleanArguments,
+                 train_args: TrainConfig) -> int:
+    """`sftlab data prepare`: the data `sftlab train` with the same config reads, prepared (or resumed)."""
+    model_path = resolve_model_path(model_args.model_name_or_path)
+    tokenizer = load_tokenizer(model_path, train_args.trust_remote_code)
+    data = prepare_data(data_args, clean_args, ChatRenderer(tokenizer, train_args.max_length, data_args.overflow))
+    print(data.summary())
+    print(f"prepared data: {data.folder} ({data.fingerprint}); `sftlab train` with the same config reads it")
+    return 0
 
 
 ARGUMENTS, PARSER = TRAIN_ARGUMENTS, TrlParser  # `sftlab train`'s arguments (cli.py parses them)
