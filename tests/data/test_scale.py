@@ -179,3 +179,34 @@ def test_memory_does_not_grow_with_the_number_of_rows(tiny_model_dir, tmp_path):
         path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows[:n]), encoding="utf-8")
     small_kb, large_kb = peak_kb(small, tmp_path / "out-small"), peak_kb(large, tmp_path / "out-large")
     assert large_kb <= 1.10 * small_kb, (small_kb, large_kb)
+
+
+@pytest.mark.slow
+def test_the_datatrove_script_on_ray_in_local_mode_prepares_what_train_reads(tiny_model_dir, dirty_file, tmp_path):
+    """scripts/prepare_on_datatrove.py with Ray's executor (a local Ray cluster): stage 1 as 2 Ray tasks, stage 2
+    here; the same prepared data as `sftlab data prepare` in one process."""
+    pytest.importorskip("ray")
+    import os
+
+    import yaml
+
+    from helpers import REPO
+
+    config = yaml.safe_load((REPO / "configs/demo.yaml").read_text())
+    config.update(data_files=[str(dirty_file)], max_length=1024)
+    (tmp_path / "ray.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
+    homes = {}
+    for name, command in (("ray", [sys.executable, str(REPO / "scripts/prepare_on_datatrove.py"), "--config",
+                                   str(tmp_path / "ray.yaml"), "--tasks", "2", "--executor", "ray",
+                                   "--mem_per_cpu_gb", "1"]),
+                          ("single", [sys.executable, "-m", "sftlab.cli", "data", "prepare", "--config",
+                                      str(tmp_path / "ray.yaml"), "--num_proc", "1"])):
+        homes[name] = tmp_path / f"home-{name}"
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                                env={**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+                                     "SFTLAB_HOME": str(homes[name])})
+        assert result.returncode == 0, result.stderr[-3000:]
+    folders = {name: next((home / "datasets").iterdir()) for name, home in homes.items()}
+    assert folders["ray"].name == folders["single"].name  # the same content hash: train finds either
+    for name in ("manifest.json", "rejected.jsonl", "train_rows.npy", "test_rows.npy", "shards/00000.arrow"):
+        assert (folders["ray"] / name).read_bytes() == (folders["single"] / name).read_bytes(), name

@@ -1,7 +1,7 @@
 """Two processes on CPU (gloo) through accelerate: the same seeded split in both, disjoint shards of it, one
 writer, one log, one adapter, and the per-step losses of a 1-process run with the same global batch. The data
-holds a rejected row of every reason and the main process cleans it in a worker pool, so the preparation that
-the other process waits for takes its unusual branches; a preparation that fails ends both, with one line."""
+holds a rejected row of every reason and `sftlab data prepare` cleans it in a worker pool first; both processes
+read what it prepared. Without prepared data, a multi-process run stops at once in every process with one line."""
 
 import hashlib
 import json
@@ -56,9 +56,14 @@ def dirty_demo_data(folder: Path) -> str:
     return str(path)
 
 
-def launch(tmp_path, name, processes, config, trace):
+def write_config(tmp_path, name, config) -> Path:
     (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
     (tmp_path / "tracer.py").write_text(TRACER)
+    return tmp_path / f"{name}.yaml"
+
+
+def launch(tmp_path, name, processes, config, trace):
+    write_config(tmp_path, name, config)
     accelerate = Path(sys.executable).with_name("accelerate")
     return subprocess.run(
         # --multi_gpu starts the processes through torchrun; use_cpu then makes them a gloo group on the CPU
@@ -81,6 +86,12 @@ def run(tmp_path, name, processes, accumulation):
                   max_steps=4, save_steps=2, logging_steps=1, eval_strategy="no", report_to="none",
                   final_eval_samples=2, final_eval_max_new_tokens=4, probe_max_new_tokens=4, output_dir=str(out),
                   use_cpu=True)
+    if processes > 1:  # a multi-process run reads prepared data: prepared first, by the same config
+        prepared = subprocess.run([sys.executable, str(tmp_path / "tracer.py"), "data", "prepare", "--config",
+                                   str(write_config(tmp_path, name, config))], capture_output=True, text=True,
+                                  cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1", "TRACE_DIR": str(trace)})
+        assert prepared.returncode == 0, prepared.stderr[-3000:]
+        assert "`sftlab train` with the same config reads it" in prepared.stdout
     result = launch(tmp_path, name, processes, config, trace)
     assert result.returncode == 0, result.stderr[-5000:]
     traces = {p.stem: [json.loads(line) for line in p.read_text().splitlines()] for p in sorted(trace.iterdir())}
@@ -129,20 +140,27 @@ def test_two_process_cpu_training_writes_one_run_matching_one_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_preparation_that_fails_on_the_main_process_ends_both_with_one_line(tmp_path):
-    """--strict stops at a malformed row while the main process cleans in its pool; the other process, waiting
-    for the main one's prepared data, neither hangs nor prepares the data again: each says one line."""
+def test_a_multi_process_run_without_prepared_data_stops_in_every_process_with_one_line(tmp_path):
+    """No process prepares the data for the others (one tokenizing while the rest wait is how large runs time
+    out): each says to run `sftlab data prepare` first, at once. That command then stops at a --strict row."""
     config = yaml.safe_load((REPO / "configs/demo.yaml").read_text())
     config.update(data_files=[dirty_demo_data(tmp_path)], num_proc=2, strict=True, report_to="none",
                   output_dir=str(tmp_path / "strict"), use_cpu=True)
     (tmp_path / "trace").mkdir()
     result = launch(tmp_path, "strict", 2, config, tmp_path / "trace")
     assert result.returncode != 0
-    errors = sorted(line for line in result.stderr.splitlines() if line.startswith("sftlab train: error:"))
+    errors = [line for line in result.stderr.splitlines() if line.startswith("sftlab train: error:")]
     assert len(errors) == 2, result.stderr[-3000:]
-    assert errors[0].endswith("demo_dirty.jsonl:29: invalid_utf8: invalid UTF-8 at byte 27 (--strict)")
-    assert errors[1].startswith("sftlab train: error: the main process did not prepare the data (no ")
-    assert "Traceback (most recent call last)" not in result.stderr.split("sftlab train: error:")[0]
+    assert all(line.startswith("sftlab train: error: the data is not prepared for this run, and a multi-process run "
+                               "does not prepare it") and "run `sftlab data prepare` with the same config first"
+               in line for line in errors)
+    assert "Traceback (most recent call last)" not in result.stderr
+    prepared = subprocess.run([sys.executable, str(tmp_path / "tracer.py"), "data", "prepare", "--config",
+                               str(tmp_path / "strict.yaml")], capture_output=True, text=True, cwd=tmp_path,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1", "TRACE_DIR": str(tmp_path / "trace")})
+    assert prepared.returncode == 2
+    assert prepared.stderr.strip().splitlines()[-1].endswith(
+        "demo_dirty.jsonl:29: invalid_utf8: invalid UTF-8 at byte 27 (--strict)")
 
 
 class FakeAccelerator:

@@ -94,6 +94,12 @@ class Kept:
     messages: list[dict]
     sample: RenderedSample | None  # fitted to max_length; None when cleaning without a model
     tools: list[dict] | None = None  # the functions the conversation may call (OpenAI's `tools`)
+    record_json: str | None = None  # record_of(messages, tools) as JSON (made in the worker that checked it)
+
+
+def record_of(messages: list[dict], tools: list | None) -> dict:
+    """A conversation as clean.jsonl, heldout.jsonl and the prepared shards keep it: OpenAI's row form."""
+    return {"messages": messages, **({"tools": tools} if tools else {})}
 
 
 @dataclass
@@ -107,6 +113,8 @@ class Checked:
     tool_key: bytes  # near duplicates are looked for among rows with the same one
     signature_row: int | None  # its row in the batch's signature array, for near-duplicate detection
     sample: RenderedSample | Rejection | None  # rendered whole (before max_length), why it cannot be, or no model
+    record_json: str  # record_of(messages, tools) as JSON: serialized here, in the worker, not by the one
+    #                   process that decides every row in order
 
 
 @dataclass
@@ -219,10 +227,12 @@ class RowChecker:
         self.minhash = MinHash(config.near_dedup_threshold) if enabled and config.near_dedup else None
         self.max_token_chars = max(map(len, renderer.tokenizer.get_vocab())) if renderer is not None else None
 
-    def check_batch(self, rows: list[SourceRow]) -> tuple[list, Counter, np.ndarray | None]:
-        """Per row a Rejection or a Checked; the text repairs; and the near-duplicate signatures as one array
-        (one row per passing row): far cheaper to send between processes than an array per row."""
+    def check_batch(self, rows: list[SourceRow]) -> tuple[list, Counter, np.ndarray | None, list]:
+        """Per row a Rejection or a Checked; the text repairs; the near-duplicate signatures as one array (one row
+        per passing row): far cheaper to send between processes than an array per row; and each readable row's
+        format (None for a row that could not be read)."""
         repairs, results, passed = Counter(), [], []
+        formats = [None if r.error is not None else detect_format(r.row) or "unknown" for r in rows]
         for source_row in rows:
             try:
                 messages, tools, text = self._check_text(source_row, repairs)
@@ -242,8 +252,9 @@ class RowChecker:
                 sample = Rejection("tools_unsupported" if refused else "role_order", str(sample))
             key = tool_key(messages, tools)
             digest = None if text is None else hashlib.blake2b(text.encode() + b"\0" + key, digest_size=16).digest()
-            results[i] = Checked(messages, tools, text, digest, key, None if signatures is None else row, sample)
-        return results, repairs, signatures
+            results[i] = Checked(messages, tools, text, digest, key, None if signatures is None else row, sample,
+                                 json.dumps(record_of(messages, tools), ensure_ascii=False))
+        return results, repairs, signatures, formats
 
     def _check_text(self, source_row: SourceRow, repairs: Counter) -> tuple[list[dict], list | None, str | None]:
         if source_row.error:
@@ -320,18 +331,17 @@ class Cleaner:
         self.result = result or CleanResult(unit="tokens" if renderer is not None else "characters")
         self.sink = sink or Collect(self.result)
 
-    def add_batch(self, rows: list[SourceRow], results: list, repairs: Counter, signatures) -> None:
+    def add_batch(self, rows: list[SourceRow], results: list, repairs: Counter, signatures, formats: list) -> None:
         self.result.repairs.update(repairs)
         checked = [outcome for outcome in results if not isinstance(outcome, Rejection)]
         buckets = {id(c): self._buckets(c, signatures[c.signature_row]) for c in checked
                    if c.signature_row is not None and self.minhash is not None}
         self.store.start_batch([c.digest for c in checked if c.digest is not None],
                                [bucket for keys in buckets.values() for bucket in keys])
-        for source_row, outcome in zip(rows, results):
+        for source_row, outcome, row_format in zip(rows, results, formats):
             self.result.rows_read += 1
-            if source_row.error is None:
-                counts = self.result.formats.setdefault(source_row.source, Counter())
-                counts[detect_format(source_row.row) or "unknown"] += 1
+            if row_format is not None:
+                self.result.formats.setdefault(source_row.source, Counter())[row_format] += 1
             if isinstance(outcome, Rejection):
                 self._reject(source_row, outcome)
                 continue
@@ -378,12 +388,14 @@ class Cleaner:
         if sample is None:  # no model: lengths in characters, no token limit
             response = sum(len(message_text(m)) for m in checked.messages if m["role"] == "assistant")
             self.result.lengths.add(sum(len(message_text(m)) for m in checked.messages) - response, response)
-            return Kept(source_row.source, source_row.line, checked.messages, None, checked.tools)
+            return Kept(source_row.source, source_row.line, checked.messages, None, checked.tools,
+                        checked.record_json)
         supervised = sample.num_supervised
         self.result.lengths.add(len(sample.input_ids) - supervised, supervised)
         try:
             fitted = self.renderer.fit(sample)
-            return Kept(source_row.source, source_row.line, checked.messages, fitted, checked.tools)
+            return Kept(source_row.source, source_row.line, checked.messages, fitted, checked.tools,
+                        checked.record_json)
         except SampleTooLong as exc:
             raise _Reject("too_long", str(exc)) from exc
 

@@ -35,7 +35,7 @@ from sftlab.chat_tools import has_tool_parts
 from sftlab.config import CleanArguments, DataArguments
 from sftlab.data import clean, convert, dedup, lengths, load, near_dedup
 from sftlab.data import sources as dataset_sources
-from sftlab.data.clean import Cleaner, CleanResult, RowChecker, checked_batches, dedup_store
+from sftlab.data.clean import Cleaner, CleanResult, RowChecker, checked_batches, dedup_store, record_of
 from sftlab.data.load import expand_inputs
 from sftlab.data.report import build_report, dataset_rows, summary_line
 from sftlab.data.sources import dataset_specs, iter_datasets
@@ -106,6 +106,15 @@ def split_indices(n: int, test_size: float, seed: int) -> tuple[np.ndarray, np.n
 NOT_PREPARED = ("the data is not prepared for this run, and a multi-process run does not prepare it (every process "
                 "would wait for one): run `sftlab data prepare` with the same config first (same data, model, "
                 "max_length and cleaning settings; prepared data is found by their content hash), then launch again")
+
+
+def work_folder(data_args: DataArguments, clean_args: CleanArguments, renderer: ChatRenderer) -> Path:
+    """Where the preparation of this data happens (its `.KEY.partial` folder): datatrove tasks on other machines
+    write their check results there (sftlab.data.pipeline), so it must be on a filesystem they all reach."""
+    specs = dataset_specs(data_args.data_files)
+    sources = [source for spec in specs for source in expand_inputs([spec.path])]
+    key = cache_key(source_digests(sources), data_args, clean_args, renderer)
+    return cache_root() / "datasets" / f".{key}.partial"
 
 
 def prepare_data(data_args: DataArguments, clean_args: CleanArguments, renderer: ChatRenderer,
@@ -240,7 +249,7 @@ class ShardWriter:
         columns["source"] = pa.array([self.source_ids[kept.source] for kept in self.pending], type=pa.int32())
         columns["kind"] = pa.array([KINDS.index(sample_kind(k.messages, k.tools)) for k in self.pending],
                                    type=pa.int8())
-        columns["conversation"] = pa.array([json.dumps(conversation_record(k), ensure_ascii=False)
+        columns["conversation"] = pa.array([k.record_json or json.dumps(conversation_record(k), ensure_ascii=False)
                                             for k in self.pending], type=pa.string())
         self.stream.write_batch(pa.record_batch(columns, schema=SHARD_SCHEMA))
         self.rows += len(samples)
@@ -361,7 +370,7 @@ def int32_lists(rows: list) -> pa.ListArray:
 
 def conversation_record(kept) -> dict:
     """A conversation as heldout.jsonl, clean.jsonl and render_check.json keep it: OpenAI's row form."""
-    return {"messages": kept.messages, **({"tools": kept.tools} if kept.tools else {})}
+    return record_of(kept.messages, kept.tools)
 
 
 def sample_kind(messages: list[dict], tools: list | None = None) -> str:

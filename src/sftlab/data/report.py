@@ -6,7 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
-from sftlab.data.clean import CleanResult
+from sftlab.data.clean import CleanResult, record_of
 from sftlab.data.lengths import max_length_suggestion
 from sftlab.files import move_in
 
@@ -168,8 +168,10 @@ class CleanFiles:
         self.rejects = open(self.staging / "rejected.jsonl", "w", encoding="utf-8")
 
     def kept(self, kept) -> None:
-        self.clean.write(json.dumps({"messages": kept.messages, **({"tools": kept.tools} if kept.tools else {}),
-                                    "source": kept.source, "line": kept.line}, ensure_ascii=False) + "\n")
+        record = kept.record_json or json.dumps(record_of(kept.messages, kept.tools), ensure_ascii=False)
+        # the record's JSON with two more keys: what json.dumps of the whole dict writes, byte for byte
+        self.clean.write(f'{record[:-1]}, "source": {json.dumps(kept.source, ensure_ascii=False)}, '
+                         f'"line": {kept.line}}}\n')
 
     def rejected(self, r) -> None:
         self.rejects.write(json.dumps({"reason": r.reason, "source": r.source, "line": r.line, "detail": r.detail,
