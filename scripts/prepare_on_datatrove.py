@@ -46,7 +46,7 @@ def main() -> int:
     folder.mkdir(parents=True, exist_ok=True)
     steps = pipeline.check_steps(data_args.data_files, folder, clean_args, renderer.tokenizer.name_or_path,
                                  renderer.max_length, renderer.overflow, data_args.system_prompt, data_args.split_seed)
-    logs = str(folder / "datatrove-logs")  # where `sftlab data prepare` looks for the completed tasks
+    logs = pipeline.start_stage(folder, args.tasks)  # where `sftlab data prepare` looks for the completed tasks
     decide = ["sftlab", "data", "prepare", "--config", os.path.abspath(args.config),
               "--datatrove_tasks", str(args.tasks)]
     if args.executor == "slurm":

@@ -17,6 +17,7 @@ import itertools
 import json
 import os
 import pickle
+import shutil
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -110,11 +111,26 @@ def check_steps(inputs: list, folder: str, clean_args: CleanArguments, model: st
             WriteChecked(str(folder))]
 
 
+def start_stage(folder: Path, tasks: int) -> str:
+    """Readies FOLDER for stage 1 with `tasks` tasks and returns datatrove's logging folder in it. Results of a
+    stage 1 with another task count (an interrupted run started again with another N) are removed: the batches
+    are dealt among the tasks by that count."""
+    folder, logs = Path(folder), Path(folder) / "datatrove-logs"
+    count = folder / CHECKED / "tasks"
+    if count.exists() and count.read_text() != str(tasks):
+        shutil.rmtree(folder / CHECKED)
+        shutil.rmtree(logs, ignore_errors=True)
+    count.parent.mkdir(parents=True, exist_ok=True)
+    count.write_text(str(tasks))
+    return str(logs)
+
+
 def run_locally(steps: list[PipelineStep], folder: Path, tasks: int, workers: int | None) -> None:
     """Stage 1 on this machine: datatrove's LocalPipelineExecutor, `workers` tasks at a time (default: a core
     each). Its logs, stats and completions go to FOLDER/datatrove-logs; a completed task is not run again."""
+    logs = start_stage(folder, tasks)
     LocalPipelineExecutor(pipeline=steps, tasks=tasks, workers=workers or min(tasks, os.cpu_count() or 1),
-                          logging_dir=str(Path(folder) / "datatrove-logs"), start_method="fork").run()
+                          logging_dir=logs, start_method="fork").run()
 
 
 def checked_batches(folder: Path, tasks: int) -> Iterator[tuple[list, tuple]]:
@@ -131,7 +147,10 @@ def checked_batches(folder: Path, tasks: int) -> Iterator[tuple[list, tuple]]:
                 batch_index, rows, outcome = pickle.load(files[index % tasks])
             except EOFError:
                 return
-            assert batch_index == index, f"task {index % tasks}'s results are out of order"
+            if batch_index != index:  # written by a stage 1 of another task count
+                raise ValueError(f"{folder}/{CHECKED}: task {index % tasks} holds batch {batch_index} where batch "
+                                 f"{index} belongs: its results are not of {tasks} tasks; remove {CHECKED}/ and "
+                                 "datatrove-logs/ and run again")
             yield rows, outcome
     finally:
         for f in files:

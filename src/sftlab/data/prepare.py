@@ -137,22 +137,19 @@ def prepare_data(data_args: DataArguments, clean_args: CleanArguments, renderer:
     partial.mkdir(parents=True, exist_ok=True)
     lock = exclusive_lock(partial / ".lock")  # one preparation per key; a second waits, then reads its result
     try:
-        if not (cached / META).exists():
+        if (cached / META).exists():  # another process prepared it while this one waited for the lock
+            shutil.rmtree(partial, ignore_errors=True)
+        else:
             remove_stale_staging(cached.parent)  # what an older sftlab's killed preparation left behind
             build(partial, specs, sources, digests, key, data_args, clean_args, renderer)
-            os.replace(partial, cached) if not cached.exists() else _replace_damaged(partial, cached)
+            shutil.rmtree(cached, ignore_errors=True)  # what is left of a damaged one
+            os.replace(partial, cached)
     finally:
         os.close(lock)
-    return read_cache(cached) or _failed_twice(cached)
-
-
-def _replace_damaged(partial: Path, cached: Path) -> None:
-    shutil.rmtree(cached)  # read_cache found it damaged (and removed it), or another process left it half there
-    os.replace(partial, cached)
-
-
-def _failed_twice(cached: Path):
-    raise UserError(f"the data prepared in {cached} does not read back (see the line above): check the disk")
+    data = read_cache(cached)
+    if data is None:
+        raise UserError(f"the data just prepared in {cached} does not read back (see the line above): check the disk")
+    return data
 
 
 def build(folder: Path, specs, sources: list[str], digests: dict, key: str, data_args: DataArguments,
@@ -164,9 +161,7 @@ def build(folder: Path, specs, sources: list[str], digests: dict, key: str, data
         progress = store.progress() or {"rows_read": 0, "shards": [], "rejected_bytes": 0, "result": None}
         result = CleanResult.from_state(progress["result"]) if progress["result"] else None
         writer = ShardWriter(folder, sources, progress["shards"], progress["rejected_bytes"])
-        cleaner = Cleaner(clean_args if clean_args.clean else CleanArguments(**{**asdict(clean_args),
-                                                                                 "near_dedup": False}),
-                          renderer, checker.minhash, store, writer, result)
+        cleaner = Cleaner(clean_args, renderer, checker.minhash, store, writer, result)
         done = progress["rows_read"]
         if done:
             print(f"resuming the interrupted preparation of {folder.name[1:-8]}: {len(progress['shards'])} shards "
@@ -219,7 +214,9 @@ class ShardWriter:
     complete; what an interrupted run wrote past its last record is removed here."""
 
     def __init__(self, folder: Path, sources: list[str], shards: list[dict], rejected_bytes: int):
-        self.folder, self.shards, self.pending, self.stream = folder, list(shards), [], None
+        self.folder, self.shards, self.pending = folder, list(shards), []
+        self.stream = self.sink = self.path = None  # the shard being written
+        self.rows = self.tokens = 0
         self.source_ids = {source: i for i, source in enumerate(sources)}
         named = {entry["file"] for entry in self.shards}
         for path in (folder / "shards").iterdir():
