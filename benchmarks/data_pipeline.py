@@ -72,9 +72,9 @@ def run_sftlab(path: str, queue) -> None:
     from sftlab.model.tiny import ensure_tiny_model
 
     renderer = ChatRenderer(load_tokenizer(ensure_tiny_model()), MAX_LENGTH)
+    os.environ["SFTLAB_HOME"] = tempfile.mkdtemp()  # the tiny model is loaded: a fresh cache, so it prepares
     start = time.perf_counter()
-    data = prepare_data(DataArguments(data_files=[path], test_size=0.0), CleanArguments(near_dedup=True), renderer,
-                        use_cache=False)
+    data = prepare_data(DataArguments(data_files=[path], test_size=0.0), CleanArguments(near_dedup=True), renderer)
     seconds = time.perf_counter() - start
     queue.put({"seconds": seconds, "peak_mb": peak_mb(), "kept": data.report["kept"],
                "rows_read": data.report["rows_read"], "reasons": data.report["reasons"]})

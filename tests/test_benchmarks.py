@@ -56,7 +56,11 @@ def test_the_tool_call_benchmark_holds_out_its_prompts():
 @pytest.mark.slow
 def test_the_data_scale_benchmark_measures_each_size(capsys, monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))  # its sibling modules (the row generator)
-    table = load_benchmark("data_scale").main(["--rows", "300,900", "--repeats", "1"])
-    assert [row["rows"] > n for row, n in zip(table, (300, 900))] == [True, True]  # the planted defects added
+    table = load_benchmark("data_scale").main(["--rows", "300,900", "--repeats", "1", "--variants",
+                                               "single,datatrove2"])
+    assert [(row["variant"], row["rows"] > n) for row, n in zip(table, (300, 300, 900, 900))] == [
+        ("single", True), ("datatrove2", True), ("single", True), ("datatrove2", True)]  # planted defects added
     assert all(row["seconds"] > 0 and row["peak_mb"] > 50 and 0 < row["kept"] <= row["rows"] for row in table)
-    assert "KB per row" in capsys.readouterr().out
+    assert [row["kept"] for row in table[:2]] == [table[0]["kept"]] * 2  # the same rows kept either way
+    out = capsys.readouterr().out
+    assert "every variant kept the same rows at each size: True" in out and "at 10M rows" in out

@@ -29,6 +29,10 @@ and NBSP fixed, surrounding whitespace stripped. Chinese text and full-width pun
 Bidirectional-override characters (U+202A-U+202E, U+2066-U+2069) are kept, since right-to-left text needs some,
 and counted (bidi_controls_kept), since they can also hide what a text says.
 With tool_fallback off, tools a template cannot render are dropped from rows that only list them (tools_dropped).
+
+Rows stream through a batch at a time: the per-row checks (RowChecker) run in worker processes or datatrove tasks,
+the cross-row decisions (Cleaner) in one process, in file order, with the duplicate state on disk (dedup.py) and
+the kept and rejected rows handed to a sink as they are decided, so memory does not grow with the row count.
 """
 
 import hashlib
