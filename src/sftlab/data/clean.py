@@ -61,6 +61,7 @@ from sftlab.chat_format import (
 )
 from sftlab.chat_tools import calls_text, has_tool_parts, message_text
 from sftlab.config import CleanArguments
+from sftlab.data import dedup
 from sftlab.data.convert import NO_FORMAT, FieldError, ToolCallError, check_format_name, detect_format, to_messages
 from sftlab.data.dedup import DedupStore
 from sftlab.data.lengths import Lengths
@@ -490,7 +491,7 @@ def clean_rows(rows, config: CleanArguments, renderer: ChatRenderer | None, syst
 
 
 @contextmanager
-def dedup_store(work_dir: Path | None, minhash: MinHash | None, name: str = "dedup.sqlite"):
+def dedup_store(work_dir: Path | None, minhash: MinHash | None, name: str = dedup.FILE):
     """A DedupStore in `work_dir` (kept: the caller owns it) or in a temporary folder removed after."""
     if work_dir is not None:
         store = DedupStore(Path(work_dir) / name, minhash)

@@ -11,6 +11,7 @@ from sftlab.chat_format import ChatRenderer, mark_supervised
 from sftlab.config import CleanArguments, Overflow, check_choices
 from sftlab.data.clean import clean_rows
 from sftlab.data.convert import detect_format
+from sftlab.data.dedup import remove_store
 from sftlab.data.report import NO_MODEL, CleanFiles, build_report, dataset_rows, summary_line, template_system_prompt
 from sftlab.data.sources import dataset_specs, iter_datasets, read_datasets
 from sftlab.environment import TINY_MODEL_NAME
@@ -76,9 +77,7 @@ def clean_data(output: CleanOutput, render: RenderArguments, config: CleanArgume
                             sink=files, work_dir=files.staging, checked=checked)
         shutil.rmtree(files.staging / "checked", ignore_errors=True)
         shutil.rmtree(files.staging / "datatrove-logs", ignore_errors=True)
-        (files.staging / "dedup.sqlite").unlink(missing_ok=True)
-        for leftover in files.staging.glob("dedup.sqlite-*"):  # SQLite's journal files
-            leftover.unlink()
+        remove_store(files.staging)
         sources = [source for info in per_dataset.values() for source in info["sources"]]
         report = build_report(result, sources, render.max_length, render.model,
                               renderer.default_system if renderer is not None else None)

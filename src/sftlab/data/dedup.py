@@ -20,6 +20,7 @@ CREATE TABLE IF NOT EXISTS buckets (bucket INTEGER NOT NULL, id INTEGER NOT NULL
     WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS progress (only INTEGER PRIMARY KEY CHECK (only = 0), state TEXT NOT NULL);
 """
+FILE = "dedup.sqlite"  # in the folder that holds it, with SQLite's -wal and -shm files beside it while open
 CACHE_KIB = 16 * 1024  # SQLite's page cache: the store's memory, whatever its size on disk
 QUERY_KEYS = 900  # keys per IN (...) query: under SQLite's oldest limit on bound parameters (999)
 
@@ -114,3 +115,9 @@ class DedupStore:
 
 def _chunks(keys: list) -> list[list]:
     return [keys[i:i + QUERY_KEYS] for i in range(0, len(keys), QUERY_KEYS)]
+
+
+def remove_store(folder: Path) -> None:
+    """Removes a closed store's file and SQLite's journal files from `folder`: the state is done with."""
+    for path in Path(folder).glob(f"{FILE}*"):
+        path.unlink()

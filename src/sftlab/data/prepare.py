@@ -36,6 +36,7 @@ from sftlab.config import CleanArguments, DataArguments
 from sftlab.data import clean, convert, dedup, lengths, load, near_dedup
 from sftlab.data import sources as dataset_sources
 from sftlab.data.clean import Cleaner, CleanResult, RowChecker, checked_batches, dedup_store, record_of
+from sftlab.data.dedup import remove_store
 from sftlab.data.load import expand_inputs
 from sftlab.data.report import build_report, dataset_rows, summary_line
 from sftlab.data.sources import dataset_specs, iter_datasets
@@ -283,11 +284,9 @@ def finish(folder: Path, shards: list[dict], result: CleanResult, per_dataset: d
            digests: dict, key: str, data_args: DataArguments, renderer: ChatRenderer) -> None:
     """The split, the weights, the report, the manifest and prepared.json (last: with it the folder is
     complete), from the shards, read memory-mapped (a byte and an int32 a row come into memory)."""
-    for name in os.listdir(folder):
-        if name.startswith("dedup.sqlite"):
-            os.unlink(folder / name)  # the duplicate state: done with
-        elif name in ("checked", "datatrove-logs"):
-            shutil.rmtree(folder / name)  # datatrove's check results and logs: done with
+    remove_store(folder)  # the duplicate state: done with
+    for name in ("checked", "datatrove-logs"):
+        shutil.rmtree(folder / name, ignore_errors=True)  # datatrove's check results and logs: done with
     table = open_shards(folder, shards)
     n = len(table) if table is not None else 0
     source_of = _column(table, "source", np.int32)
