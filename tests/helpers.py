@@ -1,5 +1,9 @@
 """What several test modules share (tests/ is on the import path: `from helpers import REPO`)."""
 
+import contextlib
+import socket
+import threading
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -14,3 +18,32 @@ def demo_args(out: Path, *flags: str) -> list[str]:
 # the run modules share through conftest's trained_run when they only read it: trained long enough to answer and
 # stop (20 epochs of the demo), two checkpoints, no evaluation (the modules that test evaluation train their own)
 TRAINED = ("--num_train_epochs", "20", "--save_steps", "0.5", "--eval_strategy", "no", "--final_eval_samples", "0")
+
+
+QUESTION = [{"role": "user", "content": "你是谁？"}]
+
+
+@contextlib.contextmanager
+def serving(app):
+    """The app on a free loopback port, in a thread, as `sftlab serve` runs it; yields its base URL."""
+    import uvicorn
+
+    from sftlab.infer import http
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error",
+                                           timeout_keep_alive=http.KEEP_ALIVE_S, http=http.header_timeout_protocol()))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        app.state.engine.close()

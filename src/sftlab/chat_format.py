@@ -33,6 +33,7 @@ prefix-preserving Qwen3 training template does: what is supervised is what the m
 """
 
 from dataclasses import dataclass
+from functools import cached_property
 
 from jinja2.exceptions import TemplateError
 from transformers.utils.chat_template_utils import render_jinja_template
@@ -41,6 +42,7 @@ from sftlab.chat_tools import (
     PROBE_TOOL_CONVERSATION,
     PROBE_TOOLS,
     TOOL_DIALECTS,
+    CallFormat,
     check_tool_calls,
     has_tool_parts,
     to_fallback_form,
@@ -229,6 +231,19 @@ class ChatRenderer:
             if self.tool_dialect is not None:
                 ids.append(self._after_turn(PROBE_TOOL_CONVERSATION, PROBE_TOOLS))
         return list(dict.fromkeys(i for i in ids if i is not None))
+
+    @cached_property
+    def call_format(self) -> CallFormat | None:
+        """How this model writes a function call in a reply (chat_tools.CallFormat), learned from the template's
+        rendering of one call, decoded as a reply is (special tokens left out, the opening removed); None when
+        the template writes no call this can read back."""
+        try:
+            completion = self.pieces(PROBE_TOOL_CONVERSATION[:2], PROBE_TOOLS)[-1][0]
+        except MessageError:
+            return None
+        text = self.tokenizer.decode(self.encode(completion), skip_special_tokens=True).lstrip()
+        opening = self.reply_opening.strip()
+        return CallFormat.learn(text[len(opening):] if opening and text.startswith(opening) else text)
 
     def template_form(self, messages: list[dict], tools: list | None = None) -> tuple[list[dict], list]:
         """(messages, tools) as this template wants them: what apply_chat_template is to be given."""

@@ -11,6 +11,8 @@ fallback_call.
 """
 
 import json
+import re
+from dataclasses import dataclass
 from typing import Literal, NotRequired, TypedDict
 
 from sftlab.errors import MessageError
@@ -178,3 +180,133 @@ def check_tool_calls(calls, i: int) -> None:
             raise MessageError(f"messages[{i}].tool_calls[{n}]: expected a function with a name")
         if not isinstance(function.get("arguments"), dict):
             raise MessageError(f"messages[{i}].tool_calls[{n}].function.arguments: expected an object")
+
+
+PROBE_CALL_NAME, PROBE_CALL_ARGUMENTS = "sftlab_probe_fn", {"sftlab_probe_arg": "sftlab_probe_value"}
+_NAME = re.compile(r"[A-Za-z_][\w.\-]*")
+
+
+@dataclass(frozen=True)
+class CallFormat:
+    """How a model writes a function call in its reply, learned from its own template's rendering of one call
+    (ChatRenderer.call_format), so that a reply can be read back as OpenAI's `tool_calls` for every family
+    without a parser per family: either a JSON object holding the name and the arguments (Qwen3's
+    `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`, Llama-3.1's `{"name": ..., "parameters":
+    {...}}`, the fallback form), or the name as text before the JSON arguments (GLM-4's `NAME\\n{...}`).
+    Parallel calls are the same shape one after another."""
+
+    prefix: str  # before each call ("" when a call is the whole reply)
+    suffix: str  # after each call
+    name_key: str | None  # the JSON key of the name; None: the name is text before the arguments
+    arguments_key: str  # the JSON key of the arguments ("" for name-first calls)
+
+    @classmethod
+    def learn(cls, rendered: str) -> "CallFormat | None":
+        """From a reply that is one call of PROBE_CALL_NAME with PROBE_CALL_ARGUMENTS (special tokens removed);
+        None if the call cannot be found in it."""
+        decoder = json.JSONDecoder()
+        name_at = rendered.find(PROBE_CALL_NAME)
+        for start in (i for i, c in enumerate(rendered) if c == "{"):
+            try:
+                value, end = decoder.raw_decode(rendered, start)
+            except json.JSONDecodeError:
+                continue
+            if start > name_at >= 0 and value == PROBE_CALL_ARGUMENTS:  # the name, then the arguments
+                return cls(rendered[:name_at], rendered[end:], None, "")
+            if isinstance(value, dict) and start < name_at:
+                name_key = next((k for k, v in value.items() if v == PROBE_CALL_NAME), None)
+                arguments_key = next((k for k, v in value.items() if _as_arguments(v) == PROBE_CALL_ARGUMENTS), None)
+                if name_key and arguments_key:
+                    return cls(rendered[:start], rendered[end:], name_key, arguments_key)
+        return None
+
+    def calls_in(self, reply: str, names: set[str]) -> tuple[str, list[dict]] | None:
+        """(the words before the calls, the calls as {"name", "arguments": dict}) when `reply` ends in one or
+        more calls of this shape to functions in `names` (the request's tools); None when it is not such a call
+        (then it is plain content)."""
+        head = self.prefix.strip()
+        if head:
+            start = reply.find(head)
+            if start < 0:
+                return None
+            content = reply[:start].strip()
+        else:  # a call is the whole reply (a code fence around it allowed, as models write one)
+            reply, start, content = unfenced(reply), 0, ""
+        calls, pos = [], start
+        while (pos := len(reply) - len(reply[pos:].lstrip())) < len(reply):
+            call, pos = self._call_at(reply, pos)
+            if call is None or call["name"] not in names:
+                return None
+            calls.append(call)
+        return (content, calls) if calls else None
+
+    def may_become_call(self, text: str, names: set[str]) -> int:
+        """How much of a reply still being written can be streamed as content: all of it once it cannot become
+        a call, the words before a call's opening (and before a partial opening at its end), nothing while a
+        whole-reply call may still be coming."""
+        head = self.prefix.strip()
+        if not head:
+            rest = unfenced(text) if text.strip()[:3] != "``" else ""
+            if self.name_key is not None:
+                undecided = rest[:1] in ("", "{")
+            else:  # a name-first call: undecided while the text is the start of a tool's name, then its arguments
+                match = _NAME.match(rest)
+                word = match.group() if match else ""
+                after = rest[len(word):].lstrip()[:1]
+                undecided = not rest or (any(n.startswith(word) for n in names) if match and not after
+                                         else word in names and after == "{")
+            return 0 if undecided else len(text)
+        at = text.find(head)
+        if at < 0:
+            at = next((len(text) - n for n in range(min(len(head) - 1, len(text)), 0, -1)
+                       if head.startswith(text[-n:])), len(text))
+        return len(text[:at].rstrip())
+
+    def _call_at(self, text: str, pos: int) -> tuple[dict | None, int]:
+        pos = _skip(text, pos, self.prefix.strip())
+        if pos < 0:
+            return None, pos
+        if self.name_key is None:
+            match = _NAME.match(text, pos)
+            if not match:
+                return None, pos
+            name, pos = match.group(), len(text) - len(text[match.end():].lstrip())
+            arguments, pos = _json_at(text, pos)
+        else:
+            value, pos = _json_at(text, pos)
+            if not isinstance(value, dict):
+                return None, pos
+            name, arguments = value.get(self.name_key), _as_arguments(value.get(self.arguments_key))
+        pos = _skip(text, pos, self.suffix.strip()) if pos >= 0 else pos
+        if pos < 0 or not isinstance(name, str) or not name or not isinstance(arguments, dict):
+            return None, pos
+        return {"name": name, "arguments": arguments}, pos
+
+
+def unfenced(text: str) -> str:
+    text = text.strip()
+    return text.strip("`").removeprefix("json").strip() if text.startswith("```") else text
+
+
+def _as_arguments(value):
+    """Arguments as an object: some templates and models write them as a JSON string."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return None
+    return value
+
+
+def _skip(text: str, pos: int, expected: str) -> int:
+    """The position after `expected` (whitespace before it allowed); -1 if it is not next."""
+    pos = len(text) - len(text[pos:].lstrip())
+    return pos + len(expected) if text.startswith(expected, pos) else -1
+
+
+def _json_at(text: str, pos: int):
+    pos = len(text) - len(text[pos:].lstrip())
+    try:
+        return json.JSONDecoder().raw_decode(text, pos)
+    except json.JSONDecodeError:
+        return None, -1

@@ -6,11 +6,9 @@ typed and sent streams a reply into the page, the second turn sends the whole co
 prompt, Clear empties it, and
 no asset comes from outside the server (the page works offline)."""
 
-import contextlib
 import json
 import shutil
 import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlparse
@@ -18,6 +16,7 @@ from urllib.parse import urlparse
 import httpx
 import pytest
 
+from helpers import QUESTION, serving
 from sftlab.infer.serve import Limits, create_app
 from sftlab.model.load import load_for_inference
 
@@ -27,41 +26,12 @@ def tiny(sftlab_home):
     return load_for_inference(model="sftlab:tiny-glm4", device="cpu", dtype="float32")
 
 
-@contextlib.contextmanager
-def serving(app):
-    """The app on a free loopback port, in a thread, as `sftlab serve` runs it; yields its base URL."""
-    import uvicorn
-
-    from sftlab.infer import http
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error",
-                                           timeout_keep_alive=http.KEEP_ALIVE_S, http=http.header_timeout_protocol()))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        app.state.engine.close()
-
-
 @pytest.fixture(scope="module")
 def url(tiny):
     model, tokenizer = tiny
     app = create_app(model, tokenizer, "tiny-glm4", limits=Limits(max_tokens=64, max_queue=16), context=4096)
     with serving(app) as base:
         yield base
-
-
-QUESTION = [{"role": "user", "content": "你是谁？"}]
 
 
 def test_openai_client_gets_the_same_greedy_reply_as_sftlab_chat(url, capsys):
@@ -100,7 +70,7 @@ def test_stop_strings_and_seeded_sampling(url):
 @pytest.mark.parametrize("body, status, needle", [
     (b'{"messages": [', 400, "malformed JSON"),
     ({"messages": []}, 400, "messages"),
-    ({"messages": QUESTION, "n": 2}, 400, "n: only n=1"),
+    ({"messages": QUESTION, "n": 2}, 400, "not supported by this server: n (only 1)"),
     ({"messages": QUESTION, "max_tokens": 65}, 400, "over this server's cap of 64"),
     ({"messages": [{"role": "bot", "content": "hi"}]}, 400, "messages.0.role: Input should be 'system'"),
     ({"messages": [{"role": "assistant", "content": "hi"}]}, 400, "first non-system message must be a user"),
@@ -157,10 +127,13 @@ def test_with_a_key_every_route_but_health_needs_it(tiny):
     model, tokenizer = tiny
     app = create_app(model, tokenizer, "secret", api_key="s3cret", limits=Limits(max_tokens=4))
     routes = [(r.path, sorted(r.methods - {"HEAD"})[0]) for r in app.routes if isinstance(r, (APIRoute, Route))]
-    assert {"/health", "/", "/v1/models", "/v1/chat/completions", "/openapi.json"} <= {p for p, _ in routes}
+    assert {"/health", "/", "/v1/models", "/v1/chat/completions", "/v1/completions", "/openapi.json"} <= {
+        p for p, _ in routes}
+    bodies = {"/v1/chat/completions": {"messages": QUESTION, "max_tokens": 2},
+              "/v1/completions": {"prompt": "hi", "max_tokens": 2}}
     with serving(app) as base:
         for path, method in routes:
-            body = {"messages": QUESTION, "max_tokens": 2} if method == "POST" else None
+            body = bodies[path] if method == "POST" else None
             bare = httpx.request(method, base + path, json=body, timeout=30)
             keyed = httpx.request(method, base + path, json=body, timeout=30,
                                   headers={"Authorization": "Bearer s3cret"})
@@ -215,8 +188,10 @@ def test_schemathesis_finds_no_server_error(tiny):
 
         given(operation.as_strategy())(run)()
     assert failures == [] and len(statuses) >= 60
-    assert {path for path, _ in statuses} == {"/", "/health", "/v1/models", "/v1/chat/completions"}
+    assert {path for path, _ in statuses} == {"/", "/health", "/v1/models", "/v1/chat/completions",
+                                              "/v1/completions"}
     assert 400 in {code for path, code in statuses if path == "/v1/chat/completions"}
+    assert 400 in {code for path, code in statuses if path == "/v1/completions"}
     with serving(app) as base:  # the server still works afterwards
         assert httpx.get(f"{base}/health").status_code == 200
         ok = httpx.post(f"{base}/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 3}, timeout=30)

@@ -50,6 +50,7 @@ class Job:
     loop: asyncio.AbstractEventLoop | None = None
     updates: asyncio.Event | None = None  # set when there is new text or an end
     pending: bool = False  # a wake-up is already on its way: one is enough, however many tokens came
+    plain: bool = False  # a completion, not a chat reply: its text as generated, no opening or whitespace removed
 
     @property
     def done(self) -> bool:
@@ -171,7 +172,7 @@ class Engine:
             job.tokens.append(token)
             before = len(job.text)
             job.raw += self.decode_step(job, token)
-            job.text = without_opening(job.raw, self.opening)
+            job.text = self.reply_text(job, job.raw)
             for stop in job.stop:  # only where the new text can have completed it
                 at = job.text.find(stop, max(0, before - len(stop) + 1))
                 if at >= 0:
@@ -192,8 +193,11 @@ class Engine:
 
     def cut_at_length(self, job: Job) -> None:
         """Ends a reply at its token limit, without a character the cut split (as `sftlab chat` does)."""
-        job.text = without_opening(decode_complete(self.tokenizer, job.tokens), self.opening)
+        job.text = self.reply_text(job, decode_complete(self.tokenizer, job.tokens))
         job.finish_reason = "length"
+
+    def reply_text(self, job: Job, decoded: str) -> str:
+        return decoded if job.plain else without_opening(decoded, self.opening)
 
     def _next_batch(self) -> list[Job]:
         with self.lock:
@@ -249,3 +253,16 @@ class Engine:
             streamer=RowStreamer(self, jobs), stopping_criteria=StoppingCriteriaList([RowsDone(jobs)]),
             **sampling.generate_kwargs(),
         )
+
+    @torch.no_grad()
+    def logprobs(self, ids: list[int], top: int) -> list[tuple[float, list[tuple[int, float]]]]:
+        """For each token after the first: its log-probability given the ones before, and the `top` most likely
+        tokens there with theirs; one forward pass, the model's raw distribution (no temperature or penalty), as
+        vLLM reports by default. Called from a worker thread beside the generation thread: a forward pass
+        without a cache changes no state of the model."""
+        logits = self.model(torch.tensor([ids], device=self.model.device)).logits[0, :-1].float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        chosen = logprobs.gather(1, torch.tensor(ids[1:], device=logprobs.device)[:, None])[:, 0].tolist()
+        best = logprobs.topk(top, dim=-1) if top else None
+        return [(chosen[n], list(zip(best.indices[n].tolist(), best.values[n].tolist())) if best is not None else [])
+                for n in range(len(chosen))]

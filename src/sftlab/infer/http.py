@@ -3,6 +3,8 @@ every failure, Bearer-key authorization, a request-body limit that still lets th
 deadline for a request's headers."""
 
 import hmac
+import logging
+import time
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -133,3 +135,44 @@ async def drain(receive, budget: int = DRAIN_BYTES) -> None:
             return
 
 
+
+
+access_log = logging.getLogger("sftlab.serve")
+
+
+class AccessLog:
+    """A line per request once its response is complete (a stream's too, at its end): client, method, path,
+    status, milliseconds, and the tokens of a completion (its handler leaves `usage` in the request's state).
+    uvicorn's own access log is off: it logs a stream when it starts, before its status can change or its
+    tokens are known."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status, logged = time.perf_counter(), [500], [False]
+
+        def log() -> None:
+            logged[0] = True
+            usage = scope.get("state", {}).get("usage")
+            tokens = " prompt_tokens={prompt_tokens} completion_tokens={completion_tokens}".format(**usage()) \
+                if usage else ""
+            client = scope.get("client") or ("-", 0)
+            access_log.info('%s "%s %s" %d %.0f ms%s', client[0], scope["method"], scope["path"], status[0],
+                            (time.perf_counter() - started) * 1000, tokens)
+
+        async def logged_send(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                log()
+
+        try:
+            await self.app(scope, receive, logged_send)
+        finally:
+            if not logged[0]:  # the client left mid-response
+                status[0] = 499 if status[0] < 400 else status[0]
+                log()
