@@ -125,3 +125,37 @@ def test_evaluating_a_checkpoint_writes_beside_it_not_inside(run, capsys):
     assert cli.main(["eval", "--adapter", str(checkpoint), "--max_new_tokens", "2"]) == 0
     assert f"wrote {run}/eval/{checkpoint.name}/results.json" in capsys.readouterr().out
     assert sorted(p.name for p in checkpoint.iterdir()) == before and why_not_committed(checkpoint) is None
+
+
+PEFT_ALONE = """
+import json, sys
+sys.modules["sftlab"] = None  # sftlab is not importable here
+import torch
+from peft import AutoPeftModelForCausalLM
+run, ids, expected = sys.argv[1], json.loads(sys.argv[2]), torch.load(sys.argv[3])
+model = AutoPeftModelForCausalLM.from_pretrained(run, dtype=torch.float32)
+with torch.no_grad():
+    logits = model(torch.tensor([ids])).logits
+print(json.dumps({"max_diff": (logits - expected).abs().max().item(), "base": model.peft_config["default"].base_model_name_or_path}))
+"""
+
+
+@pytest.mark.slow  # a second process loading torch and PEFT
+def test_a_run_folder_loads_with_peft_alone_its_base_an_absolute_path(run, tmp_path):
+    """adapter_config.json names the embedded base by its folder, so PEFT (and lm-eval, vLLM) resolve it
+    without sftlab; sftlab itself still resolves the run's base by its `sftlab:` name (sftlab_config.yaml)."""
+    from sftlab.model.load import adapter_base, resolve_model_path
+
+    config = json.loads((run / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(resolve_model_path("sftlab:tiny-glm4").resolve())
+    assert adapter_base(run) == "sftlab:tiny-glm4"
+    tuned, tokenizer = load_for_inference(adapter=str(run), device="cpu", dtype="float32")
+    ids = ChatRenderer(tokenizer).prompt_ids([{"role": "user", "content": "你是谁？"}])
+    with torch.no_grad():
+        torch.save(tuned(torch.tensor([ids])).logits, tmp_path / "expected.pt")
+    result = subprocess.run([sys.executable, "-c", PEFT_ALONE, str(run), json.dumps(ids), str(tmp_path / "expected.pt")],
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": ""},
+                            cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["max_diff"] < 1e-5 and out["base"] == config["base_model_name_or_path"]

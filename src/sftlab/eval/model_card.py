@@ -56,7 +56,8 @@ def model_card(run_dir: Path, merged: bool = False, name: str | None = None, che
              f"{' (' + checkpoint + ' of the run ' + run_dir.name + ')' if checkpoint else ''}"
              f"{': the LoRA adapter merged into the base weights' if merged else ''}.", ""]
     name = name or run_dir.name + ("-merged" if merged else "")
-    lines += _training(model, train) + _data(read_json(run_dir / DATA_REPORT)) + _usage(name, lora)
+    trains_vocabulary = lora and bool(set(model.get("lora_modules_to_save") or []) & {"lm_head", "embed_tokens"})
+    lines += _training(model, train) + _data(read_json(run_dir / DATA_REPORT)) + _usage(name, lora, trains_vocabulary)
     if checkpoint is None:
         lines += _evaluation(read_json(run_dir / EVAL_DIR / RESULTS))
         lines += _probes(read_jsonl(run_dir / PREDICTIONS))
@@ -85,13 +86,17 @@ def _data(report: dict | None) -> list[str]:
     return lines + ([""] if report.get("datasets") else [])
 
 
-def _usage(name: str, lora: bool) -> list[str]:
+def _usage(name: str, lora: bool, trains_vocabulary: bool = False) -> list[str]:
     load = ("from peft import AutoPeftModelForCausalLM\nmodel = AutoPeftModelForCausalLM.from_pretrained"
             f"(\"{name}\")" if lora else
             f"from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained(\"{name}\")")
     return ["## Use", "", "```python", load, "from transformers import AutoTokenizer",
             f"tokenizer = AutoTokenizer.from_pretrained(\"{name}\")  # the chat template it was trained with", "```",
-            "", "Generation stops on every id in `generation_config.json`'s `eos_token_id`.", ""]
+            "", "Generation stops on every id in `generation_config.json`'s `eos_token_id`.", ""] + ([
+            "This adapter trains the output layer in full (`modules_to_save`). lm-evaluation-harness's `hf` backend "
+            "with `peft=` first resizes the base's embeddings to the tokenizer's length, which no longer fits it "
+            "where the vocabulary is padded (GLM-4's is): merge first (`sftlab merge`) and pass the merged folder "
+            "as `pretrained=`, or evaluate with `sftlab eval --tasks`.", ""] if trains_vocabulary else [])
 
 
 def _evaluation(results: dict | None) -> list[str]:

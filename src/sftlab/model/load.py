@@ -167,21 +167,28 @@ def check_weights(folder: Path, name: str) -> None:
 
 
 def recorded_base_name(name_or_path: str) -> str:
-    """How an adapter names its base so it resolves again: names as given, local folders as absolute paths."""
+    """How an adapter names its base (adapter_config.json's base_model_name_or_path) so that it resolves again,
+    in sftlab and in tools that know nothing of it (PEFT's AutoPeftModel, lm-eval, vLLM): names as given, local
+    folders and embedded models as absolute paths (the run's sftlab_config.yaml keeps the `sftlab:` name)."""
+    if name_or_path.startswith("sftlab:"):
+        return str(resolve_model_path(name_or_path).resolve())
     path = Path(name_or_path).expanduser()
     return str(path.resolve()) if path.is_dir() else name_or_path
 
 
 def adapter_base(adapter_dir: Path) -> str:
+    """The base model of an adapter: the embedded model its run was trained on (by name: its folder under
+    another SFTLAB_HOME, or on another machine, is built again), else adapter_config.json's record."""
     config_file = Path(adapter_dir) / ADAPTER_CONFIG
     if not config_file.exists():
         raise UserError(f"adapter path {adapter_dir}: no {ADAPTER_CONFIG} there (is it a PEFT adapter folder?)")
+    trained_on = ((run_record(adapter_dir) or {}).get("model") or {}).get("model_name_or_path") or ""
+    if trained_on.startswith("sftlab:"):
+        return trained_on
     base = json.loads(config_file.read_text()).get("base_model_name_or_path")
     if not base:
         raise UserError(f"{config_file}: base_model_name_or_path is empty; pass --model with the base model")
     return base
-
-
 
 
 def run_of_checkpoint(folder: str | Path) -> Path | None:
