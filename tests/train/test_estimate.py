@@ -59,7 +59,7 @@ def test_estimate_reports_tokens_steps_memory_and_a_probed_time(tmp_path):
                        "--report_to", "none", "--num_train_epochs", "2"])
     result = estimate(*args)
     text = result.text()
-    assert "3,769 per epoch x 2 epochs = 7,538" in text
+    assert "3,738 per epoch x 2 epochs = 7,476" in text
     assert "padding-free, 8 micro-batches per process per epoch" in text
     assert "optimizer steps                    16" in text  # 8 micro-batches per epoch, no accumulation
     assert "s per step from a 16-step probe" in text

@@ -255,7 +255,29 @@ def final_loss(folder: Path) -> float | None:
     return losses[-1] if losses else None
 
 
-def run_checks(model: str | None, adapter: str | None, max_new_tokens: int | None = None) -> list[Check]:
+def check_gguf(gguf: Path, model, tokenizer, folder: Path) -> Check:
+    """The round trip of an exported GGUF (eval/gguf_check.py) against the model as transformers runs it."""
+    from sftlab.eval.gguf_check import check_conversations, exact_file, round_trip, summary
+
+    name = "the GGUF answers as the model does"
+    if not gguf.is_file():
+        raise UserError(f"--gguf {gguf}: no such file")
+    try:
+        answers = round_trip(gguf, model, tokenizer, check_conversations(folder), 32, exact_file(gguf))
+    except UserError as exc:  # llama-cpp-python is not installed: said, not a crash
+        return Check(name, "skip", str(exc))
+    failed = [a for a in answers if not a.matched]
+    if not failed:
+        return Check(name, "pass", f"{summary(answers)}: llama.cpp gives transformers' greedy tokens and stop")
+    worst = "; ".join(f"{a.prompt[:30]!r}: {a.detail} (llama.cpp: {a.llama_cpp_text[:40]!r}, transformers: "
+                      f"{a.transformers_text[:40]!r})" for a in failed)
+    return Check(name, "FAIL", f"{summary(answers)}; {worst}",
+                 "export again with sftlab export (it fixes the metadata llama.cpp's converter gets wrong); for a "
+                 "quantized file, compare with an f16 export first")
+
+
+def run_checks(model: str | None, adapter: str | None, max_new_tokens: int | None = None,
+               gguf: str | None = None) -> list[Check]:
     from sftlab.model.load import load_for_inference
 
     folder = Path(adapter or model)
@@ -271,6 +293,8 @@ def run_checks(model: str | None, adapter: str | None, max_new_tokens: int | Non
     else:
         checks.append(Check("greedy generation stops", "skip", "the chat template check failed, so a prompt would not "
                             "be rendered as in training"))
+    if gguf:
+        checks.append(check_gguf(Path(gguf), net, tokenizer, folder))
     return checks
 
 
@@ -282,6 +306,9 @@ class DoctorArguments:
     max_new_tokens: int | None = field(default=None, metadata={
         "help": "Budget of the generation test (default: the run's reply limit, twice the p99 of its training "
                 "replies; 64 for a model folder)."})
+    gguf: str | None = field(default=None, metadata={
+        "help": "An exported GGUF file: run it in llama.cpp (llama-cpp-python) on the run's probe and held-out "
+                "prompts and compare its greedy tokens and stop with the model's."})
 
     RANGES: ClassVar[dict] = {"max_new_tokens": Range(1, integer=True, nullable=True)}
 
@@ -295,7 +322,7 @@ ARGUMENTS = (DoctorArguments,)  # `sftlab doctor`'s (cli.py parses them)
 
 
 def run(args: DoctorArguments) -> int:
-    checks = run_checks(args.model, args.adapter, args.max_new_tokens)
+    checks = run_checks(args.model, args.adapter, args.max_new_tokens, args.gguf)
     for check in checks:
         print(f"[{check.status}] {check.name}: {check.detail}")
         if check.status == "FAIL":

@@ -27,7 +27,10 @@ from sftlab.environment import cache_root
 from sftlab.errors import UserError
 from sftlab.files import exclusive_lock, staged_folder
 
-TINY_VERSION = "v1"  # bump when the build below changes, so old caches are not reused
+# GLM-4's pre-tokenizer (its tokenizer.json's Split pattern, then byte-level without GPT-2's own pattern): the
+# tiny GLM-4 models split text as GLM-4-9B does, so that llama.cpp's converter and runtime treat them as GLM-4
+GLM4_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+              r"\s*[\r\n]+|\s+(?!\S)|\s+")
 
 GLM4_SPECIAL_TOKENS = [
     "<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>",
@@ -58,6 +61,9 @@ class Family:
     bos: str | None = None
     plain_tokens: list[str] = field(default_factory=list)  # added tokens that are not special (Qwen's <think>)
     arch: dict = field(default_factory=dict)
+    split: str | None = None  # the family's pre-tokenizer pattern; None: GPT-2's byte-level one
+    version: str = "v1"  # bumped when the build changes, so that old caches are not reused (old runs still load:
+    # they carry their own tokenizer, and the weights depend only on the seed and the shapes)
 
 
 QWEN3_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
@@ -73,11 +79,12 @@ LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_to
 FAMILIES = {
     "sftlab:tiny-glm4": Family(
         "tiny-glm4", "GlmConfig", "glm4.jinja", GLM4_SPECIAL_TOKENS, eos="<|endoftext|>", pad="<|endoftext|>",
-        generation_eos=["<|endoftext|>", "<|user|>", "<|observation|>"], prefix=["[gMASK]", "<sop>"], arch=GLM_ARCH),
+        generation_eos=["<|endoftext|>", "<|user|>", "<|observation|>"], prefix=["[gMASK]", "<sop>"], arch=GLM_ARCH,
+        split=GLM4_SPLIT, version="v2"),
     "sftlab:tiny-glm4-0414": Family(
         "tiny-glm4-0414", "Glm4Config", "glm4_0414.jinja", GLM4_SPECIAL_TOKENS, eos="<|endoftext|>",
         pad="<|endoftext|>", generation_eos=["<|endoftext|>", "<|user|>", "<|observation|>"],
-        prefix=["[gMASK]", "<sop>"], arch=GLM_ARCH),
+        prefix=["[gMASK]", "<sop>"], arch=GLM_ARCH, split=GLM4_SPLIT, version="v2"),
     "sftlab:tiny-qwen3": Family(
         "tiny-qwen3", "Qwen3Config", "qwen3.jinja", QWEN3_SPECIAL, eos="<|im_end|>", pad="<|endoftext|>",
         generation_eos=["<|im_end|>", "<|endoftext|>"], plain_tokens=QWEN3_PLAIN),
@@ -102,7 +109,7 @@ def ensure_tiny_model(name: str = "sftlab:tiny-glm4") -> Path:
         raise UserError(f"model {name}: there is no such embedded model; the embedded ones are "
                         f"{', '.join(FAMILIES)}")
     family = FAMILIES[name]
-    target = cache_root() / "models" / f"{family.folder}-{TINY_VERSION}"
+    target = cache_root() / "models" / f"{family.folder}-{family.version}"
     return build_once(target, lambda staging: build_tiny_model(staging, family))
 
 
@@ -156,11 +163,13 @@ def _tokenizer_corpus() -> list[str]:
 
 
 def build_tiny_tokenizer(out_dir: Path, family: Family = FAMILIES["sftlab:tiny-glm4"]):
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False) if family.split is None else \
+        pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(family.split), behavior="isolated"),
+                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=ORDINARY_VOCAB_SIZE, min_frequency=2, show_progress=False,
