@@ -59,6 +59,13 @@ CASES = [
     (["eval"], "pass --adapter RUN (a LoRA run) or --model PATH"),
     (["eval", *TINY, "--batch_size", "0"], "batch_size: must be an integer >= 1, got 0"),
     (["eval", *TINY, "--max_new_tokens", "0"], "max_new_tokens: must be an integer >= 1, or null, got 0"),
+    (["export"], "pass --adapter RUN (a LoRA run, merged first) or --model DIR (a model folder)"),
+    (["export", *TINY, "--outtype", "q4_k_m", "--output", "{tmp}/k"], "--outtype q4_k_m needs llama.cpp's "
+                                                                       "llama-quantize on PATH"),
+    (["export", *TINY, "--llama_cpp", "{tmp}", "--output", "{tmp}/x"], "--llama_cpp {tmp}: no convert_hf_to_gguf.py "
+                                                                       "there (give a llama.cpp checkout)"),
+    (["serve", *TINY, "--max_tokens", "0"], "max_tokens: must be an integer >= 1, or null, got 0"),
+    (["doctor", *TINY, "--gguf", "{tmp}/none.gguf"], "--gguf {tmp}/none.gguf: no such file"),
 ]
 if not torch.cuda.is_available():
     CASES.append((["chat", *TINY, "--prompt", "hi", "--device", "cuda"], "--device cuda: this machine has no CUDA GPU"))

@@ -260,8 +260,6 @@ def check_gguf(gguf: Path, model, tokenizer, folder: Path) -> Check:
     from sftlab.eval.gguf_check import check_conversations, exact_file, round_trip, summary
 
     name = "the GGUF answers as the model does"
-    if not gguf.is_file():
-        raise UserError(f"--gguf {gguf}: no such file")
     try:
         answers = round_trip(gguf, model, tokenizer, check_conversations(folder), 32, exact_file(gguf))
     except UserError as exc:  # llama-cpp-python is not installed: said, not a crash
@@ -316,6 +314,8 @@ class DoctorArguments:
         check_fields(self)
         if not (self.adapter or self.model):
             raise ValueError("pass --adapter DIR or --model PATH")
+        if self.gguf and not Path(self.gguf).is_file():
+            raise ValueError(f"--gguf {self.gguf}: no such file")
 
 
 ARGUMENTS = (DoctorArguments,)  # `sftlab doctor`'s (cli.py parses them)

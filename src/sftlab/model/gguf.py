@@ -86,13 +86,19 @@ def convert(model_dir: Path, out_file: Path, outtype: str, llama_cpp: Path) -> N
         raise UserError(f"llama.cpp's converter failed on {model_dir}:\n{tail}")
 
 
-def quantize(f16_file: Path, out_file: Path, kind: str) -> None:
-    """A k-quant from the f16 file with llama.cpp's llama-quantize (not a Python package: on PATH or nowhere)."""
+def quantizer(kind: str) -> str:
+    """llama.cpp's llama-quantize, which writes the k-quants (not a Python package: on PATH or nowhere)."""
     binary = shutil.which("llama-quantize")
     if binary is None:
         raise UserError(f"--outtype {kind} needs llama.cpp's llama-quantize on PATH (build llama.cpp, or use one of "
                         f"{', '.join(OUTTYPES)}, which the converter writes itself)")
-    done = subprocess.run([binary, str(f16_file), str(out_file), kind.upper()], capture_output=True, text=True)
+    return binary
+
+
+def quantize(f16_file: Path, out_file: Path, kind: str) -> None:
+    """A k-quant from the f16 file."""
+    done = subprocess.run([quantizer(kind), str(f16_file), str(out_file), kind.upper()], capture_output=True,
+                          text=True)
     if done.returncode != 0:
         raise UserError(f"llama-quantize failed: {done.stderr.strip().splitlines()[-1:]}")
 

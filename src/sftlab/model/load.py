@@ -15,7 +15,7 @@ from sftlab.errors import UserError
 from sftlab.internals import set_recorded_name
 from sftlab.model import attention  # noqa: F401  registers sdpa_varlen with transformers
 from sftlab.model.real import REAL_MODELS, ensure_real_model
-from sftlab.model.tiny import FAMILIES, ensure_tiny_model, glm4_chat_template
+from sftlab.model.tiny import FAMILIES, build_of_run, ensure_tiny_model, glm4_chat_template
 from sftlab.run_dir import RESOLVED_CONFIG, read_yaml
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -29,7 +29,7 @@ def resolve_model_path(name_or_path: str) -> Path:
     if name_or_path in REAL_MODELS:
         return ensure_real_model(name_or_path)
     if name_or_path.startswith("sftlab:"):
-        if name_or_path not in FAMILIES:
+        if name_or_path.partition("@")[0] not in FAMILIES:  # name@v1: an earlier build, for the runs made on it
             raise UserError(f"model {name_or_path}: there is no such embedded model; the embedded ones are "
                             f"{', '.join(EMBEDDED)}")
         return ensure_tiny_model(name_or_path)
@@ -184,7 +184,7 @@ def adapter_base(adapter_dir: Path) -> str:
         raise UserError(f"adapter path {adapter_dir}: no {ADAPTER_CONFIG} there (is it a PEFT adapter folder?)")
     trained_on = ((run_record(adapter_dir) or {}).get("model") or {}).get("model_name_or_path") or ""
     if trained_on.startswith("sftlab:"):
-        return trained_on
+        return build_of_run(trained_on, run_folder(adapter_dir) / "tokenizer.json")
     base = json.loads(config_file.read_text()).get("base_model_name_or_path")
     if not base:
         raise UserError(f"{config_file}: base_model_name_or_path is empty; pass --model with the base model")

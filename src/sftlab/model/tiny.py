@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -95,6 +95,25 @@ FAMILIES = {
 }
 
 
+# earlier builds, for the runs trained on them: a run records its base by name, and its adapter and tokenizer were
+# trained on that build's weights (v1 of the GLM-4 ones split text with GPT-2's pattern, so their ids, their pad
+# row and their weights differ from v2's)
+EARLIER_BUILDS = {(name, "v1"): replace(FAMILIES[name], split=None, version="v1")
+                  for name in ("sftlab:tiny-glm4", "sftlab:tiny-glm4-0414")}
+
+
+def build_of_run(name: str, run_tokenizer: Path) -> str:
+    """The embedded model a run trained on `name` was built on: `name`, or `name@v1` when the run's own tokenizer
+    (tokenizer.json) splits text as the earlier build did."""
+    family = FAMILIES.get(name)
+    if family is None or not run_tokenizer.is_file():
+        return name
+    pre = json.loads(run_tokenizer.read_text(encoding="utf-8")).get("pre_tokenizer") or {}
+    earlier = next((version for (old, version), build in EARLIER_BUILDS.items()
+                    if old == name and build.split is None and pre.get("type") == "ByteLevel"), None)
+    return f"{name}@{earlier}" if earlier and family.split is not None else name
+
+
 def chat_template(file_name: str) -> str:
     return resources.files("sftlab.model").joinpath("templates", file_name).read_text(encoding="utf-8")
 
@@ -104,11 +123,14 @@ def glm4_chat_template() -> str:
 
 
 def ensure_tiny_model(name: str = "sftlab:tiny-glm4") -> Path:
-    """Returns the folder of the tiny model `name`, building it there first if needed."""
-    if name not in FAMILIES:
-        raise UserError(f"model {name}: there is no such embedded model; the embedded ones are "
-                        f"{', '.join(FAMILIES)}")
-    family = FAMILIES[name]
+    """Returns the folder of the tiny model `name` (`name@v1`: an earlier build, for the runs trained on it),
+    building it there first if needed."""
+    name, _, version = name.partition("@")
+    known = name in FAMILIES and (not version or version == FAMILIES[name].version or (name, version) in EARLIER_BUILDS)
+    if not known:
+        raise UserError(f"model {name}{'@' + version if version else ''}: there is no such embedded model; the "
+                        f"embedded ones are {', '.join(FAMILIES)}")
+    family = EARLIER_BUILDS.get((name, version), FAMILIES[name])
     target = cache_root() / "models" / f"{family.folder}-{family.version}"
     return build_once(target, lambda staging: build_tiny_model(staging, family))
 

@@ -19,7 +19,15 @@ from typing import ClassVar, Literal
 from sftlab.config import Range, check_fields
 from sftlab.errors import UserError
 from sftlab.files import staged_folder
-from sftlab.model.gguf import K_QUANTS, convert, fix_metadata, llama_cpp_source, quantize, read_metadata
+from sftlab.model.gguf import (
+    K_QUANTS,
+    convert,
+    fix_metadata,
+    llama_cpp_source,
+    quantize,
+    quantizer,
+    read_metadata,
+)
 from sftlab.model.ollama import modelfile
 
 EXPORT_RECORD = "export.json"
@@ -71,6 +79,8 @@ def export(args: ExportArguments) -> Path:
         import gguf  # noqa: F401
     except ImportError as exc:
         raise UserError("sftlab export needs the gguf package: pip install 'sftlab[export]'") from exc
+    if args.outtype in K_QUANTS:
+        quantizer(args.outtype)  # said before anything is merged or converted
     llama_cpp = llama_cpp_source(args.llama_cpp)
     gguf_name = f"model-{args.outtype}.gguf"
     with staged_folder(out) as staging:
