@@ -108,13 +108,15 @@ def test_the_round_trip_matches_every_prompt_exactly_in_f16(exported):
     assert any(a["transformers_text"].startswith(("我是灵犀", "我叫灵犀", "你好！我是灵犀")) for a in trip["answers"])
 
 
-def test_q8_0_keeps_the_first_tokens_and_the_stop(run, llama_cpp, tmp_path):
-    out = export(ExportArguments(adapter=str(run), outtype="q8_0", output=str(tmp_path / "q8")))
+@pytest.mark.parametrize("outtype, file_type, exact", [("q8_0", 7, False), ("bf16", 32, True)])
+def test_q8_0_keeps_the_first_tokens_and_the_stop_and_bf16_every_token(run, llama_cpp, tmp_path, outtype, file_type,
+                                                                        exact):
+    out = export(ExportArguments(adapter=str(run), outtype=outtype, output=str(tmp_path / outtype)))
     record = json.loads((out / "export.json").read_text())
-    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "export.json", "model-q8_0.gguf"]
-    assert read_metadata(out / "model-q8_0.gguf")["general.file_type"] == 7  # MOSTLY_Q8_0
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "export.json", f"model-{outtype}.gguf"]
+    assert read_metadata(out / f"model-{outtype}.gguf")["general.file_type"] == file_type  # MOSTLY_Q8_0, MOSTLY_BF16
     trip = record["round_trip"]
-    assert not trip["exact"] and trip["matched"] == trip["total"] == 7, trip["answers"]
+    assert trip["exact"] is exact and trip["matched"] == trip["total"] == 7, trip["answers"]
 
 
 def test_doctor_runs_the_round_trip_and_names_a_mismatch(exported, run, tmp_path):
