@@ -15,6 +15,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,10 +33,12 @@ def free_port() -> int:
 
 def start_server(args, port: int) -> subprocess.Popen:
     target = ["--adapter", args.adapter] if args.adapter else ["--model", "sftlab:tiny-glm4"]
+    log = tempfile.TemporaryFile("w+")
     server = subprocess.Popen(
         [str(Path(sys.executable).with_name("sftlab")), "serve", *target, "--port", str(port), "--device", "cpu",
          "--max_tokens", str(args.max_tokens), "--max_batch", str(args.concurrency)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        # its access log (a line per request) to a file: a pipe nobody reads would fill and stall the server
+        stdout=subprocess.DEVNULL, stderr=log, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
@@ -44,7 +47,8 @@ def start_server(args, port: int) -> subprocess.Popen:
         except httpx.HTTPError:
             time.sleep(0.2)
     server.kill()
-    raise SystemExit(f"the server did not start: {server.stderr.read()[-2000:]}")
+    log.seek(0)
+    raise SystemExit(f"the server did not start: {log.read()[-2000:]}")
 
 
 def one_request(client: httpx.Client, url: str, prompt: str, max_tokens: int) -> tuple[float, float, int]:
