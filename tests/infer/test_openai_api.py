@@ -277,3 +277,18 @@ def test_every_request_is_a_line_in_the_access_log(tiny, caplog):
     assert lines[0].endswith(f" prompt_tokens={prompt} completion_tokens={reply}")
     assert lines[1].endswith(f" prompt_tokens={prompt} completion_tokens={reply}")  # a stream: logged at its end
     assert lines[0].startswith("127.0.0.1 ") and lines[2].endswith(" ms")
+
+
+def test_completions_release_every_slot_including_max_tokens_0_and_streams(tiny):
+    model, tokenizer = tiny
+    app = create_app(model, tokenizer, "slots", context=4096)
+    with serving(app) as url:
+        for body in ({"prompt": ["a", "b"], "max_tokens": 0, "echo": True, "logprobs": 1},
+                     {"prompt": ["a", "b"], "max_tokens": 2}, {"prompt": "a", "max_tokens": 0, "stream": True},
+                     {"prompt": "a", "max_tokens": 2, "stream": True}):
+            response = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+            assert response.status_code == 200, response.text
+        zero = sse(httpx.post(f"{url}/v1/completions", json={"prompt": "a", "max_tokens": 0, "stream": True},
+                              timeout=60))
+        assert zero[-1]["choices"][0]["finish_reason"] == "length"
+        assert app.state.engine.in_flight == 0

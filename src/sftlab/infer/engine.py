@@ -51,6 +51,7 @@ class Job:
     updates: asyncio.Event | None = None  # set when there is new text or an end
     pending: bool = False  # a wake-up is already on its way: one is enough, however many tokens came
     plain: bool = False  # a completion, not a chat reply: its text as generated, no opening or whitespace removed
+    held: bool = False  # submitted and not yet released: counted in the engine's in_flight
 
     @property
     def done(self) -> bool:
@@ -146,12 +147,17 @@ class Engine:
                 raise QueueFull(f"{self.load} requests are waiting or running (the cap is {self.max_queue})")
             self.waiting.append(job)
             self.in_flight += 1
+            job.held = True
             self.peaks.append((time.monotonic(), self.in_flight))
             self.lock.notify()
 
     def release(self, job: Job) -> None:
-        """The request's handler is done with `job` (its response is sent, or its client gone)."""
+        """The request's handler is done with `job` (its response is sent, or its client gone); a job never
+        submitted, or already released, changes nothing."""
         with self.lock:
+            if not job.held:
+                return
+            job.held = False
             self.in_flight -= 1
             job.cancelled = job.cancelled or not job.done
 

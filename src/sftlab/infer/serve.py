@@ -140,13 +140,13 @@ def create_app(model, tokenizer, name: str, api_key: str | None = None, limits: 
         jobs = completion_jobs(body, engine, limits, context)
         if isinstance(jobs, JSONResponse):
             return jobs
-        for n, job in enumerate(jobs):
+        for job in jobs:
             try:
-                if job.max_tokens:
+                if not job.done:  # max_tokens 0 is done at once: nothing to generate
                     engine.submit(job)
             except QueueFull as exc:
-                for submitted in jobs[:n]:
-                    engine.release(submitted)
+                for other in jobs:
+                    engine.release(other)
                 return busy(exc)
         completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         request.state.usage = usage = lambda: usage_of(jobs)  # noqa: E731
@@ -154,7 +154,7 @@ def create_app(model, tokenizer, name: str, api_key: str | None = None, limits: 
             return StreamingResponse(stream(jobs[0], engine, completion_id, created, name, usage),
                                      media_type="text/event-stream")
         for job in jobs:
-            if job.max_tokens and not await finished(job, engine, request):
+            if not await finished(job, engine, request):
                 for other in jobs:
                     engine.release(other)
                 return error(400, "client disconnected")
@@ -268,7 +268,8 @@ def completion_jobs(body: CompletionRequest, engine: Engine, limits: Limits, con
         if isinstance(budget, JSONResponse):
             return budget
         jobs.append(Job(ids, budget, body.temperature, body.top_p, body.seed, body.stop_strings(), plain=True,
-                        stream=body.stream, loop=asyncio.get_running_loop(), updates=asyncio.Event()))
+                        finish_reason=None if budget else "length", stream=body.stream,
+                        loop=asyncio.get_running_loop(), updates=asyncio.Event()))
     return jobs
 
 
@@ -276,8 +277,7 @@ async def completion_choice(index: int, job: Job, body: CompletionRequest, engin
     """One choice of a completion: the text (after the prompt's with echo) and, when asked, the logprobs of
     every token (the prompt's too with echo; the token that stopped generation included, as vLLM does)."""
     prompt_text = engine.tokenizer.decode(job.prompt) if body.echo else ""
-    choice = {"index": index, "text": prompt_text + job.text, "logprobs": None,
-              "finish_reason": job.finish_reason or "length"}
+    choice = {"index": index, "text": prompt_text + job.text, "logprobs": None, "finish_reason": job.finish_reason}
     if body.logprobs is not None:
         ids = job.prompt + job.tokens
         scored = await asyncio.to_thread(engine.logprobs, ids, body.logprobs) if len(ids) > 1 else []
