@@ -205,7 +205,7 @@ class Calls:
         return text if self.format is None or job.done else text[:self.format.may_become_call(text, self.names)]
 
 
-def checked(body, limits: Limits) -> JSONResponse | None:
+def checked(body) -> JSONResponse | None:
     """The 400 for what both routes check alike: parameters not honoured here, stop strings."""
     unsupported = body.unsupported()
     if unsupported:
@@ -224,7 +224,7 @@ def reply_budget(prompt: list[int], asked: int | None, limits: Limits, context: 
         return error(400, f"max_tokens: {asked} is over this server's cap of {limits.max_tokens}", param="max_tokens")
     room = context - len(prompt) if context else limits.max_tokens
     if room is None:
-        room = asked if asked is not None else 1024  # no context known and no cap: OpenAI's client default
+        room = asked if asked is not None else 1024  # neither a context nor a cap known: sftlab's former cap
     if (room < 1 and asked != 0) or (asked is not None and asked > room):
         return error(400, f"the prompt is {len(prompt)} tokens; with max_tokens {max(asked or 1, 1)} it exceeds the "
                           f"model's context of {context} tokens", param="messages", code="context_length_exceeded")
@@ -234,7 +234,7 @@ def reply_budget(prompt: list[int], asked: int | None, limits: Limits, context: 
 def new_job(body: ChatRequest, engine: Engine, limits: Limits, context: int | None, system_prompt: str | None
             ) -> Job | JSONResponse:
     """The request as a generation job, or the 400 that says what is wrong with it."""
-    problem = checked(body, limits)
+    problem = checked(body)
     if problem is not None:
         return problem
     try:  # rendering too: a template that renders no tools refuses a request with them (a 400, not a 500)
@@ -253,7 +253,7 @@ def completion_jobs(body: CompletionRequest, engine: Engine, limits: Limits, con
                     ) -> list[Job] | JSONResponse:
     """A job per prompt (text is tokenized as the model's tokenizer does with its special tokens, ids are taken
     as they are), or the 400 that says what is wrong."""
-    problem = checked(body, limits)
+    problem = checked(body)
     if problem is not None:
         return problem
     prompts = body.prompts()

@@ -1,6 +1,6 @@
 """`sftlab export`: a run or a model folder as a GGUF file for llama.cpp and Ollama, verified.
 
-A LoRA run is merged first (in memory-sized bfloat16, into the staging folder); llama.cpp's own converter writes
+A LoRA run is merged first (in bfloat16, into the staging folder); llama.cpp's own converter writes
 the GGUF (model/gguf.py), whose metadata is then fixed where the converter gets it wrong; an Ollama Modelfile
 is written beside it (model/ollama.py); and the round trip (eval/gguf_check.py) runs the file in llama.cpp
 against the model in transformers on the run's probe and held-out prompts. The folder appears complete or not
@@ -70,7 +70,7 @@ def export(args: ExportArguments) -> Path:
 
     source = Path(args.adapter) if args.adapter else resolve_model_path(args.model)  # an embedded name too
     if not source.is_dir():
-        raise UserError(f"adapter path {source} does not exist")
+        raise UserError(f"{'adapter' if args.adapter else 'model'} path {source} does not exist")
     default = (source if args.adapter or not args.model.startswith("sftlab:") else Path(args.model[7:]))
     out = Path(args.output) if args.output else default.with_name(f"{default.name}-{args.format}")
     if out.exists() and any(out.iterdir()):
