@@ -64,6 +64,8 @@ CASES = [
                                                                        "llama-quantize on PATH"),
     (["export", *TINY, "--llama_cpp", "{tmp}", "--output", "{tmp}/x"], "--llama_cpp {tmp}: no convert_hf_to_gguf.py "
                                                                        "there (give a llama.cpp checkout)"),
+    (["export", "--model", "{tmp}/remote"], "{tmp}/remote/config.json names custom code (auto_map), which llama.cpp's "
+                                            "converter would run"),
     (["serve", *TINY, "--max_tokens", "0"], "max_tokens: must be an integer >= 1, or null, got 0"),
     (["doctor", *TINY, "--gguf", "{tmp}/none.gguf"], "--gguf {tmp}/none.gguf: no such file"),
 ]
@@ -79,6 +81,8 @@ def inputs(tmp_path, monkeypatch, tiny_model_dir):
     (tmp_path / "list.yaml").write_text("- a\n- b\n")
     (tmp_path / "scalar.yaml").write_text("just a string\n")
     (tmp_path / "a_file").write_text("not a folder")
+    (tmp_path / "remote").mkdir()
+    (tmp_path / "remote" / "config.json").write_text(json.dumps({"auto_map": {"AutoModel": "modeling_x.XModel"}}))
     (tmp_path / "tab.yaml").write_text("model_name_or_path: sftlab:tiny-glm4\nlora:\n\tr: 8\n")
     rows = [{"instruction": "你好", "output": "世界和平"}, {"instruction": "再见", "output": "明天见"}]
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)

@@ -79,6 +79,7 @@ def export(args: ExportArguments) -> Path:
         import gguf  # noqa: F401
     except ImportError as exc:
         raise UserError("sftlab export needs the gguf package: pip install 'sftlab[export]'") from exc
+    refuse_custom_code(source if not args.adapter else None)
     if args.outtype in K_QUANTS:
         quantizer(args.outtype)  # said before anything is merged or converted
     llama_cpp = llama_cpp_source(args.llama_cpp)
@@ -95,6 +96,16 @@ def export(args: ExportArguments) -> Path:
             shutil.rmtree(model_dir.parent)
         (staging / EXPORT_RECORD).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return out
+
+
+def refuse_custom_code(folder: Path | None) -> None:
+    """llama.cpp's converter loads some tokenizers with trust_remote_code=True (GLM-4's, Qwen's): a folder that
+    carries its own code (auto_map) would run it. sftlab never runs a model's code unasked, so it is refused."""
+    for name in ("config.json", "tokenizer_config.json"):
+        path = folder / name if folder else None
+        if path and path.is_file() and "auto_map" in json.loads(path.read_text(encoding="utf-8")):
+            raise UserError(f"{path} names custom code (auto_map), which llama.cpp's converter would run: export a "
+                            "folder in transformers' own format (sftlab merge writes one)")
 
 
 def merged_for_export(adapter: str, staging: Path) -> Path:
