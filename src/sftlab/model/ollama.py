@@ -64,12 +64,12 @@ def learn_turns(renderer: ChatRenderer) -> TurnText:
         raise UserError("the chat template's generation prompt is not appended to the conversation")
     generation = alone_open[len(alone):]
     c0, c1, c2, c3 = cut(render(["user", "assistant", "user2"]), ["user", "assistant", "user2"])
-    d0, d1, d1_rest, _, _ = cut(render(["system", "user", "assistant", "user2"]), ["system", "user", "assistant",
-                                                                                   "user2"])
+    roles = ["system", "user", "assistant", "user2"]
+    d0, d1, d2, _, _ = cut(render(roles), roles)
     if not c3.endswith(generation):
         raise UserError("the chat template writes a conversation's end differently from its generation prompt")
     user_after = c3[:len(c3) - len(generation)]
-    if not c1.startswith(user_after) or not d1_rest.startswith(user_after):
+    if not c1.startswith(user_after) or not d2.startswith(user_after):
         raise UserError("the chat template ends a user's turn in more than one way")
     user_before = common_suffix(c0, c2, d1)
     prefix, system_after = c0[:len(c0) - len(user_before)], d1[:len(d1) - len(user_before)]
