@@ -83,6 +83,7 @@ def test_a_stream_holds_back_only_what_may_still_become_a_call():
     assert QWEN.may_become_call("Checking.\n<tool", {"f"}) == len("Checking.")
     assert QWEN.may_become_call("Checking the <b>", {"f"}) == len("Checking the <b>")
     assert FALLBACK.may_become_call('{"na', {"f"}) == 0 and FALLBACK.may_become_call("Hello", {"f"}) == 5
+    assert FALLBACK.may_become_call("```json\n{", {"f"}) == 0
     assert GLM.may_become_call("ge", {"get_time"}) == 0  # may be the name of get_time
     assert GLM.may_become_call('get_time\n{"ci', {"get_time"}) == 0
     assert GLM.may_become_call("get ready", {"get_time"}) == len("get ready")

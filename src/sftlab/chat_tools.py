@@ -246,7 +246,7 @@ class CallFormat:
         whole-reply call may still be coming."""
         head = self.prefix.strip()
         if not head:
-            rest = unfenced(text) if text.strip()[:3] != "``" else ""
+            rest = "" if text.lstrip().startswith("`") else text.strip()  # a code fence may hold a call: wait
             if self.name_key is not None:
                 undecided = rest[:1] in ("", "{")
             else:  # a name-first call: undecided while the text is the start of a tool's name, then its arguments
