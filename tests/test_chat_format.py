@@ -186,6 +186,18 @@ def test_the_doctors_label_checks_hold_for_a_template_that_ends_turns(chatml_tok
     assert check_pad_eos(chatml_tokenizer, [example]).status == "pass"
     masked = dict(example, labels=sample.labels[:-2] + [IGNORE_INDEX, IGNORE_INDEX])  # <|im_end|> masked
     assert check_terminator(chatml_tokenizer, [masked]).status == "FAIL"
+    # SmolLM2's: eos = pad = <|im_end|>, and its template writes a newline after it, so the supervised eos is not
+    # the sample's last token
+    import copy
+
+    smol = copy.deepcopy(chatml_tokenizer)
+    smol.eos_token = smol.pad_token = "<|im_end|>"
+    end = smol.eos_token_id
+    assert sample.input_ids[-2:] == [end, smol.encode("\n", add_special_tokens=False)[0]]
+    assert sample.labels[-2:] == [end, IGNORE_INDEX]
+    assert check_pad_eos(smol, [example]).status == "pass"
+    eos_masked = dict(example, labels=sample.labels[:-2] + [IGNORE_INDEX, IGNORE_INDEX])
+    assert check_pad_eos(smol, [eos_masked]).status == "FAIL"
 
 
 @pytest.mark.parametrize("reply, call", [

@@ -147,7 +147,10 @@ def check_pad_eos(tokenizer, examples: list[dict]) -> Check:
     if tokenizer.pad_token_id == tokenizer.eos_token_id:
         if example is not None and tokenizer.eos_token_id not in example["input_ids"]:
             return Check(name, "pass", "pad == eos, but turns end on the template's own end token, not on eos")
-        if example is not None and example["labels"][-1] == tokenizer.eos_token_id:
+        # the last eos of the sample, not its last token: ChatML templates write a newline after <|im_end|>
+        last_eos = max((i for i, t in enumerate(example["input_ids"]) if t == tokenizer.eos_token_id), default=None) \
+            if example is not None else None
+        if last_eos is not None and example["labels"][last_eos] == tokenizer.eos_token_id:
             return Check(name, "pass", "pad == eos, but labels are built by position, not by id: eos stays supervised")
         if example is not None:
             return Check(name, "FAIL", "pad == eos and the final eos label is masked: a collator masked it as padding",
