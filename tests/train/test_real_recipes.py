@@ -47,6 +47,21 @@ def test_the_real_model_recipe_teaches_the_identity_and_keeps_what_the_model_kne
     assert checks["n"] == 25 and checks["max_new_tokens"] == limit  # held out, at the run's own reply limit
     assert checks["answer_accuracy"] >= 0.8 and checks["stop_rate"] == 1.0, checks
 
+    # the doctor's label checks on what training rendered (ChatML: eos = pad = <|im_end|>, a newline after it)
+    from sftlab.eval.doctor import check_pad_eos, check_terminator, training_examples
+    from sftlab.model.load import load_tokenizer
+
+    tokenizer, examples = load_tokenizer(run), training_examples(run)
+    assert check_terminator(tokenizer, examples).status == check_pad_eos(tokenizer, examples).status == "pass"
+
+    # its GGUF (f16) gives the tuned model's greedy tokens and stops in llama.cpp, on a real 49,152-token vocabulary
+    from sftlab.train.export import ExportArguments, export
+
+    exported = export(ExportArguments(adapter=str(run), output=str(tmp_path / "gguf")))
+    trip = json.loads((exported / "export.json").read_text())["round_trip"]
+    assert trip["matched"] == trip["total"] >= 4, trip["answers"]
+    assert any("Kestrel" in a["llama_cpp_text"] for a in trip["answers"])
+
 
 def test_the_recipes_data_is_apart_from_what_judges_it():
     """No held-out paraphrase, and no general probe, is a training prompt of the identity data."""
