@@ -25,6 +25,7 @@ CHOICES = [("The capital of France is", [" Paris", " Rome", " Berlin"], 0),
 
 
 def write_tasks(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
     (folder / "gen.jsonl").write_text("".join(json.dumps({"question": q, "answer": a}, ensure_ascii=False) + "\n"
                                               for q, a in QUESTIONS), encoding="utf-8")
     (folder / "mc.jsonl").write_text("".join(json.dumps({"question": q, "choices": c, "label": label}) + "\n"
@@ -90,10 +91,8 @@ def tiny(sftlab_home):
 @pytest.mark.parametrize("key", [None, "s3cret"])
 def test_lm_eval_local_completions_multiple_choice_matches_its_hf_backend(tiny, tmp_path, key):
     folder, (model, tokenizer) = tiny
-    (tmp_path / "tasks").mkdir()
     write_tasks(tmp_path / "tasks")
-    app = create_app(model, tokenizer, "tiny", api_key=key, context=4096)
-    with serving(app) as url:
+    with serving(create_app(model, tokenizer, "tiny", api_key=key, context=4096)) as url:
         served = lm_eval(tmp_path, "sftlab_mc", "local-completions",
                          f"model=tiny,base_url={url}/v1/completions,tokenizer={folder},tokenizer_backend=huggingface,"
                          # the API backend tokenizes without the tokenizer's special tokens unless told; with
@@ -111,11 +110,9 @@ def test_lm_eval_local_completions_multiple_choice_matches_its_hf_backend(tiny, 
 
 @pytest.mark.parametrize("key", [None, "s3cret"])
 def test_lm_eval_local_chat_completions_generates_what_the_server_answers(tiny, tmp_path, key):
-    folder, (model, tokenizer) = tiny
-    (tmp_path / "tasks").mkdir()
+    _, (model, tokenizer) = tiny
     write_tasks(tmp_path / "tasks")
-    app = create_app(model, tokenizer, "tiny", api_key=key, context=4096)
-    with serving(app) as url:
+    with serving(create_app(model, tokenizer, "tiny", api_key=key, context=4096)) as url:
         run = lm_eval(tmp_path, "sftlab_gen", "local-chat-completions",
                       f"model=tiny,base_url={url}/v1/chat/completions,num_concurrent=1,max_retries=1",
                       "--apply_chat_template", key=key)
