@@ -145,18 +145,17 @@ def check_pad_eos(tokenizer, examples: list[dict]) -> Check:
         return Check(name, "FAIL", f"eos={tokenizer.eos_token_id}, pad={tokenizer.pad_token_id}",
                      "set both in tokenizer_config.json (GLM-4: <|endoftext|> for both)")
     if tokenizer.pad_token_id == tokenizer.eos_token_id:
-        if example is not None and tokenizer.eos_token_id not in example["input_ids"]:
+        if example is None:
+            return Check(name, "skip", f"pad == eos ({tokenizer.eos_token_id}) and no render_check.json here, so no "
+                                       "training labels to see whether a collator masked the final eos")
+        ids, eos = example["input_ids"], tokenizer.eos_token_id
+        if eos not in ids:
             return Check(name, "pass", "pad == eos, but turns end on the template's own end token, not on eos")
-        # the last eos of the sample, not its last token: ChatML templates write a newline after <|im_end|>
-        last_eos = max((i for i, t in enumerate(example["input_ids"]) if t == tokenizer.eos_token_id), default=None) \
-            if example is not None else None
-        if last_eos is not None and example["labels"][last_eos] == tokenizer.eos_token_id:
+        # the sample's last eos, not its last token: ChatML templates write a newline after <|im_end|>
+        if example["labels"][len(ids) - 1 - ids[::-1].index(eos)] == eos:
             return Check(name, "pass", "pad == eos, but labels are built by position, not by id: eos stays supervised")
-        if example is not None:
-            return Check(name, "FAIL", "pad == eos and the final eos label is masked: a collator masked it as padding",
-                         "build labels from the renderer's mask (pad only by position), or use a distinct pad token")
-        return Check(name, "skip", f"pad == eos ({tokenizer.eos_token_id}) and no render_check.json here, so no "
-                                   "training labels to see whether a collator masked the final eos")
+        return Check(name, "FAIL", "pad == eos and the final eos label is masked: a collator masked it as padding",
+                     "build labels from the renderer's mask (pad only by position), or use a distinct pad token")
     return Check(name, "pass", f"eos={tokenizer.eos_token_id}, pad={tokenizer.pad_token_id}")
 
 

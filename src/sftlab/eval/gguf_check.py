@@ -73,6 +73,8 @@ def gguf_replies(path: Path, prompts: list[list[int]], max_new_tokens: int) -> t
 
 def transformers_replies(model, prompts: list[list[int]], stop_ids: list[int], max_new_tokens: int, pad_id: int
                          ) -> list[list[int]]:
+    """The model's greedy reply ids, its stop token included (infer.generate_replies gives text and a count, not
+    the ids this compares); one prompt at a time, unpadded, as llama.cpp is given them."""
     import torch
 
     replies = []
