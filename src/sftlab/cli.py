@@ -32,6 +32,8 @@ VERBS = {
                          "sftlab.train.sft", "prepare_only"),
     "train": Verb("fine-tune a model (LoRA or full)", "sftlab train --config configs/demo.yaml [--field value ...]",
                   "sftlab.train.sft", "run"),
+    "dpo": Verb("preference tuning (DPO) after SFT, on chosen/rejected pairs",
+                "sftlab dpo --config configs/demo-dpo.yaml [--field value ...]", "sftlab.train.dpo", "run"),
     "estimate": Verb("tokens, steps, memory and time of a run before launching it", "sftlab estimate --config FILE",
                      "sftlab.train.estimate", "run"),
     "eval": Verb("held-out metrics, before/after", "sftlab eval --adapter output/demo --compare_base",

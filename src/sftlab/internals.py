@@ -10,6 +10,8 @@ from pathlib import Path
 
 # Trainer methods sftlab's trainers override (train/lifecycle.py): the Trainer's own sampler choice is private
 OVERRIDDEN_TRAINER_METHODS = {"_get_train_sampler": ("self", "train_dataset")}
+# and DPOTrainer's dataset preparation (its own tokenization), which `sftlab dpo` replaces by the renderer's
+OVERRIDDEN_DPO_METHODS = {"_prepare_dataset": ("self", "dataset", "processing_class", "args", "dataset_name")}
 
 
 def compiled_template(template: str):

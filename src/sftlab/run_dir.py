@@ -25,6 +25,7 @@ DATA_REPORT = "data_report.json"  # the cleaning report
 RENDER_CHECK = "render_check.json"  # samples as training rendered them, for the doctor
 REPORT = "report.md"  # the run report (also the eval folder's comparison)
 LOSS_PLOT = "loss_curves.png"
+PREFERENCE_PLOT = "preference_curves.png"  # a DPO run's reward margins and accuracy over steps
 AMENDMENTS = "amendments.jsonl"  # settings changed on --resume
 LOCK = ".sftlab.lock"  # held while a run trains
 EVAL_DIR = "eval"  # the held-out evaluation's folder, inside the run folder

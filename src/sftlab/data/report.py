@@ -81,6 +81,10 @@ def datasets_table(datasets: dict[str, dict]) -> list[str]:
 
 
 def summary_line(report: dict) -> str:
+    if report.get("kind") == "preference":
+        from sftlab.data.preference import pair_summary
+
+        return pair_summary(report)
     reasons = ", ".join(f"{k} {v}" for k, v in report["reasons"].items()) or "none"
     unit = "tokens" if "tokens" in report else "characters"
     total = report[unit]["total"]

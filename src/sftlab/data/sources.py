@@ -37,12 +37,13 @@ class DatasetSpec:
     weight: float = 1.0
 
 
-def dataset_specs(entries: list) -> list[DatasetSpec]:
-    """`data_files` entries -> specs; a bad option is one line naming the entry and the option."""
-    return [_spec(entry, n) for n, entry in enumerate(entries)]
+def dataset_specs(entries: list, fields: tuple[str, ...] = FIELDS) -> list[DatasetSpec]:
+    """`data_files` entries -> specs; a bad option is one line naming the entry and the option. `fields`: the
+    names `columns` may map onto (preference data reads others)."""
+    return [_spec(entry, n, fields) for n, entry in enumerate(entries)]
 
 
-def _spec(entry, n: int) -> DatasetSpec:
+def _spec(entry, n: int, fields: tuple[str, ...]) -> DatasetSpec:
     where = f"data_files[{n}]"
     if isinstance(entry, str) and entry.lstrip().startswith("{"):
         try:
@@ -59,9 +60,9 @@ def _spec(entry, n: int) -> DatasetSpec:
     columns = entry.get("columns") or {}
     if not isinstance(columns, dict) or not all(isinstance(v, str) for v in columns.values()):
         raise UserError(f"{where}.columns: expected a mapping of sftlab field: your field, got {columns!r}")
-    bad = sorted(set(columns) - set(FIELDS))
+    bad = sorted(set(columns) - set(fields))
     if bad:
-        raise UserError(f"{where}.columns: {', '.join(bad)} is not a field sftlab reads ({', '.join(FIELDS)})")
+        raise UserError(f"{where}.columns: {', '.join(bad)} is not a field sftlab reads ({', '.join(fields)})")
     max_samples = entry.get("max_samples")
     if max_samples is not None and (not isinstance(max_samples, int) or isinstance(max_samples, bool)
                                     or max_samples < 1):

@@ -120,7 +120,7 @@ def load_conversations(data: str | None, run_dir: Path | None, tokenizer) -> tup
         heldout = run_dir / HELDOUT if run_dir else None
         if heldout is None or not heldout.exists():
             raise UserError("no held-out split here (heldout.jsonl): pass --data FILE")
-        records = [openai_to_messages(record) for record in read_jsonl(heldout)]  # also a run's of GLM-4's form
+        records = [openai_to_messages(as_conversation(record)) for record in read_jsonl(heldout)]  # GLM-4's form too
         return [m for m, _ in records], [t for _, t in records], [None] * len(records)
     from sftlab.config import CleanArguments
     from sftlab.data.clean import clean_rows
@@ -137,6 +137,14 @@ def load_conversations(data: str | None, run_dir: Path | None, tokenizer) -> tup
     return ([kept.messages for kept in result.kept], [kept.tools for kept in result.kept],
             [rules[kept.source, kept.line] for kept in result.kept])
 
+
+
+def as_conversation(record: dict) -> dict:
+    """A held-out record as a conversation: a preference pair's (a DPO run's) is its prompt and chosen reply."""
+    if "chosen" in record and "prompt" in record:
+        return {"messages": [*record["prompt"], *record["chosen"]], **({"tools": record["tools"]} if
+                                                                       record.get("tools") else {})}
+    return record
 
 
 def write_eval(out_dir: Path, results: dict, samples: list[dict]) -> None:

@@ -41,8 +41,9 @@ def model_card(run_dir: Path, merged: bool = False, name: str | None = None, che
     model, data, train = config.get("model", {}), config.get("data", {}), config.get("train", {})
     base = str(model.get("model_name_or_path", ""))
     lora = bool(model.get("use_peft")) and not merged
+    stage = config.get("stage", "sft")
     header = {"library_name": "peft" if lora else "transformers", "pipeline_tag": "text-generation",
-              "tags": ["sftlab", "sft", "trl", *(["lora"] if model.get("use_peft") else []),
+              "tags": ["sftlab", stage, "trl", *(["lora"] if model.get("use_peft") else []),
                        *(["merged"] if merged else [])]}
     if HUB_ID.match(base) and not Path(base).exists():
         header = {"base_model": base, **header}
@@ -52,26 +53,40 @@ def model_card(run_dir: Path, merged: bool = False, name: str | None = None, che
     lines = ["---", yaml.safe_dump(header, sort_keys=False, allow_unicode=True).strip(),
              "# license: set the license before publishing; the base model's license applies", "---", "",
              f"# {name or run_dir.name}{' (merged)' if merged else ''}", "",
-             f"Supervised fine-tuning of `{base}` with sftlab (TRL + PEFT)"
+             f"{STAGES[stage]} of `{base}` with sftlab (TRL + PEFT)"
              f"{' (' + checkpoint + ' of the run ' + run_dir.name + ')' if checkpoint else ''}"
              f"{': the LoRA adapter merged into the base weights' if merged else ''}.", ""]
     name = name or run_dir.name + ("-merged" if merged else "")
     trains_vocabulary = lora and bool(set(model.get("lora_modules_to_save") or []) & {"lm_head", "embed_tokens"})
-    lines += _training(model, train) + _data(read_json(run_dir / DATA_REPORT)) + _usage(name, lora, trains_vocabulary)
+    lines += _training(model, train, stage) + _data(read_json(run_dir / DATA_REPORT))
+    lines += _usage(name, lora, trains_vocabulary, stacked_on(run_dir) if lora else None)
     if checkpoint is None:
         lines += _evaluation(read_json(run_dir / EVAL_DIR / RESULTS))
         lines += _probes(read_jsonl(run_dir / PREDICTIONS))
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _training(model: dict, train: dict) -> list[str]:
+STAGES = {"sft": "Supervised fine-tuning", "dpo": "Preference tuning (DPO)"}
+
+
+def stacked_on(run_dir: Path) -> str | None:
+    """The LoRA run an adapter was trained on top of (DPO after an SFT LoRA run), or None."""
+    from sftlab.model.load import ADAPTER_CONFIG, is_adapter_folder
+
+    config = read_json(run_dir / ADAPTER_CONFIG) or {}
+    base = config.get("base_model_name_or_path")
+    return base if base and Path(base).is_dir() and is_adapter_folder(base) else None
+
+
+def _training(model: dict, train: dict, stage: str = "sft") -> list[str]:
     rows = {"method": (f"LoRA r={model.get('lora_r')}, alpha={model.get('lora_alpha')}, dropout "
                        f"{model.get('lora_dropout')} on {model.get('lora_target_modules')}"
                        if model.get("use_peft") else "full fine-tuning"),
             "epochs": train.get("num_train_epochs"), "max_steps": train.get("max_steps"),
             "learning_rate": train.get("learning_rate"), "schedule": train.get("lr_scheduler_type"),
             "max_length": train.get("max_length"), "tokens per micro-batch": train.get("max_tokens_per_batch"),
-            "seed": train.get("seed")}
+            "seed": train.get("seed"),
+            **({"loss": "+".join(train.get("loss_type") or []), "beta": train.get("beta")} if stage == "dpo" else {})}
     return ["## Training", "", *[f"- {k}: {v}" for k, v in rows.items() if v not in (None, -1)], ""]
 
 
@@ -86,7 +101,13 @@ def _data(report: dict | None) -> list[str]:
     return lines + ([""] if report.get("datasets") else [])
 
 
-def _usage(name: str, lora: bool, trains_vocabulary: bool = False) -> list[str]:
+def _usage(name: str, lora: bool, trains_vocabulary: bool = False, stacked: str | None = None) -> list[str]:
+    if stacked:
+        return ["## Use", "", f"This adapter was trained on `{stacked}` (an SFT LoRA run) merged into its base, so "
+                "PEFT alone cannot load it. With sftlab: `sftlab chat --adapter " + name + "` (or eval, serve); for "
+                "a standalone model: `sftlab merge --adapter " + name + "` (both adapters merged), which "
+                "transformers, vLLM and `sftlab export` load.", "",
+                "Generation stops on every id in `generation_config.json`'s `eos_token_id`.", ""]
     load = ("from peft import AutoPeftModelForCausalLM\nmodel = AutoPeftModelForCausalLM.from_pretrained"
             f"(\"{name}\")" if lora else
             f"from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained(\"{name}\")")

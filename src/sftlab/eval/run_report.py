@@ -14,6 +14,7 @@ from sftlab.run_dir import (
     LOSS_PLOT,
     MANIFEST,
     PREDICTIONS,
+    PREFERENCE_PLOT,
     REPORT,
     RESULTS,
     TRAINER_LOG,
@@ -51,6 +52,34 @@ def plot_losses(logs: list[dict], path: Path) -> bool:
     return True
 
 
+def plot_preferences(logs: list[dict], path: Path) -> bool:
+    """A DPO run's implicit-reward margin and preference accuracy over steps (TRL's rewards/margins and
+    rewards/accuracies), training batches and held-out pairs."""
+    panels = [("rewards/margins", "reward margin (chosen - rejected)"),
+              ("rewards/accuracies", "preference accuracy")]
+    if not any(key in r for r in logs for key, _ in panels):
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for ax, (key, label) in zip(axes, panels):
+        for prefix, style, color, name in (("", "-", "#4C72B0", "train"), ("eval_", "o-", "#C44E52", "held-out")):
+            points = [(r["step"], r[prefix + key]) for r in logs if prefix + key in r]
+            if points:
+                ax.plot(*zip(*points), style, label=name, color=color)
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
+    return True
+
+
 def throughput(state: dict, logs: list[dict]) -> dict:
     summary = next((r for r in reversed(logs) if "train_runtime" in r), {})
     tokens = max((r.get("num_tokens", 0) for r in logs), default=0)
@@ -70,6 +99,8 @@ def write_run_report(run_dir: Path) -> Path:
     lines = [f"# Run report: {run_dir.name}", ""]
     if plot_losses(logs, run_dir / LOSS_PLOT):
         lines += ["![loss curves](loss_curves.png)", ""]
+    if plot_preferences(logs, run_dir / PREFERENCE_PLOT):
+        lines += ["![reward margins and preference accuracy](preference_curves.png)", ""]
     lines += ["## Data", ""]
     if data:
         from sftlab.data.report import datasets_table, summary_line

@@ -3,10 +3,12 @@
 from sftlab.eval.retention import retention_lines
 
 # answer_accuracy: only for data whose rows carry answer rules (`any`/`all`, as the retention probes do)
-METRICS = ("eval_loss", "perplexity", "rouge_1", "rouge_2", "rouge_l", "bleu_4", "answer_accuracy", "stop_rate",
-           "mean_new_tokens")
+# preference_accuracy, mean_margin, chosen_preferred: a DPO run's held-out pairs (eval/preference.py)
+METRICS = ("preference_accuracy", "mean_margin", "chosen_preferred", "eval_loss", "perplexity", "rouge_1", "rouge_2",
+           "rouge_l", "bleu_4", "answer_accuracy", "stop_rate", "mean_new_tokens")
 SETTINGS = ("max_new_tokens", "n")  # shown beside the metrics: a stop rate means little without its limit
-HIGHER_IS_BETTER = {"rouge_1", "rouge_2", "rouge_l", "bleu_4", "answer_accuracy", "stop_rate"}
+HIGHER_IS_BETTER = {"rouge_1", "rouge_2", "rouge_l", "bleu_4", "answer_accuracy", "stop_rate", "preference_accuracy",
+                    "mean_margin", "chosen_preferred"}
 
 
 SIDES = ("base", "tuned", "model")  # "model": a model folder evaluated on its own (eval --model)

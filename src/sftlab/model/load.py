@@ -35,6 +35,8 @@ def resolve_model_path(name_or_path: str) -> Path:
         return ensure_tiny_model(name_or_path)
     path = Path(name_or_path).expanduser()
     if path.is_dir():
+        if is_adapter_folder(path):
+            return path  # a LoRA run as a base (a second stage's start): load_model merges it into its own base
         if not (path / "config.json").exists():
             raise UserError(f"model path {name_or_path}: no config.json there (is it a model folder?)")
         return path
@@ -110,9 +112,13 @@ def load_model(model_path: Path, dtype: str = "auto", trust_remote_code: bool = 
                attn_implementation: str | None = None, record_name: str | None = None, device: str | None = None,
                load_in_4bit: bool = False):
     """Loads a causal LM. `record_name` is what adapters trained on it record as their base; `device`
-    loads the weights straight onto it (a 9B model never passes through CPU memory on the way to a GPU)."""
+    loads the weights straight onto it (a 9B model never passes through CPU memory on the way to a GPU). A LoRA
+    run folder is loaded as its base with the adapter merged in (load_merged_adapter)."""
     from transformers import AutoModelForCausalLM
 
+    if is_adapter_folder(model_path):
+        return load_merged_adapter(Path(model_path), dtype, trust_remote_code, attn_implementation, record_name,
+                                   device, load_in_4bit)
     quantization = quantization_config(load_in_4bit)
     check_weights(Path(model_path), "model.safetensors")  # here, not on resolving: tokenizer-only uses need none
     model = AutoModelForCausalLM.from_pretrained(
@@ -126,20 +132,53 @@ def load_model(model_path: Path, dtype: str = "auto", trust_remote_code: bool = 
     return model
 
 
+def is_adapter_folder(folder: str | Path) -> bool:
+    """A PEFT adapter folder (a LoRA run), not a full model."""
+    return (Path(folder) / ADAPTER_CONFIG).exists() and not (Path(folder) / "config.json").exists()
+
+
+def load_merged_adapter(adapter_dir: Path, dtype: str, trust_remote_code: bool, attn_implementation: str | None,
+                        record_name: str | None, device: str | None, load_in_4bit: bool):
+    """A LoRA run used as a base (DPO after SFT): its base with the adapter merged in, in memory. Merged, not
+    stacked under the new adapter: the model then is an ordinary one (the new stage's LoRA, its reference with
+    that LoRA disabled, generation and export see one set of weights) and no adapter folder is copied."""
+    from peft import PeftModel
+
+    if load_in_4bit:
+        raise UserError(f"load_in_4bit with the LoRA run {adapter_dir} as the base: a 4-bit base cannot take the "
+                        "run's adapter merged in; merge it first (sftlab merge --adapter "
+                        f"{adapter_dir}) and start from the merged folder")
+    base = load_model(resolve_model_path(adapter_base(adapter_dir)), dtype, trust_remote_code, attn_implementation,
+                      device=device)
+    check_weights(adapter_dir, "adapter_model.safetensors")
+    model = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    if record_name is not None:
+        set_recorded_name(model, record_name)
+    return model
+
+
+def config_folder(model_path: Path) -> Path:
+    """The folder holding the model's config.json: itself, or for a LoRA run the base it was trained on."""
+    while is_adapter_folder(model_path):
+        model_path = resolve_model_path(adapter_base(Path(model_path)))
+    return Path(model_path)
+
+
 def meta_model(model_path: Path):
     """The model's modules and shapes on the meta device: nothing is loaded or allocated."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_folder(model_path)))
 
 
 def model_context(model_path: Path) -> int | None:
     """The model's context in tokens (max_position_embeddings), or None where its config gives none."""
     from transformers import AutoConfig
 
-    return getattr(AutoConfig.from_pretrained(model_path).get_text_config(), "max_position_embeddings", None)
+    return getattr(AutoConfig.from_pretrained(config_folder(model_path)).get_text_config(), "max_position_embeddings",
+                   None)
 
 
 def check_weights(folder: Path, name: str) -> None:

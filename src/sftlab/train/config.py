@@ -21,37 +21,29 @@ SHARE = "(< 1: a share of all steps)"
 
 
 @dataclass
-class TrainConfig(SFTConfig):
-    """TRL's SFTConfig with the tutorial's defaults, plus sftlab's own fields."""
+class RunFields:
+    """The fields every sftlab training stage has (SFT's TrainConfig, DPO's DpoConfig), over the TRL config of the
+    stage: sftlab's own (resume, probes, final evaluation, token budget, guard) and the defaults sftlab sets on
+    transformers' fields. Placed first among the bases, so its defaults win."""
 
-    output_dir: str = field(default="./output/lora-glm4-9b-alpaca", metadata={"help": "Run directory."})
-    num_train_epochs: float = field(default=3.0, metadata={"help": "Epochs over the training split."})
-    per_device_train_batch_size: int = field(default=2, metadata={"help": "Train batch size per device."})
-    per_device_eval_batch_size: int = field(default=4, metadata={"help": "Eval batch size per device."})
-    learning_rate: float = field(default=5e-4, metadata={"help": "Peak AdamW learning rate (full FT: ~5e-5)."})
     bf16: bool | None = field(
         default=None, metadata={"help": "bf16 mixed precision. Unset: on where the GPU supports it (the tutorial: on)."}
     )
     bf16_full_eval: bool | None = field(default=None, metadata={"help": "Evaluate fully in bf16. Unset: as bf16."})
-    max_length: int | None = field(
-        default=512, metadata={"help": "Max tokens per sample (template included); longer ones are dropped, "
-                               "or truncated with data overflow=truncate. The tutorial's max_seq_length no longer "
-                               "exists in TRL and was silently ignored."}
-    )
     eval_strategy: str = field(default="steps", metadata={"help": "When to evaluate: no, steps, epoch."})
     eval_steps: float | None = field(default=0.1, metadata={"help": "Evaluate every N steps (<1: share of all)."})
     save_steps: float = field(default=0.1, metadata={"help": "Checkpoint every N steps (<1: share of all)."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+    save_total_limit: int | None = field(default=3, metadata={"help": "Checkpoints kept (oldest deleted)."})
+    report_to: None | str | list[str] = field(
+        default="swanlab", metadata={"help": "none, or any tracker transformers supports (swanlab, tensorboard, wandb, "
+                                     "mlflow, trackio, ...); SwanLab runs locally without a login."}
+    )
     activation_checkpointing: bool | None = field(
         default=True, metadata={"help": "Recompute activations in backward to save memory (TRL's default: on)."}
     )
     gradient_checkpointing: bool | None = field(
         default=None, metadata={"help": "Deprecated alias of activation_checkpointing (transformers 5)."}
-    )
-    save_total_limit: int | None = field(default=3, metadata={"help": "Checkpoints kept (oldest deleted)."})
-    report_to: None | str | list[str] = field(
-        default="swanlab", metadata={"help": "none, or any tracker transformers supports (swanlab, tensorboard, wandb, "
-                                     "mlflow, trackio, ...); SwanLab runs locally without a login."}
     )
     resume: bool = field(default=False, metadata={"help": "Continue from the last checkpoint in output_dir."})
     probe_prompts: list[str] = field(
@@ -84,13 +76,6 @@ class TrainConfig(SFTConfig):
                                   "that stay in the CPU's caches: 1.2x faster than 8192 on SmolLM2-135M). null: "
                                   "per_device_train_batch_size samples in random order, as TRL does."}
     )
-    padding_free: bool | None = field(
-        default=None, metadata={"help": "Concatenate a micro-batch into one row (position_ids restart per sample, "
-                                "no attention across samples). None: on with a varlen attention kernel "
-                                "(FlashAttention-2 on GPU, sftlab's sdpa_varlen elsewhere, chosen when "
-                                "attn_implementation is unset); off with plain sdpa or eager, where it is exact but "
-                                "slower than length-grouped padded batches."}
-    )
     max_bad_steps: int = field(
         default=10, metadata={"help": "Bad optimizer steps in a row that stop the run: a non-finite loss or gradient "
                               "(skipped, weights and optimizer state untouched, counted as skipped_steps), a "
@@ -100,10 +85,6 @@ class TrainConfig(SFTConfig):
     logging_nan_inf_filter: bool = field(
         default=False, metadata={"help": "Replace a non-finite logged loss by the running mean (transformers' "
                                  "default, which shows 0.0 when every step is NaN). sftlab logs it as it is."}
-    )
-    supervised_head: bool = field(
-        default=True, metadata={"help": "Run the LM head and loss only on supervised positions, in chunks (no "
-                                "full-vocabulary logits). False: TRL's own fused head."}
     )
 
     # every field's range, declared once: checked before transformers sees the config, so a bad value is one line
@@ -130,7 +111,9 @@ class TrainConfig(SFTConfig):
         "final_eval_max_new_tokens": Range(1, integer=True, nullable=True),
     }
 
-    def __post_init__(self):
+    def settle_run_fields(self) -> None:
+        """What every stage's __post_init__ does first: the tracker checked, bf16 and the token budget resolved for
+        this machine, every range checked."""
         reports = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to or ["none"])
         check_report_to(reports)
         if self.bf16 is None:
@@ -141,6 +124,36 @@ class TrainConfig(SFTConfig):
             self.dataloader_pin_memory = False  # pinning needs an accelerator; on CPU it only warns
         self.max_tokens_per_batch = token_budget(self.max_tokens_per_batch, self.max_length)
         check_ranges(self)
+
+
+@dataclass
+class TrainConfig(RunFields, SFTConfig):
+    """TRL's SFTConfig with the tutorial's defaults, plus sftlab's own fields."""
+
+    output_dir: str = field(default="./output/lora-glm4-9b-alpaca", metadata={"help": "Run directory."})
+    num_train_epochs: float = field(default=3.0, metadata={"help": "Epochs over the training split."})
+    per_device_train_batch_size: int = field(default=2, metadata={"help": "Train batch size per device."})
+    per_device_eval_batch_size: int = field(default=4, metadata={"help": "Eval batch size per device."})
+    learning_rate: float = field(default=5e-4, metadata={"help": "Peak AdamW learning rate (full FT: ~5e-5)."})
+    max_length: int | None = field(
+        default=512, metadata={"help": "Max tokens per sample (template included); longer ones are dropped, "
+                               "or truncated with data overflow=truncate. The tutorial's max_seq_length no longer "
+                               "exists in TRL and was silently ignored."}
+    )
+    padding_free: bool | None = field(
+        default=None, metadata={"help": "Concatenate a micro-batch into one row (position_ids restart per sample, "
+                                "no attention across samples). None: on with a varlen attention kernel "
+                                "(FlashAttention-2 on GPU, sftlab's sdpa_varlen elsewhere, chosen when "
+                                "attn_implementation is unset); off with plain sdpa or eager, where it is exact but "
+                                "slower than length-grouped padded batches."}
+    )
+    supervised_head: bool = field(
+        default=True, metadata={"help": "Run the LM head and loss only on supervised positions, in chunks (no "
+                                "full-vocabulary logits). False: TRL's own fused head."}
+    )
+
+    def __post_init__(self):
+        self.settle_run_fields()
         super().__post_init__()
 
 

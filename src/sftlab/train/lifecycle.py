@@ -16,9 +16,9 @@ from sftlab.errors import UserError, write_failure
 from sftlab.internals import checkpoint_dir, logged_loss_sum, logging_state, restore_logging_state
 from sftlab.run_dir import LOG_STATE, read_json, write_json
 from sftlab.train.batching import SamplerEpochCallback, TokenBudgetSampler
-from sftlab.train.checkpoints import commit, newest_committed, rotate
+from sftlab.train.checkpoints import RunLock, commit, newest_committed, rotate
 from sftlab.train.guards import BadSteps, StopOnSignal, refuse_non_finite
-from sftlab.train.resume import record_amendment
+from sftlab.train.resume import has_final, is_complete, record_amendment
 
 
 class ReliableTrainer:
@@ -102,6 +102,29 @@ class OnResume(TrainerCallback):
             logs["train_loss"] = logged_loss_sum(self.trainer) / state.global_step
 
 
+def run_in_output_dir(train_args, start, complete) -> Path:
+    """A stage's run in train_args.output_dir, under the folder's lock (held by the main process for the whole
+    run): `start()` trains (or resumes) and returns the folder; a finished run is left as it is; a run whose
+    final weights were saved but not its evaluation and report is given them by `complete(out, is_main)`."""
+    out, is_main = Path(train_args.output_dir), train_args.process_index == 0
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output_dir {out} is a file, not a folder")
+    if train_args.resume and is_complete(out):
+        print(f"run {out} is finished (its final weights, evaluation and report are there): nothing to resume, "
+              "nothing changed")
+        return out
+    lock = RunLock(out) if is_main else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        if train_args.resume and has_final(out):
+            return complete(out, is_main)
+        return start()
+    finally:
+        if lock is not None:
+            lock.release()
+
+
 def fit_and_save(trainer, stopper: StopOnSignal, resume_from: str | None, out: Path, write_manifest, save_final
                  ) -> None:
     """Trains, then saves the final weights: a stop signal lets its step finish and a checkpoint commit, then exits
@@ -146,7 +169,8 @@ def stopped_after_final_save(signum: int, out: Path, during: str, is_main: bool)
 
 
 def resume_command() -> str:
-    command = shlex.join(["sftlab", *sys.argv[1:]]) if sys.argv[1:2] == ["train"] else "sftlab train ..."
+    stage_verb = sys.argv[1:2] in (["train"], ["dpo"])
+    command = shlex.join(["sftlab", *sys.argv[1:]]) if stage_verb else "sftlab train ..."
     return command + ("" if "--resume" in sys.argv else " --resume")
 
 

@@ -119,6 +119,10 @@ def flatten(config: dict) -> dict:
 def config_drift(original: dict, new: dict) -> tuple[list[str], dict]:
     """(refused changes, as "field: old -> new" lines, a changed data file by its name; the allowed changes
     {field: [old, new]})."""
+    if original.get("stage", "sft") != new.get("stage", "sft"):  # every other field differs too: one line says it
+        old = original.get("stage", "sft")
+        return [f"this run is a {old} run, and this command runs {new.get('stage', 'sft')} (resume it with "
+                f"`sftlab {'dpo' if old == 'dpo' else 'train'}`)"], {}
     before, after = flatten(original), flatten(new)
     blocking, allowed = [], {}
     for key in sorted(set(before) | set(after)):

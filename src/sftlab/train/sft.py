@@ -16,12 +16,10 @@ from trl import SFTTrainer, TrlParser
 from sftlab.chat_format import ChatRenderer
 from sftlab.config import CleanArguments, DataArguments, ModelArguments
 from sftlab.data.prepare import PreparedData, prepare_data
-from sftlab.errors import UserError
 from sftlab.internals import attention_of, sft_collator
 from sftlab.model.load import load_model, load_tokenizer, quantization_config, recorded_base_name, resolve_model_path
 from sftlab.train.batching import BatchPlan, resolve_padding_free, training_attention
 from sftlab.train.callbacks import JsonlLogCallback, ProbeCallback
-from sftlab.train.checkpoints import RunLock
 from sftlab.train.checks import check_context, check_lora_targets, check_prepared
 from sftlab.train.config import (
     TRAIN_ARGUMENTS,
@@ -32,9 +30,9 @@ from sftlab.train.config import (
     set_reply_limits,
 )
 from sftlab.train.guards import BadSteps, StopOnSignal
-from sftlab.train.lifecycle import ReliableTrainer, fit_and_save, sharded_engine
+from sftlab.train.lifecycle import ReliableTrainer, fit_and_save, run_in_output_dir, sharded_engine
 from sftlab.train.loss import add_supervised_lm_head
-from sftlab.train.resume import check_output_dir, check_resume_config, forget_after, has_final, is_complete
+from sftlab.train.resume import check_output_dir, check_resume_config, forget_after
 from sftlab.train.run_files import (
     complete_run,
     finish_run,
@@ -68,26 +66,10 @@ class Prepared:
 
 def train(model_args: ModelArguments, data_args: DataArguments, clean_args: CleanArguments,
           train_args: TrainConfig) -> Path:
-    """Runs one SFT job and returns the run directory, which then holds the final adapter or model. The main
-    process holds the output_dir's lock for the whole run."""
-    out = Path(train_args.output_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output_dir {out} is a file, not a folder")
+    """Runs one SFT job and returns the run directory, which then holds the final adapter or model."""
     quantization_config(model_args.load_in_4bit)  # no GPU or no bitsandbytes: say so before anything else
-    if train_args.resume and is_complete(out):
-        print(f"run {out} is finished (its final weights, evaluation and report are there): nothing to resume, "
-              "nothing changed")
-        return out
-    lock = RunLock(out) if train_args.process_index == 0 else None
-    if lock is not None:
-        lock.acquire()
-    try:
-        if train_args.resume and has_final(out):
-            return complete_run(out, train_args.process_index == 0)
-        return run_training(model_args, data_args, clean_args, train_args)
-    finally:
-        if lock is not None:
-            lock.release()
+    return run_in_output_dir(train_args, lambda: run_training(model_args, data_args, clean_args, train_args),
+                             complete_run)
 
 
 def run_training(model_args: ModelArguments, data_args: DataArguments, clean_args: CleanArguments,

@@ -1,0 +1,353 @@
+"""`sftlab dpo`: preference tuning after SFT, on TRL's DPOTrainer, read top to bottom as prepare -> build -> fit ->
+finish, through the same run lifecycle as `sftlab train` (train/lifecycle.py: the output_dir's lock, token-budget
+micro-batches, committed checkpoints, a resume that refuses a changed recipe, the non-finite guards, a clean stop
+on a signal) and the same run folder (train/run_files.py: config, manifest, rejected rows, report, model card).
+
+Where it starts (`model_name_or_path`): a base model, a merged or fully tuned folder, or an SFT LoRA run, whose
+adapter is merged into its base in memory (model/load.py, load_merged_adapter). The reference is the model DPO
+starts from: with LoRA (the default) it is that same model with the new adapter disabled, so no second copy is
+held; in full fine-tuning a frozen copy is loaded (precompute_ref_log_probs: scored once before training, then
+freed). The pairs are rendered by the one renderer (data/preference.py), never by TRL's own tokenization.
+"""
+
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+from trl import DPOConfig, DPOTrainer, TrlParser
+
+from sftlab.chat_format import ChatRenderer
+from sftlab.config import DataArguments, ModelArguments, Range
+from sftlab.data.preference import PAIR_FIELDS, Pair, PreferenceData, prepare_pairs, render_pair
+from sftlab.data.prepare import source_digests
+from sftlab.data.sources import dataset_specs, iter_datasets
+from sftlab.errors import UserError
+from sftlab.internals import attention_of
+from sftlab.model.load import (
+    ADAPTER_CONFIG,
+    load_for_inference,
+    load_model,
+    load_tokenizer,
+    quantization_config,
+    recorded_base_name,
+    resolve_model_path,
+)
+from sftlab.run_dir import (
+    DATA_REPORT,
+    HELDOUT,
+    PREDICTIONS,
+    REJECTED,
+    RENDER_CHECK,
+    RESOLVED_CONFIG,
+    TRAINER_STATE,
+    append_jsonl,
+    keep_lines,
+    read_json,
+    read_jsonl,
+    write_json,
+    write_jsonl,
+    write_yaml,
+)
+from sftlab.train.callbacks import JsonlLogCallback, ProbeCallback, probe_records, run_probes
+from sftlab.train.checks import check_context, check_lora_targets
+from sftlab.train.config import RunFields, batch_setup, lora_config, set_reply_limits
+from sftlab.train.guards import BadSteps, StopAtOnce, StopOnSignal, Stopped
+from sftlab.train.lifecycle import (
+    ReliableTrainer,
+    fit_and_save,
+    run_in_output_dir,
+    sharded_engine,
+    stopped_after_final_save,
+)
+from sftlab.train.resume import check_output_dir, check_resume_config, effective_record, forget_after, mark_complete
+from sftlab.train.run_files import finish_settings, print_probes, save_final, write_training_manifest
+from sftlab.train.tracking import finish_swanlab, start_swanlab
+
+# PEFT still calls transformers' old name on every step; the warning says nothing a user can act on
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
+
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "apo_zero",
+              "apo_down", "discopop", "sigmoid_norm", "sft")  # TRL's DPO losses that take the same pairs
+
+
+@dataclass
+class DpoConfig(RunFields, DPOConfig):
+    """TRL's DPOConfig with sftlab's run fields (train/config.py, RunFields)."""
+
+    output_dir: str = field(default="./output/dpo", metadata={"help": "Run directory."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs over the training pairs."})
+    learning_rate: float = field(
+        default=5e-6, metadata={"help": "Peak AdamW learning rate (DPO wants far less than SFT: 5e-6 for LoRA on a "
+                                "pretrained model, 5e-7 in full)."}
+    )
+    per_device_train_batch_size: int = field(
+        default=4, metadata={"help": "Pairs per micro-batch, when max_tokens_per_batch is null."}
+    )
+    per_device_eval_batch_size: int = field(default=4, metadata={"help": "Eval pairs per batch."})
+    max_length: int | None = field(
+        default=1024, metadata={"help": "Max tokens of the prompt with either reply (template included); a longer "
+                                "pair is rejected as too_long, never truncated."}
+    )
+    beta: float = field(
+        default=0.1, metadata={"help": "How far the policy may move from the reference: higher stays closer. For "
+                               "loss_type ipo, IPO's regularisation tau."}
+    )
+    loss_type: list[str] = field(
+        default_factory=lambda: ["sigmoid"],
+        metadata={"help": "DPO's loss: sigmoid (DPO), ipo (IPO), hinge (SLiC), robust (rDPO), or another of TRL's "
+                  f"that take the same pairs ({', '.join(LOSS_TYPES[4:])}); several, with loss_weights, are summed."},
+    )
+
+    RANGES: ClassVar[dict] = {**RunFields.RANGES, "beta": Range(0, above=True)}
+
+    def __post_init__(self):
+        self.settle_run_fields()
+        super().__post_init__()
+        unknown = [name for name in self.loss_type if name not in LOSS_TYPES]
+        if unknown:
+            raise ValueError(f"loss_type: {', '.join(unknown)} is not one of {', '.join(LOSS_TYPES)} (ORPO and "
+                             "SimPO need no reference model and train from other trainers: see the README)")
+
+
+class SftlabDpoTrainer(ReliableTrainer, DPOTrainer):
+    """TRL's DPOTrainer with sftlab's run lifecycle (train/lifecycle.py)."""
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):  # internals.OVERRIDDEN_DPO_METHODS
+        return dataset  # rendered by sftlab's renderer (data/preference.py); TRL's would render it a second way
+
+
+@dataclass
+class PreparedPairs:
+    """What the build step needs from the prepare step."""
+
+    model_path: Path
+    tokenizer: object
+    data: PreferenceData
+    config: dict
+    resume_from: str | None
+    amendment: dict | None
+
+
+def dpo(model_args: ModelArguments, data_args: DataArguments, dpo_args: DpoConfig) -> Path:
+    """Runs one DPO job and returns the run directory, which then holds the final adapter or model."""
+    quantization_config(model_args.load_in_4bit)
+    if data_args.overflow != "drop":
+        raise UserError("overflow: a preference pair over max_length is rejected (too_long), never truncated: a "
+                        "reply cut short would teach the model to stop mid-answer; remove overflow or raise "
+                        "max_length")
+    return run_in_output_dir(dpo_args, lambda: run_training(model_args, data_args, dpo_args), complete_dpo_run)
+
+
+def run_training(model_args: ModelArguments, data_args: DataArguments, dpo_args: DpoConfig) -> Path:
+    out, is_main = Path(dpo_args.output_dir), dpo_args.process_index == 0
+    prepared = prepare(model_args, data_args, dpo_args)
+    trainer, stopper, chosen, reference = build(model_args, data_args, dpo_args, prepared)
+    reports = [dpo_args.report_to] if isinstance(dpo_args.report_to, str) else dpo_args.report_to
+    if "swanlab" in reports and is_main:
+        start_swanlab(str(out), dpo_args.run_name, prepared.config)
+    try:
+        fit_and_save(trainer, stopper, prepared.resume_from, out,
+                     write_manifest=lambda: write_training_manifest(out, prepared.data, dpo_args.seed, chosen),
+                     save_final=lambda: save_final(trainer, prepared.tokenizer, out,
+                                                   recorded_base_name(model_args.model_name_or_path)))
+        if is_main:
+            finish_dpo(trainer.model, prepared.tokenizer, out, trainer.state.global_step,
+                       dpo_settings(prepared.config), prepared.data.heldout, reference, sharded_engine(trainer))
+    finally:
+        stopper.uninstall()
+        if "swanlab" in reports and is_main:
+            finish_swanlab()
+    return out
+
+
+def prepare(model_args: ModelArguments, data_args: DataArguments, dpo_args: DpoConfig) -> PreparedPairs:
+    """Checks what can be checked before loading, reads and renders the pairs, and writes the run's inputs (or,
+    on a resume, checks the recorded config and drops what is newer than the checkpoint)."""
+    out, is_main = Path(dpo_args.output_dir), dpo_args.process_index == 0
+    resume_from = check_output_dir(out, dpo_args.resume, is_main)
+    model_path = resolve_model_path(model_args.model_name_or_path)
+    tokenizer = load_tokenizer(model_path, dpo_args.trust_remote_code)
+    check_lora_targets(model_path, model_args)
+    check_context(model_path, dpo_args.max_length)
+    data, sources = read_pairs(data_args, ChatRenderer(tokenizer, dpo_args.max_length))
+    if is_main:
+        print(data.summary())
+    if not data.train:
+        raise UserError(f"no preference pair to train on ({data.report['rows_read']} rows read, "
+                        f"{data.report['rejected']} rejected: {data.report['reasons']}); see the rejected rows' "
+                        "reasons above")
+    set_reply_limits(dpo_args, data.report)
+    config = resolved_dpo_config(model_args, data_args, dpo_args, data, sources)
+    amendment = None
+    if resume_from:
+        step = int(Path(resume_from).name.split("-")[-1])
+        amendment = check_resume_config(out, config, step)
+        if is_main:
+            forget_after(out, step)
+    elif is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_pair_inputs(out, config, data)
+    return PreparedPairs(model_path, tokenizer, data, config, resume_from, amendment)
+
+
+def read_pairs(data_args: DataArguments, renderer: ChatRenderer) -> tuple[PreferenceData, dict[str, str]]:
+    """The data_files' pairs, checked, rendered and split; and each source file's SHA-256."""
+    stats = {}
+    rows = iter_datasets(dataset_specs(data_args.data_files, PAIR_FIELDS), data_args.split_seed, stats)
+    data = prepare_pairs(rows, renderer, data_args.system_prompt, data_args.test_size, data_args.split_seed)
+    sources = [source for entry in stats.values() for source in entry["sources"]]
+    return data, source_digests(sources)
+
+
+def resolved_dpo_config(model_args, data_args, dpo_args, data: PreferenceData, sources: dict) -> dict:
+    """The run's record: `stage` first (a resume with another stage's verb is refused by it), then as SFT's."""
+    train = {k: v for k, v in dpo_args.to_dict().items() if not k.startswith("_")}
+    return {"stage": "dpo", "model": asdict(model_args), "data": asdict(data_args), "train": train,
+            "world_size": dpo_args.world_size, "data_fingerprint": data.fingerprint, "data_sources": sources}
+
+
+def write_pair_inputs(out: Path, config: dict, data: PreferenceData) -> None:
+    """How the run was made, written before training so even a crashed run says it."""
+    from sftlab.eval.run_report import write_manifest
+
+    write_yaml(out / RESOLVED_CONFIG, config)
+    write_manifest(out, config, data.fingerprint, config["train"]["seed"])
+    if data.examples:
+        write_json(out / RENDER_CHECK, {"samples": data.examples}, indent=None)
+    write_jsonl(out / HELDOUT, data.heldout)
+    write_jsonl(out / REJECTED, data.rejected)
+    write_json(out / DATA_REPORT, data.report)
+
+
+def pair_lengths(pairs: list[dict]) -> list[int]:
+    """What a pair costs a micro-batch: two rows (chosen and rejected, padded alike) of its longer side."""
+    return [2 * (len(p["prompt_ids"]) + max(len(p["chosen_ids"]), len(p["rejected_ids"]))) for p in pairs]
+
+
+def build(model_args: ModelArguments, data_args: DataArguments, dpo_args: DpoConfig, prepared: PreparedPairs):
+    """The policy, its reference (None: the policy with its adapter disabled), the micro-batches and the trainer."""
+    from datasets import Dataset
+
+    out, is_main = Path(dpo_args.output_dir), dpo_args.process_index == 0
+    start = model_args.model_name_or_path
+    model = load_model(prepared.model_path, model_args.dtype, dpo_args.trust_remote_code,
+                       model_args.attn_implementation, record_name=recorded_base_name(start),
+                       load_in_4bit=model_args.load_in_4bit)
+    reference = None
+    if not model_args.use_peft:
+        reference = load_model(prepared.model_path, model_args.dtype, dpo_args.trust_remote_code,
+                               model_args.attn_implementation, load_in_4bit=model_args.load_in_4bit)
+    sampler, _, plan = batch_setup(dpo_args, pair_lengths(prepared.data.train), False, verbose=is_main)
+    stopper = StopOnSignal()
+    probe = ProbeCallback(prepared.tokenizer, dpo_args.probe_prompts, dpo_args.probe_max_new_tokens, str(out),
+                          data_args.system_prompt, stopper)
+    evaluates = bool(prepared.data.test) and dpo_args.eval_strategy != "no"
+    trainer = SftlabDpoTrainer(
+        model=model, ref_model=reference, args=dpo_args, processing_class=prepared.tokenizer,
+        train_dataset=Dataset.from_list(prepared.data.train),
+        eval_dataset=Dataset.from_list(prepared.data.test) if evaluates else None,
+        peft_config=lora_config(model_args) if model_args.use_peft else None,
+        callbacks=[probe, JsonlLogCallback(str(out)), stopper], token_sampler=sampler,
+        bad_steps=BadSteps(dpo_args.max_bad_steps), amendment=prepared.amendment,
+    )
+    sharded = sharded_engine(trainer)
+    if sharded and probe.prompts:
+        probe.prompts = []  # one process cannot generate with weights split across all of them
+    chosen = {"attention": attention_of(trainer.model), "reference": "a frozen copy" if reference is not None
+              else "the policy with its LoRA adapter disabled", "batches": {**asdict(plan), "summary": plan.summary()}}
+    return trainer, stopper, chosen, trainer.ref_model
+
+
+def dpo_settings(config: dict) -> dict:
+    """What the finish uses, from a resolved config (a live run's, or a completed one's with its amendments)."""
+    return {**finish_settings(config), "beta": config["train"]["beta"], "start": config["model"]["model_name_or_path"]}
+
+
+def complete_dpo_run(out: Path, is_main: bool) -> Path:
+    """--resume on a run whose final weights are saved but not its evaluation and report: done without training."""
+    if not is_main:
+        return out
+    print(f"run {out}: its final weights were saved, but it stopped before its evaluation and report: completing "
+          "them with the run's recorded settings (no training)")
+    settings = dpo_settings(effective_record(out))
+    lora = (out / ADAPTER_CONFIG).exists()
+    model, tokenizer = load_for_inference(adapter=str(out)) if lora else load_for_inference(model=str(out))
+    reference = None if lora else load_for_inference(model=settings["start"])[0]
+    finish_dpo(model, tokenizer, out, read_json(out / TRAINER_STATE)["global_step"], settings,
+               read_jsonl(out / HELDOUT), reference, None)
+    return out
+
+
+def finish_dpo(model, tokenizer, out: Path, step: int, settings: dict, heldout: list[dict], reference,
+               sharded: str | None) -> None:
+    """After the final save, on the main process: probe replies, the held-out judgement, report, model card, and
+    last the manifest marked complete; a stop signal here ends it at once (the weights are safe)."""
+    with StopAtOnce() as stop:
+        try:
+            write_dpo_finish(model, tokenizer, out, step, settings, heldout, reference, sharded)
+        except Stopped:
+            stopped_after_final_save(stop.received, out, "the steps after the final save", True)
+
+
+def write_dpo_finish(model, tokenizer, out: Path, step: int, settings: dict, heldout: list[dict], reference,
+                     sharded: str | None) -> None:
+    from sftlab.eval.evaluate import write_eval
+    from sftlab.eval.model_card import write_model_card
+    from sftlab.eval.run_report import write_run_report
+    from sftlab.eval.tables import table_text
+
+    final = []
+    if not sharded:
+        prompts, system_prompt = settings["probe_prompts"], settings["system_prompt"]
+        replies = run_probes(model, tokenizer, prompts, settings["probe_max_new_tokens"], system_prompt)
+        final = probe_records(step, prompts, replies, final=True)
+        keep_lines(out / PREDICTIONS, lambda record: not record.get("final"))
+        append_jsonl(out / PREDICTIONS, final)
+        records = heldout[:settings["final_eval_samples"]]
+        if records:
+            results, samples = judge(model, tokenizer, records, settings, reference)
+            write_eval(out / "eval", results, samples)
+            print(f"\nHeld-out pairs ({len(records)}): base = the reference (where DPO started), tuned = after "
+                  f"DPO\n{table_text(results)}")
+    write_run_report(out)
+    write_model_card(out)
+    mark_complete(out)
+    if final:
+        print_probes(final)
+
+
+def judge(model, tokenizer, records: list[dict], settings: dict, reference) -> tuple[dict, list[dict]]:
+    """Before (the reference) and after (the policy) on held-out pairs: the preference scores
+    (eval/preference.py), and each model's greedy replies to the prompts scored against the chosen reply (stop
+    rate and reply length: preference tuning is known to lengthen replies); the retention check for LoRA."""
+    import contextlib
+
+    from sftlab.eval.evaluate import evaluate, with_replies
+    from sftlab.eval.preference import judge_pairs
+
+    renderer = ChatRenderer(tokenizer)
+    pairs = [Pair(r["prompt"], r["chosen"][0], r["rejected"][0], r.get("tools")) for r in records]
+    rendered = [render_pair(renderer, pair) for pair in pairs]
+    results = judge_pairs(model, rendered, tokenizer.pad_token_id, settings["beta"], reference)
+    conversations, tools = [[*p.prompt, p.chosen] for p in pairs], [p.tools for p in pairs]
+    limit = settings["final_eval_max_new_tokens"]
+    with (model.disable_adapter() if reference is None else contextlib.nullcontext()):
+        base, base_replies = evaluate(reference or model, tokenizer, conversations, limit, label="reference",
+                                      tools=tools)
+    tuned, tuned_replies = evaluate(model, tokenizer, conversations, limit, label="tuned", tools=tools)
+    results = {"base": {**results["base"], **base}, "tuned": {**results["tuned"], **tuned}}
+    if settings["retention_check"] and reference is None and hasattr(model, "disable_adapter"):
+        from sftlab.eval.retention import adapter_retention
+
+        results["retention"] = adapter_retention(model, tokenizer, settings["system_prompt"])
+    return results, with_replies(conversations, {"base": base_replies, "tuned": tuned_replies})
+
+
+ARGUMENTS, PARSER = (ModelArguments, DataArguments, DpoConfig), TrlParser  # cli.py parses them
+
+
+def run(model_args: ModelArguments, data_args: DataArguments, dpo_args: DpoConfig) -> int:
+    out = dpo(model_args, data_args, dpo_args)
+    print(f"\nrun directory: {out}", flush=True)
+    return 0
