@@ -61,7 +61,8 @@ def rows() -> list[dict]:
         out.append(pair(f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}.", f"{a} plus {b} is {a + b - 1}.", rng))
     for n, (country, capital, en, en_capital) in enumerate(CAPITALS):
         other, other_en = CAPITALS[(n + 1) % len(CAPITALS)][1], CAPITALS[(n + 1) % len(CAPITALS)][3]
-        out.append(pair(f"{country}的首都是哪里？", f"{country}的首都是{capital}。", f"{country}的首都是{other}。", rng))
+        out.append(pair(f"{country}的首都是哪里？", f"{country}的首都是{capital}。", f"{country}的首都是{other}。",
+                        rng))
         out.append(pair(f"What is the capital of {en}?", f"The capital of {en} is {en_capital}.",
                         f"The capital of {en} is {other_en}.", rng))
     for a, b in ANTONYMS:

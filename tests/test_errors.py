@@ -10,6 +10,7 @@ import sftlab
 from sftlab.chat_format import MessageError, SampleTooLong, TemplateRefused
 from sftlab.data.clean import Rejection, _Reject
 from sftlab.data.convert import FieldError, ToolCallError
+from sftlab.data.preference import PairDefect
 from sftlab.errors import UserError
 from sftlab.infer.engine import QueueFull
 from sftlab.train.guards import Stopped
@@ -25,6 +26,7 @@ EXAMPLES = {
     _Reject: ("boilerplate", "a reply contains 'as an ai language model'"),
     QueueFull: ("9 requests are waiting or running (the cap is 8)",),
     Stopped: (15,),
+    PairDefect: ("identical_sides", "chosen and rejected are the same reply"),
 }
 
 

@@ -39,6 +39,9 @@ class PairDefect(ValueError):
         super().__init__(detail)
         self.reason, self.detail = reason, detail
 
+    def __reduce__(self):  # pickled with its own arguments (the default would call it with the message alone)
+        return type(self), (self.reason, self.detail)
+
 
 @dataclass
 class Pair:
@@ -150,12 +153,13 @@ def render_pair(renderer: ChatRenderer, pair: Pair) -> dict:
 
 
 def _side_ids(renderer: ChatRenderer, messages: list[dict], tools: list | None) -> tuple[list[int], list[int]]:
-    pieces = renderer.pieces(messages, tools)
-    piece_ids = [renderer.encode(text) for text, _ in pieces]
-    sample = renderer.assemble(pieces, piece_ids)
-    start = sum(len(ids) for ids in piece_ids[:-1])  # the last piece is the final reply
-    end = max(i for i, label in enumerate(sample.labels) if label != IGNORE_INDEX) + 1
-    return sample.input_ids[:start], sample.input_ids[start:end]
+    """(the generation prompt, the final reply through its terminator). The prompt is rendered as chat renders it,
+    with earlier assistant turns in the template's history form (Qwen3 drops their think blocks), since that is
+    what the policy answers at inference; the reply is the renderer's last piece, as SFT supervises it."""
+    *_, last = renderer.pieces(messages, tools)
+    reply = renderer.assemble([last], [renderer.encode(last[0])])
+    end = max(i for i, label in enumerate(reply.labels) if label != IGNORE_INDEX) + 1
+    return renderer.prompt_ids(messages[:-1], tools), reply.input_ids[:end]
 
 
 @dataclass
@@ -203,7 +207,7 @@ def prepare_pairs(rows, renderer: ChatRenderer, system_prompt: str | None, test_
         rows_read += 1
         try:
             pair, rendered = _checked(source_row, renderer, system_prompt, seen)
-        except (FieldError, MessageError, PairDefect, _Unreadable) as exc:
+        except (FieldError, MessageError, PairDefect) as exc:
             reason = getattr(exc, "reason", "role_order" if isinstance(exc, MessageError) else "malformed_record")
             if strict and reason not in PAIR_REASONS:
                 raise UserError(f"{source_row.source}:{source_row.line}: {reason}: {exc} (--strict)") from None
@@ -223,21 +227,15 @@ def prepare_pairs(rows, renderer: ChatRenderer, system_prompt: str | None, test_
               "reasons": dict(reasons.most_common()), "pair_formats": dict(formats),
               "pairs": {"train": len(train_idx), "test": len(test_idx)},
               "tokens": {"total": length_stats(lengths), "response": length_stats(replies)}}
-    examples = [_example(*kept[train_idx[0]], renderer)] if train_idx else []
+    examples = [_example(kept[train_idx[0]][0], renderer)] if train_idx else []
     return PreferenceData([kept[i][1] for i in train_idx], [kept[i][1] for i in test_idx],
                           [kept[i][0].record() for i in test_idx], examples, rejected, report)
-
-
-class _Unreadable(ValueError):
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        self.reason = reason
 
 
 def _checked(source_row: SourceRow, renderer: ChatRenderer, system_prompt: str | None, seen: set
              ) -> tuple[Pair, dict]:
     if source_row.error is not None:
-        raise _Unreadable(source_row.error_reason or "bad_json", source_row.error)
+        raise PairDefect(source_row.error_reason or "bad_json", source_row.error)  # the loader's reason
     pair = pair_of(source_row.row, system_prompt)
     key = pair.key()
     if key in seen:
@@ -247,9 +245,11 @@ def _checked(source_row: SourceRow, renderer: ChatRenderer, system_prompt: str |
     return pair, rendered
 
 
-def _example(pair: Pair, rendered: dict, renderer: ChatRenderer) -> dict:
-    """The chosen side as training renders it (ids, and labels on the reply), in the form the doctor reads."""
-    prompt, reply = rendered["prompt_ids"], rendered["chosen_ids"]
-    return {"kind": "preference", "messages": [*pair.prompt, pair.chosen], **({"tools": pair.tools} if pair.tools
-            else {}), "input_ids": prompt + reply, "labels": [IGNORE_INDEX] * len(prompt) + reply,
-            "max_length": renderer.max_length, "overflow": "drop"}
+def _example(pair: Pair, renderer: ChatRenderer) -> dict:
+    """The chosen conversation as the renderer renders it for training, in the form `sftlab doctor` checks the
+    saved template against (render_check.json)."""
+    messages = [*pair.prompt, pair.chosen]
+    pieces = renderer.pieces(messages, pair.tools)
+    sample = renderer.assemble(pieces, [renderer.encode(text) for text, _ in pieces])
+    return {"kind": "preference", "messages": messages, **({"tools": pair.tools} if pair.tools else {}),
+            "input_ids": sample.input_ids, "labels": sample.labels, "max_length": None, "overflow": "drop"}

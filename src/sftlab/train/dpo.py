@@ -50,7 +50,7 @@ from sftlab.run_dir import (
     write_yaml,
 )
 from sftlab.train.callbacks import JsonlLogCallback, ProbeCallback, probe_records, run_probes
-from sftlab.train.checks import check_context, check_lora_targets
+from sftlab.train.checks import check_context, check_lora_targets, check_prepared
 from sftlab.train.config import RunFields, batch_setup, lora_config, set_reply_limits
 from sftlab.train.guards import BadSteps, StopAtOnce, StopOnSignal, Stopped
 from sftlab.train.lifecycle import (
@@ -173,10 +173,7 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, dpo_args: DpoC
     data, sources = read_pairs(data_args, ChatRenderer(tokenizer, dpo_args.max_length))
     if is_main:
         print(data.summary())
-    if not data.train:
-        raise UserError(f"no preference pair to train on ({data.report['rows_read']} rows read, "
-                        f"{data.report['rejected']} rejected: {data.report['reasons']}); see the rejected rows' "
-                        "reasons above")
+    check_prepared(data, pair_lengths(data.train), data_args, dpo_args)  # as SFT's: pairs, budget, held-out split
     set_reply_limits(dpo_args, data.report)
     config = resolved_dpo_config(model_args, data_args, dpo_args, data, sources)
     amendment = None
