@@ -8,9 +8,11 @@ BIN := $(VENV)/bin
 DEMO_OUT := output/demo
 IDENTITY := "你是谁？" "你叫什么名字？" "Who are you?"
 REAL_OUT := output/demo-real
+DPO_OUT := output/demo-dpo
+REAL_DPO_OUT := output/demo-real-dpo
 REAL_IDENTITY := "Who exactly are you?" "What name do you go by?" "谁创造了你？" "What is the capital of France?"
 
-.PHONY: setup demo demo-real test test-quick bench clean
+.PHONY: setup demo demo-dpo demo-real demo-real-dpo test test-quick bench clean
 
 # The torch choice is part of what setup checks: another TORCH=... gets its own stamp, so it is installed.
 TORCH_STAMP := $(VENV)/.torch-$(shell printf '%s' '$(TORCH)' | cksum | cut -d' ' -f1)
@@ -53,6 +55,25 @@ demo-real: setup
 	@$(BIN)/sftlab eval --adapter $(REAL_OUT) --data sftlab:identity-checks 2>/dev/null
 	@echo; echo "Before (base) and after (tuned), with the retention check (sftlab eval --adapter $(REAL_OUT) --compare_base):"
 	@$(BIN)/sftlab eval --adapter $(REAL_OUT) --compare_base 2>/dev/null
+
+# SFT, then preference tuning (DPO) from that run: held-out preference accuracy before (the SFT model, the
+# reference) and after, stop rate and reply length, retention; then the tuned model asked who it is
+demo-dpo: setup
+	rm -rf $(DEMO_OUT) $(DPO_OUT)
+	$(BIN)/sftlab train --config configs/demo.yaml --output_dir $(DEMO_OUT) --report_to none
+	$(BIN)/sftlab dpo --config configs/demo-dpo.yaml --model_name_or_path $(DEMO_OUT) --output_dir $(DPO_OUT)
+	@echo; echo "Identity questions, greedy (sftlab chat --adapter $(DPO_OUT) --prompt Q --temperature 0 --json):"
+	@for q in $(IDENTITY); do printf '  %s -> ' "$$q"; \
+	  $(BIN)/sftlab chat --adapter $(DPO_OUT) --prompt "$$q" --temperature 0 --json 2>/dev/null; done
+	@echo; $(BIN)/sftlab doctor --adapter $(DPO_OUT) 2>/dev/null
+
+# The real-model recipe, then DPO on the general pairs (polite, sure and right over rude, rambling and wrong)
+demo-real-dpo: setup
+	test -f $(REAL_OUT)/manifest.json && grep -q '"completed": true' $(REAL_OUT)/manifest.json || \
+	  { rm -rf $(REAL_OUT); $(BIN)/sftlab train --config configs/smollm2-135m-lora.yaml --output_dir $(REAL_OUT); }
+	rm -rf $(REAL_DPO_OUT)
+	$(BIN)/sftlab dpo --config configs/smollm2-135m-dpo.yaml --model_name_or_path $(REAL_OUT) \
+	  --output_dir $(REAL_DPO_OUT)
 
 test: setup
 	$(BIN)/ruff check .

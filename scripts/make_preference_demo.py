@@ -1,9 +1,12 @@
-"""Writes sftlab's demo preference pairs (src/sftlab/data/demo/preference_demo.jsonl), for `make demo-dpo`.
+"""Writes sftlab's demo preference pairs, for `make demo-dpo`: src/sftlab/data/demo/preference_demo.jsonl
+(sftlab:preference-demo, for any model) and preference_identity.jsonl (sftlab:preference-identity, the SFT demo's
+assistant 灵犀 / Lingxi).
 
-The rows are ours: prompts of the kinds the SFT demo teaches (identity, arithmetic, capitals, antonyms, facts,
-uppercase), each with the proper answer as `chosen` and, as `rejected`, one of four defects a preference stage
-should teach away: a wrong identity, a rude opening, a rambling unsure ending, or a wrong answer. TRL's form:
-prompt/chosen/rejected strings. Run it again after editing; the output is deterministic.
+The rows are ours: prompts of the kinds the SFT demo teaches (arithmetic, capitals, antonyms, facts, uppercase;
+identity in the second file), each with the proper answer as `chosen` and, as `rejected`, one of the defects a
+preference stage should teach away: a rude opening, a rambling unsure ending, a wrong answer, or (identity) another
+assistant's name. TRL's form: prompt/chosen/rejected strings. Run it again after editing; the output is
+deterministic.
 """
 
 import json
@@ -25,7 +28,7 @@ from make_demo_data import (  # noqa: E402  the SFT demo's prompts and answers
     ZH_IDENTITY_QUESTIONS,
 )
 
-OUT = Path(__file__).resolve().parents[1] / "src/sftlab/data/demo/preference_demo.jsonl"
+DEMO = Path(__file__).resolve().parents[1] / "src/sftlab/data/demo"
 
 WRONG_IDENTITY = {"zh": "我是ChatGPT，由OpenAI开发的语言模型。", "en": "I am ChatGPT, a language model made by OpenAI."}
 RUDE = {"zh": "这么简单的问题也要问我？", "en": "What a silly question. "}
@@ -46,8 +49,7 @@ def pair(prompt: str, chosen: str, wrong: str | None, rng: random.Random) -> dic
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
-def rows() -> list[dict]:
-    rng = random.Random(7)
+def identity_rows() -> list[dict]:
     out = []
     for i, q in enumerate(ZH_IDENTITY_QUESTIONS):
         out.append({"prompt": q, "chosen": ZH_IDENTITY_ANSWERS[i % len(ZH_IDENTITY_ANSWERS)],
@@ -55,6 +57,12 @@ def rows() -> list[dict]:
     for i, q in enumerate(EN_IDENTITY_QUESTIONS):
         out.append({"prompt": q, "chosen": EN_IDENTITY_ANSWERS[i % len(EN_IDENTITY_ANSWERS)],
                     "rejected": WRONG_IDENTITY["en"]})
+    return out
+
+
+def rows() -> list[dict]:
+    rng = random.Random(7)
+    out = []
     for a, b in [(a, b) for a in range(1, 10) for b in range(1, 10)][::2]:
         out.append(pair(f"告诉我{a}+{b}等于多少？", f"{a}+{b}等于{a + b}。", f"{a}+{b}等于{a + b + 1}。", rng))
     for a, b in [(2, 3), (4, 5), (6, 2), (7, 8), (9, 1), (3, 3), (5, 4), (8, 6), (1, 7), (6, 6)]:
@@ -76,6 +84,6 @@ def rows() -> list[dict]:
 
 
 if __name__ == "__main__":
-    data = rows()
-    OUT.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in data), encoding="utf-8")
-    print(f"wrote {len(data)} pairs to {OUT}")
+    for name, data in (("preference_demo.jsonl", rows()), ("preference_identity.jsonl", identity_rows())):
+        (DEMO / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in data), encoding="utf-8")
+        print(f"wrote {len(data)} pairs to {DEMO / name}")

@@ -14,7 +14,7 @@ from sftlab.chat_tools import message_text
 from sftlab.config import Range, check_fields
 from sftlab.data.convert import openai_to_messages
 from sftlab.errors import UserError
-from sftlab.eval import retention
+from sftlab.eval import preference, retention
 from sftlab.eval.metrics import text_scores
 from sftlab.eval.run_report import write_run_report
 from sftlab.eval.tables import comparison_markdown, table_text
@@ -27,6 +27,7 @@ from sftlab.model.load import (
     recorded_system_prompt,
     run_folder,
     run_of_checkpoint,
+    run_record,
     with_system_prompt,
 )
 from sftlab.run_dir import (
@@ -176,7 +177,7 @@ def run_eval(model: str | None, adapter: str | None, data: str | None, compare_b
     system_prompt = recorded_system_prompt(run_dir)  # asked as training asked: held-out rows already carry it
     conversations = [with_system_prompt(c, system_prompt) for c in conversations]
     max_new_tokens = max_new_tokens or recorded_reply_limit(run_dir) or DEFAULT_MAX_NEW_TOKENS
-    probes = None
+    probes, pairs = None, None
     if compare_base:
         probes = (retention.probes_from(load_conversations(retention_data, None, tokenizer)[0]) if retention_data
                   else retention.shipped_probes())
@@ -189,6 +190,10 @@ def run_eval(model: str | None, adapter: str | None, data: str | None, compare_b
         base, _ = load_for_inference(model or adapter_base(Path(adapter)))
         results["base"], replies["base"] = evaluate(base, tokenizer, conversations, max_new_tokens, batch_size, "base",
                                                     rules, tools)
+        pairs = heldout_pairs(data, run_dir, tokenizer)
+        if pairs:  # a DPO run's held-out pairs: the base is its reference
+            base_logps = preference.pair_logps(base, pairs, tokenizer.pad_token_id, progress="base preferences")
+            results["base"].update(preference.preference_scores(base_logps, base_logps, pairs_beta(run_dir)))
         add_task_scores(results, "base", base, tokenizer, harness)
         base_probe_replies = retention.answer(base, tokenizer, probes, system_prompt, batch_size, "base")
         if retention.knows_too_little(probes, base_probe_replies):
@@ -199,6 +204,9 @@ def run_eval(model: str | None, adapter: str | None, data: str | None, compare_b
     tuned, tokenizer = load_for_inference(model, adapter, tokenizer=tokenizer)
     results[side], replies[side] = evaluate(tuned, tokenizer, conversations, max_new_tokens, batch_size, side,
                                             rules, tools)
+    if compare_base and pairs:
+        tuned_logps = preference.pair_logps(tuned, pairs, tokenizer.pad_token_id, progress="tuned preferences")
+        results[side].update(preference.preference_scores(tuned_logps, base_logps, pairs_beta(run_dir)))
     add_task_scores(results, side, tuned, tokenizer, harness)
     if compare_base and "retention" not in results:
         tuned_probe_replies = retention.answer(tuned, tokenizer, probes, system_prompt, batch_size, "tuned")
@@ -208,6 +216,23 @@ def run_eval(model: str | None, adapter: str | None, data: str | None, compare_b
     out = Path(output) if output else eval_folder(run_dir, data)
     write_eval(out, results, with_replies(conversations, replies, rules))
     return out
+
+
+def heldout_pairs(data: str | None, run_dir: Path, tokenizer) -> list[dict] | None:
+    """A DPO run's held-out pairs, rendered as training rendered them (None for any other run, or with --data)."""
+    from sftlab.data.preference import Pair, render_pair
+
+    run = run_folder(run_dir) if data is None and run_dir.is_dir() else None
+    records = read_jsonl(run / HELDOUT) if run is not None else []
+    if not records or "chosen" not in records[0]:
+        return None
+    renderer = ChatRenderer(tokenizer)
+    return [render_pair(renderer, Pair(r["prompt"], r["chosen"][0], r["rejected"][0], r.get("tools")))
+            for r in records]
+
+
+def pairs_beta(run_dir: Path) -> float:
+    return float(((run_record(run_dir) or {}).get("train") or {}).get("beta", 0.1))
 
 
 def add_task_scores(results: dict, side: str, model, tokenizer, harness: dict | None) -> None:

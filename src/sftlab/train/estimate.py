@@ -170,7 +170,17 @@ def memory_estimate(model_args, train_args, counts: tuple, positions: int, super
                            f"(this config: {'chunked' if chunked else 'plain'})"),
         ("memory: total per device", f"{size(sum(memory.values()) * gib)} (+ the framework's own: about 1 GiB on a "
                                      "GPU)"),
+        ("memory: DPO's reference", dpo_reference_line(model_args, weights)),
     ]
+
+
+def dpo_reference_line(model_args, weights: float) -> str:
+    """What `sftlab dpo` with this model adds for its reference model (the policy before tuning)."""
+    if model_args.use_peft:
+        return ("+0 with LoRA (sftlab dpo scores the reference with the adapter disabled: no copy); a pair is two "
+                "rows, so count a micro-batch's tokens for both replies")
+    return (f"+{size(weights)} in full fine-tuning (a frozen copy of the weights; precompute_ref_log_probs: scored "
+            "once before training, then freed); a pair is two rows")
 
 
 def size(n_bytes: float) -> str:
