@@ -48,6 +48,13 @@ def test_the_methods_sftlab_overrides_exist_with_the_parameters_it_expects():
         assert tuple(inspect.signature(getattr(Trainer, name)).parameters) == parameters
 
 
+def test_the_dpo_method_sftlab_overrides_exists_with_the_parameters_it_expects():
+    from trl import DPOTrainer
+
+    for name, parameters in internals.OVERRIDDEN_DPO_METHODS.items():
+        assert tuple(inspect.signature(getattr(DPOTrainer, name)).parameters) == parameters
+
+
 def test_trls_collator_packs_a_padding_free_row_with_positions_restarting_per_sample():
     collator = internals.sft_collator(pad_token_id=0, padding_free=True)
     batch = collator([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8, 9], "labels": [-100, 9]}])

@@ -9,7 +9,8 @@ import pytest
 from sftlab.chat_format import ChatRenderer
 from sftlab.data.convert import FieldError
 from sftlab.data.load import iter_source
-from sftlab.data.preference import Pair, PairDefect, pair_of, prepare_pairs, render_pair
+from sftlab.data.preference import PAIR_FIELDS, PAIR_REASONS, Pair, PairDefect, pair_of, prepare_pairs, render_pair
+from sftlab.data.sources import dataset_specs, iter_datasets
 from sftlab.eval.preference import collate_pairs
 from sftlab.model.load import load_tokenizer, resolve_model_path
 
@@ -144,6 +145,7 @@ def bad_rows_file(path, copies: int = 1) -> dict:
 def test_every_bad_row_is_counted_with_its_reason_file_and_line(tmp_path, tokenizer):
     path = tmp_path / "pairs.jsonl"
     expected = bad_rows_file(path)
+    assert set(PAIR_REASONS) <= set(expected)  # every reason a pair can have is planted
     data = prepare_pairs(iter_source(str(path)), ChatRenderer(tokenizer, max_length=128), None, 0.0, 42)
     assert data.report["reasons"] == {reason: 1 for reason in expected}
     assert (data.report["rows_read"], data.report["kept"], data.report["rejected"]) == (11, 3, 8)
@@ -166,3 +168,31 @@ def test_the_split_is_seeded_and_holds_out_whole_pairs(tmp_path, tokenizer):
     assert [render_pair(renderer, Pair(r["prompt"], r["chosen"][0], r["rejected"][0])) for r in first.heldout] == \
         first.test
     assert not {json.dumps(p) for p in first.train} & {json.dumps(p) for p in first.test}
+
+
+@pytest.mark.slow
+def test_twenty_two_thousand_rows_with_every_defect_are_each_counted(tmp_path, tokenizer):
+    """The path a real preference file takes: 22,000 rows, 2,000 of each defect among 6,000 good pairs."""
+    path = tmp_path / "pairs.jsonl"
+    expected = bad_rows_file(path, copies=2000)
+    data = prepare_pairs(iter_source(str(path)), ChatRenderer(tokenizer, max_length=128), None, 0.05, 42)
+    assert data.report["reasons"] == {reason: 2000 for reason in expected}
+    assert (data.report["rows_read"], data.report["kept"], data.report["rejected"]) == (22000, 6000, 16000)
+    assert (len(data.train), len(data.test)) == (5700, 300) and len(data.rejected) == 16000
+    assert data.report["tokens"]["total"]["n"] == 6000
+
+
+def test_dataset_options_apply_to_pairs_columns_and_weights(tmp_path, tokenizer):
+    """A dataset's `columns` map its names onto the pair fields, and its weight repeats its training pairs."""
+    first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
+    first.write_text("".join(json.dumps({"question": f"Q{n}?", "good": f"A{n}.", "bad": f"B{n}!"}) + "\n"
+                             for n in range(4)))
+    second.write_text("".join(json.dumps({"prompt": f"R{n}?", "chosen": f"C{n}.", "rejected": f"D{n}!"}) + "\n"
+                              for n in range(3)))
+    specs = dataset_specs([{"path": str(first), "columns": {"prompt": "question", "chosen": "good", "rejected": "bad"},
+                            "weight": 2}, str(second)], PAIR_FIELDS)
+    stats = {}
+    data = prepare_pairs(iter_datasets(specs, 42, stats), ChatRenderer(tokenizer), None, 0.0, 42, stats)
+    assert data.report["kept"] == 7 and len(data.train) == 11  # 4 pairs twice, 3 once
+    with pytest.raises(Exception, match="columns: answer is not a field sftlab reads"):
+        dataset_specs([{"path": str(first), "columns": {"answer": "good"}}], PAIR_FIELDS)

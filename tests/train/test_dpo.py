@@ -133,6 +133,39 @@ def test_a_resume_that_changes_beta_or_the_stage_is_refused(unfinished):
     assert not (unfinished / "amendments.jsonl").exists()
 
 
+@pytest.mark.slow
+def test_a_dpo_run_killed_after_its_final_save_is_completed_by_resume_without_training(tmp_path, monkeypatch):
+    extra = ("--final_eval_samples", "3", "--max_steps", "3")
+
+    def kill(*args, **kwargs):
+        raise Killed()
+
+    monkeypatch.setattr(dpo_module, "finish_dpo", kill)
+    with pytest.raises(Killed):
+        dpo(*dpo_args(tmp_path / "run", *extra))
+    monkeypatch.undo()
+    monkeypatch.setattr(SftlabDpoTrainer, "train", kill)  # completing must not train
+    out = dpo(*dpo_args(tmp_path / "run", *extra, "--resume"))
+    results = json.loads((out / "eval/results.json").read_text())
+    assert results["base"]["n"] == results["tuned"]["n"] == 3
+    assert json.loads((out / "manifest.json").read_text())["completed"] is True
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precompute", ["false", "true"])
+def test_full_fine_tuning_dpo_judges_against_its_start(tmp_path, precompute):
+    """No adapter to disable: the reference is a frozen copy (or, precomputed, the policy before training), and
+    the judgement after training loads the start again."""
+    out = dpo(*dpo_args(tmp_path / "full", "--use_peft", "false", "--learning_rate", "1e-4", "--max_steps", "2",
+                        "--final_eval_samples", "4", "--precompute_ref_log_probs", precompute))
+    assert (out / "model.safetensors").exists() and not (out / "adapter_config.json").exists()
+    results = json.loads((out / "eval/results.json").read_text())
+    assert results["base"]["preference_accuracy"] == 0.5 and results["tuned"]["preference_accuracy"] != 0.5
+    assert "retention" not in results  # full fine-tuning: sftlab eval --compare_base
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["reference"] == ("a frozen copy" if precompute == "false" else "precomputed")
+
+
 def test_a_preference_pair_is_never_truncated(tmp_path):
     with pytest.raises(UserError, match="a preference pair over max_length is rejected"):
         dpo(*dpo_args(tmp_path / "run", "--overflow", "truncate"))

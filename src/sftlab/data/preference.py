@@ -25,6 +25,7 @@ from sftlab.chat_tools import message_text
 from sftlab.data.convert import FieldError, alpaca_to_messages, openai_to_messages, sharegpt_to_messages
 from sftlab.data.lengths import length_stats
 from sftlab.data.load import SourceRow
+from sftlab.data.sources import weighted
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected", "conversations", "messages", "instruction", "input", "output",
                "system", "history", "tools")  # what a dataset's `columns` may map onto
@@ -196,11 +197,10 @@ def pair_summary(report: dict) -> str:
 
 
 def prepare_pairs(rows, renderer: ChatRenderer, system_prompt: str | None, test_size: float, split_seed: int,
-                  strict: bool = False) -> PreferenceData:
+                  datasets: dict | None = None) -> PreferenceData:
     """Reads every SourceRow of `rows`, keeps the pairs that can teach, renders them and splits them under
-    `split_seed` (`strict`: the first malformed row is an error naming its file and line)."""
-    from sftlab.errors import UserError
-
+    `split_seed`. `datasets`: the per-dataset counts sftlab.data.sources.iter_datasets fills as `rows` are read;
+    their weights apply to the training pairs, as in SFT."""
     kept, rejected, reasons, seen, formats = [], [], Counter(), set(), Counter()
     rows_read = 0
     for source_row in rows:
@@ -209,20 +209,21 @@ def prepare_pairs(rows, renderer: ChatRenderer, system_prompt: str | None, test_
             pair, rendered = _checked(source_row, renderer, system_prompt, seen)
         except (FieldError, MessageError, PairDefect) as exc:
             reason = getattr(exc, "reason", "role_order" if isinstance(exc, MessageError) else "malformed_record")
-            if strict and reason not in PAIR_REASONS:
-                raise UserError(f"{source_row.source}:{source_row.line}: {reason}: {exc} (--strict)") from None
             reasons[reason] += 1
             rejected.append({"source": source_row.source, "line": source_row.line, "reason": reason,
                              "detail": str(exc), "row": source_row.row})
             continue
         formats[pair_format(source_row.row)] += 1
-        kept.append((pair, rendered))
+        kept.append((pair, rendered, source_row.source))
     order = list(range(len(kept)))
     random.Random(split_seed).shuffle(order)
     n_test = min(len(kept) - 1, max(1, round(test_size * len(kept)))) if test_size > 0 and len(kept) > 1 else 0
     test_idx, train_idx = sorted(order[:n_test]), sorted(order[n_test:])
-    lengths = Counter(len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for _, r in kept)
-    replies = Counter(len(r["chosen_ids"]) for _, r in kept)  # the reply limit of probes and evaluation: chosen's
+    weights = {source: entry["weight"] for entry in (datasets or {}).values() for source in entry["sources"]}
+    if any(weight != 1.0 for weight in weights.values()):
+        train_idx = weighted(train_idx, [source for *_, source in kept], weights, split_seed)
+    lengths = Counter(len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for _, r, _ in kept)
+    replies = Counter(len(r["chosen_ids"]) for _, r, _ in kept)  # the reply limit of probes and evaluation: chosen's
     report = {"kind": "preference", "rows_read": rows_read, "kept": len(kept), "rejected": len(rejected),
               "reasons": dict(reasons.most_common()), "pair_formats": dict(formats),
               "pairs": {"train": len(train_idx), "test": len(test_idx)},

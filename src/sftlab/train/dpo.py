@@ -192,7 +192,7 @@ def read_pairs(data_args: DataArguments, renderer: ChatRenderer) -> tuple[Prefer
     """The data_files' pairs, checked, rendered and split; and each source file's SHA-256."""
     stats = {}
     rows = iter_datasets(dataset_specs(data_args.data_files, PAIR_FIELDS), data_args.split_seed, stats)
-    data = prepare_pairs(rows, renderer, data_args.system_prompt, data_args.test_size, data_args.split_seed)
+    data = prepare_pairs(rows, renderer, data_args.system_prompt, data_args.test_size, data_args.split_seed, stats)
     sources = [source for entry in stats.values() for source in entry["sources"]]
     return data, source_digests(sources)
 
@@ -231,8 +231,8 @@ def build(model_args: ModelArguments, data_args: DataArguments, dpo_args: DpoCon
     model = load_model(prepared.model_path, model_args.dtype, dpo_args.trust_remote_code,
                        model_args.attn_implementation, record_name=recorded_base_name(start),
                        load_in_4bit=model_args.load_in_4bit)
-    reference = None
-    if not model_args.use_peft:
+    reference = None  # LoRA: the adapter disabled; precomputed: TRL scores the pairs with the policy before training
+    if not model_args.use_peft and not dpo_args.precompute_ref_log_probs:
         reference = load_model(prepared.model_path, model_args.dtype, dpo_args.trust_remote_code,
                                model_args.attn_implementation, load_in_4bit=model_args.load_in_4bit)
     sampler, _, plan = batch_setup(dpo_args, pair_lengths(prepared.data.train), False, verbose=is_main)
@@ -251,8 +251,10 @@ def build(model_args: ModelArguments, data_args: DataArguments, dpo_args: DpoCon
     sharded = sharded_engine(trainer)
     if sharded and probe.prompts:
         probe.prompts = []  # one process cannot generate with weights split across all of them
-    chosen = {"attention": attention_of(trainer.model), "reference": "a frozen copy" if reference is not None
-              else "the policy with its LoRA adapter disabled", "batches": {**asdict(plan), "summary": plan.summary()}}
+    kind = ("a frozen copy" if reference is not None else "the policy with its LoRA adapter disabled"
+            if model_args.use_peft else "precomputed")
+    chosen = {"attention": attention_of(trainer.model), "reference": kind,
+              "batches": {**asdict(plan), "summary": plan.summary()}}
     return trainer, stopper, chosen, trainer.ref_model
 
 
@@ -267,12 +269,10 @@ def complete_dpo_run(out: Path, is_main: bool) -> Path:
         return out
     print(f"run {out}: its final weights were saved, but it stopped before its evaluation and report: completing "
           "them with the run's recorded settings (no training)")
-    settings = dpo_settings(effective_record(out))
     lora = (out / ADAPTER_CONFIG).exists()
     model, tokenizer = load_for_inference(adapter=str(out)) if lora else load_for_inference(model=str(out))
-    reference = None if lora else load_for_inference(model=settings["start"])[0]
-    finish_dpo(model, tokenizer, out, read_json(out / TRAINER_STATE)["global_step"], settings,
-               read_jsonl(out / HELDOUT), reference, None)
+    step, settings = read_json(out / TRAINER_STATE)["global_step"], dpo_settings(effective_record(out))
+    finish_dpo(model, tokenizer, out, step, settings, read_jsonl(out / HELDOUT), None, None)
     return out
 
 
@@ -317,12 +317,16 @@ def write_dpo_finish(model, tokenizer, out: Path, step: int, settings: dict, hel
 def judge(model, tokenizer, records: list[dict], settings: dict, reference) -> tuple[dict, list[dict]]:
     """Before (the reference) and after (the policy) on held-out pairs: the preference scores
     (eval/preference.py), and each model's greedy replies to the prompts scored against the chosen reply (stop
-    rate and reply length: preference tuning is known to lengthen replies); the retention check for LoRA."""
+    rate and reply length: preference tuning is known to lengthen replies); the retention check for LoRA.
+    `reference`: the reference model, or None for the policy's adapter disabled (LoRA) or, in full fine-tuning,
+    the start loaded again."""
     import contextlib
 
     from sftlab.eval.evaluate import evaluate, with_replies
     from sftlab.eval.preference import judge_pairs
 
+    if reference is None and not hasattr(model, "disable_adapter"):  # full fine-tuning, its reference not kept
+        reference = load_for_inference(model=settings["start"])[0]
     renderer = ChatRenderer(tokenizer)
     pairs = [Pair(r["prompt"], r["chosen"][0], r["rejected"][0], r.get("tools")) for r in records]
     rendered = [render_pair(renderer, pair) for pair in pairs]
