@@ -196,3 +196,17 @@ def test_dataset_options_apply_to_pairs_columns_and_weights(tmp_path, tokenizer)
     assert data.report["kept"] == 7 and len(data.train) == 11  # 4 pairs twice, 3 once
     with pytest.raises(Exception, match="columns: answer is not a field sftlab reads"):
         dataset_specs([{"path": str(first), "columns": {"answer": "good"}}], PAIR_FIELDS)
+
+
+def test_data_inspect_shows_pairs_as_dpo_sees_them(tmp_path, capsys, tiny_model_dir):
+    from sftlab.cli import main
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"prompt": "你是谁？", "chosen": "我是灵犀。", "rejected": "我是ChatGPT。"}) + "\n"
+                    + json.dumps({"prompt": "x", "chosen": "same", "rejected": "same"}) + "\n", encoding="utf-8")
+    assert main(["data", "inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "preference data: 2 rows read, 1 pairs kept (trl 1), 1 rejected (identical_sides 1)" in out
+    assert "[gMASK]<sop><|user|>\n你是谁？<|assistant|>\nchosen (" in out
+    assert "«\n我是灵犀。<|endoftext|>»" in out and "«\n我是ChatGPT。<|endoftext|>»" in out
+    assert f"--- {path}:2: not usable: identical_sides: chosen and rejected are the same reply" in out

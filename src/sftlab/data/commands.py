@@ -110,8 +110,34 @@ def schema(rows) -> dict[str, Counter]:
     return types
 
 
+def inspect_pairs(inspect: InspectArguments, args: RenderArguments, file: str, rows: list) -> int:
+    """`sftlab data inspect` on preference pairs (what `sftlab dpo` reads): the pair report, and the first pairs as
+    DPO sees them: the prompt, then «each reply» (the tokens the loss is taken on)."""
+    from sftlab.data.preference import prepare_pairs
+
+    renderer = renderer_for(args)
+    data = prepare_pairs(iter(rows), renderer, args.system_prompt, 0.0, 0)
+    print(f"file: {file}\n{data.summary()}\nschema:")
+    for key, counts in schema(rows).items():
+        print(f"  {key}: {', '.join(f'{t} x{n}' for t, n in counts.most_common())}")
+    decode = renderer.tokenizer.decode
+    print(f"\nfirst {min(inspect.num_records, len(data.train))} pairs as `sftlab dpo` sees them (the prompt, then "
+          "«each reply»):")
+    for pair in data.train[:inspect.num_records]:
+        print(f"\n--- prompt ({len(pair['prompt_ids'])} tokens)\n{decode(pair['prompt_ids'])}")
+        for side in ("chosen", "rejected"):
+            ids = pair[f"{side}_ids"]
+            print(f"{side} ({len(ids)} tokens): «{decode(ids)}»")
+    for rejected in data.rejected[:inspect.num_records]:
+        print(f"\n--- {rejected['source']}:{rejected['line']}: not usable: {rejected['reason']}: {rejected['detail']}")
+    return 0
+
+
 def inspect_data(inspect: InspectArguments, args: RenderArguments, file: str) -> int:
     rows, _ = read_datasets(dataset_specs([file]), seed=0)  # as training reads a dataset: columns, max_samples
+    pairs = sum(isinstance(r.row, dict) and "chosen" in r.row and "rejected" in r.row for r in rows)
+    if pairs * 2 > len(rows):
+        return inspect_pairs(inspect, args, file, rows)
     formats = Counter(detect_format(r.row) for r in rows if r.error is None)
     renderer = renderer_for(args)
     result = clean_rows(rows, CleanArguments(near_dedup=False), renderer, args.system_prompt, enabled=False)
