@@ -23,6 +23,16 @@ TRAINED = ("--num_train_epochs", "20", "--save_steps", "0.5", "--eval_strategy",
 QUESTION = [{"role": "user", "content": "你是谁？"}]
 
 
+def killed_before_final_save(run: Path, copy: Path) -> Path:
+    """A copy of a finished LoRA run as if killed after its last checkpoint, before its final save."""
+    import shutil
+
+    shutil.copytree(run, copy)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (copy / name).unlink()
+    return copy
+
+
 @contextlib.contextmanager
 def serving(app):
     """The app on a free loopback port, in a thread, as `sftlab serve` runs it; yields its base URL."""

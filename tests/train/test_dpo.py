@@ -5,7 +5,6 @@ stopping, and writes exactly the files of a run."""
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ import torch
 from test_reliability import Killed  # tests/train is on pytest's path
 
 import sftlab.train.dpo as dpo_module
+from helpers import killed_before_final_save
 from sftlab.chat_format import ChatRenderer
 from sftlab.config import parse_verb
 from sftlab.data.load import demo_data_path, iter_source
@@ -107,12 +107,7 @@ def test_a_dpo_run_killed_and_resumed_ends_bit_identical_to_an_uninterrupted_one
 
 @pytest.fixture
 def unfinished(straight, tmp_path):
-    """A copy of the straight run as if killed after its last checkpoint, before the final save."""
-    run = tmp_path / "run"
-    shutil.copytree(straight, run)
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
-        (run / name).unlink()
-    return run
+    return killed_before_final_save(straight, tmp_path / "run")
 
 
 @pytest.mark.slow

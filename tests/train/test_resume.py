@@ -13,6 +13,7 @@ import pytest
 from test_reliability import Killed, args_for  # the same run settings (tests/train is on pytest's path)
 
 import sftlab.train.sft as sft
+from helpers import killed_before_final_save
 from sftlab.config import CleanArguments, DataArguments, ModelArguments
 from sftlab.errors import UserError
 from sftlab.train.config import TrainConfig
@@ -128,12 +129,7 @@ def refused(run: Path, *extra) -> str:
 
 @pytest.fixture
 def unfinished(straight, tmp_path):
-    """A copy of the straight run as if killed after its last checkpoint, before the final save."""
-    run = tmp_path / "run"
-    shutil.copytree(straight, run)
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
-        (run / name).unlink()
-    return run
+    return killed_before_final_save(straight, tmp_path / "run")
 
 
 def test_resume_refuses_every_change_that_is_not_on_the_allow_list(unfinished):

@@ -27,46 +27,22 @@ from sftlab.run_dir import (
 LIBRARIES = ("sftlab", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "swanlab", "tokenizers")
 
 
-def plot_losses(logs: list[dict], path: Path) -> bool:
-    train = [(r["step"], r["loss"]) for r in logs if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in logs if "eval_loss" in r]
-    if not train and not evals:
+CURVES = (("", "-", "#4C72B0", "train"), ("eval_", "o-", "#C44E52", "held-out"))  # (key prefix, style, color, name)
+
+
+def plot_over_steps(logs: list[dict], path: Path, panels: list[tuple[str, str]], width: float) -> bool:
+    """One panel per (logged key, axis label): the value on training batches and on the held-out split (the
+    trainer logs it as eval_KEY) over steps. False, and no file, when nothing of it was logged."""
+    if not any(prefix + key in r for r in logs for key, _ in panels for prefix, *_ in CURVES):
         return False
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 3.8))
-    if train:
-        ax.plot(*zip(*train), label="train loss", color="#4C72B0")
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss", color="#C44E52")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (supervised tokens)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, metadata={"Software": None})
-    plt.close(fig)
-    return True
-
-
-def plot_preferences(logs: list[dict], path: Path) -> bool:
-    """A DPO run's implicit-reward margin and preference accuracy over steps (TRL's rewards/margins and
-    rewards/accuracies), training batches and held-out pairs."""
-    panels = [("rewards/margins", "reward margin (chosen - rejected)"),
-              ("rewards/accuracies", "preference accuracy")]
-    if not any(key in r for r in logs for key, _ in panels):
-        return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    for ax, (key, label) in zip(axes, panels):
-        for prefix, style, color, name in (("", "-", "#4C72B0", "train"), ("eval_", "o-", "#C44E52", "held-out")):
+    fig, axes = plt.subplots(1, len(panels), figsize=(width, 3.8), squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels):
+        for prefix, style, color, name in CURVES:
             points = [(r["step"], r[prefix + key]) for r in logs if prefix + key in r]
             if points:
                 ax.plot(*zip(*points), style, label=name, color=color)
@@ -78,6 +54,17 @@ def plot_preferences(logs: list[dict], path: Path) -> bool:
     fig.savefig(path, metadata={"Software": None})
     plt.close(fig)
     return True
+
+
+def plot_losses(logs: list[dict], path: Path, label: str = "loss (supervised tokens)") -> bool:
+    return plot_over_steps(logs, path, [("loss", label)], 7)
+
+
+def plot_preferences(logs: list[dict], path: Path) -> bool:
+    """A DPO run's implicit-reward margin and preference accuracy over steps (TRL's rewards/margins and
+    rewards/accuracies)."""
+    return plot_over_steps(logs, path, [("rewards/margins", "reward margin (chosen - rejected)"),
+                                        ("rewards/accuracies", "preference accuracy")], 11)
 
 
 def throughput(state: dict, logs: list[dict]) -> dict:
@@ -97,7 +84,8 @@ def write_run_report(run_dir: Path) -> Path:
     state, manifest = read_json(run_dir / TRAINER_STATE), read_json(run_dir / MANIFEST)
     data, results = read_json(run_dir / DATA_REPORT), read_json(run_dir / EVAL_DIR / RESULTS)
     lines = [f"# Run report: {run_dir.name}", ""]
-    if plot_losses(logs, run_dir / LOSS_PLOT):
+    dpo = manifest.get("config", {}).get("stage") == "dpo"
+    if plot_losses(logs, run_dir / LOSS_PLOT, "DPO loss (mean over pairs)" if dpo else "loss (supervised tokens)"):
         lines += ["![loss curves](loss_curves.png)", ""]
     if plot_preferences(logs, run_dir / PREFERENCE_PLOT):
         lines += ["![reward margins and preference accuracy](preference_curves.png)", ""]

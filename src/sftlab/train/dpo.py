@@ -55,14 +55,14 @@ from sftlab.train.config import RunFields, batch_setup, lora_config, set_reply_l
 from sftlab.train.guards import BadSteps, StopAtOnce, StopOnSignal, Stopped
 from sftlab.train.lifecycle import (
     ReliableTrainer,
-    fit_and_save,
     run_in_output_dir,
     sharded_engine,
     stopped_after_final_save,
+    train_and_finish,
 )
-from sftlab.train.resume import check_output_dir, check_resume_config, effective_record, forget_after, mark_complete
-from sftlab.train.run_files import finish_settings, print_probes, save_final, write_training_manifest
-from sftlab.train.tracking import finish_swanlab, start_swanlab
+from sftlab.train.resume import check_output_dir, effective_record, mark_complete, resume_or_start
+from sftlab.train.run_files import finish_settings, print_probes, write_training_manifest
+from sftlab.train.tracking import tracked
 
 # PEFT still calls transformers' old name on every step; the warning says nothing a user can act on
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
@@ -143,21 +143,13 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, dpo_args:
     out, is_main = Path(dpo_args.output_dir), dpo_args.process_index == 0
     prepared = prepare(model_args, data_args, dpo_args)
     trainer, stopper, chosen, reference = build(model_args, data_args, dpo_args, prepared)
-    reports = [dpo_args.report_to] if isinstance(dpo_args.report_to, str) else dpo_args.report_to
-    if "swanlab" in reports and is_main:
-        start_swanlab(str(out), dpo_args.run_name, prepared.config)
-    try:
-        fit_and_save(trainer, stopper, prepared.resume_from, out,
-                     write_manifest=lambda: write_training_manifest(out, prepared.data, dpo_args.seed, chosen),
-                     save_final=lambda: save_final(trainer, prepared.tokenizer, out,
-                                                   recorded_base_name(model_args.model_name_or_path)))
-        if is_main:
-            finish_dpo(trainer.model, prepared.tokenizer, out, trainer.state.global_step,
-                       dpo_settings(prepared.config), prepared.data.heldout, reference, sharded_engine(trainer))
-    finally:
-        stopper.uninstall()
-        if "swanlab" in reports and is_main:
-            finish_swanlab()
+    with tracked(dpo_args, prepared.config, is_main):
+        train_and_finish(trainer, stopper, prepared.resume_from, out,
+                         lambda: write_training_manifest(out, prepared.data, dpo_args.seed, chosen),
+                         prepared.tokenizer, recorded_base_name(model_args.model_name_or_path),
+                         finish=lambda: finish_dpo(trainer.model, prepared.tokenizer, out, trainer.state.global_step,
+                                                   dpo_settings(prepared.config), prepared.data.heldout, reference,
+                                                   sharded_engine(trainer)))
     return out
 
 
@@ -176,15 +168,7 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, dpo_args: DpoC
     check_prepared(data, pair_lengths(data.train), data_args, dpo_args)  # as SFT's: pairs, budget, held-out split
     set_reply_limits(dpo_args, data.report)
     config = resolved_dpo_config(model_args, data_args, dpo_args, data, sources)
-    amendment = None
-    if resume_from:
-        step = int(Path(resume_from).name.split("-")[-1])
-        amendment = check_resume_config(out, config, step)
-        if is_main:
-            forget_after(out, step)
-    elif is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_pair_inputs(out, config, data)
+    amendment = resume_or_start(out, config, resume_from, is_main, lambda: write_pair_inputs(out, config, data))
     return PreparedPairs(model_path, tokenizer, data, config, resume_from, amendment)
 
 

@@ -147,6 +147,21 @@ def fit_and_save(trainer, stopper: StopOnSignal, resume_from: str | None, out: P
     stopper.uninstall()
 
 
+def train_and_finish(trainer, stopper: StopOnSignal, resume_from: str | None, out: Path, write_manifest, tokenizer,
+                     base_name: str | None, finish) -> None:
+    """fit_and_save (the final weights saved with `tokenizer`, the adapter naming `base_name` as its base), then
+    `finish()` on the main process (probes, evaluation, report); the stop handlers are put back however it ends."""
+    from sftlab.train.run_files import save_final
+
+    try:
+        fit_and_save(trainer, stopper, resume_from, out, write_manifest,
+                     save_final=lambda: save_final(trainer, tokenizer, out, base_name))
+        if trainer.is_world_process_zero():
+            finish()
+    finally:
+        stopper.uninstall()
+
+
 def raise_write_failure(exc: BaseException, what: str, out: Path) -> None:
     """A full disk or an unwritable folder while saving: one line naming it, and the newest committed checkpoint,
     which the failed save left intact; anything else is raised as it was."""

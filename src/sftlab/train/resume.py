@@ -164,6 +164,22 @@ def check_resume_config(out: Path, config: dict, step: int) -> dict | None:
     return {"resumed_at_step": step, "changed": allowed} if allowed else None
 
 
+def resume_or_start(out: Path, config: dict, resume_from: str | None, is_main: bool, write_inputs) -> dict | None:
+    """A resume: the recorded config checked against `config` on every process (the others would wait forever for
+    a main that stopped), the logs newer than the checkpoint dropped, and the allowed changes returned as the
+    amendment. A fresh run: `write_inputs()` on the main process. Before training, in every stage."""
+    if resume_from:
+        step = int(Path(resume_from).name.split("-")[-1])
+        amendment = check_resume_config(out, config, step)
+        if is_main:
+            forget_after(out, step)
+        return amendment
+    if is_main:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        write_inputs()
+    return None
+
+
 def record_amendment(out: Path, amendment: dict | None) -> None:
     """Called once training has resumed with the amended settings (not when the resume fails before)."""
     if amendment:

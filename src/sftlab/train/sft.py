@@ -30,18 +30,17 @@ from sftlab.train.config import (
     set_reply_limits,
 )
 from sftlab.train.guards import BadSteps, StopOnSignal
-from sftlab.train.lifecycle import ReliableTrainer, fit_and_save, run_in_output_dir, sharded_engine
+from sftlab.train.lifecycle import ReliableTrainer, run_in_output_dir, sharded_engine, train_and_finish
 from sftlab.train.loss import add_supervised_lm_head
-from sftlab.train.resume import check_output_dir, check_resume_config, forget_after
+from sftlab.train.resume import check_output_dir, resume_or_start
 from sftlab.train.run_files import (
     complete_run,
     finish_run,
     finish_settings,
-    save_final,
     write_run_inputs,
     write_training_manifest,
 )
-from sftlab.train.tracking import finish_swanlab, start_swanlab
+from sftlab.train.tracking import tracked
 
 # PEFT still calls transformers' old name on every step; the warning says nothing a user can act on
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
@@ -77,23 +76,14 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, clean_arg
     out, is_main = Path(train_args.output_dir), train_args.process_index == 0
     prepared = prepare(model_args, data_args, clean_args, train_args)
     trainer, stopper, plan, sharded = build(model_args, data_args, train_args, prepared)
-    reports = [train_args.report_to] if isinstance(train_args.report_to, str) else train_args.report_to
-    if "swanlab" in reports and is_main:
-        start_swanlab(str(out), train_args.run_name, prepared.config)
-    try:
-        chosen = {"attention": attention_of(trainer.model), "padding_free": train_args.padding_free,
-                  "batches": {**asdict(plan), "summary": plan.summary()}}
-        fit_and_save(trainer, stopper, prepared.resume_from, out,
-                     write_manifest=lambda: write_training_manifest(out, prepared.data, train_args.seed, chosen),
-                     save_final=lambda: save_final(trainer, prepared.tokenizer, out,
-                                                   recorded_base_name(model_args.model_name_or_path)))
-        if is_main:
-            finish_run(trainer.model, prepared.tokenizer, out, trainer.state.global_step,
-                       finish_settings(prepared.config), prepared.data.heldout, sharded)
-    finally:
-        stopper.uninstall()
-        if "swanlab" in reports and is_main:
-            finish_swanlab()
+    chosen = {"attention": attention_of(trainer.model), "padding_free": train_args.padding_free,
+              "batches": {**asdict(plan), "summary": plan.summary()}}
+    with tracked(train_args, prepared.config, is_main):
+        train_and_finish(trainer, stopper, prepared.resume_from, out,
+                         lambda: write_training_manifest(out, prepared.data, train_args.seed, chosen),
+                         prepared.tokenizer, recorded_base_name(model_args.model_name_or_path),
+                         finish=lambda: finish_run(trainer.model, prepared.tokenizer, out, trainer.state.global_step,
+                                                   finish_settings(prepared.config), prepared.data.heldout, sharded))
     return out
 
 
@@ -114,15 +104,7 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, clean_args: Cl
     check_prepared(data, lengths, data_args, train_args)
     set_reply_limits(train_args, data.report)
     config = resolved_config(model_args, data_args, clean_args, train_args, data.fingerprint, data.sources)
-    amendment = None
-    if resume_from:  # checked on every process (the others would wait forever for a main that stopped)
-        step = int(Path(resume_from).name.split("-")[-1])
-        amendment = check_resume_config(out, config, step)
-        if is_main:
-            forget_after(out, step)
-    elif is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_run_inputs(out, config, data)
+    amendment = resume_or_start(out, config, resume_from, is_main, lambda: write_run_inputs(out, config, data))
     return Prepared(model_path, tokenizer, data, lengths, config, resume_from, amendment)
 
 

@@ -1,5 +1,6 @@
 """Experiment tracking that never blocks: SwanLab online only with credentials, else local mode."""
 
+import contextlib
 import os
 from importlib.util import find_spec
 from pathlib import Path
@@ -60,3 +61,18 @@ def finish_swanlab() -> None:
     swanlab = active_swanlab()
     if swanlab is not None:
         swanlab.finish()
+
+
+@contextlib.contextmanager
+def tracked(args, config: dict, is_main: bool):
+    """A stage's training with its SwanLab run (when report_to names swanlab), started with the resolved config
+    and finished however training ends."""
+    reports = [args.report_to] if isinstance(args.report_to, str) else (args.report_to or [])
+    swanlab = "swanlab" in reports and is_main
+    if swanlab:
+        start_swanlab(str(args.output_dir), args.run_name, config)
+    try:
+        yield
+    finally:
+        if swanlab:
+            finish_swanlab()
