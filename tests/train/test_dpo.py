@@ -124,8 +124,18 @@ def test_a_resume_that_changes_beta_or_the_stage_is_refused(unfinished):
     with pytest.raises(UserError) as error:
         train(*parse_args(["--config", str(REPO / "configs/demo.yaml"), "--output_dir", str(unfinished),
                            "--report_to", "none", "--resume"]))
-    assert "this run is a dpo run, and this command runs sft (resume it with `sftlab dpo`)" in str(error.value)
+    assert "this run is a DPO run; this command is for an SFT run (resume it with `sftlab dpo`)" in str(error.value)
     assert not (unfinished / "amendments.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_dpo_resume_on_an_sft_run_is_refused_naming_the_stage(trained_run, tmp_path):
+    from helpers import TRAINED
+
+    sft_run = killed_before_final_save(trained_run(*TRAINED), tmp_path / "sft")
+    with pytest.raises(UserError) as error:
+        dpo(*dpo_args(sft_run, "--resume"))
+    assert "this run is an SFT run; this command is for a DPO run (resume it with `sftlab train`)" in str(error.value)
 
 
 @pytest.mark.slow

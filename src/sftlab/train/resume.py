@@ -55,6 +55,7 @@ AMENDABLE = {"clean.num_proc"} | {
     )
 }
 IGNORED = {"train.resume", "train.output_dir", "train.local_rank"}
+STAGES = {"sft": ("an SFT run", "sftlab train"), "dpo": ("a DPO run", "sftlab dpo")}  # a record without one: SFT
 
 
 def has_final(out: Path) -> bool:
@@ -120,9 +121,8 @@ def config_drift(original: dict, new: dict) -> tuple[list[str], dict]:
     """(refused changes, as "field: old -> new" lines, a changed data file by its name; the allowed changes
     {field: [old, new]})."""
     if original.get("stage", "sft") != new.get("stage", "sft"):  # every other field differs too: one line says it
-        old = original.get("stage", "sft")
-        return [f"this run is a {old} run, and this command runs {new.get('stage', 'sft')} (resume it with "
-                f"`sftlab {'dpo' if old == 'dpo' else 'train'}`)"], {}
+        (old, verb), (now, _) = (STAGES[record.get("stage", "sft")] for record in (original, new))
+        return [f"this run is {old}; this command is for {now} (resume it with `{verb}`)"], {}
     before, after = flatten(original), flatten(new)
     blocking, allowed = [], {}
     for key in sorted(set(before) | set(after)):
