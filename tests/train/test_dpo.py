@@ -210,3 +210,36 @@ def test_the_demo_recipe_lifts_preference_accuracy_from_chance_and_replies_still
     assert "Preference tuning (DPO) of" in (out / "README.md").read_text()
     assert dpo_module.PreparedPairs  # the stage's record says its stage, and the resume check reads it
     assert (out / "sftlab_config.yaml").read_text().startswith("stage: dpo\n")
+
+
+@pytest.mark.slow
+def test_two_process_dpo_logs_what_one_process_accumulating_two_micro_batches_logs(tmp_path):
+    """accelerate, 2 CPU processes (gloo): TRL's DPO gathers per-pair metrics across processes, so each takes
+    per_device_train_batch_size pairs per micro-batch (said in one line); the losses equal one process's with
+    gradient_accumulation_steps 2, and the run folder is written once."""
+    import os
+    import subprocess
+    import sys
+
+    def launch(out: Path, processes: int, *extra: str) -> subprocess.CompletedProcess:
+        accelerate = [str(Path(sys.executable).with_name("accelerate")), "launch", "--num_machines", "1",
+                      "--multi_gpu" if processes > 1 else "--cpu", "--num_processes", str(processes),
+                      "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "sftlab.cli"]
+        args = ["dpo", "--config", str(REPO / "configs/demo-dpo.yaml"), "--model_name_or_path", "sftlab:tiny-glm4",
+                "--output_dir", str(out), "--report_to", "none", "--max_steps", "4", "--save_steps", "2",
+                "--eval_strategy", "no", "--logging_steps", "1", "--final_eval_samples", "2",
+                "--final_eval_max_new_tokens", "4", "--probe_max_new_tokens", "4", "--use_cpu", "true",
+                "--per_device_train_batch_size", "4", *extra]
+        return subprocess.run(accelerate + args, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+    two = launch(tmp_path / "two", 2)
+    assert two.returncode == 0, two.stderr[-4000:]
+    assert "4 pairs per micro-batch on each of the 2 processes, not max_tokens_per_batch" in two.stdout
+    one = launch(tmp_path / "one", 1, "--gradient_accumulation_steps", "2", "--max_tokens_per_batch", "null")
+    assert one.returncode == 0, one.stderr[-4000:]
+    logged = {name: [r for r in log_records(tmp_path / name) if "loss" in r] for name in ("two", "one")}
+    assert [r["step"] for r in logged["two"]] == [1, 2, 3, 4]  # written once, by the main process
+    for key in ("loss", "rewards/margins", "rewards/accuracies"):
+        assert [r[key] for r in logged["two"]] == pytest.approx([r[key] for r in logged["one"]], abs=1e-5), key
+    assert json.loads((tmp_path / "two/manifest.json").read_text())["completed"] is True

@@ -165,6 +165,12 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, dpo_args: DpoC
     data, sources = read_pairs(data_args, ChatRenderer(tokenizer, dpo_args.max_length))
     if is_main:
         print(data.summary())
+    if dpo_args.world_size > 1 and dpo_args.max_tokens_per_batch is not None:
+        if is_main:
+            print(f"batches: {dpo_args.per_device_train_batch_size} pairs per micro-batch on each of the "
+                  f"{dpo_args.world_size} processes, not max_tokens_per_batch: TRL's DPO gathers per-pair metrics "
+                  "across processes, which needs the same number of pairs in each")
+        dpo_args.max_tokens_per_batch = None  # recorded so: a resume on as many processes takes the same batches
     check_prepared(data, pair_lengths(data.train), data_args, dpo_args)  # as SFT's: pairs, budget, held-out split
     set_reply_limits(dpo_args, data.report)
     config = resolved_dpo_config(model_args, data_args, dpo_args, data, sources)
