@@ -55,6 +55,15 @@ def test_the_dpo_method_sftlab_overrides_exists_with_the_parameters_it_expects()
         assert tuple(inspect.signature(getattr(DPOTrainer, name)).parameters) == parameters
 
 
+def test_the_simpo_and_orpo_method_sftlab_overrides_exists_with_the_parameters_it_expects():
+    from trl.experimental.cpo import CPOTrainer
+    from trl.experimental.orpo import ORPOTrainer
+
+    for trainer in (CPOTrainer, ORPOTrainer):
+        for name, parameters in internals.OVERRIDDEN_PREFERENCE_METHODS.items():
+            assert tuple(inspect.signature(getattr(trainer, name)).parameters) == parameters
+
+
 def test_trls_collator_packs_a_padding_free_row_with_positions_restarting_per_sample():
     collator = internals.sft_collator(pad_token_id=0, padding_free=True)
     batch = collator([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8, 9], "labels": [-100, 9]}])

@@ -12,6 +12,8 @@ from pathlib import Path
 OVERRIDDEN_TRAINER_METHODS = {"_get_train_sampler": ("self", "train_dataset")}
 # and DPOTrainer's dataset preparation (its own tokenization), which `sftlab dpo` replaces by the renderer's
 OVERRIDDEN_DPO_METHODS = {"_prepare_dataset": ("self", "dataset", "processing_class", "args", "dataset_name")}
+# and the row tokenization of TRL's experimental CPOTrainer (SimPO) and ORPOTrainer, likewise replaced
+OVERRIDDEN_PREFERENCE_METHODS = {"tokenize_row": ("self", "feature", "model")}
 
 
 def compiled_template(template: str):

@@ -171,14 +171,41 @@ def test_full_fine_tuning_dpo_judges_against_its_start(tmp_path, precompute):
     assert manifest["reference"] == ("a frozen copy" if precompute == "false" else "precomputed")
 
 
+def test_simpo_and_orpo_take_the_pair_as_rendered_with_the_prompt_masked():
+    from sftlab.train.dpo import RenderedRows
+
+    row = RenderedRows().tokenize_row({"prompt_ids": [5, 6], "chosen_ids": [7, 2], "rejected_ids": [8, 9, 2]})
+    assert row == {"prompt_input_ids": [5, 6], "prompt_attention_mask": [1, 1],
+                   "chosen_input_ids": [5, 6, 7, 2], "chosen_attention_mask": [1, 1, 1, 1],
+                   "chosen_labels": [-100, -100, 7, 2], "rejected_input_ids": [5, 6, 8, 9, 2],
+                   "rejected_attention_mask": [1, 1, 1, 1, 1], "rejected_labels": [-100, -100, 8, 9, 2]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", ["simpo", "orpo"])
+def test_reference_free_losses_train_through_their_trl_trainers_and_are_judged(tmp_path, loss):
+    out = dpo(*dpo_args(tmp_path / loss, "--loss_type", loss, "--beta", "2.0" if loss == "simpo" else "0.1",
+                        "--max_steps", "3", "--final_eval_samples", "4"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["reference"] == f"none ({loss})" and manifest["completed"] is True
+    results = json.loads((out / "eval/results.json").read_text())
+    assert results["base"]["preference_accuracy"] == 0.5 and results["tuned"]["n"] == 4
+    records = [r for r in log_records(out) if "loss" in r]
+    assert [r["step"] for r in records] == [1, 2, 3] and all("rewards/margins" in r for r in records)
+    if loss == "orpo":
+        assert all("log_odds_ratio" in r for r in records)
+
+
 def test_a_preference_pair_is_never_truncated(tmp_path):
     with pytest.raises(UserError, match="a preference pair over max_length is rejected"):
         dpo(*dpo_args(tmp_path / "run", "--overflow", "truncate"))
 
 
 def test_an_unknown_loss_type_names_the_ones_that_fit():
-    with pytest.raises(ValueError, match="loss_type: orpo is not one of sigmoid, ipo, hinge"):
-        DpoConfig(output_dir="x", report_to="none", loss_type=["orpo"])
+    with pytest.raises(ValueError, match="loss_type: kto is not one of sigmoid, ipo, hinge"):
+        DpoConfig(output_dir="x", report_to="none", loss_type=["kto"])
+    with pytest.raises(ValueError, match="loss_type: simpo and orpo train alone"):
+        DpoConfig(output_dir="x", report_to="none", loss_type=["sigmoid", "simpo"])
 
 
 RUN_FILES = {"README.md", "adapter_config.json", "adapter_model.safetensors", "data_report.json", "eval",

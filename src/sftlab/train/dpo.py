@@ -10,12 +10,18 @@ held; in full fine-tuning a frozen copy is loaded (precompute_ref_log_probs: sco
 freed). The pairs are rendered by the one renderer (data/preference.py), never by TRL's own tokenization.
 """
 
+import dataclasses
+import os
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
 from trl import DPOConfig, DPOTrainer, TrlParser
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # SimPO and ORPO live there in TRL 1.x; said in the README
+from trl.experimental.cpo import CPOConfig, CPOTrainer  # noqa: E402
+from trl.experimental.orpo import ORPOConfig, ORPOTrainer  # noqa: E402
 
 from sftlab.chat_format import ChatRenderer
 from sftlab.config import DataArguments, ModelArguments, Range
@@ -69,6 +75,7 @@ warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is depre
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "apo_zero",
               "apo_down", "discopop", "sigmoid_norm", "sft")  # TRL's DPO losses that take the same pairs
+REFERENCE_FREE = ("simpo", "orpo")  # TRL's CPOTrainer (loss simpo) and ORPOTrainer: no reference model
 
 
 @dataclass
@@ -95,19 +102,31 @@ class DpoConfig(RunFields, DPOConfig):
     )
     loss_type: list[str] = field(
         default_factory=lambda: ["sigmoid"],
-        metadata={"help": "DPO's loss: sigmoid (DPO), ipo (IPO), hinge (SLiC), robust (rDPO), or another of TRL's "
-                  f"that take the same pairs ({', '.join(LOSS_TYPES[4:])}); several, with loss_weights, are summed."},
+        metadata={"help": "sigmoid (DPO), ipo (IPO), hinge (SLiC), robust (rDPO), or another of TRL's DPO losses "
+                  f"that take the same pairs ({', '.join(LOSS_TYPES[4:])}; several, with loss_weights, are summed); "
+                  "or alone, without a reference model: simpo (SimPO; beta ~2, simpo_gamma) or orpo (ORPO; beta is "
+                  "its lambda, ~0.1), through TRL's CPOTrainer and ORPOTrainer."},
+    )
+    simpo_gamma: float = field(
+        default=0.5, metadata={"help": "SimPO's target reward margin (loss_type simpo only)."}
     )
 
-    RANGES: ClassVar[dict] = {**RunFields.RANGES, "beta": Range(0, above=True)}
+    RANGES: ClassVar[dict] = {**RunFields.RANGES, "beta": Range(0, above=True), "simpo_gamma": Range(0)}
 
     def __post_init__(self):
         self.settle_run_fields()
         super().__post_init__()
-        unknown = [name for name in self.loss_type if name not in LOSS_TYPES]
+        unknown = [name for name in self.loss_type if name not in (*LOSS_TYPES, *REFERENCE_FREE)]
         if unknown:
-            raise ValueError(f"loss_type: {', '.join(unknown)} is not one of {', '.join(LOSS_TYPES)} (ORPO and "
-                             "SimPO need no reference model and train from other trainers: see the README)")
+            raise ValueError(f"loss_type: {', '.join(unknown)} is not one of {', '.join(LOSS_TYPES + REFERENCE_FREE)}")
+        if set(self.loss_type) & set(REFERENCE_FREE) and len(self.loss_type) > 1:
+            raise ValueError(f"loss_type: {' and '.join(REFERENCE_FREE)} train alone (each from its own trainer, "
+                             f"without a reference), got {self.loss_type}")
+
+    @property
+    def reference_free(self) -> str | None:
+        """"simpo" or "orpo" when the loss needs no reference model, else None (DPO's losses)."""
+        return self.loss_type[0] if self.loss_type[0] in REFERENCE_FREE else None
 
 
 class SftlabDpoTrainer(ReliableTrainer, DPOTrainer):
@@ -115,6 +134,38 @@ class SftlabDpoTrainer(ReliableTrainer, DPOTrainer):
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):  # internals.OVERRIDDEN_DPO_METHODS
         return dataset  # rendered by sftlab's renderer (data/preference.py); TRL's would render it a second way
+
+
+class RenderedRows:
+    """tokenize_row for TRL's older preference trainers (CPOTrainer, ORPOTrainer), which tokenize text themselves:
+    the pair as sftlab's renderer rendered it, in the keys their collator pads (the prompt masked in the labels)."""
+
+    def tokenize_row(self, feature, model=None):  # internals.OVERRIDDEN_PREFERENCE_METHODS
+        prompt = feature["prompt_ids"]
+        row = {"prompt_input_ids": prompt, "prompt_attention_mask": [1] * len(prompt)}
+        for side in ("chosen", "rejected"):
+            reply = feature[f"{side}_ids"]
+            row |= {f"{side}_input_ids": prompt + reply, f"{side}_attention_mask": [1] * (len(prompt) + len(reply)),
+                    f"{side}_labels": [-100] * len(prompt) + reply}
+        return row
+
+
+class SftlabSimpoTrainer(ReliableTrainer, RenderedRows, CPOTrainer):
+    """TRL's CPOTrainer (loss simpo, no NLL term: SimPO) with sftlab's run lifecycle and rendering."""
+
+
+class SftlabOrpoTrainer(ReliableTrainer, RenderedRows, ORPOTrainer):
+    """TRL's ORPOTrainer with sftlab's run lifecycle and rendering."""
+
+
+def reference_free_args(dpo_args: DpoConfig):
+    """The CPOConfig (SimPO) or ORPOConfig with every field they share with `dpo_args`."""
+    config_class = CPOConfig if dpo_args.reference_free == "simpo" else ORPOConfig
+    shared = {f.name: getattr(dpo_args, f.name) for f in dataclasses.fields(config_class)
+              if f.init and hasattr(dpo_args, f.name) and f.name != "loss_type"}
+    if dpo_args.reference_free == "simpo":
+        shared |= {"loss_type": "simpo", "cpo_alpha": 0.0, "simpo_gamma": dpo_args.simpo_gamma}
+    return config_class(**shared)
 
 
 @dataclass
@@ -222,7 +273,7 @@ def build(model_args: ModelArguments, data_args: DataArguments, dpo_args: DpoCon
                        model_args.attn_implementation, record_name=recorded_base_name(start),
                        load_in_4bit=model_args.load_in_4bit)
     reference = None  # LoRA: the adapter disabled; precomputed: TRL scores the pairs with the policy before training
-    if not model_args.use_peft and not dpo_args.precompute_ref_log_probs:
+    if not model_args.use_peft and not dpo_args.precompute_ref_log_probs and not dpo_args.reference_free:
         reference = load_model(prepared.model_path, model_args.dtype, dpo_args.trust_remote_code,
                                model_args.attn_implementation, load_in_4bit=model_args.load_in_4bit)
     sampler, _, plan = batch_setup(dpo_args, pair_lengths(prepared.data.train), False, verbose=is_main)
@@ -230,22 +281,28 @@ def build(model_args: ModelArguments, data_args: DataArguments, dpo_args: DpoCon
     probe = ProbeCallback(prepared.tokenizer, dpo_args.probe_prompts, dpo_args.probe_max_new_tokens, str(out),
                           data_args.system_prompt, stopper)
     evaluates = bool(prepared.data.test) and dpo_args.eval_strategy != "no"
-    trainer = SftlabDpoTrainer(
-        model=model, ref_model=reference, args=dpo_args, processing_class=prepared.tokenizer,
-        train_dataset=Dataset.from_list(prepared.data.train),
+    common = dict(
+        model=model, processing_class=prepared.tokenizer, train_dataset=Dataset.from_list(prepared.data.train),
         eval_dataset=Dataset.from_list(prepared.data.test) if evaluates else None,
         peft_config=lora_config(model_args) if model_args.use_peft else None,
         callbacks=[probe, JsonlLogCallback(str(out)), stopper], token_sampler=sampler,
         bad_steps=BadSteps(dpo_args.max_bad_steps), amendment=prepared.amendment,
     )
+    if dpo_args.reference_free == "simpo":
+        trainer = SftlabSimpoTrainer(args=reference_free_args(dpo_args), **common)
+    elif dpo_args.reference_free == "orpo":
+        trainer = SftlabOrpoTrainer(args=reference_free_args(dpo_args), **common)
+    else:
+        trainer = SftlabDpoTrainer(ref_model=reference, args=dpo_args, **common)
     sharded = sharded_engine(trainer)
     if sharded and probe.prompts:
         probe.prompts = []  # one process cannot generate with weights split across all of them
-    kind = ("a frozen copy" if reference is not None else "the policy with its LoRA adapter disabled"
-            if model_args.use_peft else "precomputed")
+    kind = ("none (" + dpo_args.reference_free + ")" if dpo_args.reference_free else "a frozen copy"
+            if reference is not None else "the policy with its LoRA adapter disabled" if model_args.use_peft
+            else "precomputed")
     chosen = {"attention": attention_of(trainer.model), "reference": kind,
               "batches": {**asdict(plan), "summary": plan.summary()}}
-    return trainer, stopper, chosen, trainer.ref_model
+    return trainer, stopper, chosen, getattr(trainer, "ref_model", None)
 
 
 def dpo_settings(config: dict) -> dict:
