@@ -34,7 +34,8 @@ SIDES = ("chosen", "rejected")
 
 
 class PairDefect(ValueError):
-    """A pair that reads fine but cannot teach a preference; `reason` is its code in the report."""
+    """A row that cannot become a pair that teaches: a pair's own defect (PAIR_REASONS), or the loader's reason for
+    a row it could not read (bad_json, too_large, ...); `reason` is its code in the report."""
 
     def __init__(self, reason: str, detail: str):
         super().__init__(detail)
