@@ -194,6 +194,7 @@ def test_reference_free_losses_train_through_their_trl_trainers_and_are_judged(t
     assert [r["step"] for r in records] == [1, 2, 3] and all("rewards/margins" in r for r in records)
     if loss == "orpo":
         assert all("log_odds_ratio" in r for r in records)
+    assert f"Preference tuning ({'SimPO' if loss == 'simpo' else 'ORPO'}) of" in (out / "README.md").read_text()
 
 
 def test_a_preference_pair_is_never_truncated(tmp_path):

@@ -53,7 +53,7 @@ def model_card(run_dir: Path, merged: bool = False, name: str | None = None, che
     lines = ["---", yaml.safe_dump(header, sort_keys=False, allow_unicode=True).strip(),
              "# license: set the license before publishing; the base model's license applies", "---", "",
              f"# {name or run_dir.name}{' (merged)' if merged else ''}", "",
-             f"{STAGES[stage]} of `{base}` with sftlab (TRL + PEFT)"
+             f"{stage_title(stage, train)} of `{base}` with sftlab (TRL + PEFT)"
              f"{' (' + checkpoint + ' of the run ' + run_dir.name + ')' if checkpoint else ''}"
              f"{': the LoRA adapter merged into the base weights' if merged else ''}.", ""]
     name = name or run_dir.name + ("-merged" if merged else "")
@@ -66,7 +66,14 @@ def model_card(run_dir: Path, merged: bool = False, name: str | None = None, che
     return "\n".join(lines).rstrip() + "\n"
 
 
-STAGES = {"sft": "Supervised fine-tuning", "dpo": "Preference tuning (DPO)"}
+LOSS_NAMES = {"simpo": "SimPO", "orpo": "ORPO", "ipo": "IPO"}  # a preference run's loss, by TRL's loss_type
+
+
+def stage_title(stage: str, train: dict) -> str:
+    """"Supervised fine-tuning", or "Preference tuning (DPO)" (SimPO, ORPO, IPO: by the run's loss)."""
+    if stage != "dpo":
+        return "Supervised fine-tuning"
+    return f"Preference tuning ({LOSS_NAMES.get((train.get('loss_type') or ['sigmoid'])[0], 'DPO')})"
 
 
 def stacked_on(run_dir: Path) -> str | None:
