@@ -210,3 +210,14 @@ def test_data_inspect_shows_pairs_as_dpo_sees_them(tmp_path, capsys, tiny_model_
     assert "[gMASK]<sop><|user|>\n你是谁？<|assistant|>\nchosen (" in out
     assert "«\n我是灵犀。<|endoftext|>»" in out and "«\n我是ChatGPT。<|endoftext|>»" in out
     assert f"--- {path}:2: not usable: identical_sides: chosen and rejected are the same reply" in out
+
+
+def test_text_is_repaired_as_sft_cleaning_repairs_it_before_the_pair_is_checked(tmp_path, tokenizer):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"prompt": "Q\r\n?", "chosen": "  4.\u200b", "rejected": "Five."}) + "\n"
+                    + json.dumps({"prompt": "R?", "chosen": "Same.", "rejected": " Same. \r\n"}) + "\n")
+    data = prepare_pairs(iter_source(str(path)), ChatRenderer(tokenizer), None, 0.0, 42)
+    assert data.report["repairs"] == {"invisible_spaces": 1, "line_endings": 2, "surrounding_whitespace": 2}
+    assert data.report["reasons"] == {"identical_sides": 1}  # equal once repaired
+    assert tokenizer.decode(data.train[0]["chosen_ids"]) == "\n4.<|endoftext|>"
+    assert "repaired in place: invisible_spaces 1, line_endings 2, surrounding_whitespace 2" in data.summary()

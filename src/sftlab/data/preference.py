@@ -9,9 +9,11 @@ Forms, told apart per row by its keys (a dataset's `columns` maps other names on
   OpenAI's `messages` likewise, with {role, content} replies;
 - Alpaca: instruction/input (and system, history) with `chosen`/`rejected` strings, or `output: [chosen, rejected]`.
 
-Every row that is not kept is counted with a reason: the loader's (bad_json, too_large, ...), malformed_record,
-role_order, and the pair's own: empty_side, identical_sides, prompt_mismatch, duplicate_pair, too_long (either
-side over max_length: a pair is never truncated, since a cut reply would teach the model to stop mid-answer).
+Text is repaired as SFT cleaning repairs it (line endings, control characters, invisible and surrounding spaces;
+counted in the report) before a pair is checked. Every row that is not kept is counted with a reason: the
+loader's (bad_json, too_large, ...), malformed_record, role_order, and the pair's own: empty_side,
+identical_sides, prompt_mismatch, duplicate_pair, too_long (either side over max_length: a pair is never
+truncated, since a cut reply would teach the model to stop mid-answer).
 """
 
 import hashlib
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 
 from sftlab.chat_format import IGNORE_INDEX, ChatRenderer, MessageError
 from sftlab.chat_tools import message_text
+from sftlab.data.clean import repair_text
 from sftlab.data.convert import FieldError, alpaca_to_messages, openai_to_messages, sharegpt_to_messages
 from sftlab.data.lengths import length_stats
 from sftlab.data.load import SourceRow
@@ -72,8 +75,10 @@ def pair_format(row: dict) -> str:
     return "trl" if "prompt" in row else "trl_implicit"
 
 
-def pair_of(row, system_prompt: str | None = None) -> Pair:
-    """A source row -> a Pair; FieldError names a missing or mistyped field, PairDefect a pair that cannot teach."""
+def pair_of(row, system_prompt: str | None = None, repairs: Counter | None = None) -> Pair:
+    """A source row -> a Pair; FieldError names a missing or mistyped field, PairDefect a pair that cannot teach.
+    `repairs`: apply SFT cleaning's text repairs (line endings, control characters, invisible and surrounding
+    spaces) to every message, counted here, before the pair is checked."""
     if not isinstance(row, dict):
         raise FieldError("<row>", f"expected a JSON object, got {type(row).__name__}")
     if "chosen" not in row and isinstance(row.get("output"), list) and len(row["output"]) == 2:
@@ -82,6 +87,10 @@ def pair_of(row, system_prompt: str | None = None) -> Pair:
         if side not in row:
             raise FieldError(side, "missing (a preference row has a chosen and a rejected reply)")
     (prompt, chosen, tools), (other_prompt, rejected, _) = (_conversation(row, side, system_prompt) for side in SIDES)
+    if repairs is not None:  # the prompt once: the other side's copy is repaired alike, not counted again
+        for messages, counter in ((prompt + [chosen, rejected], repairs), (other_prompt, Counter())):
+            for message in messages:
+                message["content"] = repair_text(message["content"], counter)
     if prompt != other_prompt:
         raise PairDefect("prompt_mismatch", f"the chosen and rejected conversations differ before the reply "
                          f"(at message {_first_difference(prompt, other_prompt)})")
@@ -192,9 +201,10 @@ def pair_summary(report: dict) -> str:
     tokens = (f"; tokens per pair (prompt and longer reply) p50 {total['p50']}, p99 {total['p99']}, max "
               f"{total['max']}" if total.get("n") else "")
     forms = ", ".join(f"{k} {v}" for k, v in report.get("pair_formats", {}).items())
+    repaired = ", ".join(f"{k} {v}" for k, v in report.get("repairs", {}).items())
     return (f"preference data: {report['rows_read']} rows read, {report['kept']} pairs kept ({forms or 'none'}), "
             f"{report['rejected']} rejected ({reasons}){tokens}; {report['pairs']['train']} training pairs, "
-            f"{report['pairs']['test']} held out")
+            f"{report['pairs']['test']} held out{'; repaired in place: ' + repaired if repaired else ''}")
 
 
 def prepare_pairs(rows, renderer: ChatRenderer, system_prompt: str | None, test_size: float, split_seed: int,
@@ -202,12 +212,12 @@ def prepare_pairs(rows, renderer: ChatRenderer, system_prompt: str | None, test_
     """Reads every SourceRow of `rows`, keeps the pairs that can teach, renders them and splits them under
     `split_seed`. `datasets`: the per-dataset counts sftlab.data.sources.iter_datasets fills as `rows` are read;
     their weights apply to the training pairs, as in SFT."""
-    kept, rejected, reasons, seen, formats = [], [], Counter(), set(), Counter()
+    kept, rejected, reasons, seen, formats, repairs = [], [], Counter(), set(), Counter(), Counter()
     rows_read = 0
     for source_row in rows:
         rows_read += 1
         try:
-            pair, rendered = _checked(source_row, renderer, system_prompt, seen)
+            pair, rendered = _checked(source_row, renderer, system_prompt, seen, repairs)
         except (FieldError, MessageError, PairDefect) as exc:
             reason = getattr(exc, "reason", "role_order" if isinstance(exc, MessageError) else "malformed_record")
             reasons[reason] += 1
@@ -226,7 +236,8 @@ def prepare_pairs(rows, renderer: ChatRenderer, system_prompt: str | None, test_
     lengths = Counter(len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for _, r, _ in kept)
     replies = Counter(len(r["chosen_ids"]) for _, r, _ in kept)  # the reply limit of probes and evaluation: chosen's
     report = {"kind": "preference", "rows_read": rows_read, "kept": len(kept), "rejected": len(rejected),
-              "reasons": dict(reasons.most_common()), "pair_formats": dict(formats),
+              "reasons": dict(reasons.most_common()), "repairs": dict(sorted(repairs.items())),
+              "pair_formats": dict(formats),
               "pairs": {"train": len(train_idx), "test": len(test_idx)},
               "tokens": {"total": length_stats(lengths), "response": length_stats(replies)}}
     examples = [_example(kept[train_idx[0]][0], renderer)] if train_idx else []
@@ -234,11 +245,11 @@ def prepare_pairs(rows, renderer: ChatRenderer, system_prompt: str | None, test_
                           [kept[i][0].record() for i in test_idx], examples, rejected, report)
 
 
-def _checked(source_row: SourceRow, renderer: ChatRenderer, system_prompt: str | None, seen: set
+def _checked(source_row: SourceRow, renderer: ChatRenderer, system_prompt: str | None, seen: set, repairs: Counter
              ) -> tuple[Pair, dict]:
     if source_row.error is not None:
         raise PairDefect(source_row.error_reason or "bad_json", source_row.error)  # the loader's reason
-    pair = pair_of(source_row.row, system_prompt)
+    pair = pair_of(source_row.row, system_prompt, repairs)
     key = pair.key()
     if key in seen:
         raise PairDefect("duplicate_pair", "the same prompt, chosen and rejected as an earlier row")
