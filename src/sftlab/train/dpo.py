@@ -6,8 +6,8 @@ on a signal) and the same run folder (train/run_files.py: config, manifest, reje
 Where it starts (`model_name_or_path`): a base model, a merged or fully tuned folder, or an SFT LoRA run, whose
 adapter is merged into its base in memory (model/load.py, load_merged_adapter). The reference is the model DPO
 starts from: with LoRA (the default) it is that same model with the new adapter disabled, so no second copy is
-held; in full fine-tuning a frozen copy is loaded (precompute_ref_log_probs: scored once before training, then
-freed). SimPO and ORPO need no reference: they train on TRL's CPOTrainer and ORPOTrainer, with the same lifecycle.
+held; in full fine-tuning a frozen copy is loaded (none with precompute_ref_log_probs: the policy scores the pairs
+before it trains). SimPO and ORPO need no reference: they train on TRL's CPOTrainer and ORPOTrainer, with the same lifecycle.
 The pairs are rendered by the one renderer (data/preference.py), never by TRL's own tokenization.
 """
 

@@ -179,8 +179,8 @@ def dpo_reference_line(model_args, weights: float) -> str:
     if model_args.use_peft:
         return ("+0 with LoRA (sftlab dpo scores the reference with the adapter disabled: no copy); a pair is two "
                 "rows, so count a micro-batch's tokens for both replies")
-    return (f"+{size(weights)} in full fine-tuning (a frozen copy of the weights; precompute_ref_log_probs: scored "
-            "once before training, then freed); a pair is two rows")
+    return (f"+{size(weights)} in full fine-tuning (a frozen copy of the weights; +0 with precompute_ref_log_probs, "
+            "which scores the pairs with the policy before it trains); a pair is two rows")
 
 
 def size(n_bytes: float) -> str:
