@@ -7,8 +7,8 @@ Where it starts (`model_name_or_path`): a base model, a merged or fully tuned fo
 adapter is merged into its base in memory (model/load.py, load_merged_adapter). The reference is the model DPO
 starts from: with LoRA (the default) it is that same model with the new adapter disabled, so no second copy is
 held; in full fine-tuning a frozen copy is loaded (none with precompute_ref_log_probs: the policy scores the pairs
-before it trains). SimPO and ORPO need no reference: they train on TRL's CPOTrainer and ORPOTrainer, with the same lifecycle.
-The pairs are rendered by the one renderer (data/preference.py), never by TRL's own tokenization.
+before it trains). SimPO and ORPO need no reference: they train on TRL's CPOTrainer and ORPOTrainer, with the
+same lifecycle. The pairs are rendered by the one renderer (data/preference.py), never by TRL's own tokenization.
 """
 
 import dataclasses
