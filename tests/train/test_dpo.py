@@ -197,6 +197,23 @@ def test_reference_free_losses_train_through_their_trl_trainers_and_are_judged(t
     assert f"Preference tuning ({'SimPO' if loss == 'simpo' else 'ORPO'}) of" in (out / "README.md").read_text()
 
 
+@pytest.mark.slow
+def test_a_non_finite_dpo_step_is_skipped_and_logged_and_the_run_goes_on(tmp_path, monkeypatch):
+    """The guard of the run lifecycle under DPOTrainer: step 2's loss made NaN is skipped (weights and optimizer
+    untouched), counted in skipped_steps, and the run completes."""
+    compute_loss = SftlabDpoTrainer.compute_loss
+
+    def nan_in_step_2(self, *args, **kwargs):
+        loss = compute_loss(self, *args, **kwargs)
+        return loss * float("nan") if self.state.global_step == 1 else loss
+
+    monkeypatch.setattr(SftlabDpoTrainer, "compute_loss", nan_in_step_2)
+    out = dpo(*dpo_args(tmp_path / "run", "--max_steps", "4"))
+    records = [r for r in log_records(out) if "loss" in r]
+    assert [(r["step"], r["skipped_steps"]) for r in records] == [(1, 0), (2, 1), (3, 1), (4, 1)]
+    assert json.loads((out / "manifest.json").read_text())["completed"] is True
+
+
 def test_a_preference_pair_is_never_truncated(tmp_path):
     with pytest.raises(UserError, match="a preference pair over max_length is rejected"):
         dpo(*dpo_args(tmp_path / "run", "--overflow", "truncate"))
