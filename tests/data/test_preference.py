@@ -165,7 +165,7 @@ def test_the_split_is_seeded_and_holds_out_whole_pairs(tmp_path, tokenizer):
     first, again = (prepare_pairs(iter_source(str(path)), renderer, None, 0.25, 7) for _ in range(2))
     assert (len(first.train), len(first.test), len(first.heldout)) == (15, 5, 5)
     assert first.test == again.test and first.heldout == again.heldout
-    assert [render_pair(renderer, Pair(r["prompt"], r["chosen"][0], r["rejected"][0])) for r in first.heldout] == \
+    assert [render_pair(renderer, Pair.from_record(r)) for r in first.heldout] == \
         first.test
     assert not {json.dumps(p) for p in first.train} & {json.dumps(p) for p in first.test}
 

@@ -60,6 +60,11 @@ class Pair:
         return {"prompt": self.prompt, "chosen": [self.chosen], "rejected": [self.rejected],
                 **({"tools": self.tools} if self.tools else {})}
 
+    @classmethod
+    def from_record(cls, record: dict) -> "Pair":
+        """The pair a record() (a held-out line) holds."""
+        return cls(record["prompt"], record["chosen"][0], record["rejected"][0], record.get("tools"))
+
     def key(self) -> bytes:
         return hashlib.sha256(json.dumps(self.record(), sort_keys=True, ensure_ascii=False).encode()).digest()
 

@@ -227,8 +227,7 @@ def heldout_pairs(data: str | None, run_dir: Path, tokenizer) -> list[dict] | No
     if not records or "chosen" not in records[0]:
         return None
     renderer = ChatRenderer(tokenizer)
-    return [render_pair(renderer, Pair(r["prompt"], r["chosen"][0], r["rejected"][0], r.get("tools")))
-            for r in records]
+    return [render_pair(renderer, Pair.from_record(r)) for r in records]
 
 
 def pairs_beta(run_dir: Path) -> float:

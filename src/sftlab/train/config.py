@@ -188,9 +188,12 @@ TRAIN_ARGUMENTS = (ModelArguments, DataArguments, CleanArguments, TrainConfig)
 
 
 def resolved_config(model_args, data_args, clean_args, train_args, fingerprint: str | None = None,
-                    sources: dict[str, str] | None = None) -> dict:
+                    sources: dict[str, str] | None = None, stage: str | None = None) -> dict:
+    """The run's record. `stage` (a second stage's, "dpo") comes first: a resume with another stage's verb is
+    refused by it; a record without one is SFT's. `clean_args` None: a stage without SFT's cleaning settings."""
     train = {k: v for k, v in train_args.to_dict().items() if not k.startswith("_")}
-    return {"model": asdict(model_args), "data": asdict(data_args), "clean": asdict(clean_args), "train": train,
+    return {**({"stage": stage} if stage else {}), "model": asdict(model_args), "data": asdict(data_args),
+            **({"clean": asdict(clean_args)} if clean_args is not None else {}), "train": train,
             "world_size": train_args.world_size, "data_fingerprint": fingerprint, "data_sources": sources or {}}
 
 

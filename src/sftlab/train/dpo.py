@@ -58,7 +58,7 @@ from sftlab.run_dir import (
 )
 from sftlab.train.callbacks import JsonlLogCallback, ProbeCallback, probe_records, run_probes
 from sftlab.train.checks import check_context, check_lora_targets, check_prepared
-from sftlab.train.config import RunFields, batch_setup, lora_config, set_reply_limits
+from sftlab.train.config import RunFields, batch_setup, lora_config, resolved_config, set_reply_limits
 from sftlab.train.guards import BadSteps, StopAtOnce, StopOnSignal, Stopped
 from sftlab.train.lifecycle import (
     ReliableTrainer,
@@ -225,7 +225,7 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, dpo_args: DpoC
         dpo_args.max_tokens_per_batch = None  # recorded so: a resume on as many processes takes the same batches
     check_prepared(data, pair_lengths(data.train), data_args, dpo_args)  # as SFT's: pairs, budget, held-out split
     set_reply_limits(dpo_args, data.report)
-    config = resolved_dpo_config(model_args, data_args, dpo_args, data, sources)
+    config = resolved_config(model_args, data_args, None, dpo_args, data.fingerprint, sources, stage="dpo")
     amendment = resume_or_start(out, config, resume_from, is_main, lambda: write_pair_inputs(out, config, data))
     return PreparedPairs(model_path, tokenizer, data, config, resume_from, amendment)
 
@@ -237,13 +237,6 @@ def read_pairs(data_args: DataArguments, renderer: ChatRenderer) -> tuple[Prefer
     data = prepare_pairs(rows, renderer, data_args.system_prompt, data_args.test_size, data_args.split_seed, stats)
     sources = [source for entry in stats.values() for source in entry["sources"]]
     return data, source_digests(sources)
-
-
-def resolved_dpo_config(model_args, data_args, dpo_args, data: PreferenceData, sources: dict) -> dict:
-    """The run's record: `stage` first (a resume with another stage's verb is refused by it), then as SFT's."""
-    train = {k: v for k, v in dpo_args.to_dict().items() if not k.startswith("_")}
-    return {"stage": "dpo", "model": asdict(model_args), "data": asdict(data_args), "train": train,
-            "world_size": dpo_args.world_size, "data_fingerprint": data.fingerprint, "data_sources": sources}
 
 
 def write_pair_inputs(out: Path, config: dict, data: PreferenceData) -> None:
@@ -376,7 +369,7 @@ def judge(model, tokenizer, records: list[dict], settings: dict, reference) -> t
     if reference is None and not hasattr(model, "disable_adapter"):  # full fine-tuning, its reference not kept
         reference = load_for_inference(model=settings["start"])[0]
     renderer = ChatRenderer(tokenizer)
-    pairs = [Pair(r["prompt"], r["chosen"][0], r["rejected"][0], r.get("tools")) for r in records]
+    pairs = [Pair.from_record(r) for r in records]
     rendered = [render_pair(renderer, pair) for pair in pairs]
     results = judge_pairs(model, rendered, tokenizer.pad_token_id, settings["beta"], reference)
     conversations, tools = [[*p.prompt, p.chosen] for p in pairs], [p.tools for p in pairs]
