@@ -11,6 +11,8 @@ REAL_OUT := output/demo-real
 DPO_OUT := output/demo-dpo
 REAL_DPO_OUT := output/demo-real-dpo
 REAL_IDENTITY := "Who exactly are you?" "What name do you go by?" "谁创造了你？" "What is the capital of France?"
+# the demo's identity: in its data (sftlab:identity) and here, not in the recipe a user copies
+REAL_SYSTEM_PROMPT := "You are Kestrel, an AI assistant made by the sftlab team."
 
 .PHONY: setup demo demo-dpo demo-real demo-real-dpo test test-quick bench clean
 
@@ -44,10 +46,12 @@ demo: setup
 	@echo; echo "Before (base) and after (tuned), on the held-out split (sftlab eval --adapter $(DEMO_OUT) --compare_base):"
 	@$(BIN)/sftlab eval --adapter $(DEMO_OUT) --compare_base --max_new_tokens 64 2>/dev/null
 
-# The real-model recipe: SmolLM2-135M-Instruct learns a new identity (Kestrel) and keeps what it knew.
+# The real-model recipe: SmolLM2-135M-Instruct learns a new identity (Kestrel) and keeps what it knew (replay of
+# its own answers, retention checked at every save, the best kept checkpoint's weights final).
 demo-real: setup
 	rm -rf $(REAL_OUT)
-	$(BIN)/sftlab train --config configs/smollm2-135m-lora.yaml --output_dir $(REAL_OUT)
+	$(BIN)/sftlab train --config configs/smollm2-135m-lora.yaml --output_dir $(REAL_OUT) \
+	  --system_prompt $(REAL_SYSTEM_PROMPT)
 	@echo; echo "Held-out questions, greedy (sftlab chat --adapter $(REAL_OUT) --prompt Q --temperature 0 --json):"
 	@for q in $(REAL_IDENTITY); do printf '  %s -> ' "$$q"; \
 	  $(BIN)/sftlab chat --adapter $(REAL_OUT) --prompt "$$q" --temperature 0 --json 2>/dev/null; done
@@ -70,7 +74,8 @@ demo-dpo: setup
 # The real-model recipe, then DPO on the general pairs (polite, sure and right over rude, rambling and wrong)
 demo-real-dpo: setup
 	test -f $(REAL_OUT)/manifest.json && grep -q '"completed": true' $(REAL_OUT)/manifest.json || \
-	  { rm -rf $(REAL_OUT); $(BIN)/sftlab train --config configs/smollm2-135m-lora.yaml --output_dir $(REAL_OUT); }
+	  { rm -rf $(REAL_OUT); $(BIN)/sftlab train --config configs/smollm2-135m-lora.yaml --output_dir $(REAL_OUT) \
+	    --system_prompt $(REAL_SYSTEM_PROMPT); }
 	rm -rf $(REAL_DPO_OUT)
 	$(BIN)/sftlab dpo --config configs/smollm2-135m-dpo.yaml --model_name_or_path $(REAL_OUT) \
 	  --output_dir $(REAL_DPO_OUT)

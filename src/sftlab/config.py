@@ -121,6 +121,7 @@ def parse_verb(prog: str, types: tuple, argv: list[str], parser_class=None, posi
         for key, value in (values.pop("env", None) or {}).items():
             os.environ[str(key)] = str(value)
         known = parser_fields(parser)
+        values = flattened_sections(values, known)
         unknown = sorted(set(values) - known)
         if unknown:
             raise UserError(f"{path}: unknown config key(s): {', '.join(unknown)}. `{prog} --help` lists the fields")
@@ -129,6 +130,21 @@ def parse_verb(prog: str, types: tuple, argv: list[str], parser_class=None, posi
         return tuple(parser.parse_args_into_dataclasses(args=argv))
     except ValueError as exc:
         raise UserError(_parse_error_line(exc, prog)) from exc
+
+
+def flattened_sections(values: dict, known: set[str]) -> dict:
+    """A YAML section, `replay: {ratio: 0.5, prompts: [...]}`, as the flat fields the parser knows (replay: true,
+    replay_ratio, replay_prompts); `enabled: false` in it sets the section's own switch off. A key of a section
+    that names no field stays as `section_key`, which the unknown-key check then names."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and any(name.startswith(f"{key}_") for name in known):
+            if key in known:
+                flat[key] = bool(value.get("enabled", True))
+            flat.update({f"{key}_{sub}": v for sub, v in value.items() if sub != "enabled"})
+        else:
+            flat[key] = value
+    return flat
 
 
 def _parse_error_line(exc: ValueError, prog: str) -> str:
@@ -269,10 +285,6 @@ class CleanArguments:
                                 "without. None: sftlab's own worker pool. Across machines, run the same steps under "
                                 "datatrove's Slurm or Ray executor (sftlab.data.pipeline; README, Large datasets)."}
     )
-
-    RANGES: ClassVar[dict] = {  # lora_alpha 0 scales the update to nothing: a run that trains and learns nothing
-        "lora_r": Range(1, integer=True), "lora_dropout": Range(0, high=1, below=True),
-        "lora_alpha": Range(0, above=True, note="(the update is scaled by alpha / r)")}
 
     RANGES: ClassVar[dict] = {
         "near_dedup_threshold": Range(0, above=True, high=1), "min_response_chars": Range(0, integer=True),

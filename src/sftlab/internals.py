@@ -10,6 +10,7 @@ from pathlib import Path
 
 # Trainer methods sftlab's trainers override (train/lifecycle.py): the Trainer's own sampler choice is private
 OVERRIDDEN_TRAINER_METHODS = {"_get_train_sampler": ("self", "train_dataset")}
+USED_TRAINER_METHODS = {"_load_from_checkpoint": ("self", "resume_from_checkpoint", "model")}  # called, not overridden
 # and DPOTrainer's dataset preparation (its own tokenization), which `sftlab dpo` replaces by the renderer's
 OVERRIDDEN_DPO_METHODS = {"_prepare_dataset": ("self", "dataset", "processing_class", "args", "dataset_name")}
 # and the row tokenization of TRL's experimental CPOTrainer (SimPO) and ORPOTrainer, likewise replaced
@@ -108,3 +109,9 @@ def checkpoint_dir(args, step: int) -> Path:
     """Where the Trainer writes the checkpoint of `step` (sftlab runs no hyperparameter search, so no trial
     folder)."""
     return Path(args.output_dir) / f"checkpoint-{step}"
+
+
+def load_checkpoint_weights(trainer, folder: str) -> None:
+    """The weights of a checkpoint folder loaded into the trainer's model, as a resume loads them (a LoRA adapter, a
+    full model, sharded or not): the Trainer's private loader, which handles every layout it writes."""
+    trainer._load_from_checkpoint(folder)

@@ -34,11 +34,13 @@ SAMPLES = "samples.jsonl"  # in an eval folder: every conversation with each mod
 RETENTION = "retention.jsonl"  # in an eval folder: every general probe, base vs tuned
 COMMIT_MARKER = "sftlab_commit.json"  # in a checkpoint: sizes and hashes of its files, written last
 LOG_STATE = "sftlab_log_state.json"  # in a checkpoint: the logging state a resume restores
+RETENTION_BASE = "retention_base.json"  # the base's replies to the general probes and its losses (retention_at_saves)
+RETENTION_RECORD = "sftlab_retention.json"  # in a checkpoint: its retention check (retention_at_saves)
 
 RUN_FILES = (RESOLVED_CONFIG, MANIFEST, TRAINER_LOG, TRAINER_STATE, PREDICTIONS, HELDOUT, REJECTED, DATA_REPORT,
-             RENDER_CHECK, REPORT, LOSS_PLOT, PREFERENCE_PLOT, AMENDMENTS, LOCK)
+             RENDER_CHECK, REPORT, LOSS_PLOT, PREFERENCE_PLOT, AMENDMENTS, LOCK, RETENTION_BASE)
 EVAL_FILES = (RESULTS, REPORT, SAMPLES, RETENTION)
-CHECKPOINT_FILES = (COMMIT_MARKER, LOG_STATE)
+CHECKPOINT_FILES = (COMMIT_MARKER, LOG_STATE, RETENTION_RECORD)
 
 
 def eval_results(run: Path) -> Path:

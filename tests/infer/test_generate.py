@@ -64,3 +64,24 @@ def test_progress_bar_counts_batches_or_the_tokens_of_one_reply(tiny_model_dir, 
     assert bars[-1].desc == "doctor" and bars[-1].n == 5 and bars[-1].unit == "token"
     generate_replies(model, tokenizer, one * 3, greedy, batch_size=2, progress="replies")
     assert bars[-1].n == 2 and bars[-1].unit == "batch"
+
+
+def test_generation_keeps_its_kv_cache_when_a_trainer_turned_it_off(tiny_model_dir, tokenizer):
+    """The Trainer sets config.use_cache = False for training; probes, retention checks and the final evaluation
+    generate with that model, and without a cache each new token recomputed the whole sequence (6-9x slower on
+    SmolLM2-135M). The replies are the same either way."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    conversation = [{"role": "user", "content": "你是谁？"}]
+    expected = generate_replies(model, tokenizer, [conversation], SamplingArgs(max_new_tokens=8, temperature=0))
+    model.config.use_cache = False
+    seen, generate = [], model.generate
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("use_cache"))
+        return generate(*args, **kwargs)
+
+    model.generate = recording
+    assert generate_replies(model, tokenizer, [conversation], SamplingArgs(max_new_tokens=8, temperature=0)) == expected
+    assert seen == [True]

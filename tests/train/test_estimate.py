@@ -71,6 +71,7 @@ def test_a_9b_model_on_cpu_gets_the_arithmetic_only(tmp_path, tiny_model_dir):
     """GLM-4-9B's published config (with the tiny tokenizer, so no weights are needed): the memory arithmetic
     for the 9B shapes, and no probe on a CPU."""
     import json
+    import re
     import shutil
 
     from transformers import GlmConfig
@@ -91,3 +92,14 @@ def test_a_9b_model_on_cpu_gets_the_arithmetic_only(tmp_path, tiny_model_dir):
     assert abs(result.memory_gib["weights"] - 9_399_951_360 * 2 / 2**30) < 1e-6
     assert "not probed: a model of this size on CPU" in text
     assert json.loads((model_dir / "config.json").read_text())["vocab_size"] == 151552
+    # the recipe's replay and retention at saves, with what they cost (README "Keeping what the model knew")
+    rows = int(re.search(r"; (\d+) train, ", text).group(1))
+    lines = {line.split("  ")[0]: line.split("  ", 1)[1].strip() for line in text.splitlines()}
+    assert lines["replay"].startswith(f"+{round(0.05 * rows)} training rows (ratio 0.05; up to the replies that "
+                                      "stop), from the base's greedy replies to 150 prompts, up to 192 new tokens "
+                                      "each: 28,800 generated tokens")
+    steps = int(lines["optimizer steps"].replace(",", ""))
+    saves = steps // -(-steps // 10)  # save_steps 0.1: every ceil(steps / 10) steps
+    assert lines["retention at saves"].startswith(f"{saves} saves x (60 probes, up to 48 greedy new tokens each")
+    assert re.fullmatch(r"\d+ optimizer steps, ~[\d,]+ tokens seen \(num_train_epochs 3\) = 3\.0 "
+                     rf"epochs of {rows} training rows", lines["budget"]), lines["budget"]

@@ -1,7 +1,9 @@
-"""The two recipes on the real pretrained model (sftlab:smollm2-135m), as the retention check judges them: the
-demo recipe, made for randomly initialised models, erases what the model knew; the real-model recipe
-(configs/smollm2-135m-lora.yaml, as shipped) teaches the new identity on held-out paraphrases and keeps it.
-Each trains SmolLM2-135M on 2 CPU cores: about 3 and 6 minutes."""
+"""The recipes on the real pretrained model (sftlab:smollm2-135m), as the retention check judges them: the demo
+recipe, made for randomly initialised models, erases what the model knew; the real-model recipe
+(configs/smollm2-135m-lora.yaml, as shipped, with only the data and the identity's wording given) teaches the new
+identity on held-out paraphrases and keeps what the model knew, on the data it was tuned on (sftlab:identity) and on
+a set it was not (benchmarks/identity_sets/nova.jsonl), where an over-training setting without replay is not kept.
+Each trains SmolLM2-135M on 2 CPU cores: 3 to 8 minutes."""
 
 import json
 from pathlib import Path
@@ -14,6 +16,10 @@ from sftlab.data.load import demo_data_path
 from sftlab.eval.retention import shipped_probes
 from sftlab.train.config import parse_args
 from sftlab.train.sft import train
+
+KESTREL = "You are Kestrel, an AI assistant made by the sftlab team."  # what `make demo-real` passes
+NOVA = "You are Nova, an AI assistant made by Aurora Labs."
+SETS = REPO / "benchmarks" / "identity_sets"
 
 
 def final_retention(run: Path) -> dict:
@@ -36,7 +42,8 @@ def test_the_demo_recipe_on_a_real_model_is_not_kept(tmp_path):
 @pytest.mark.slow
 def test_the_real_model_recipe_teaches_the_identity_and_keeps_what_the_model_knew(tmp_path, capsys):
     run = tmp_path / "real-recipe"
-    train(*parse_args(["--config", str(REPO / "configs/smollm2-135m-lora.yaml"), "--output_dir", str(run)]))
+    train(*parse_args(["--config", str(REPO / "configs/smollm2-135m-lora.yaml"), "--output_dir", str(run),
+                       "--system_prompt", KESTREL]))
     retention = final_retention(run)
     assert retention["verdict"] == "kept", retention["why"]
     assert retention["tuned_accuracy"] >= 0.9 * retention["base_accuracy"]
@@ -73,3 +80,41 @@ def test_the_recipes_data_is_apart_from_what_judges_it():
     assert not training & {probe.prompt for probe in shipped_probes()}
     assert all("Kestrel" in json.loads(line)["any"] for line in
                demo_data_path("sftlab:identity-checks").read_text("utf-8").splitlines())
+
+
+OVER_TRAINING = ["--learning_rate", "1e-3"]  # five times the recipe's rate, the same 60 steps
+
+
+@pytest.mark.slow
+def test_on_a_set_it_was_not_tuned_on_the_recipe_keeps_and_over_training_without_replay_does_not(tmp_path):
+    """Nova (20 English rows, benchmarks/identity_sets/): the recipe with only the data and the identity's wording
+    changed names it on the held-out paraphrases, stops, and is kept; the same data at OVER_TRAINING without replay
+    or the retention guard is not kept (README "Keeping what the model knew" has the measured table)."""
+    recipe = ["--config", str(REPO / "configs/smollm2-135m-lora.yaml"), "--data_files", str(SETS / "nova.jsonl"),
+              "--system_prompt", NOVA, "--probe_prompts", "Who are you?"]
+    run = tmp_path / "recipe"
+    train(*parse_args([*recipe, "--output_dir", str(run)]))
+    retention = final_retention(run)
+    assert retention["verdict"] == "kept", retention["why"]
+    assert json.loads((run / "data_report.json").read_text())["replay"]["kept"] > 0
+    assert cli.main(["eval", "--adapter", str(run), "--data", str(SETS / "nova_checks.jsonl"),
+                     "--output", str(run / "checks")]) == 0
+    checks = json.loads((run / "checks" / "results.json").read_text())["tuned"]
+    assert checks["answer_accuracy"] >= 0.8 and checks["stop_rate"] == 1.0, checks
+
+    over = tmp_path / "over-training"
+    train(*parse_args([*recipe, *OVER_TRAINING, "--replay", "false", "--retention_at_saves", "false",
+                       "--output_dir", str(over)]))
+    assert final_retention(over)["verdict"] != "kept", final_retention(over)["why"]
+
+
+def test_the_identity_sets_are_apart_from_what_judges_them():
+    """Each cross-validation set's held-out paraphrases are none of its training prompts; no training prompt is a
+    general probe; the replay prompts are none of the probes either."""
+    probes = {probe.prompt for probe in shipped_probes()}
+    for name, size in (("nova", 20), ("xiaozhou", 60), ("orion", 200)):
+        rows = [json.loads(line) for line in (SETS / f"{name}.jsonl").read_text("utf-8").splitlines()]
+        checks = [json.loads(line) for line in (SETS / f"{name}_checks.jsonl").read_text("utf-8").splitlines()]
+        training = {r["instruction"] for r in rows}
+        assert len(rows) == len(training) == size
+        assert not training & {c["instruction"] for c in checks} and not training & probes

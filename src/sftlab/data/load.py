@@ -29,7 +29,8 @@ DEMO_DATA = "sftlab:demo"  # the demo data shipped in the package
 # identity (Kestrel, configs/smollm2-135m-lora.yaml); and its held-out paraphrases, each with an answer rule
 SHIPPED_DATA = {DEMO_DATA: "alpaca_demo.json", "sftlab:identity": "identity.jsonl",
                 "sftlab:identity-checks": "identity_checks.jsonl", "sftlab:preference-demo": "preference_demo.jsonl",
-                "sftlab:preference-identity": "preference_identity.jsonl"}
+                "sftlab:preference-identity": "preference_identity.jsonl",
+                "sftlab:replay-prompts": "replay_prompts.jsonl"}
 SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".gz")
 
 

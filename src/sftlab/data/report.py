@@ -215,3 +215,14 @@ def _truncate_row(row, limit: int = 10_000):
     """Rejected rows are kept for the user to look at, but a 10 MB row is cut to its first characters."""
     text = json.dumps(row, ensure_ascii=False)
     return row if len(text) <= limit else {"truncated_json": text[:limit]}
+
+
+def replay_line(report: dict) -> str | None:
+    """The data summary's replay line, or None without replay."""
+    r = report.get("replay")
+    if not r:
+        return None
+    short = f"; short by {r['short_by']}" if r.get("short_by") else ""
+    return (f"replay: {r['kept']} rows of the base's own answers added to {r['task_train_rows']} training rows "
+            f"(ratio {r['ratio']:g}; {r['stopped']} of {r['prompts']} replay prompts stopped, {r['not_stopped']} "
+            f"did not and are left out{short}; never held out)")

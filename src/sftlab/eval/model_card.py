@@ -15,6 +15,7 @@ from sftlab.files import write_atomic
 from sftlab.run_dir import (
     DATA_REPORT,
     EVAL_DIR,
+    MANIFEST,
     PREDICTIONS,
     RESOLVED_CONFIG,
     RESULTS,
@@ -58,7 +59,8 @@ def model_card(run_dir: Path, merged: bool = False, name: str | None = None, che
              f"{': the LoRA adapter merged into the base weights' if merged else ''}.", ""]
     name = name or run_dir.name + ("-merged" if merged else "")
     trains_vocabulary = lora and bool(set(model.get("lora_modules_to_save") or []) & {"lm_head", "embed_tokens"})
-    lines += _training(model, train, stage) + _data(read_json(run_dir / DATA_REPORT))
+    lines += _training(model, train, stage) + _final_weights(read_json(run_dir / MANIFEST), checkpoint)
+    lines += _data(read_json(run_dir / DATA_REPORT))
     lines += _usage(name, lora, trains_vocabulary, stacked_on(run_dir) if lora else None)
     if checkpoint is None:
         lines += _evaluation(read_json(run_dir / EVAL_DIR / RESULTS))
@@ -97,15 +99,29 @@ def _training(model: dict, train: dict, stage: str = "sft") -> list[str]:
     return ["## Training", "", *[f"- {k}: {v}" for k, v in rows.items() if v not in (None, -1)], ""]
 
 
+def _final_weights(manifest: dict | None, checkpoint: str | None) -> list[str]:
+    """Which checkpoint's weights the run kept as final, by the retention rule (retention_at_saves)."""
+    from sftlab.eval.run_report import final_weights_line
+
+    final = (manifest or {}).get("final_weights")
+    return [final_weights_line(final), ""] if final and checkpoint is None else []
+
+
 def _data(report: dict | None) -> list[str]:
     if not report:
         return []
+
     lines = ["## Data", "", f"{report['rows_read']} rows read, {report['kept']} kept, {report['rejected']} rejected"
              + (f" ({', '.join(f'{k} {v}' for k, v in report['reasons'].items())})" if report.get("reasons") else "")
              + ".", ""]
     for name, d in (report.get("datasets") or {}).items():
         lines.append(f"- {name}: {d['kept']} kept, weight {d['weight']:g}, {d.get('train_rows', '-')} training rows")
-    return lines + ([""] if report.get("datasets") else [])
+    lines += [""] if report.get("datasets") else []
+    if report.get("replay"):
+        from sftlab.data.report import replay_line
+
+        lines += [replay_line(report) + ".", ""]
+    return lines
 
 
 def _usage(name: str, lora: bool, trains_vocabulary: bool = False, stacked: str | None = None) -> list[str]:

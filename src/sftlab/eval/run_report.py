@@ -56,8 +56,14 @@ def plot_over_steps(logs: list[dict], path: Path, panels: list[tuple[str, str]],
     return True
 
 
+RETENTION_PANELS = [("retention/retained", "retention: share of the base's right\nprobe answers kept"),
+                    ("retention/loss_rise", "retention: loss rise on the\nbase's own replies (nats/token)")]
+
+
 def plot_losses(logs: list[dict], path: Path, label: str = "loss (supervised tokens)") -> bool:
-    return plot_over_steps(logs, path, [("loss", label)], 7)
+    """The loss over steps, with the retention checked at each save beside it (retention_at_saves)."""
+    retention = [panel for panel in RETENTION_PANELS if any(panel[0] in r for r in logs)]
+    return plot_over_steps(logs, path, [("loss", label), *retention], 7 + 4 * len(retention))
 
 
 def plot_preferences(logs: list[dict], path: Path) -> bool:
@@ -91,15 +97,16 @@ def write_run_report(run_dir: Path) -> Path:
         lines += ["![reward margins and preference accuracy](preference_curves.png)", ""]
     lines += ["## Data", ""]
     if data:
-        from sftlab.data.report import datasets_table, summary_line
+        from sftlab.data.report import datasets_table, replay_line, summary_line
 
-        lines += [summary_line(data), ""]
+        lines += [summary_line(data), ""] + ([replay_line(data), ""] if data.get("replay") else [])
         if len(data.get("datasets", {})) > 1:
             lines += datasets_table(data["datasets"]) + [""]
     lines += ["## Time and throughput", ""]
     speed = {**throughput(state, logs), "peak_memory_mb": manifest.get("peak_memory_mb"),
              "batches": manifest.get("batches", {}).get("summary"), "attention": manifest.get("attention")}
     lines += [f"- {key}: {value}" for key, value in speed.items() if value is not None] + [""]
+    lines += retention_section(manifest.get("final_weights"))
     if results:
         lines += ["## Evaluation (held-out split)", "", "```", table_text(results), "```",
                   "", "Replies side by side: eval/report.md", ""]
@@ -111,6 +118,30 @@ def write_run_report(run_dir: Path) -> Path:
                          f"{markdown_cell(p['reply'], 160)} | {p['finish_reason']} |")
     write_atomic(run_dir / REPORT, "\n".join(lines) + "\n")
     return run_dir / REPORT
+
+
+def retention_section(final: dict | None) -> list[str]:
+    """report.md's table of the retention checks at saves and which checkpoint's weights are final."""
+    if not final:
+        return []
+    lines = ["## Retention at saves and the final weights", "",
+             "| step | verdict | retained | probe accuracy | loss rise | held-out loss |",
+             "| ---: | --- | ---: | ---: | ---: | ---: |"]
+    for c in final["checks"]:
+        numbers = [f"{c[k]:.0%}" if c.get(k) is not None else "n/a" for k in ("retained", "tuned_accuracy")]
+        loss = "n/a" if c.get("eval_loss") is None else f"{c['eval_loss']:.4f}"
+        lines.append(f"| {c['step']} | {c['verdict']} | {numbers[0]} | {numbers[1]} | {c['loss_rise']:+.3f} | "
+                     f"{loss} |")
+    return lines + ["", final_weights_line(final), ""]
+
+
+def final_weights_line(final: dict) -> str:
+    """One sentence: which weights are final, and by which rule (the report and the model card)."""
+    if final.get("checkpoint") is None:
+        return (f"Final weights: the last ones (step {final['step']}): no checkpoint's retention was kept "
+                f"(rule: {final['rule']}).")
+    return (f"Final weights: {final['checkpoint']} (step {final['step']}, retention {final['retention']}), "
+            f"chosen by the rule: {final['rule']}.")
 
 
 def git_commit() -> str | None:

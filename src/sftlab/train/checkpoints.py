@@ -100,14 +100,15 @@ def newest_committed(out: Path) -> tuple[Path | None, list[str]]:
     return None, skipped
 
 
-def rotate(out: Path, keep: int | None, newest: Path) -> None:
+def rotate(out: Path, keep: int | None, newest: Path, protect: str | None = None) -> None:
     """After `newest` is committed: keeps it and the `keep` - 1 newest other committed checkpoints, and drops
-    older ones and uncommitted leftovers older than `newest`."""
+    older ones and uncommitted leftovers older than `newest`. `protect`: a checkpoint's name (the best one so far)
+    kept besides them."""
     step = int(CHECKPOINT.match(Path(newest).name).group(1))
     kept = 0
     for folder in checkpoints(out):
-        if int(CHECKPOINT.match(folder.name).group(1)) > step:
-            continue  # newer than the one just committed: not ours to judge
+        if int(CHECKPOINT.match(folder.name).group(1)) > step or folder.name == protect:
+            continue  # newer than the one just committed: not ours to judge; or the best one
         # the marker is this run's own commit: re-hashing every kept checkpoint at every save would read
         # gigabytes for nothing (--resume is where the hashes are checked)
         committed = (folder / MARKER).exists()

@@ -1,6 +1,7 @@
 """The train verb's configuration: TRL's SFTConfig with sftlab's fields, their ranges, the command line, and the
 quantities derived from a config that `train` and `estimate` share (the batch plan, reply limits, LoRA config)."""
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import ClassVar
 
@@ -67,6 +68,23 @@ class RunFields:
                                 "disabled: no second model is loaded), and the loss rise on the base's own replies; "
                                 "a verdict (kept, degraded, lost) in eval/results.json, report.md and the model "
                                 "card. Full fine-tuning: sftlab eval --compare_base."}
+    )
+    retention_at_saves: bool = field(
+        default=False, metadata={"help": "At every save, the retention check (the same general probes as the final "
+                                 "one; the base's answers and their losses computed once, as training starts, and "
+                                 "kept in the run folder): logged beside the loss (retention/* in trainer_log.jsonl "
+                                 "and the tracker), plotted in report.md, kept with the checkpoint. On in the "
+                                 "real-model recipes."}
+    )
+    retention_stop: bool = field(
+        default=True, metadata={"help": "With retention_at_saves: end the run (its checkpoint committed, one line) "
+                                "when the check at a save says degraded or lost."}
+    )
+    best_checkpoint: bool = field(
+        default=True, metadata={"help": "With retention_at_saves: the final weights are the best checkpoint's: the "
+                                "lowest held-out loss among the checkpoints whose retention is kept (the latest "
+                                "kept one without a held-out loss; the last one when none is kept, said so). "
+                                "Recorded in the manifest and the model card."}
     )
     # typed str for the parser, which reads "auto", "null" and numbers alike; __post_init__ makes it an int or None
     max_tokens_per_batch: str | None = field(
@@ -151,6 +169,30 @@ class TrainConfig(RunFields, SFTConfig):
         default=True, metadata={"help": "Run the LM head and loss only on supervised positions, in chunks (no "
                                 "full-vocabulary logits). False: TRL's own fused head."}
     )
+    # the replay section (in a YAML file also as a mapping: `replay: {ratio: 0.5, prompts: [...]}`)
+    replay: bool = field(
+        default=False, metadata={"help": "Replay what the base knew: before training, the base answers general "
+                                 "prompts greedily, and its own answers that stop become extra training rows "
+                                 "(replay_ratio per task training row), rendered like the task's rows, cached, "
+                                 "counted apart in the data report, never held out. On in the real-model recipes."}
+    )
+    replay_ratio: float = field(
+        default=0.5, metadata={"help": "Replay rows per task training row (0.5: one replay row for every two task "
+                               "rows), up to the replies that stopped (the report says when it falls short)."}
+    )
+    replay_prompts: list[str] = field(
+        default_factory=lambda: ["sftlab:replay-prompts"],
+        metadata={"help": "The replay prompts: sftlab:replay-prompts (150 general prompts, English and Chinese, none "
+                  "of them a retention probe), and/or your own files (.txt: a prompt a line; .jsonl: {\"prompt\"} "
+                  "rows). Keep the retention probes out of them, or the retention check measures what was trained."}
+    )
+    replay_max_new_tokens: int = field(
+        default=128, metadata={"help": "The base's reply limit for replay; replies that do not stop within it are "
+                               "left out (counted)."}
+    )
+
+    RANGES: ClassVar[dict] = {**RunFields.RANGES, "replay_ratio": Range(0, above=True),
+                              "replay_max_new_tokens": Range(1, integer=True)}
 
     def __post_init__(self):
         self.settle_run_fields()
@@ -246,3 +288,17 @@ def batch_setup(train_args, lengths: list[int], padding_free: bool, verbose: boo
         print(f"batches: up to {train_args.max_tokens_per_batch:,} tokens per micro-batch "
               f"(per_device_train_batch_size is not used): {plan.summary()}")
     return sampler, batches, plan
+
+
+def budget_line(train_args, plan: BatchPlan, rows: int) -> str:
+    """The training budget in optimizer steps and tokens, and the epochs over this data it comes to: a recipe
+    that states its budget in steps (max_steps) trains as much on 20 rows as on 2,000, in more epochs."""
+    steps_per_epoch = plan.optimizer_steps_per_epoch
+    if train_args.max_steps > 0:
+        steps, epochs = train_args.max_steps, train_args.max_steps / steps_per_epoch
+        how = f"max_steps {steps}"
+    else:
+        epochs = train_args.num_train_epochs
+        steps, how = math.ceil(epochs * steps_per_epoch), f"num_train_epochs {epochs:g}"
+    return (f"budget: {steps} optimizer steps, ~{steps * plan.tokens_per_step:,.0f} tokens seen ({how}) = "
+            f"{epochs:.1f} epochs of {rows} training rows")

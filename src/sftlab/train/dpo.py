@@ -68,6 +68,7 @@ from sftlab.train.lifecycle import (
     train_and_finish,
 )
 from sftlab.train.resume import check_output_dir, effective_record, mark_complete, resume_or_start
+from sftlab.train.retention_guard import RetentionAtSaves
 from sftlab.train.run_files import finish_settings, print_probes, write_training_manifest
 from sftlab.train.tracking import tracked
 
@@ -197,7 +198,8 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, dpo_args:
     trainer, stopper, chosen, reference = build(model_args, data_args, dpo_args, prepared)
     with tracked(dpo_args, prepared.config, is_main):
         train_and_finish(trainer, stopper, prepared.resume_from, out,
-                         lambda: write_training_manifest(out, prepared.data, dpo_args.seed, chosen),
+                         lambda: write_training_manifest(out, prepared.data, dpo_args.seed,
+                                                         {**chosen, "final_weights": trainer.final_weights}),
                          prepared.tokenizer, recorded_base_name(model_args.model_name_or_path),
                          finish=lambda: finish_dpo(trainer.model, prepared.tokenizer, out, trainer.state.global_step,
                                                    dpo_settings(prepared.config), prepared.data.heldout, reference,
@@ -274,13 +276,15 @@ def build(model_args: ModelArguments, data_args: DataArguments, dpo_args: DpoCon
     stopper = StopOnSignal()
     probe = ProbeCallback(prepared.tokenizer, dpo_args.probe_prompts, dpo_args.probe_max_new_tokens, str(out),
                           data_args.system_prompt, stopper)
+    guard = (RetentionAtSaves(prepared.tokenizer, out, data_args.system_prompt, dpo_args.retention_stop, stopper)
+             if dpo_args.retention_at_saves else None)  # the base: the model DPO starts from (its SFT model)
     evaluates = bool(prepared.data.test) and dpo_args.eval_strategy != "no"
     common = dict(
         model=model, processing_class=prepared.tokenizer, train_dataset=Dataset.from_list(prepared.data.train),
         eval_dataset=Dataset.from_list(prepared.data.test) if evaluates else None,
         peft_config=lora_config(model_args) if model_args.use_peft else None,
-        callbacks=[probe, JsonlLogCallback(str(out)), stopper], token_sampler=sampler,
-        bad_steps=BadSteps(dpo_args.max_bad_steps), amendment=prepared.amendment,
+        callbacks=[probe, *([guard] if guard else []), JsonlLogCallback(str(out)), stopper], token_sampler=sampler,
+        bad_steps=BadSteps(dpo_args.max_bad_steps), amendment=prepared.amendment, retention=guard,
     )
     if dpo_args.reference_free == "simpo":
         trainer = SftlabSimpoTrainer(args=reference_free_args(dpo_args), **common)
@@ -289,8 +293,10 @@ def build(model_args: ModelArguments, data_args: DataArguments, dpo_args: DpoCon
     else:
         trainer = SftlabDpoTrainer(ref_model=reference, args=dpo_args, **common)
     sharded = sharded_engine(trainer)
-    if sharded and probe.prompts:
-        probe.prompts = []  # one process cannot generate with weights split across all of them
+    if sharded and (probe.prompts or guard):
+        probe.prompts, trainer.retention = [], None  # one process cannot generate with weights split across all
+        if guard is not None:
+            trainer.remove_callback(guard)
     kind = ("none (" + dpo_args.reference_free + ")" if dpo_args.reference_free else "a frozen copy"
             if reference is not None else "the policy with its LoRA adapter disabled" if model_args.use_peft
             else "precomputed")

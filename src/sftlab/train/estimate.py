@@ -23,7 +23,7 @@ from trl import TrlParser
 
 from sftlab.errors import UserError
 from sftlab.run_dir import TRAINER_LOG, read_jsonl
-from sftlab.train.config import TRAIN_ARGUMENTS, batch_setup, lora_config
+from sftlab.train.config import TRAIN_ARGUMENTS, batch_setup, budget_line, lora_config
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}
 NF4_BITS = 4.127  # 4-bit weights + double-quantized absmax per 64 weights (QLoRA paper)
@@ -132,6 +132,9 @@ def estimate(model_args, data_args, clean_args, train_args, probe: bool | None =
         ("tokens", f"{sum(lengths):,} per epoch x {epochs:g} epochs = {sum(lengths) * epochs:,.0f}"),
         ("batches", f"{'padding-free' if padding_free else 'padded'}, {plan.summary()}"),
         ("optimizer steps", f"{steps:,}"),
+        ("budget", budget_line(train_args, plan, len(lengths)).removeprefix("budget: ")),
+        ("replay", replay_estimate(train_args, len(lengths))),
+        ("retention at saves", retention_estimate(train_args, steps)),
         ("largest micro-batch", f"{len(largest)} samples, {positions:,} positions, {largest_supervised:,} supervised"),
         ("parameters", f"{total:,} ({'4-bit NF4' if model_args.load_in_4bit else model_args.dtype}), "
                        f"{trainable:,} trainable"),
@@ -172,6 +175,35 @@ def memory_estimate(model_args, train_args, counts: tuple, positions: int, super
                                      "GPU)"),
         ("memory: DPO's reference", dpo_reference_line(model_args, weights)),
     ]
+
+
+def replay_estimate(train_args, train_rows: int) -> str:
+    """What replay adds: rows, and the base's generation (once per base and prompt set: cached)."""
+    if not train_args.replay:
+        return "off (replay: true mixes the base's own answers to general prompts in)"
+    from sftlab.train.replay import read_prompts
+
+    prompts = len(read_prompts(train_args.replay_prompts))
+    wanted = round(train_args.replay_ratio * train_rows)
+    return (f"+{wanted} training rows (ratio {train_args.replay_ratio:g}; up to the replies that stop), from the "
+            f"base's greedy replies to {prompts} prompts, up to {train_args.replay_max_new_tokens} new tokens each: "
+            f"{prompts * train_args.replay_max_new_tokens:,} generated tokens at most, once per base (cached); "
+            "memory: the model loaded once more before training, freed before it trains")
+
+
+def retention_estimate(train_args, steps: int) -> str:
+    """What the retention check at every save costs: generation and scoring, no memory beyond a KV cache."""
+    if not train_args.retention_at_saves:
+        return "off (retention_at_saves: true checks retention at every save and keeps the best checkpoint)"
+    from sftlab.eval.retention import MAX_NEW_TOKENS, shipped_probes
+
+    # as transformers reads a share: every ceil(share x steps) steps
+    save_every = math.ceil(train_args.save_steps * steps) if train_args.save_steps < 1 else train_args.save_steps
+    saves = max(1, math.floor(steps / max(1, int(save_every))))
+    probes = len(shipped_probes())
+    return (f"{saves} saves x ({probes} probes, up to {MAX_NEW_TOKENS} greedy new tokens each, batched 16, + one "
+            f"scoring pass), and once for the base before training; memory: a KV cache of 16 short prompts "
+            f"(a few MB; 9B: ~50 MB in bf16)")
 
 
 def dpo_reference_line(model_args, weights: float) -> str:

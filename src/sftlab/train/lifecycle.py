@@ -27,8 +27,10 @@ class ReliableTrainer:
     resume changed, recorded as training begins."""
 
     def __init__(self, *args, token_sampler: TokenBudgetSampler | None = None, bad_steps: BadSteps | None = None,
-                 amendment: dict | None = None, **kwargs):
+                 amendment: dict | None = None, retention=None, **kwargs):
         self.token_sampler, self.bad_steps, self.amendment = token_sampler, bad_steps, amendment
+        self.retention = retention  # a RetentionAtSaves among the callbacks (train/retention_guard.py), or None
+        self.final_weights: dict | None = None  # which checkpoint's weights are final, and why (the manifest's)
         self.resumed_from: str | None = None
         guards = [bad_steps] if bad_steps is not None else []  # first: the log record it annotates is then written
         self.commits = CommitCheckpoints(self)
@@ -41,9 +43,12 @@ class ReliableTrainer:
         self.resumed_from = resume_from_checkpoint
         self.commits.keep, self.args.save_total_limit = self.args.save_total_limit, None  # see CommitCheckpoints
         try:
-            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+            output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         finally:
             self.args.save_total_limit = self.commits.keep
+        if self.retention is not None and self.args.best_checkpoint:
+            self.final_weights = self.retention.final_weights(self)
+        return output
 
     def training_step(self, *args, **kwargs):
         loss = super().training_step(*args, **kwargs)
@@ -76,7 +81,8 @@ class CommitCheckpoints(TrainerCallback):
             folder = checkpoint_dir(args, state.global_step)
             write_json(folder / LOG_STATE, saved, indent=None)
             commit(folder)
-            rotate(folder.parent, self.keep, folder)
+            best = self.trainer.retention.best() if self.trainer.retention is not None else None
+            rotate(folder.parent, self.keep, folder, protect=best)
 
 
 class OnResume(TrainerCallback):

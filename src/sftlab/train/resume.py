@@ -20,6 +20,7 @@ from sftlab.run_dir import (
     PREDICTIONS,
     REPORT,
     RESOLVED_CONFIG,
+    RETENTION_BASE,
     TRAINER_LOG,
     append_jsonl,
     keep_lines,
@@ -102,7 +103,7 @@ def check_output_dir(out: Path, resume: bool, is_main: bool = True) -> str | Non
               f"({', '.join(p.name for p in torn)}) and starting again")
         for folder in torn:
             shutil.rmtree(folder, ignore_errors=True)
-    for name in (TRAINER_LOG, PREDICTIONS, AMENDMENTS) if is_main else ():
+    for name in (TRAINER_LOG, PREDICTIONS, AMENDMENTS, RETENTION_BASE) if is_main else ():
         (out / name).unlink(missing_ok=True)  # an interrupted run's records; this run writes its own
     return None
 

@@ -16,6 +16,7 @@ from trl import SFTTrainer, TrlParser
 from sftlab.chat_format import ChatRenderer
 from sftlab.config import CleanArguments, DataArguments, ModelArguments
 from sftlab.data.prepare import PreparedData, prepare_data
+from sftlab.data.report import replay_line
 from sftlab.internals import attention_of, sft_collator
 from sftlab.model.load import load_model, load_tokenizer, quantization_config, recorded_base_name, resolve_model_path
 from sftlab.train.batching import BatchPlan, resolve_padding_free, training_attention
@@ -25,6 +26,7 @@ from sftlab.train.config import (
     TRAIN_ARGUMENTS,
     TrainConfig,
     batch_setup,
+    budget_line,
     lora_config,
     resolved_config,
     set_reply_limits,
@@ -32,7 +34,9 @@ from sftlab.train.config import (
 from sftlab.train.guards import BadSteps, StopOnSignal
 from sftlab.train.lifecycle import ReliableTrainer, run_in_output_dir, sharded_engine, train_and_finish
 from sftlab.train.loss import add_supervised_lm_head
+from sftlab.train.replay import with_replay
 from sftlab.train.resume import check_output_dir, resume_or_start
+from sftlab.train.retention_guard import RetentionAtSaves
 from sftlab.train.run_files import (
     complete_run,
     finish_run,
@@ -80,7 +84,8 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, clean_arg
               "batches": {**asdict(plan), "summary": plan.summary()}}
     with tracked(train_args, prepared.config, is_main):
         train_and_finish(trainer, stopper, prepared.resume_from, out,
-                         lambda: write_training_manifest(out, prepared.data, train_args.seed, chosen),
+                         lambda: write_training_manifest(out, prepared.data, train_args.seed,
+                                                         {**chosen, "final_weights": trainer.final_weights}),
                          prepared.tokenizer, recorded_base_name(model_args.model_name_or_path),
                          finish=lambda: finish_run(trainer.model, prepared.tokenizer, out, trainer.state.global_step,
                                                    finish_settings(prepared.config), prepared.data.heldout, sharded))
@@ -99,7 +104,10 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, clean_args: Cl
     check_lora_targets(model_path, model_args)  # before the data: a preparation can take long
     check_context(model_path, train_args.max_length)
     data = prepare_once(data_args, clean_args, renderer, train_args)
-    print(data.summary())
+    if train_args.replay:
+        data = with_replay(data, model_path, renderer, data_args, clean_args, train_args, model_args.dtype,
+                           cached_only=train_args.world_size > 1)
+    print(data.summary() + "".join(f"\n{line}" for line in [replay_line(data.report)] if line))
     lengths = data.train["length"] if len(data.train) else []
     check_prepared(data, lengths, data_args, train_args)
     set_reply_limits(train_args, data.report)
@@ -119,9 +127,13 @@ def build(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
                        load_in_4bit=model_args.load_in_4bit)
     padding_free = resolve_padding_free(train_args.padding_free, attention_of(model), is_main)
     sampler, _, plan = batch_setup(train_args, prepared.lengths, padding_free, verbose=is_main)
+    if is_main:
+        print(budget_line(train_args, plan, len(prepared.lengths)))
     stopper = StopOnSignal()
     probe = ProbeCallback(tokenizer, train_args.probe_prompts, train_args.probe_max_new_tokens, str(out),
                           data_args.system_prompt, stopper)
+    guard = (RetentionAtSaves(tokenizer, out, data_args.system_prompt, train_args.retention_stop, stopper)
+             if train_args.retention_at_saves else None)
     train_args.padding_free = False  # TRL's own padding-free path refuses max_length; sftlab's collator does it
     # the samples are already tokenized, fitted to max_length and each has supervised tokens: TRL's own
     # preparation (a truncation pass and a filter over every row) would only re-read them
@@ -133,13 +145,15 @@ def build(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
         eval_dataset=data.test.select_columns(["input_ids", "labels"]) if evaluates else None,
         peft_config=lora_config(model_args) if model_args.use_peft else None,
         data_collator=sft_collator(tokenizer.pad_token_id, padding_free),
-        callbacks=[probe, JsonlLogCallback(str(out)), stopper], token_sampler=sampler,
-        bad_steps=BadSteps(train_args.max_bad_steps), amendment=prepared.amendment,
+        callbacks=[probe, *([guard] if guard else []), JsonlLogCallback(str(out)), stopper], token_sampler=sampler,
+        bad_steps=BadSteps(train_args.max_bad_steps), amendment=prepared.amendment, retention=guard,
     )
     train_args.padding_free = padding_free  # what was used, for the manifest
     sharded = sharded_engine(trainer)
-    if sharded and probe.prompts:
-        probe.prompts = []  # one process cannot generate with weights split across all of them
+    if sharded and (probe.prompts or guard):
+        probe.prompts, trainer.retention = [], None  # one process cannot generate with weights split across all
+        if guard is not None:
+            trainer.remove_callback(guard)
         if is_main:
             print(f"probes and the held-out evaluation are skipped under {sharded} (the weights are sharded across "
                   f"processes): after training, run: sftlab eval --adapter {out}")
@@ -162,8 +176,11 @@ def prepare_only(model_args: ModelArguments, data_args: DataArguments, clean_arg
     """`sftlab data prepare`: the data `sftlab train` with the same config reads, prepared (or resumed)."""
     model_path = resolve_model_path(model_args.model_name_or_path)
     tokenizer = load_tokenizer(model_path, train_args.trust_remote_code)
-    data = prepare_data(data_args, clean_args, ChatRenderer(tokenizer, train_args.max_length, data_args.overflow))
-    print(data.summary())
+    renderer = ChatRenderer(tokenizer, train_args.max_length, data_args.overflow)
+    data = prepare_data(data_args, clean_args, renderer)
+    if train_args.replay:
+        data = with_replay(data, model_path, renderer, data_args, clean_args, train_args, model_args.dtype)
+    print(data.summary() + "".join(f"\n{line}" for line in [replay_line(data.report)] if line))
     print(f"prepared data: {data.folder} ({data.fingerprint}); `sftlab train` with the same config reads it")
     return 0
 
