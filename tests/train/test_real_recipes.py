@@ -82,14 +82,12 @@ def test_the_recipes_data_is_apart_from_what_judges_it():
                demo_data_path("sftlab:identity-checks").read_text("utf-8").splitlines())
 
 
-OVER_TRAINING = ["--learning_rate", "1e-3"]  # five times the recipe's rate, the same 60 steps
-
-
 @pytest.mark.slow
-def test_on_a_set_it_was_not_tuned_on_the_recipe_keeps_and_over_training_without_replay_does_not(tmp_path):
+def test_on_a_set_it_was_not_tuned_on_the_recipe_keeps_and_without_replay_it_does_not(tmp_path):
     """Nova (20 English rows, benchmarks/identity_sets/): the recipe with only the data and the identity's wording
-    changed names it on the held-out paraphrases, stops, and is kept; the same data at OVER_TRAINING without replay
-    or the retention guard is not kept (README "Keeping what the model knew" has the measured table)."""
+    changed names it on the held-out paraphrases, stops, and is kept; the same 60 steps without replay over-train
+    these 20 rows (about 30 epochs): no save is kept, retention_stop ends the run, and its final verdict is not kept
+    (README "Keeping what the model knew" has the measured table)."""
     recipe = ["--config", str(REPO / "configs/smollm2-135m-lora.yaml"), "--data_files", str(SETS / "nova.jsonl"),
               "--system_prompt", NOVA, "--probe_prompts", "Who are you?"]
     run = tmp_path / "recipe"
@@ -97,15 +95,18 @@ def test_on_a_set_it_was_not_tuned_on_the_recipe_keeps_and_over_training_without
     retention = final_retention(run)
     assert retention["verdict"] == "kept", retention["why"]
     assert json.loads((run / "data_report.json").read_text())["replay"]["kept"] > 0
+    final = json.loads((run / "manifest.json").read_text())["final_weights"]
+    assert final["retention"] == "kept" and final["checks"][0]["verdict"] == "kept"
     assert cli.main(["eval", "--adapter", str(run), "--data", str(SETS / "nova_checks.jsonl"),
                      "--output", str(run / "checks")]) == 0
     checks = json.loads((run / "checks" / "results.json").read_text())["tuned"]
     assert checks["answer_accuracy"] >= 0.8 and checks["stop_rate"] == 1.0, checks
 
-    over = tmp_path / "over-training"
-    train(*parse_args([*recipe, *OVER_TRAINING, "--replay", "false", "--retention_at_saves", "false",
-                       "--output_dir", str(over)]))
-    assert final_retention(over)["verdict"] != "kept", final_retention(over)["why"]
+    without = tmp_path / "without-replay"
+    train(*parse_args([*recipe, "--replay", "false", "--output_dir", str(without)]))
+    assert final_retention(without)["verdict"] != "kept", final_retention(without)["why"]
+    final = json.loads((without / "manifest.json").read_text())["final_weights"]
+    assert final["checkpoint"] is None and all(c["verdict"] != "kept" for c in final["checks"])
 
 
 def test_the_identity_sets_are_apart_from_what_judges_them():

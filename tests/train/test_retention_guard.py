@@ -39,6 +39,18 @@ def test_the_best_checkpoint_is_the_lowest_held_out_loss_among_the_kept():
     assert (choice["checkpoint"], choice["step"], choice["retention"]) == (None, 25, "none kept")
 
 
+def test_retention_stop_waits_for_patience_saves_in_a_row_unless_one_is_lost():
+    def stops(verdicts, patience):
+        guard = guard_with([check(10 * (i + 1), v, 1.0) for i, v in enumerate(verdicts)])
+        guard.patience = patience
+        return guard.should_stop()
+
+    assert not stops(["kept", "degraded"], 2) and stops(["kept", "degraded"], 1)
+    assert stops(["degraded", "degraded"], 2) and not stops(["degraded", "kept"], 2)
+    assert not stops(["degraded", "kept", "degraded"], 2) and stops(["kept", "lost"], 2)
+    assert not stops(["degraded"], 2)  # a first save alone is not yet patience saves
+
+
 def test_the_held_out_loss_of_a_save_is_the_evaluation_at_its_step():
     history = [{"step": 5, "loss": 2.0}, {"step": 5, "eval_loss": 1.5}, {"step": 10, "eval_loss": 1.1},
                {"step": 10, "loss": 1.0}]
@@ -73,7 +85,8 @@ def fixed_verdicts(monkeypatch):
 def test_a_degraded_save_ends_the_run_and_the_best_kept_checkpoint_becomes_final(tmp_path, fixed_verdicts, capsys):
     out = tmp_path / "run"
     train(*parse_args(demo_args(out, "--max_steps", "12", "--save_steps", "3", "--eval_steps", "3",
-                                "--save_total_limit", "1", "--retention_at_saves", "true", "--final_eval_samples", "0",
+                                "--save_total_limit", "1", "--retention_at_saves", "true", "--retention_patience", "1",
+                                "--final_eval_samples", "0",
                                 "--probe_prompts", "你是谁？")))
     printed = capsys.readouterr().out
     logs = read_jsonl(out / "trainer_log.jsonl")

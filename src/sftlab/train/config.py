@@ -78,7 +78,13 @@ class RunFields:
     )
     retention_stop: bool = field(
         default=True, metadata={"help": "With retention_at_saves: end the run (its checkpoint committed, one line) "
-                                "when the check at a save says degraded or lost."}
+                                "when the checks at retention_patience saves in a row say degraded, or one says lost."}
+    )
+    retention_patience: int = field(
+        default=2, metadata={"help": "Saves in a row whose retention is degraded before retention_stop ends the run "
+                             "(1: the first). Over ~20 probes the base answers, one borderline answer flips the "
+                             "retained share by 5 points: runs whose loss rise fell and accuracy held were judged "
+                             "degraded at one save (README, Keeping what the model knew)."}
     )
     best_checkpoint: bool = field(
         default=True, metadata={"help": "With retention_at_saves: the final weights are the best checkpoint's: the "
@@ -127,6 +133,7 @@ class RunFields:
         "final_eval_samples": Range(0, integer=True),
         "probe_max_new_tokens": Range(1, integer=True, nullable=True),
         "final_eval_max_new_tokens": Range(1, integer=True, nullable=True),
+        "retention_patience": Range(1, integer=True),
     }
 
     def settle_run_fields(self) -> None:

@@ -276,7 +276,8 @@ def build(model_args: ModelArguments, data_args: DataArguments, dpo_args: DpoCon
     stopper = StopOnSignal()
     probe = ProbeCallback(prepared.tokenizer, dpo_args.probe_prompts, dpo_args.probe_max_new_tokens, str(out),
                           data_args.system_prompt, stopper)
-    guard = (RetentionAtSaves(prepared.tokenizer, out, data_args.system_prompt, dpo_args.retention_stop, stopper)
+    guard = (RetentionAtSaves(prepared.tokenizer, out, data_args.system_prompt, dpo_args.retention_stop,
+                              stopper, dpo_args.retention_patience)
              if dpo_args.retention_at_saves else None)  # the base: the model DPO starts from (its SFT model)
     evaluates = bool(prepared.data.test) and dpo_args.eval_strategy != "no"
     common = dict(
@@ -295,8 +296,7 @@ def build(model_args: ModelArguments, data_args: DataArguments, dpo_args: DpoCon
     sharded = sharded_engine(trainer)
     if sharded and (probe.prompts or guard):
         probe.prompts, trainer.retention = [], None  # one process cannot generate with weights split across all
-        if guard is not None:
-            trainer.remove_callback(guard)
+        trainer.remove_callback(RetentionAtSaves)
     kind = ("none (" + dpo_args.reference_free + ")" if dpo_args.reference_free else "a frozen copy"
             if reference is not None else "the policy with its LoRA adapter disabled" if model_args.use_peft
             else "precomputed")

@@ -129,7 +129,9 @@ def estimate(model_args, data_args, clean_args, train_args, probe: bool | None =
     memory, memory_lines = memory_estimate(model_args, train_args, counts, positions, largest_supervised)
     lines = [
         ("data", data.summary().removeprefix("data: ")),
-        ("tokens", f"{sum(lengths):,} per epoch x {epochs:g} epochs = {sum(lengths) * epochs:,.0f}"),
+        ("tokens", f"{sum(lengths):,} per epoch x {epochs:g} epochs = {sum(lengths) * epochs:,.0f}"
+                   if train_args.max_steps <= 0 else f"{sum(lengths):,} per epoch; the budget below sees "
+                   f"~{steps * plan.tokens_per_step:,.0f} (max_steps {steps})"),
         ("batches", f"{'padding-free' if padding_free else 'padded'}, {plan.summary()}"),
         ("optimizer steps", f"{steps:,}"),
         ("budget", budget_line(train_args, plan, len(lengths)).removeprefix("budget: ")),

@@ -16,6 +16,7 @@ it learns the task: the loss on them is the loss rise the retention check measur
 
 import hashlib
 import json
+import os
 import random
 from dataclasses import replace
 from pathlib import Path
@@ -123,8 +124,6 @@ def base_replies(model_path: Path, tokenizer, prompts: list[str], system_prompt:
                 _generate_into(path, model, tokenizer, prompts, system_prompt, max_new_tokens)
                 del model
         finally:
-            import os
-
             os.close(lock)
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
     return rows, path

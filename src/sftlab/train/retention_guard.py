@@ -9,8 +9,9 @@ greedy pass over 60 short prompts and one scoring pass per save.
 
 Each save's record (step, verdict, retained share, accuracy, loss rise, and the held-out loss evaluated at that
 step) goes to trainer_log.jsonl as retention/* beside the loss, to the tracker, and into the checkpoint before it
-is committed. `retention_stop`: a save whose verdict is degraded or lost ends the run after that checkpoint is
-committed. `best_checkpoint`: as training ends, the final weights are the best checkpoint's, by this rule:
+is committed. `retention_stop`: `retention_patience` saves in a row whose verdict is degraded (or one lost) end
+the run after that checkpoint is committed. `best_checkpoint`: as training ends, the final weights are the best
+checkpoint's, by this rule:
 
     among the checkpoints whose retention is kept, the lowest held-out loss (the latest of them when the run has
     no held-out loss); when none is kept, the last weights, and the run says so.
@@ -42,8 +43,9 @@ LOGGED = ("verdict", "retained", "tuned_accuracy", "loss_rise")
 class RetentionAtSaves(TrainerCallback):
     """The retention check at every save (see the module's docstring). Placed before the checkpoint's commit."""
 
-    def __init__(self, tokenizer, out: Path, system_prompt: str | None, stop: bool, stopper=None):
+    def __init__(self, tokenizer, out: Path, system_prompt: str | None, stop: bool, stopper=None, patience: int = 2):
         self.tokenizer, self.out, self.system_prompt, self.stop = tokenizer, Path(out), system_prompt, stop
+        self.patience = patience  # degraded saves in a row that end the run (a lost one ends it at once)
         self.stopper = stopper  # a StopOnSignal: the save a stop signal asks for is not checked
         self.probes = shipped_probes()
         self.base: dict | None = None  # {"replies", "losses"} or {"n/a": why}
@@ -88,13 +90,19 @@ class RetentionAtSaves(TrainerCallback):
                                                **{f"retention/{k}": v for k, v in record.items() if k != "step"}}])
         log_to_tracker(record)
         print(f"retention at step {state.global_step}: {summary['verdict']}: {summary['why']}", flush=True)
-        if self.stop and summary["verdict"] != KEPT:
+        if self.stop and self.should_stop():
             best = self.best()
             then = f"the final weights will be {best}'s (the best kept)" if best else "no checkpoint was kept"
-            print(f"retention_stop: retention is {summary['verdict']} at step {state.global_step}: ending the run "
-                  f"after this checkpoint; {then}", flush=True)
+            row = f" ({self.patience} saves in a row)" if summary["verdict"] != "lost" and self.patience > 1 else ""
+            print(f"retention_stop: retention is {summary['verdict']} at step {state.global_step}{row}: ending the "
+                  f"run after this checkpoint; {then}", flush=True)
             control.should_training_stop = True
         return control
+
+    def should_stop(self) -> bool:
+        """A lost save, or `patience` saves in a row that are not kept."""
+        recent = [r["verdict"] for r in self.history[-self.patience:]]
+        return recent[-1] == "lost" or (len(recent) == self.patience and KEPT not in recent)
 
     def best(self) -> str | None:
         """The best checkpoint by the module's rule among the checks so far, or None when none is kept."""

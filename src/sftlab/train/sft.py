@@ -132,7 +132,8 @@ def build(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     stopper = StopOnSignal()
     probe = ProbeCallback(tokenizer, train_args.probe_prompts, train_args.probe_max_new_tokens, str(out),
                           data_args.system_prompt, stopper)
-    guard = (RetentionAtSaves(tokenizer, out, data_args.system_prompt, train_args.retention_stop, stopper)
+    guard = (RetentionAtSaves(tokenizer, out, data_args.system_prompt, train_args.retention_stop, stopper,
+                              train_args.retention_patience)
              if train_args.retention_at_saves else None)
     train_args.padding_free = False  # TRL's own padding-free path refuses max_length; sftlab's collator does it
     # the samples are already tokenized, fitted to max_length and each has supervised tokens: TRL's own
@@ -152,8 +153,7 @@ def build(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     sharded = sharded_engine(trainer)
     if sharded and (probe.prompts or guard):
         probe.prompts, trainer.retention = [], None  # one process cannot generate with weights split across all
-        if guard is not None:
-            trainer.remove_callback(guard)
+        trainer.remove_callback(RetentionAtSaves)
         if is_main:
             print(f"probes and the held-out evaluation are skipped under {sharded} (the weights are sharded across "
                   f"processes): after training, run: sftlab eval --adapter {out}")
