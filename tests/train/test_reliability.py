@@ -477,17 +477,24 @@ def test_a_full_disk_during_the_final_save_is_one_line(tmp_path, monkeypatch):
     assert not (run / "adapter_model.safetensors").exists() and not (run / "adapter_config.json").exists()
 
 
-def test_a_run_is_bitwise_the_same_with_one_thread_or_two(straight, tmp_path):
-    """What the README states of reproducibility on CPU: the same recipe, data, seed and libraries give the same
-    logged losses and adapter bits, here with the intra-op thread count changed (the order of a reduction is
-    what could differ)."""
+def test_a_run_on_one_thread_or_two_differs_at_most_in_the_last_bits(straight, tmp_path):
+    """What the README states of reproducibility on CPU: the same recipe, data, seed, libraries, CPU type and thread
+    count give the same bits (the kill-and-resume tests compare with torch.equal); with the intra-op thread count
+    changed the order of a reduction may differ, and on an AVX-512 Xeon it does (a loss's 7th digit at step 4):
+    the run is the same to float32 rounding, not bit for bit."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         train(*args_for(tmp_path / "one_thread"))
     finally:
         torch.set_num_threads(threads)
-    assert_same_run(straight, tmp_path / "one_thread")
+    one, two = losses(tmp_path / "one_thread"), losses(straight)
+    assert [step for step, _ in one] == [step for step, _ in two]
+    assert all(abs(a - b) <= 1e-5 * abs(b) for (_, a), (_, b) in zip(one, two)), (one, two)
+    first, second = (load_file(run / "adapter_model.safetensors") for run in (tmp_path / "one_thread", straight))
+    assert first.keys() == second.keys()
+    worst = max(float((first[k] - second[k]).abs().max() / second[k].abs().max().clamp(min=1e-12)) for k in first)
+    assert worst <= 1e-3, worst
 
 
 def test_a_checkpoint_committed_with_sha256_still_verifies(straight, tmp_path):

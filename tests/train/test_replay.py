@@ -41,6 +41,15 @@ def generation(monkeypatch):
     return calls
 
 
+@pytest.fixture
+def tokenizer(tiny_model_dir):
+    """A tokenizer of this module's own: the session's shared one may carry another test's padding settings, which
+    the renderer would then apply."""
+    from sftlab.model.load import load_tokenizer
+
+    return load_tokenizer(tiny_model_dir)
+
+
 def prepared(tmp_path, tiny_model_dir, tokenizer, *flags):
     (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n\n" + PROMPTS[0] + "\n", encoding="utf-8")
     model_args, data_args, clean_args, train_args = parse_args(demo_args(
@@ -61,7 +70,7 @@ def test_replay_rows_join_the_training_split_only_counted_apart(tmp_path, tiny_m
     assert list(data.test["input_ids"]) == list(task.test["input_ids"]) and list(data.heldout) == list(task.heldout)
     added = [tokenizer.decode(ids) for ids in data.train["input_ids"][len(task.train):]]
     # rendered like the task's rows: the run's system prompt, the prompt, the base's reply, the terminator
-    assert all(text.startswith("[gMASK]<sop><|system|>\nBe brief.<|user|>\nQuestion number ") for text in added)
+    assert all(text.startswith("[gMASK]<sop><|system|>\nBe brief.<|user|>\nQuestion number ") for text in added), added
     assert all("<|assistant|>\nAnswer to Question number" in text and "under Be brief." in text for text in added)
     assert all(text.endswith("<|endoftext|>") for text in added)
     assert data.fingerprint != task.fingerprint
