@@ -38,7 +38,7 @@ from sftlab.data import sources as dataset_sources
 from sftlab.data.clean import Cleaner, CleanResult, RowChecker, checked_batches, dedup_store, record_of
 from sftlab.data.dedup import remove_store
 from sftlab.data.load import expand_inputs
-from sftlab.data.report import build_report, dataset_rows, summary_line
+from sftlab.data.report import build_report, dataset_rows, replay_line, summary_line
 from sftlab.data.sources import dataset_specs, iter_datasets
 from sftlab.environment import cache_root
 from sftlab.errors import UserError
@@ -92,7 +92,8 @@ class PreparedData:
         datasets = self.report.get("datasets", {})
         mix = "".join(f"\n  {name}: {d['kept']} kept, weight {d['weight']:g}, {d['train_rows']} training rows"
                       for name, d in datasets.items()) if len(datasets) > 1 else ""
-        return summary_line(self.report) + f"; {len(self.train)} train, {len(self.test)} held out" + mix
+        replay = f"\n{replay_line(self.report)}" if self.report.get("replay") else ""
+        return summary_line(self.report) + f"; {len(self.train)} train, {len(self.test)} held out" + mix + replay
 
 
 def split_indices(n: int, test_size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

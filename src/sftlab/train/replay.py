@@ -21,7 +21,6 @@ import random
 from dataclasses import replace
 from pathlib import Path
 
-import xxhash
 from datasets import concatenate_datasets
 
 from sftlab import __version__
@@ -32,6 +31,7 @@ from sftlab.errors import UserError
 from sftlab.files import exclusive_lock, write_atomic
 from sftlab.infer.generate import SamplingArgs, generate_replies
 from sftlab.model.load import load_model, with_system_prompt
+from sftlab.train.checkpoints import file_digest
 
 BUILTIN = "sftlab:replay-prompts"
 GENERATION_BATCH = 32  # on CPU a step of 32 rows costs little more than one of 16
@@ -76,7 +76,10 @@ def weights_digest(model_path: Path) -> str:
     """XXH3-128 of the model folder's weight files and config, remembered per (file, size, mtime) in the cache:
     a 9B model's 18 GB are read once, not at every run."""
     memo_path = cache_root() / "replay" / "weights_digests.json"
-    memo = json.loads(memo_path.read_text()) if memo_path.is_file() else {}
+    try:
+        memo = json.loads(memo_path.read_text(encoding="utf-8")) if memo_path.is_file() else {}
+    except (OSError, ValueError):
+        memo = {}  # a damaged memo only costs hashing again
     digest, changed = hashlib.sha256(), False
     for path in sorted(Path(model_path).iterdir()):
         if not (path.suffix == ".safetensors" or path.name == "config.json"):
@@ -84,11 +87,7 @@ def weights_digest(model_path: Path) -> str:
         stat = path.stat()
         key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
         if key not in memo:
-            hasher = xxhash.xxh3_128()
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 24), b""):
-                    hasher.update(block)
-            memo[key], changed = hasher.hexdigest(), True
+            memo[key], changed = file_digest(path), True
         digest.update(f"{path.name}:{memo[key]}".encode())
     if changed:
         memo_path.parent.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,6 @@ from trl import SFTTrainer, TrlParser
 from sftlab.chat_format import ChatRenderer
 from sftlab.config import CleanArguments, DataArguments, ModelArguments
 from sftlab.data.prepare import PreparedData, prepare_data
-from sftlab.data.report import replay_line
 from sftlab.internals import attention_of, sft_collator
 from sftlab.model.load import load_model, load_tokenizer, quantization_config, recorded_base_name, resolve_model_path
 from sftlab.train.batching import BatchPlan, resolve_padding_free, training_attention
@@ -107,7 +106,7 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, clean_args: Cl
     if train_args.replay:
         data = with_replay(data, model_path, renderer, data_args, clean_args, train_args, model_args.dtype,
                            cached_only=train_args.world_size > 1)
-    print(data.summary() + "".join(f"\n{line}" for line in [replay_line(data.report)] if line))
+    print(data.summary())
     lengths = data.train["length"] if len(data.train) else []
     check_prepared(data, lengths, data_args, train_args)
     set_reply_limits(train_args, data.report)
@@ -180,7 +179,7 @@ def prepare_only(model_args: ModelArguments, data_args: DataArguments, clean_arg
     data = prepare_data(data_args, clean_args, renderer)
     if train_args.replay:
         data = with_replay(data, model_path, renderer, data_args, clean_args, train_args, model_args.dtype)
-    print(data.summary() + "".join(f"\n{line}" for line in [replay_line(data.report)] if line))
+    print(data.summary())
     print(f"prepared data: {data.folder} ({data.fingerprint}); `sftlab train` with the same config reads it")
     return 0
 
