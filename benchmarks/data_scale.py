@@ -4,6 +4,7 @@ extrapolation to 10M rows.
 
     .venv/bin/python benchmarks/data_scale.py [--rows 100000,250000,1000000] [--repeats 3]
         [--variants single,pool2,datatrove2] [--baseline af5542c --baseline_max 250000] [--repeats_above 1]
+        [--shape near_duplicates] [--agreement 20000]
 
 Rows are data_pipeline.py's Alpaca-like rows with its planted defects of every kind (dirty_data.py). Each run is
 `sftlab data clean FILE --model sftlab:tiny-glm4 --max_length 1024` in its own process:
@@ -51,6 +52,82 @@ def write_rows(path: Path, n: int) -> int:
     return written
 
 
+# Templated rows as public instruction sets hold them: a long fixed instruction, a short variable part. Rows of one
+# template share most of their 5-grams, so they share LSH buckets by the thousand though few are near duplicates.
+TEMPLATES = [
+    ("Below is an instruction that describes a task, paired with an input that provides further context. Write a "
+     "response that appropriately completes the request.\n\n### Instruction:\nSummarize the following text in one "
+     "sentence, keeping its main claim and leaving out examples.\n\n### Input:\n{a}", "In short: {b}."),
+    ("You are given a customer review of a product bought online. Classify its sentiment as positive, negative or "
+     "neutral, and explain in one sentence which words of the review decided it. Review: {a}",
+     "The sentiment is {c}: the words '{d}' and '{e}' decided it."),
+    ("Translate the sentence below from English into French. Keep names as they are, use the formal register, and "
+     "give only the translation, without notes or alternatives.\nSentence: {a}", "Traduction : {b}."),
+    ("Read the question and answer it with a short explanation a student could follow, then give the final answer "
+     "on a line of its own starting with 'Answer:'.\nQuestion: {a}", "{b}.\nAnswer: {d}"),
+]
+
+
+def near_duplicate_rows(n: int, seed: int, share: float = 0.65) -> list[bytes]:
+    """n templated Alpaca rows of which about `share` are small variations (a word changed, a mark added) of an
+    earlier row: the shape of public rows repeated with small variations, where cleaning once slowed with the
+    row count."""
+    import random
+
+    rng = random.Random(seed)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 9))) for _ in range(3000)]
+    originals, lines = [], []
+    for _ in range(n):
+        if originals and rng.random() < share:
+            instruction, output = rng.choice(originals)
+            if rng.random() < 0.5:
+                parts = instruction.rsplit(" ", 3)
+                instruction = " ".join([parts[0], rng.choice(words), *parts[2:]])
+            else:
+                output = output + rng.choice(["!", " :)", "..", " Thanks."])
+        else:
+            template, reply = rng.choice(TEMPLATES)
+            fill = {key: " ".join(rng.choices(words, k=rng.randint(8, 16))) for key in "ab"}
+            fill.update({key: rng.choice(words) for key in "cde"})
+            instruction, output = template.format(**fill), reply.format(**fill)
+            originals.append((instruction, output))
+        lines.append(json.dumps({"instruction": instruction, "input": "", "output": output}).encode())
+    return lines
+
+
+def write_near_duplicates(path: Path, n: int) -> int:
+    with open(path, "wb") as f:
+        f.write(b"\n".join(near_duplicate_rows(n, seed=0)) + b"\n")
+    return n
+
+
+def decision_agreement(n: int) -> None:
+    """How the bounded rule's decisions (BUCKET_CAP representatives per bucket) differ from comparing every pair of
+    rows that share a bucket, on n near-duplicate-heavy rows, in this process."""
+    import dataclasses
+
+    from sftlab.config import CleanArguments
+    from sftlab.data import dedup
+    from sftlab.data.clean import clean_rows
+    from sftlab.data.load import SourceRow
+
+    rows = [SourceRow("sample.jsonl", i + 1, json.loads(line)) for i, line in enumerate(near_duplicate_rows(n, 1))]
+    config = dataclasses.replace(CleanArguments(), num_proc=1)
+    kept, seconds = {}, {}
+    for rule, cap in (("every pair", 10**9), (f"{dedup.BUCKET_CAP} per bucket", dedup.BUCKET_CAP)):
+        dedup.BUCKET_CAP = cap
+        started = time.perf_counter()
+        with tempfile.TemporaryDirectory() as work:
+            result = clean_rows(rows, config, None, work_dir=Path(work))
+        seconds[rule] = time.perf_counter() - started
+        kept[rule] = {(k.source, k.line) for k in result.kept}
+    exact, bounded = kept.values()
+    print(f"decisions on {n:,} near-duplicate-heavy rows: every pair kept {len(exact):,} "
+          f"({seconds['every pair']:.0f} s), the bounded rule {len(bounded):,} ({list(seconds.values())[1]:.0f} s); "
+          f"kept by the bounded rule only {len(bounded - exact):,} ({len(bounded - exact) / n:.3%} of rows), by every "
+          f"pair only {len(exact - bounded):,} ({len(exact - bounded) / n:.3%})")
+
+
 def clean_once(path: Path, out: Path, variant: str, baseline_src: Path | None) -> dict:
     command = [sys.executable, "-m", "sftlab.cli", "data", "clean", str(path), "--model", "sftlab:tiny-glm4",
                "--max_length", str(MAX_LENGTH), "--output", str(out), *VARIANTS[variant]]
@@ -80,14 +157,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--repeats_above", type=int, default=1, help="Runs of sizes over 250,000 rows.")
     parser.add_argument("--baseline", default=None, help="A commit of the path before streaming, e.g. af5542c.")
     parser.add_argument("--baseline_max", type=int, default=250_000, help="The largest size the baseline runs.")
+    parser.add_argument("--shape", default="dirty", choices=["dirty", "near_duplicates"],
+                        help="dirty: Alpaca-like rows with planted defects; near_duplicates: templated rows, about "
+                             "65%% of them small variations of earlier ones.")
+    parser.add_argument("--agreement", type=int, default=0, help="Also compare the bounded near-duplicate rule's "
+                        "decisions with every pair's on this many near_duplicates rows (0: no).")
     args = parser.parse_args(argv)
+    if args.agreement:
+        decision_agreement(args.agreement)
     sizes, variants = [int(n) for n in args.rows.split(",")], args.variants.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         baseline_src = baseline_worktree(args.baseline, Path(tmp) / "baseline") if args.baseline else None
         if baseline_src:
             variants.append("baseline")
         files = {n: Path(tmp) / f"rows_{n}.jsonl" for n in sizes}
-        lines = {n: write_rows(files[n], n) for n in sizes}
+        write = write_near_duplicates if args.shape == "near_duplicates" else write_rows
+        lines = {n: write(files[n], n) for n in sizes}
         runs = {(n, v): [] for n in sizes for v in variants}
         print(f"sftlab data clean, {os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f} at the start",
               flush=True)

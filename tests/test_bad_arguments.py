@@ -17,7 +17,8 @@ CASES = [
     (TRAIN + ["--test_size", "0"], "eval_strategy steps needs a held-out split, and there is none (test_size 0.0"),
     (TRAIN + ["--data_files", "{tmp}/one_row.jsonl"], "needs a held-out split, and there is none"),
     (TRAIN + ["--per_device_train_batch_size", "0"], "per_device_train_batch_size: must be an integer >= 1, got 0"),
-    (["train", "--config", "{tmp}/lr_list.yaml"], "learning_rate: must be a positive number, got [1, 2]"),
+    (["train", "--config", "{tmp}/lr_list.yaml"], "config file {tmp}/lr_list.yaml:3: learning_rate: [1, 2] is not a "
+                                                 "valid float"),
     (TRAIN + ["--num_train_epochs", "nan"], "num_train_epochs: must be a positive number, got nan"),
     (TRAIN + ["--num_train_epochs", "-1"], "num_train_epochs: must be a positive number, got -1.0"),
     (TRAIN + ["--lora_target_modules", "query_key_value"],
@@ -150,5 +151,6 @@ def test_sigint_while_the_model_loads_is_one_line_and_exit_130(inputs, capsys, m
     monkeypatch.setattr(sft, "load_model", interrupted)
     code = cli.main([a.replace("{tmp}", str(inputs)) for a in TRAIN])
     err = capsys.readouterr().err
-    assert code == 130 and err.strip().splitlines()[-1] == "sftlab train: interrupted (SIGINT)"
+    assert code == 130 and err.strip().splitlines()[-1] == ("sftlab train: interrupted (SIGINT): nothing is left "
+                                                                 "half-written; run it again")
     assert "Traceback" not in err and not (inputs / "run" / ".sftlab.lock").exists()

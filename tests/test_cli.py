@@ -194,7 +194,8 @@ def test_every_verb_is_parsed_one_way_and_lists_its_fields(verb, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main([*verb.split(), "--help"])
     out = capsys.readouterr().out
-    assert exit_.value.code == 0 and out.startswith(f"usage: sftlab {verb} ")
+    assert exit_.value.code == 0 and out.startswith(f"usage: sftlab {verb} [-h] [--config FILE]")
+    assert "\n  --config FILE " in out  # every verb takes a YAML file of its fields, and says so
 
 
 def test_a_flag_is_spelt_with_underscores_or_dashes_and_config_files_set_any_field(tmp_path):

@@ -11,7 +11,8 @@ from sftlab.chat_format import MessageError, SampleTooLong, TemplateRefused
 from sftlab.data.clean import Rejection, _Reject
 from sftlab.data.convert import FieldError, ToolCallError
 from sftlab.data.preference import PairDefect
-from sftlab.errors import UserError
+from sftlab.data.prepare import DamagedShard
+from sftlab.errors import Terminated, UserError
 from sftlab.infer.engine import QueueFull
 from sftlab.train.guards import Stopped
 
@@ -27,6 +28,8 @@ EXAMPLES = {
     QueueFull: ("9 requests are waiting or running (the cap is 8)",),
     Stopped: (15,),
     PairDefect: ("identical_sides", "chosen and rejected are the same reply"),
+    Terminated: (),
+    DamagedShard: ("shards/00000.arrow does not match the hash it was committed with",),
 }
 
 

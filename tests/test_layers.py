@@ -1,11 +1,11 @@
 """The subpackages follow one layer order: each imports only from the layers before it (and from itself), lazy
-imports inside functions included. The README's layout section states the same order."""
+imports inside functions included. The contributor guide's layout section states the same order."""
 
 import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "sftlab"
-README = Path(__file__).resolve().parents[1] / "README.md"
+GUIDE = Path(__file__).resolve().parents[1] / "docs" / "contributing.md"
 
 LAYERS = [
     ["__init__", "environment"],
@@ -58,9 +58,9 @@ def test_no_import_goes_against_the_layer_order():
     assert wrong == []
 
 
-def test_the_readme_states_the_same_order():
+def test_the_contributor_guide_states_the_same_order():
     stated = " -> ".join(", ".join(f"`{u}`" for u in units if u != "__init__") for units in LAYERS)
-    assert stated in README.read_text(encoding="utf-8")
+    assert stated in GUIDE.read_text(encoding="utf-8")
 
 
 def test_only_train_imports_trl_and_internals_names_its_internal_apis():

@@ -1,4 +1,4 @@
-"""The run folder's contract (run_dir.py) and the README's "What a run directory holds" name the same files, and
+"""The run folder's contract (run_dir.py) and docs/training.md's "What a run directory holds" name the same files, and
 the readers and writers round-trip."""
 
 import re
@@ -6,13 +6,14 @@ from pathlib import Path
 
 from sftlab import run_dir
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[1] / "docs" / "training.md"  # "What a run directory holds"
 
 
 def readme_files() -> set[str]:
     text = README.read_text(encoding="utf-8")
     section = text[text.index("## What a run directory holds"):]
-    section = section[:section.index("\n## ", 1)]
+    end = section.find("\n## ", 1)
+    section = section if end < 0 else section[:end]
     return set(re.findall(r"`([\w./-]+)`", section))
 
 
@@ -24,7 +25,7 @@ def test_every_file_of_the_contract_is_in_the_readme():
 
 
 def test_every_sftlab_file_the_readme_lists_is_in_the_contract():
-    """The README's table also names transformers' and PEFT's files and SwanLab's folder, which are theirs."""
+    """The docs' table also names transformers' and PEFT's files and SwanLab's folder, which are theirs."""
     theirs = {"adapter_config.json", "adapter_model.safetensors", "config.json", "model.safetensors", "tokenizer.json",
               "tokenizer_config.json", "generation_config.json", "checkpoint-N/", "swanlog/"}
     contract = ({*run_dir.RUN_FILES} | {f"{run_dir.EVAL_DIR}/{name}" for name in run_dir.EVAL_FILES}

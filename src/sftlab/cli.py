@@ -1,8 +1,12 @@
 """`sftlab <verb>`: parse the verb's arguments (one way for every verb: config.parse_verb), call one stage function,
-turn user errors into one line and exit code 2."""
+and hold the one error boundary: whatever a verb raises is one line (exit 2 for the user's input, 1 for the
+machine's faults or sftlab's own), its traceback in a log file the line names."""
 
 import importlib
+import os
+import signal
 import sys
+import threading
 from dataclasses import dataclass
 
 
@@ -16,6 +20,7 @@ class Verb:
     function: str  # called with the parsed dataclasses (and the positional arguments last); returns an exit code
     arguments: str = "ARGUMENTS"  # the module's tuple of argument dataclasses
     positional: tuple = ()  # (name, argparse keywords) pairs
+    ignores: tuple = ()  # path fields of its argument dataclasses that this verb does not read or write
 
 
 INPUTS_HELP = ("Files (.json .jsonl .parquet .csv), globs, Hub dataset ids, or JSON with per-dataset options: "
@@ -29,13 +34,13 @@ VERBS = {
                          "inspect_data", "INSPECT_ARGUMENTS",
                          (("file", {"help": "A data file (.json .jsonl .parquet .csv)."}),)),
     "data prepare": Verb("clean, render and shard the data of a training config", "sftlab data prepare --config FILE",
-                         "sftlab.train.sft", "prepare_only"),
+                         "sftlab.train.sft", "prepare_only", ignores=("output_dir",)),
     "train": Verb("fine-tune a model (LoRA or full)", "sftlab train --config configs/demo.yaml [--field value ...]",
                   "sftlab.train.sft", "run"),
     "dpo": Verb("preference tuning (DPO) after SFT, on chosen/rejected pairs",
                 "sftlab dpo --config configs/demo-dpo.yaml [--field value ...]", "sftlab.train.dpo", "run"),
     "estimate": Verb("tokens, steps, memory and time of a run before launching it", "sftlab estimate --config FILE",
-                     "sftlab.train.estimate", "run"),
+                     "sftlab.train.estimate", "run", ignores=("output_dir",)),
     "eval": Verb("held-out metrics, before/after", "sftlab eval --adapter output/demo --compare_base",
                  "sftlab.eval.evaluate", "run"),
     "doctor": Verb("check a run for template drift and stopping", "sftlab doctor --adapter output/demo",
@@ -49,6 +54,16 @@ VERBS = {
     "serve": Verb("an OpenAI-compatible server with a chat page", "sftlab serve --adapter output/demo [--port 8000]",
                   "sftlab.infer.serve", "run"),
 }
+
+
+# What each argument that names a path is, by field name across every verb: the fault matrix
+# (tests/test_fault_matrix.py) gives each role its faults, so a new verb's paths are covered by their names.
+PATH_FIELDS = {"adapter": "run", "model": "model", "model_name_or_path": "model", "llama_cpp": "model",
+               "data_files": "data", "data": "data", "retention_data": "data", "inputs": "data", "file": "data",
+               "replay_prompts": "data", "deepspeed": "data", "gguf": "gguf",
+               "output": "output", "output_dir": "output"}
+# fields whose names look like paths but are not ones sftlab reads or writes itself (TRL's and transformers')
+NOT_PATH_FIELDS = {"logging_dir", "hub_model_id", "chat_template_path", "resume_from_checkpoint", "ref_model_path"}
 
 
 def usage() -> str:
@@ -91,9 +106,15 @@ def main(argv: list[str] | None = None) -> int:
         asked = bool(argv) and argv[0] in ("-h", "--help")
         print(usage(), file=sys.stdout if asked else sys.stderr)
         return 0 if asked else 2
-    from sftlab.errors import UserError, os_failure_line, report
+    from sftlab.errors import UserError, failure_line, interrupted_line, raise_terminated, report, save_traceback
 
     verb = name.split()[0]
+    debug = debug or os.environ.get("SFTLAB_DEBUG", "") not in ("", "0")
+    # SIGTERM as an exception where the verb is (training installs its own, which stop at a step)
+    on_sigterm = threading.current_thread() is threading.main_thread() and \
+        signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    if on_sigterm:
+        signal.signal(signal.SIGTERM, raise_terminated)
     try:
         return run_verb(name, rest)
     except UserError as exc:
@@ -101,17 +122,22 @@ def main(argv: list[str] | None = None) -> int:
             raise
         report(verb, exc)
         return 2
-    except (OSError, RuntimeError) as exc:
-        line = os_failure_line(exc)
-        if debug or line is None:
-            raise
-        print(f"sftlab {verb}: error: {line}", file=sys.stderr, flush=True)
-        return 1
-    except KeyboardInterrupt:  # before training installs its own handler (or after it): while a model loads
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM outside training's own handlers (while a model loads)
         if debug:
             raise
-        print(f"sftlab {verb}: interrupted (SIGINT)", file=sys.stderr, flush=True)
-        return 130
+        print(f"sftlab {verb}: {interrupted_line(exc)}", file=sys.stderr, flush=True)
+        return 143 if getattr(exc, "signal_name", "") == "SIGTERM" else 130
+    except Exception as exc:  # the one boundary: whatever a verb raises is one line, its traceback a log file
+        if debug:
+            raise
+        line, code, worth_a_log = failure_line(exc)
+        log = save_traceback(name, exc) if worth_a_log else None
+        where = f" (traceback: {log}; SFTLAB_DEBUG=1 prints it)" if log else ""
+        print(f"sftlab {verb}: error: {line}{where}", file=sys.stderr, flush=True)
+        return code
+    finally:
+        if on_sigterm:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import yaml
 
 from sftlab.environment import TINY_MODEL_NAME
 from sftlab.errors import UserError
+from sftlab.files import load_yaml, yaml_key_lines
 from sftlab.internals import parser_fields
 
 # Each choice is declared once, as the field's type: the parser lists it, check_choices enforces it (YAML
@@ -88,7 +89,7 @@ def read_config_file(argv: list[str]) -> tuple[str, dict] | None:
     if not Path(path).is_file():
         raise UserError(f"config file {path or '(missing)'} does not exist")
     try:
-        values = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        values = load_yaml(path)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
@@ -97,9 +98,11 @@ def read_config_file(argv: list[str]) -> tuple[str, dict] | None:
         raise UserError(f"config file {path}{where}: not valid YAML: {problem}{tab}") from None
     except UnicodeDecodeError as exc:
         raise UserError(f"config file {path}: not UTF-8 text (invalid byte at {exc.start})") from None
-    if values is not None and not isinstance(values, dict):
+    if values is None:
+        raise UserError(f"config file {path} is empty: give it field: value lines (or leave --config out)")
+    if not isinstance(values, dict):
         raise UserError(f"config file {path}: expected a mapping of field: value, got a {type(values).__name__}")
-    return path, values or {}
+    return path, values
 
 
 def parse_verb(prog: str, types: tuple, argv: list[str], parser_class=None, positional: tuple = ()) -> tuple:
@@ -125,11 +128,60 @@ def parse_verb(prog: str, types: tuple, argv: list[str], parser_class=None, posi
         unknown = sorted(set(values) - known)
         if unknown:
             raise UserError(f"{path}: unknown config key(s): {', '.join(unknown)}. `{prog} --help` lists the fields")
+        check_value_types(parser, values, path)
         parser.set_defaults(**values)
+    list_config_flag(parser)  # after the file's keys were checked: `config:` is not one of them
+    parser.error = lambda message: _argparse_error(message, prog)  # one line, not the 150-line usage
     try:
         return tuple(parser.parse_args_into_dataclasses(args=argv))
     except ValueError as exc:
         raise UserError(_parse_error_line(exc, prog)) from exc
+
+
+def list_config_flag(parser) -> None:
+    """`--config FILE` in the verb's --help, first after -h: the file is read before argparse runs (above), so
+    the flag is only listed (SUPPRESS: never set on the namespace). argparse has no public way to order options:
+    its lists are reordered."""
+    import argparse
+
+    action = parser.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                                 help="A YAML file of this verb's fields (sections such as model:, data:, train: "
+                                      "may group them); flags given beside it win.")
+    for actions in (parser._actions, parser._optionals._group_actions):
+        actions.remove(action)
+        actions.insert(1, action)
+
+
+def _argparse_error(message: str, prog: str):
+    raise UserError(f"{message}. `{prog} --help` lists the fields and their types")
+
+
+def check_value_types(parser, values: dict, path: str) -> None:
+    """A YAML value that the field's type cannot read (`seed: abc`) is one line naming the file, its line and the
+    field. argparse converts a string default only when it is used, and then reports it as a flag's error."""
+    for action in parser._actions:  # argparse keeps no public list of its actions
+        value = values.get(action.dest)
+        if value is None or not callable(action.type):
+            continue
+        items = value if isinstance(value, list) and action.nargs in ("+", "*") else [value]
+        if not all(_readable(item, action.type) for item in items):
+            line = yaml_key_lines(path).get(action.dest)
+            at = f":{line}" if line else ""
+            kind = getattr(action.type, "__name__", "value")
+            raise UserError(f"config file {path}{at}: {action.dest}: {value!r} is not a valid {kind}")
+
+
+def _readable(item, kind) -> bool:
+    """Whether argparse's `kind` reads a YAML value as it would read a flag's text (1.5 is no int)."""
+    if not isinstance(item, str) and kind not in (int, float):
+        return True  # a parsed value for another type: the dataclass checks it
+    if kind is int and isinstance(item, float) and not item.is_integer():
+        return False
+    try:
+        kind(item)
+    except (ValueError, TypeError):
+        return False
+    return True
 
 
 def flattened_sections(values: dict, known: set[str]) -> dict:
@@ -283,7 +335,7 @@ class CleanArguments:
                                 "LocalPipelineExecutor, num_proc of them at a time; a task that completed is not run "
                                 "again), then decide duplicates in one pass over their results: the same result as "
                                 "without. None: sftlab's own worker pool. Across machines, run the same steps under "
-                                "datatrove's Slurm or Ray executor (sftlab.data.pipeline; README, Large datasets)."}
+                                "datatrove's Slurm or Ray executor (sftlab.data.pipeline; docs/large-datasets.md)."}
     )
 
     RANGES: ClassVar[dict] = {

@@ -96,6 +96,16 @@ def logged_loss_sum(trainer) -> float:
     return trainer._total_loss_scalar
 
 
+def save_only_adapter(model, name: str) -> None:
+    """The PEFT model's save_pretrained, as the Trainer calls it for checkpoints and the final weights, writes only
+    the adapter `name`: PEFT writes every adapter a model holds, and TRL's frozen reference copy of an adapter a DPO
+    run goes on training is the SFT run's own, already in that run: saved again it would sit in every checkpoint
+    as a second adapter (ref/) that a loader could take for the run's."""
+    import functools
+
+    model.save_pretrained = functools.partial(model.save_pretrained, selected_adapters=[name])
+
+
 def set_recorded_name(model, name: str) -> None:
     """The name PEFT writes into adapter_config.json as base_model_name_or_path."""
     model.config._name_or_path = name

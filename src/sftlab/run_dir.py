@@ -1,6 +1,6 @@
 """The run folder's contract: the name of every file sftlab writes into a run folder (and into its eval/ folder),
 and how JSON and JSON-lines files are read and written. train, eval, the doctor, the model card, the run report,
-resume and estimate use these names and readers, so they cannot disagree about a file; the README's "What a run
+resume and estimate use these names and readers, so they cannot disagree about a file; docs/training.md's "What a run
 directory holds" lists the same names (tests/test_run_dir.py checks the two against each other).
 
 The weight, tokenizer and generation files are transformers' and PEFT's (named in model/load.py).
@@ -8,11 +8,13 @@ The weight, tokenizer and generation files are transformers' and PEFT's (named i
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import yaml
 
-from sftlab.files import write_atomic
+from sftlab.errors import UserError
+from sftlab.files import load_yaml, write_atomic
 
 RESOLVED_CONFIG = "sftlab_config.yaml"  # the resolved configuration, written before training
 MANIFEST = "manifest.json"  # how the run was made; `completed` once every step after the final save is done
@@ -47,10 +49,23 @@ def eval_results(run: Path) -> Path:
     return Path(run) / EVAL_DIR / RESULTS
 
 
+def damaged(path: Path, what: str) -> UserError:
+    """The one line for a file of a run folder that cannot be read: named, and what to do."""
+    return UserError(f"{path} is damaged ({what}): restore it, or recreate it with the verb that wrote it")
+
+
 def read_json(path: Path) -> dict:
-    """The JSON object in `path`, or {} where there is no such file."""
+    """The JSON object in `path`, or {} where there is no such file; a file that is not one is a UserError naming it."""
     path = Path(path)
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    if not path.exists():
+        return {}
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise damaged(path, f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise damaged(path, f"a JSON {type(value).__name__} where an object is expected")
+    return value
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -58,12 +73,50 @@ def read_jsonl(path: Path) -> list[dict]:
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise damaged(path, f"not UTF-8 text: {exc}") from None
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise damaged(path, f"line {number} is not JSON: {exc}") from None
+        if not isinstance(record, dict):
+            raise damaged(path, f"line {number} is not a JSON object")
+        records.append(record)
+    return records
+
+
+def read_heldout(run: Path) -> list[dict]:
+    """A run's held-out rows as conversations ({"messages", "tools"?}), whichever stage wrote them: a DPO run's
+    held-out pairs become their prompt and chosen reply, so every verb that wants held-out prompts reads either."""
+    rows = []
+    for number, record in enumerate(read_jsonl(Path(run) / HELDOUT), 1):
+        if "chosen" in record and "prompt" in record:
+            chosen = record["chosen"][0] if isinstance(record["chosen"], list) else record["chosen"]
+            record = {"messages": [*record["prompt"], chosen], **({"tools": record["tools"]} if "tools" in record
+                                                                  else {})}
+        if not isinstance(record.get("messages"), list):
+            raise damaged(Path(run) / HELDOUT, f"line {number} has no messages (nor a prompt and its replies)")
+        rows.append(record)
+    return rows
 
 
 def read_yaml(path: Path) -> dict:
     path = Path(path)
-    return (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.exists() else {}
+    if not path.exists():
+        return {}
+    try:
+        value = load_yaml(path)
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise damaged(path, f"not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(value, dict):  # sftlab writes a mapping: an empty file was cut short
+        raise damaged(path, "empty" if value is None else f"a YAML {type(value).__name__} where a mapping is expected")
+    return value
 
 
 def write_json(path: Path, value, indent: int | None = 2) -> None:
@@ -99,3 +152,27 @@ def keep_lines(path: Path, keep) -> None:
         lines = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
                  if line.strip() and keep(json.loads(line))]
         write_atomic(path, "".join(lines))
+
+
+def check_output_folder(out: Path, verb: str, flag: str = "--output", ours: tuple = (), inputs: tuple = ()) -> None:
+    """Refuses an output folder that would overwrite what the user did not hand over: a file, a folder holding an
+    input, or a folder holding anything but `ours` (the names the verb writes there: its own previous output is
+    replaced, nothing else is). Called before any work, so a refusal costs nothing."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{flag} {out} is a file, not a folder: choose a folder (it is created)")
+    for source in inputs:
+        source = Path(source)
+        if source.exists() and source.resolve().is_relative_to(out.resolve()):  # the folder itself, or inside it
+            raise UserError(f"{flag} {out} holds an input of this command ({source}): choose another folder")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    try:  # a folder that cannot be written is said now, not after minutes of work
+        os.rmdir(tempfile.mkdtemp(prefix=".sftlab-write-check-", dir=existing))
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(out)) from None
+    if out.is_dir():
+        others = sorted(p.name for p in out.iterdir() if p.name not in ours)
+        if others:
+            listed = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+            raise UserError(f"{flag} {out} already holds files `sftlab {verb}` did not write ({listed}): choose "
+                            "another folder, or empty it")

@@ -164,3 +164,44 @@ def test_worker_count(monkeypatch, num_proc, rows, expected):
 def test_num_proc_below_one_is_refused():
     with pytest.raises(ValueError, match="num_proc: must be an integer >= 1, or null, got 0"):
         CleanArguments(num_proc=0)
+
+
+def start_cleaning(path: Path, out: Path) -> tuple:
+    """`sftlab data clean` with two workers in its own process, once both workers run: (process, worker PIDs)."""
+    import subprocess
+    import time
+
+    import psutil
+
+    proc = subprocess.Popen([sys.executable, "-m", "sftlab.cli", "data", "clean", str(path), "--output", str(out),
+                             "--model", "sftlab:tiny-glm4", "--num_proc", "2"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while len(psutil.Process(proc.pid).children()) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, "the pool never started"
+        time.sleep(0.1)
+    return proc, [c.pid for c in psutil.Process(proc.pid).children()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_workers_end_with_their_parent_however_it_ends(tiny_model_dir, tmp_path, sig):
+    """The parent killed (SIGKILL too, which no handler sees) while its workers check rows: every worker ends with it,
+    none holds a lock, and SIGTERM is one line saying nothing was written."""
+    import time
+
+    import psutil
+
+    path = write_lines(tmp_path / "rows.jsonl", [json.dumps(r.row).encode() for r in generated_rows(200_000)])
+    proc, workers = start_cleaning(path, tmp_path / "out")
+    os.kill(proc.pid, sig)
+    output, _ = proc.communicate(timeout=60)
+    deadline = time.monotonic() + 10
+    while any(psutil.pid_exists(w) and psutil.Process(w).status() != psutil.STATUS_ZOMBIE for w in workers):
+        assert time.monotonic() < deadline, f"workers outlived their parent: {workers}"
+        time.sleep(0.1)
+    assert not (tmp_path / "out").exists()
+    if sig == signal.SIGTERM:
+        lines = [line for line in output.splitlines() if line.startswith("sftlab")]
+        assert "Traceback" not in output and lines == ["sftlab data: interrupted (SIGTERM): nothing was written to "
+                                                       f"{tmp_path / 'out'}; run the same command again"], output[-2000:]

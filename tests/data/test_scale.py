@@ -44,6 +44,7 @@ def clean_cli(path: Path, out: Path, *flags) -> dict:
     return {name: (out / name).read_bytes() for name in OUTPUTS}
 
 
+@pytest.mark.slow  # in CI's whole run; kept out of the quick loop for its time
 def test_clean_is_identical_in_one_process_in_the_pool_and_on_two_datatrove_workers(tiny_model_dir, dirty_file,
                                                                                    tmp_path, monkeypatch):
     single = clean_cli(dirty_file, tmp_path / "single", "--num_proc", "1")
@@ -62,6 +63,7 @@ def prepared(data: prepare.PreparedData) -> dict:
             "rejected": rejected, "report": data.report, "examples": data.examples}
 
 
+@pytest.mark.slow  # in CI's whole run; kept out of the quick loop for its time
 def test_preparation_is_identical_in_shards_resumed_and_on_datatrove(tiny_model_dir, dirty_file, tmp_path,
                                                                      monkeypatch, capsys):
     renderer = ChatRenderer(load_tokenizer(tiny_model_dir), 1024)

@@ -44,7 +44,7 @@ def test_the_shipped_probes_are_sixty_half_chinese_each_with_a_rule():
     (0.85, 0.0, (0.5, 0.44), "degraded"),  # 88% of the base's accuracy
     (0.49, 0.1, None, "lost"), (1.0, 1.1, None, "lost"),
     (None, 0.2, None, "kept"), (None, 2.0, None, "lost"),  # no answer key: the loss rise alone
-    # runs of benchmarks/retention_real.py and of the recipe search on SmolLM2-135M (README "Retention")
+    # runs of benchmarks/retention_real.py and of the recipe search on SmolLM2-135M (docs/evaluation.md, "Retention")
     (1.0, -0.012, (0.2333, 0.3333), "kept"), (0.93, 0.003, (0.2333, 0.3833), "kept"),
     (0.71, 0.496, (0.2333, 0.3333), "degraded"), (0.57, 0.825, (0.2333, 0.2667), "degraded"),
     (0.43, 1.468, (0.2333, 0.3333), "lost"),

@@ -80,6 +80,8 @@ def test_stop_strings_and_seeded_sampling(url):
     (b'{"messages": [{"role": "user", "content": "hi \\ud800"}]}', 400, "a lone surrogate \\ud800"),
     ({"messages": QUESTION, "tools": [{"type": "function", "function": "get_weather"}]}, 400,
      "tools[0].function: expected an object"),
+    ({"messages": QUESTION, "seed": 2**64}, 400, "seed: Input should be less than 18446744073709551616"),
+    ({"messages": QUESTION, "seed": -(2**63) - 1}, 400, "seed: Input should be greater than or equal to"),
 ])
 def test_every_limit_is_a_4xx_in_openais_error_shape(url, body, status, needle):
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -87,6 +89,36 @@ def test_every_limit_is_a_4xx_in_openais_error_shape(url, body, status, needle):
                           headers={"Content-Type": "application/json"}, timeout=30)
     assert response.status_code == status, response.text
     assert needle in response.json()["error"]["message"] and response.json()["error"]["type"]
+
+
+@pytest.mark.parametrize("body, needle", [
+    ({"prompt": [], "max_tokens": 1}, "prompt: an empty list"),
+    ({"prompt": ["hi"] * 17, "max_tokens": 1}, "prompt: 17 prompts in one request is over this server's cap of 16"),
+    ({"prompt": "hi", "max_tokens": 1, "seed": 2**64 + 5}, "seed: Input should be less than"),
+])
+def test_completions_out_of_range_is_a_400_naming_it_not_a_retry_later(url, body, needle):
+    response = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
+    assert response.status_code == 400, response.text
+    assert needle in response.json()["error"]["message"]
+
+
+def test_an_over_limit_chunked_body_is_a_413_and_a_small_one_is_read_whole(tiny):
+    model, tokenizer = tiny
+    app = create_app(model, tokenizer, "tiny", limits=Limits(max_tokens=2, max_body_bytes=10_000), context=4096)
+
+    def chunks(body: bytes):  # no Content-Length: Transfer-Encoding: chunked
+        for i in range(0, len(body), 1000):
+            yield body[i:i + 1000]
+
+    with serving(app) as base:
+        big = json.dumps({"messages": [{"role": "user", "content": "x" * 50_000}]}).encode()
+        refused = httpx.post(f"{base}/v1/chat/completions", content=chunks(big), timeout=30,
+                             headers={"Content-Type": "application/json"})
+        assert refused.status_code == 413 and "request body over 10000 bytes" in refused.json()["error"]["message"]
+        small = json.dumps({"messages": QUESTION, "max_tokens": 2}).encode()
+        ok = httpx.post(f"{base}/v1/chat/completions", content=chunks(small), timeout=30,
+                        headers={"Content-Type": "application/json"})
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
 
 
 def test_a_prompt_over_the_models_context_is_refused(tiny):
@@ -142,7 +174,7 @@ def test_with_a_key_every_route_but_health_needs_it(tiny):
             for scheme in ("bearer", "BEARER"):  # the scheme is case-insensitive (RFC 9110)
                 assert httpx.request(method, base + path, json=body, timeout=30,
                                      headers={"Authorization": f"{scheme} s3cret"}).status_code == 200, scheme
-            if path == "/health":
+            if path == "/health" or (path == "/" and method == "GET"):  # the page asks for the key itself
                 assert bare.status_code == 200
             else:
                 assert bare.status_code == wrong.status_code == 401, path
@@ -163,6 +195,7 @@ def test_bounded_load_run_has_no_server_errors(url):
     assert statuses == [200] * 200 and time.monotonic() - started < 300
 
 
+@pytest.mark.slow  # in CI's whole run; kept out of the quick loop for its time
 def test_schemathesis_finds_no_server_error(tiny):
     import schemathesis
     from hypothesis import HealthCheck, settings
@@ -206,6 +239,32 @@ def chromium():
     if not shutil.which(CHROMIUM):  # CI installs it (.ci/run)
         pytest.skip(f"the chat page test needs Debian's Chromium at {CHROMIUM}: apt-get install chromium")
     return CHROMIUM
+
+
+@pytest.mark.browser
+def test_the_chat_page_asks_for_the_key_once_keeps_it_for_the_tab_and_sends_it(chromium, tiny):
+    from playwright.sync_api import sync_playwright
+
+    model, tokenizer = tiny
+    app = create_app(model, tokenizer, "keyed", api_key="s3cret", limits=Limits(max_tokens=4), context=4096)
+    with serving(app) as base, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
+        page = browser.new_page()
+        asked, sent = [], []
+        page.on("dialog", lambda d: (asked.append(d.message), d.accept("s3cret")))
+        page.on("request", lambda r: sent.append(r.headers.get("authorization")) if "/v1/" in r.url else None)
+        page.goto(base + "/")
+        page.wait_for_function("document.getElementById('model').textContent === 'keyed'")
+        page.fill("#prompt", "你是谁？")
+        page.press("#prompt", "Enter")
+        page.wait_for_selector(".msg.assistant[data-streaming='false']", timeout=60_000)
+        assert page.get_attribute(".msg.assistant", "data-finish") == "length"
+        assert len(asked) == 1 and "API key" in asked[0]  # once: the chat request reused it
+        assert sent[-1] == "Bearer s3cret" and page.evaluate("sessionStorage.getItem('sftlab-api-key')") == "s3cret"
+        page.reload()  # the same tab keeps it: no second question
+        page.wait_for_function("document.getElementById('model').textContent === 'keyed'")
+        assert len(asked) == 1
+        browser.close()
 
 
 @pytest.mark.browser

@@ -132,10 +132,11 @@ def test_a_resume_that_changes_beta_or_the_stage_is_refused(unfinished):
 def test_dpo_resume_on_an_sft_run_is_refused_naming_the_stage(trained_run, tmp_path):
     from helpers import TRAINED
 
-    sft_run = killed_before_final_save(trained_run(*TRAINED), tmp_path / "sft")
-    with pytest.raises(UserError) as error:
-        dpo(*dpo_args(sft_run, "--resume"))
-    assert "this run is an SFT run; this command is for a DPO run (resume it with `sftlab train`)" in str(error.value)
+    for sft_run in (killed_before_final_save(trained_run(*TRAINED), tmp_path / "sft"), trained_run(*TRAINED)):
+        with pytest.raises(UserError) as error:  # unfinished, and finished: not "nothing to resume"
+            dpo(*dpo_args(sft_run, "--resume"))
+        assert "this run is an SFT run; this command is for a DPO run (resume it with `sftlab train`)" in \
+            str(error.value)
 
 
 @pytest.mark.slow
@@ -154,6 +155,87 @@ def test_a_dpo_run_killed_after_its_final_save_is_completed_by_resume_without_tr
     results = json.loads((out / "eval/results.json").read_text())
     assert results["base"]["n"] == results["tuned"]["n"] == 3
     assert json.loads((out / "manifest.json").read_text())["completed"] is True
+
+
+@pytest.fixture(scope="module")
+def after_sft(trained_run, tmp_path_factory):
+    """DPO from the SFT demo's LoRA run (LoRA r 32 with lm_head trained in full), and that SFT run."""
+    from helpers import TRAINED
+
+    sft = trained_run(*TRAINED)
+    out = dpo(*dpo_args(tmp_path_factory.mktemp("dpo") / "after-sft", "--model_name_or_path", str(sft),
+                        "--final_eval_samples", "3"))
+    return sft, out
+
+
+@pytest.mark.slow  # in CI's whole run; kept out of the quick loop for its time
+def test_dpo_from_an_sft_lora_run_is_one_adapter_over_the_original_base_that_peft_loads_in_one_step(after_sft):
+    import yaml
+    from peft import AutoPeftModelForCausalLM
+    from safetensors.torch import load_file
+
+    from sftlab.model.load import load_for_inference
+
+    sft, out = after_sft
+    sft_adapter, adapter = (json.loads((run / "adapter_config.json").read_text()) for run in (sft, out))
+    for key in ("base_model_name_or_path", "r", "lora_alpha", "target_modules", "modules_to_save"):
+        assert adapter[key] == sft_adapter[key], key  # the SFT adapter, gone on training, over the original base
+    saved_ref = [p for p in out.rglob("*") if p.name == "ref"]
+    assert not saved_ref, saved_ref  # TRL's frozen reference copy is never saved
+    assert yaml.safe_load((out / "sftlab_config.yaml").read_text())["model"]["lora_r"] == sft_adapter["r"] == 32
+    assert json.loads((out / "manifest.json").read_text())["reference"] == \
+        "the SFT run's adapter as it started (a frozen copy)"
+    trained, started = load_file(out / "adapter_model.safetensors"), load_file(sft / "adapter_model.safetensors")
+    assert trained.keys() == started.keys() and any(not torch.equal(trained[k], started[k]) for k in trained)
+    results = json.loads((out / "eval/results.json").read_text())  # judged against the SFT model as it started
+    assert results["base"]["preference_accuracy"] == 0.5 and results["base"]["mean_margin"] == 0.0
+    assert results["tuned"]["mean_margin"] != 0.0
+    ids = torch.tensor([[5, 6, 7, 8]])
+    plain = AutoPeftModelForCausalLM.from_pretrained(str(out)).eval()  # PEFT alone, one step
+    ours = load_for_inference(adapter=str(out), device="cpu", dtype="float32")[0]
+    with torch.no_grad():
+        difference = (plain(ids).logits - ours(ids).logits).abs().max().item()
+    assert difference < 1e-4, difference
+
+
+@pytest.mark.slow
+def test_simpo_over_an_sft_adapter_is_judged_against_that_adapter_as_it_started(after_sft, tmp_path):
+    """CPO keeps no reference copy: the start is loaded beside the trained adapter for the judgement, never saved."""
+    from sftlab.eval.evaluate import run_eval
+
+    sft, _ = after_sft
+    out = dpo(*dpo_args(tmp_path / "simpo", "--model_name_or_path", str(sft), "--loss_type", "simpo", "--beta", "2.0",
+                        "--final_eval_samples", "1000"))
+    results = json.loads((out / "eval/results.json").read_text())
+    assert results["base"]["mean_margin"] == 0.0 and results["tuned"]["mean_margin"] != 0.0
+    # `sftlab eval --compare_base` loads the SFT run as a separate model: the same margins, so the run's reference
+    # was that run as it started (not the base under it)
+    again = json.loads((run_eval(None, str(out), None, True, 8, 16, str(tmp_path / "e")) / "results.json").read_text())
+    assert again["tuned"]["mean_margin"] == pytest.approx(results["tuned"]["mean_margin"], abs=1e-3)
+    assert not [p for p in out.rglob("*") if p.name == "ref"]
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == json.loads((sft / "adapter_config.json").read_text())[
+        "base_model_name_or_path"]
+
+
+@pytest.mark.slow
+def test_a_dpo_run_over_an_sft_adapter_completed_by_resume_is_judged_against_that_adapter(after_sft, tmp_path):
+    """The completion loads the SFT adapter as it was beside the run's (no trainer, no TRL copy), so it judges as
+    the run itself did."""
+    sft, out = after_sft
+    run = tmp_path / "run"
+    import shutil
+
+    shutil.copytree(out, run)
+    for name in ("eval", "README.md", "report.md"):
+        shutil.rmtree(run / name) if (run / name).is_dir() else (run / name).unlink()
+    manifest = json.loads((run / "manifest.json").read_text())
+    (run / "manifest.json").write_text(json.dumps({**manifest, "completed": False}))
+    dpo(*dpo_args(run, "--model_name_or_path", str(sft), "--final_eval_samples", "3", "--resume"))
+    judged = [json.loads((folder / "eval/results.json").read_text()) for folder in (out, run)]
+    for key in ("preference_accuracy", "mean_margin"):
+        assert judged[1]["tuned"][key] == pytest.approx(judged[0]["tuned"][key], abs=1e-3)
+        assert judged[1]["base"][key] == judged[0]["base"][key]
 
 
 @pytest.mark.slow
@@ -234,7 +316,8 @@ RUN_FILES = {"README.md", "adapter_config.json", "adapter_model.safetensors", "d
 
 @pytest.mark.slow
 def test_the_demo_recipe_lifts_preference_accuracy_from_chance_and_replies_still_stop(tmp_path):
-    """make demo-dpo: the SFT demo, then DPO from its run (its adapter merged, the reference that SFT model)."""
+    """make demo-dpo: the SFT demo, then DPO from its run (its adapter trained on, the reference that adapter as
+    it started)."""
     from sftlab.train.config import parse_args
     from sftlab.train.sft import train
 
@@ -250,7 +333,8 @@ def test_the_demo_recipe_lifts_preference_accuracy_from_chance_and_replies_still
     assert results["base"]["n"] == 23
     assert {p.name for p in out.iterdir() if not p.name.startswith("checkpoint-")} == RUN_FILES
     adapter = json.loads((out / "adapter_config.json").read_text())
-    assert adapter["base_model_name_or_path"] == str(sft_run.resolve())  # loaded as the SFT run, merged
+    assert adapter["base_model_name_or_path"] == json.loads((sft_run / "adapter_config.json").read_text())[
+        "base_model_name_or_path"]  # the SFT adapter, trained on: one adapter over the original base
     assert json.loads((out / "manifest.json").read_text())["completed"] is True
     assert "Preference tuning (DPO) of" in (out / "README.md").read_text()
     assert dpo_module.PreparedPairs  # the stage's record says its stage, and the resume check reads it
@@ -288,3 +372,33 @@ def test_two_process_dpo_logs_what_one_process_accumulating_two_micro_batches_lo
     for key in ("loss", "rewards/margins", "rewards/accuracies"):
         assert [r[key] for r in logged["two"]] == pytest.approx([r[key] for r in logged["one"]], abs=1e-5), key
     assert json.loads((tmp_path / "two/manifest.json").read_text())["completed"] is True
+
+
+@pytest.mark.slow
+def test_a_dpo_run_is_a_run_like_any_other_for_every_verb_that_reads_runs(straight, tmp_path, capsys, monkeypatch):
+    """export, doctor (--gguf too), eval, chat and serve on a DPO run, whose held-out rows are pairs: the verbs that
+    want held-out prompts take each pair's prompt (a KeyError: 'messages' once)."""
+    import uvicorn
+
+    import sftlab.infer.serve as serve
+    from sftlab import cli
+
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)  # serve returns where it would listen
+    monkeypatch.setattr(serve, "check_listen", lambda *a: None)  # on any port
+    run = str(straight)
+
+    def ok(*argv, codes=(0,)):
+        code = cli.main(list(argv))
+        out = capsys.readouterr()
+        assert code in codes and "Traceback" not in out.err and "error:" not in out.err, (argv, out.err[-1500:])
+        return out.out
+
+    exported = tmp_path / "gguf"
+    ok("export", "--adapter", run, "--output", str(exported), "--max_new_tokens", "4")
+    gguf = next(exported.glob("*.gguf"))
+    # six steps of DPO on the untrained tiny base: its checks may FAIL (exit 1: it does not stop), but each runs
+    report = ok("doctor", "--adapter", run, "--gguf", str(gguf), codes=(0, 1))
+    assert "the GGUF answers as the model does: " in report and "prompts matched" in report
+    assert "tuned" in ok("eval", "--adapter", run, "--output", str(tmp_path / "eval"), "--max_new_tokens", "4")
+    ok("chat", "--adapter", run, "--prompt", "hi", "--max_new_tokens", "2")
+    assert "serving straight" in ok("serve", "--adapter", run)

@@ -2,6 +2,7 @@
 the command's report on the demo config."""
 
 
+import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
@@ -54,6 +55,7 @@ def test_activation_arithmetic_matches_what_autograd_keeps(tiny_model_dir):
     assert checkpointed == kept + (full - 2 * shapes.hidden * positions * fp32) / shapes.layers
 
 
+@pytest.mark.slow  # in CI's whole run; kept out of the quick loop for its time
 def test_estimate_reports_tokens_steps_memory_and_a_probed_time(tmp_path):
     args = parse_args(["--config", str(REPO / "configs/demo.yaml"), "--output_dir", str(tmp_path / "run"),
                        "--report_to", "none", "--num_train_epochs", "2"])
@@ -92,7 +94,7 @@ def test_a_9b_model_on_cpu_gets_the_arithmetic_only(tmp_path, tiny_model_dir):
     assert abs(result.memory_gib["weights"] - 9_399_951_360 * 2 / 2**30) < 1e-6
     assert "not probed: a model of this size on CPU" in text
     assert json.loads((model_dir / "config.json").read_text())["vocab_size"] == 151552
-    # the recipe's replay and retention at saves, with what they cost (README "Keeping what the model knew")
+    # the recipe's replay and retention at saves, with what they cost (docs/evaluation.md, "Keeping what the model knew")
     rows = int(re.search(r"; (\d+) train, ", text).group(1))
     lines = {line.split("  ")[0]: line.split("  ", 1)[1].strip() for line in text.splitlines()}
     assert lines["replay"].startswith(f"+{round(0.05 * rows)} training rows (ratio 0.05; up to the replies that "

@@ -156,7 +156,7 @@ def test_export_refuses_a_non_empty_output_and_leaves_nothing_on_failure(run, tm
 
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "x").write_text("x")
-    with pytest.raises(UserError, match="already exists and is not empty"):
+    with pytest.raises(UserError, match="already holds files `sftlab export` did not write"):
         export(ExportArguments(adapter=str(run), output=str(tmp_path / "taken")))
     with pytest.raises(UserError, match="no convert_hf_to_gguf.py there"):
         export(ExportArguments(adapter=str(run), output=str(tmp_path / "out"), llama_cpp=str(tmp_path)))

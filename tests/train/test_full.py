@@ -5,6 +5,7 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -15,6 +16,7 @@ from sftlab.train.config import parse_args
 from sftlab.train.sft import train
 
 
+@pytest.mark.slow  # in CI's whole run; kept out of the quick loop for its time
 def test_full_fine_tuning_writes_a_whole_model_that_every_verb_loads(tmp_path, tiny_model_dir, monkeypatch, capsys):
     moved = []
     real_replace = os.replace

@@ -53,7 +53,7 @@ def test_the_real_model_recipe_teaches_the_identity_and_keeps_what_the_model_kne
     limit = json.loads((run / "eval" / "results.json").read_text())["tuned"]["max_new_tokens"]
     assert checks["n"] == 25 and checks["max_new_tokens"] == limit  # held out, at the run's own reply limit
     # measured: 88% named, 24 of 25 stop (the Chinese "谁创造了你？" loops): retention_stop ended the run at step 45
-    # (two degraded saves) and the final weights are step 15's, the best kept (README: the recipe, cross-validated)
+    # (two degraded saves) and the final weights are step 15's, the best kept (docs/evaluation.md: the recipe, cross-validated)
     assert checks["answer_accuracy"] >= 0.8 and checks["stop_rate"] >= 0.96, checks
     final = json.loads((run / "manifest.json").read_text())["final_weights"]
     assert final["retention"] == "kept" and final["checkpoint"] is not None
@@ -91,7 +91,7 @@ def test_on_a_set_it_was_not_tuned_on_the_recipe_keeps_and_without_replay_it_doe
     """Nova (20 English rows, benchmarks/identity_sets/): the recipe with only the data and the identity's wording
     changed names it on the held-out paraphrases, stops, and is kept; the same 60 steps without replay over-train
     these 20 rows (about 30 epochs): no save is kept, retention_stop ends the run, and its final verdict is not kept
-    (README "Keeping what the model knew" has the measured table)."""
+    (docs/evaluation.md, "Keeping what the model knew", has the measured table)."""
     recipe = ["--config", str(REPO / "configs/smollm2-135m-lora.yaml"), "--data_files", str(SETS / "nova.jsonl"),
               "--system_prompt", NOVA, "--probe_prompts", "Who are you?"]
     run = tmp_path / "recipe"

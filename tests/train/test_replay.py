@@ -108,10 +108,11 @@ def test_replay_prompts_files_and_their_errors(tmp_path):
 
 def test_a_yaml_replay_section_sets_the_flat_fields(tmp_path):
     config = tmp_path / "c.yaml"
-    config.write_text("replay:\n  ratio: 0.25\n  prompts: [a.txt]\n  max_new_tokens: 64\n", "utf-8")
+    (tmp_path / "a.txt").write_text("What is 2 + 2?\n")
+    config.write_text(f"replay:\n  ratio: 0.25\n  prompts: [{tmp_path / 'a.txt'}]\n  max_new_tokens: 64\n", "utf-8")
     *_, train_args = parse_args(["--config", str(config), "--output_dir", str(tmp_path / "o")])
     assert (train_args.replay, train_args.replay_ratio, train_args.replay_prompts,
-            train_args.replay_max_new_tokens) == (True, 0.25, ["a.txt"], 64)
+            train_args.replay_max_new_tokens) == (True, 0.25, [str(tmp_path / "a.txt")], 64)
     config.write_text("replay:\n  enabled: false\n  ratio: 0.25\n", "utf-8")
     *_, train_args = parse_args(["--config", str(config), "--output_dir", str(tmp_path / "o")])
     assert (train_args.replay, train_args.replay_ratio) == (False, 0.25)

@@ -12,10 +12,21 @@ from sftlab.config import CleanArguments, Overflow, check_choices
 from sftlab.data.clean import clean_rows
 from sftlab.data.convert import detect_format
 from sftlab.data.dedup import remove_store
-from sftlab.data.report import NO_MODEL, CleanFiles, build_report, dataset_rows, summary_line, template_system_prompt
+from sftlab.data.load import expand_inputs
+from sftlab.data.report import (
+    CLEAN_OUTPUTS,
+    NO_MODEL,
+    CleanFiles,
+    build_report,
+    dataset_rows,
+    summary_line,
+    template_system_prompt,
+)
 from sftlab.data.sources import dataset_specs, iter_datasets, read_datasets
 from sftlab.environment import TINY_MODEL_NAME
+from sftlab.errors import interrupt_note
 from sftlab.model.load import load_tokenizer, resolve_model_path
+from sftlab.run_dir import check_output_folder
 
 
 @dataclass
@@ -65,11 +76,15 @@ def clean_data(output: CleanOutput, render: RenderArguments, config: CleanArgume
     """Streams: rows are read, checked, decided and written a batch at a time, with the duplicate state on disk
     (in the staging folder), so memory does not grow with the number of rows."""
     per_dataset = {}
-    rows = iter_datasets(dataset_specs(inputs), output.split_seed, per_dataset, config.max_row_bytes)
+    specs = dataset_specs(inputs)
+    check_output_folder(Path(output.output), "data clean", ours=CLEAN_OUTPUTS,
+                        inputs=[source for spec in specs for source in expand_inputs([spec.path])])
+    rows = iter_datasets(specs, output.split_seed, per_dataset, config.max_row_bytes)
     renderer = renderer_for(render) if render.model else None
     if renderer is None:
         print(f"note: {NO_MODEL}")
-    with CleanFiles(Path(output.output)) as files:
+    note = f"nothing was written to {output.output}; run the same command again"
+    with interrupt_note(lambda: note), CleanFiles(Path(output.output)) as files:
         checked = None
         if config.datatrove_tasks:
             checked, per_dataset = checked_on_datatrove(files.staging, inputs, config, render, output.split_seed)

@@ -22,6 +22,12 @@ CREATE TABLE IF NOT EXISTS progress (only INTEGER PRIMARY KEY CHECK (only = 0), 
 """
 FILE = "dedup.sqlite"  # in the folder that holds it, with SQLite's -wal and -shm files beside it while open
 CACHE_KIB = 16 * 1024  # SQLite's page cache: the store's memory, whatever its size on disk
+# Representatives per LSH bucket: a row is compared with at most bands x BUCKET_CAP earlier rows, so the cost per
+# row stays flat however many rows share a bucket (templated data put thousands in one, and cleaning slowed with the
+# row count). A near duplicate whose twin is not among a full bucket's representatives is still found through any
+# other band they share (they share most at a Jaccard of 0.9); benchmarks/data_scale.py --shape near_duplicates
+# measures how many decisions differ from comparing every pair.
+BUCKET_CAP = 16
 QUERY_KEYS = 900  # keys per IN (...) query: under SQLite's oldest limit on bound parameters (999)
 
 
@@ -67,20 +73,23 @@ class DedupStore:
         the threshold, candidates taken band by band in the order they were added; None, and this row joins the
         index. LSH only proposes candidates: the exact similarity decides, so the signature's noise never rejects
         a row."""
-        checked = set()
+        checked, mine = set(), None
         for bucket in buckets:
             for other in self.known_buckets.get(bucket, ()):
                 if other in checked:
                     continue
                 other_name, other_text = self._row(other)
-                if self.minhash.jaccard(text, other_text) >= self.minhash.threshold:
+                mine = mine if mine is not None else self.minhash.shingles(text)
+                if self.minhash.jaccard_of(mine, self.minhash.shingles(other_text)) >= self.minhash.threshold:
                     return other_name
                 checked.add(other)
         row_id, self.next_id = self.next_id, self.next_id + 1
         self.batch_rows[row_id] = (name, text)
         for bucket in buckets:
-            self.known_buckets.setdefault(bucket, []).append(row_id)
-            self.new_buckets.append((bucket, row_id))
+            members = self.known_buckets.setdefault(bucket, [])
+            if len(members) < BUCKET_CAP:  # a full bucket keeps its first rows as its representatives
+                members.append(row_id)
+                self.new_buckets.append((bucket, row_id))
         return None
 
     def _row(self, row_id: int) -> tuple[str, str]:

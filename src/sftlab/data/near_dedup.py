@@ -67,8 +67,13 @@ class MinHash:
             permuted = (self.a[:, None] * flat[None, :] + self.b[:, None]) >> np.uint64(32)
         return np.ascontiguousarray(np.minimum.reduceat(permuted, starts, axis=1).T, dtype=np.uint32)
 
-    def jaccard(self, a: str, b: str) -> float:
+    def shingles(self, text: str) -> set[str]:
         n = self.ngram
-        shingles_a = {a[i:i + n] for i in range(max(1, len(a) - n + 1))}
-        shingles_b = {b[i:i + n] for i in range(max(1, len(b) - n + 1))}
-        return len(shingles_a & shingles_b) / len(shingles_a | shingles_b)
+        return {text[i:i + n] for i in range(max(1, len(text) - n + 1))}
+
+    @staticmethod
+    def jaccard_of(a: set[str], b: set[str]) -> float:
+        return len(a & b) / len(a | b)
+
+    def jaccard(self, a: str, b: str) -> float:
+        return self.jaccard_of(self.shingles(a), self.shingles(b))

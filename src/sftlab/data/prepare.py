@@ -41,8 +41,8 @@ from sftlab.data.load import expand_inputs
 from sftlab.data.report import build_report, dataset_rows, replay_line, summary_line
 from sftlab.data.sources import dataset_specs, iter_datasets
 from sftlab.environment import cache_root
-from sftlab.errors import UserError
-from sftlab.files import exclusive_lock, remove_stale_staging, write_atomic
+from sftlab.errors import UserError, interrupt_note
+from sftlab.files import exclusive_lock, file_digest, file_digests, release_lock, remove_stale_staging, write_atomic
 
 COLUMNS = ("input_ids", "labels", "length", "num_supervised")  # what training reads
 KINDS = ("plain", "system", "multi-turn", "tool call")
@@ -137,18 +137,26 @@ def prepare_data(data_args: DataArguments, clean_args: CleanArguments, renderer:
         raise UserError(f"{NOT_PREPARED} (no {cached})")
     partial = cached.with_name(f".{key}.partial")
     partial.mkdir(parents=True, exist_ok=True)
-    lock = exclusive_lock(partial / ".lock")  # one preparation per key; a second waits, then reads its result
+    # one preparation per key; a second waits, then reads its result
+    lock = exclusive_lock(partial / ".lock", waiting_for=f"another process preparing the same data ({key})")
     try:
         if (cached / META).exists():  # another process prepared it while this one waited for the lock
             shutil.rmtree(partial, ignore_errors=True)
         else:
             remove_stale_staging(cached.parent)  # what an older sftlab's killed preparation left behind
-            build(partial, specs, sources, digests, key, data_args, clean_args, renderer)
+            try:
+                build(partial, specs, sources, digests, key, data_args, clean_args, renderer)
+            except DamagedShard as exc:
+                print(f"{exc}: preparing the data again from the start")
+                for item in partial.iterdir():
+                    if item.name != ".lock":
+                        shutil.rmtree(item) if item.is_dir() else item.unlink()
+                build(partial, specs, sources, digests, key, data_args, clean_args, renderer)
             shutil.rmtree(cached, ignore_errors=True)  # what is left of a damaged one
             os.replace(partial, cached)
     finally:
-        os.close(lock)
-    data = read_cache(cached)
+        release_lock(lock)
+    data = read_cache(cached, verify=False)  # its shards were hashed as they were written
     if data is None:
         raise UserError(f"the data just prepared in {cached} does not read back (see the line above): check the disk")
     return data
@@ -165,6 +173,15 @@ def build(folder: Path, specs, sources: list[str], digests: dict, key: str, data
         writer = ShardWriter(folder, sources, progress["shards"], progress["rejected_bytes"])
         cleaner = Cleaner(clean_args, renderer, checker.minhash, store, writer, result)
         done = progress["rows_read"]
+        committed = {"shards": len(progress["shards"]), "rows": done}
+
+        def note() -> str:
+            return (f"{committed['shards']} shard(s) of the preparation ({committed['rows']:,} rows read) are "
+                    f"committed in {folder}; the same command resumes after them")
+
+        def commit() -> None:
+            store.commit(writer.progress(cleaner.result))
+            committed.update(shards=len(writer.shards), rows=cleaner.result.rows_read)
         if done:
             print(f"resuming the interrupted preparation of {folder.name[1:-8]}: {len(progress['shards'])} shards "
                   f"done, {done:,} rows read; reading on from there")
@@ -176,16 +193,17 @@ def build(folder: Path, specs, sources: list[str], digests: dict, key: str, data
             rows = iter_datasets(specs, data_args.split_seed, per_dataset, clean_args.max_row_bytes)
             rows = itertools.islice(rows, done, None)  # rows read before are read past (parsed, not checked)
             batches = checked_batches(checker, rows, clean_args.num_proc)
-        with closing(batches), tqdm(desc="preparing", unit="rows", initial=done, mininterval=1.0) as bar:
+        with interrupt_note(note), closing(batches), tqdm(desc="preparing", unit="rows", initial=done,
+                                                          mininterval=1.0) as bar:
             for count, (batch, outcome) in enumerate(batches, start=1):
                 cleaner.add_batch(batch, *outcome)
                 writer.end_batch()
                 bar.update(len(batch))
                 if count % SHARD_BATCHES == 0:
                     writer.end_shard()
-                    store.commit(writer.progress(cleaner.result))
+                    commit()
             writer.end_shard()
-            store.commit(writer.progress(cleaner.result))
+            commit()
         writer.close()
     finish(folder, writer.shards, cleaner.result, per_dataset, sources, digests, key, data_args, renderer)
 
@@ -220,6 +238,9 @@ class ShardWriter:
         self.stream = self.sink = self.path = None  # the shard being written
         self.rows = self.tokens = 0
         self.source_ids = {source: i for i, source in enumerate(sources)}
+        changed = next((entry["file"] for entry in self.shards if not shard_intact(folder, entry)), None)
+        if changed is not None:  # a committed shard that changed since: the rows it held cannot be trusted
+            raise DamagedShard(f"{folder / changed} does not match the hash it was committed with")
         named = {entry["file"] for entry in self.shards}
         for path in (folder / "shards").iterdir():
             if f"shards/{path.name}" not in named:
@@ -264,10 +285,9 @@ class ShardWriter:
         tmp = Path(str(self.path) + ".tmp")
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        digests = file_digests(tmp, "sha256", "xxh3_128")
         os.replace(tmp, self.path)
-        self.shards.append({"file": f"shards/{self.path.name}", "rows": self.rows, "tokens": self.tokens,
-                            "sha256": digest})
+        self.shards.append({"file": f"shards/{self.path.name}", "rows": self.rows, "tokens": self.tokens, **digests})
         self.stream = None
 
     def progress(self, result: CleanResult) -> dict:
@@ -307,6 +327,18 @@ def finish(folder: Path, shards: list[dict], result: CleanResult, per_dataset: d
              if p.is_file() and p.name != ".lock"}
     meta = {"report": report, "fingerprint": key, "examples": examples, "sources": digests, FILES: files}
     write_atomic(folder / META, json.dumps(meta, ensure_ascii=False))
+
+
+class DamagedShard(Exception):
+    """A committed shard of an interrupted preparation whose bytes changed: the preparation starts over."""
+
+
+def shard_intact(folder: Path, entry: dict) -> bool:
+    """A shard's bytes match the hash committed with it (XXH3-128: about 10x faster to check than SHA-256, which
+    older manifests hold alone and which is then checked instead). A same-size bit flip passes a size check."""
+    algorithm = "xxh3_128" if "xxh3_128" in entry else "sha256"
+    path = folder / entry["file"]
+    return path.is_file() and file_digest(path, algorithm) == entry[algorithm]
 
 
 def open_shards(folder: Path, shards: list[dict]) -> Dataset | None:
@@ -435,7 +467,7 @@ TRAIN_ROWS, TEST_ROWS = "train_rows.npy", "test_rows.npy"  # the split and weigh
 FILES = "files"  # in META: each file's size as written, checked at every read (a cut-short file is rebuilt)
 
 
-def read_cache(folder: Path) -> PreparedData | None:
+def read_cache(folder: Path, verify: bool = True) -> PreparedData | None:
     """The prepared data, memory-mapped; None, after removing the folder with a line, when it is damaged (a file
     cut short or missing, or Arrow that does not read): the caller prepares it again."""
     try:
@@ -445,6 +477,9 @@ def read_cache(folder: Path) -> PreparedData | None:
                         for name, (size, now) in sizes.items() if now != size), None)
         if damaged is None:
             shards = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))["shards"]
+            damaged = next((f"{entry['file']}: its bytes do not match the hash in {MANIFEST}" for entry in shards
+                            if verify and not shard_intact(folder, entry)), None)
+        if damaged is None:
             table = open_shards(folder, shards)
             train, test = (_rows(table, np.load(folder / name)) for name in (TRAIN_ROWS, TEST_ROWS))
             return PreparedData(train=train.select_columns(list(COLUMNS)), test=test.select_columns(list(COLUMNS)),

@@ -157,6 +157,9 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+CLEAN_OUTPUTS = ("clean.jsonl", "rejected.jsonl", "report.json", "report.md", "lengths.png")  # data clean's files
+
+
 class CleanFiles:
     """The outputs of `sftlab data clean`, written as the rows are decided (a sink for clean_rows): clean.jsonl
     and rejected.jsonl go to a staging folder, and `finish` adds the report and the plot and moves them all in,

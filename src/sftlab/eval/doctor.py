@@ -3,6 +3,7 @@
 
 import json
 from dataclasses import dataclass, field
+from importlib.util import find_spec
 from pathlib import Path
 from typing import ClassVar
 
@@ -318,6 +319,10 @@ class DoctorArguments:
             raise ValueError("pass --adapter DIR or --model PATH")
         if self.gguf and not Path(self.gguf).is_file():
             raise ValueError(f"--gguf {self.gguf}: no such file")
+        if self.gguf and find_spec("gguf") is not None:  # without it the round trip is skipped, said so
+            from sftlab.model.gguf import check_gguf_file
+
+            check_gguf_file(Path(self.gguf))  # a damaged file: one line naming it, before any model loads
 
 
 ARGUMENTS = (DoctorArguments,)  # `sftlab doctor`'s (cli.py parses them)

@@ -32,12 +32,15 @@ from sftlab.model.load import (
 )
 from sftlab.run_dir import (
     EVAL_DIR,
+    EVAL_FILES,
     HELDOUT,
     REPORT,
     RESULTS,
     RETENTION,
     SAMPLES,
     TRAINER_STATE,
+    check_output_folder,
+    read_heldout,
     read_json,
     read_jsonl,
     write_json,
@@ -121,7 +124,9 @@ def load_conversations(data: str | None, run_dir: Path | None, tokenizer) -> tup
         heldout = run_dir / HELDOUT if run_dir else None
         if heldout is None or not heldout.exists():
             raise UserError("no held-out split here (heldout.jsonl): pass --data FILE")
-        records = [openai_to_messages(as_conversation(record)) for record in read_jsonl(heldout)]  # GLM-4's form too
+        records = [openai_to_messages(as_conversation(record)) for record in read_heldout(run_dir)]  # GLM-4's too
+        if not records:
+            raise UserError(f"{heldout} holds no conversations: pass --data FILE")
         return [m for m, _ in records], [t for _, t in records], [None] * len(records)
     from sftlab.config import CleanArguments
     from sftlab.data.clean import clean_rows
@@ -185,9 +190,11 @@ def run_eval(model: str | None, adapter: str | None, data: str | None, compare_b
     side = "tuned" if adapter or run_folder(run_dir) is not None else "model"
     results, replies = {}, {}
     if compare_base:  # the base first, then the tuned model: one model in memory at a time
-        from sftlab.model.load import adapter_base
+        from sftlab.model.load import adapter_base, continued_adapter
 
-        base, _ = load_for_inference(model or adapter_base(Path(adapter)))
+        started_from = continued_adapter(run_folder(adapter) or Path(adapter)) if not model else None
+        base, _ = (load_for_inference(adapter=str(started_from)) if started_from  # DPO over an SFT adapter: that
+                   else load_for_inference(model or adapter_base(Path(adapter))))  # run, as DPO started from it
         results["base"], replies["base"] = evaluate(base, tokenizer, conversations, max_new_tokens, batch_size, "base",
                                                     rules, tools)
         pairs = heldout_pairs(data, run_dir, tokenizer)
@@ -326,6 +333,9 @@ def run(args: EvalArguments) -> int:
         from sftlab.eval.harness import check_tasks
 
         check_tasks(**harness)  # a misspelt task is one line before any model is loaded
+    if args.output:  # before any model is loaded: an output folder that holds other files is refused
+        check_output_folder(Path(args.output), "eval", ours=EVAL_FILES,
+                            inputs=[p for p in (args.adapter, args.model, args.data, args.retention_data) if p])
     out = run_eval(args.model, args.adapter, args.data, args.compare_base, args.max_new_tokens, args.batch_size,
                    args.output, args.retention_data, harness)
     results = read_json(out / RESULTS)

@@ -132,13 +132,13 @@ def check_conversations(folder: Path) -> list[list[dict]]:
     two more, in English and Chinese."""
     from sftlab.eval.doctor import PLAIN_PROMPTS
     from sftlab.model.load import recorded_system_prompt, run_folder, run_record, with_system_prompt
-    from sftlab.run_dir import HELDOUT, read_jsonl
+    from sftlab.run_dir import read_heldout
 
     record = run_record(folder) or {}
     probes = (record.get("train") or {}).get("probe_prompts") or [*PLAIN_PROMPTS.values(), *FOLDER_PROMPTS]
     conversations = [[{"role": "user", "content": p}] for p in probes]
     run = run_folder(folder)
-    for row in read_jsonl(run / HELDOUT)[:HELDOUT_PROMPTS] if run else []:
+    for row in read_heldout(run)[:HELDOUT_PROMPTS] if run else []:
         messages = row["messages"]
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         if not any(m.get("tool_calls") or m["role"] == "tool" for m in messages[:last]):

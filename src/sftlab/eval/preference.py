@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from sftlab.model.load import as_started
+
 
 def collate_pairs(pairs: list[dict], pad_token_id: int) -> dict:
     """Rendered pairs (prompt_ids, chosen_ids, rejected_ids) -> input_ids, attention_mask and completion_mask:
@@ -84,8 +86,9 @@ def preference_scores(policy: tuple, reference: tuple, beta: float) -> dict:
 
 def judge_pairs(model, pairs: list[dict], pad_token_id: int, beta: float, reference=None) -> dict:
     """{"base": scores of the reference, "tuned": scores of the policy} on rendered held-out pairs. `reference`:
-    the reference model, or None for a LoRA policy, whose reference is the policy with its adapter disabled."""
+    the reference model, or None for a LoRA policy, whose reference is the policy as it started (as_started: its
+    adapter disabled, or the frozen copy of the adapter it went on training)."""
     tuned = pair_logps(model, pairs, pad_token_id, progress="tuned preferences")
-    with (model.disable_adapter() if reference is None else contextlib.nullcontext()):
+    with (as_started(model) if reference is None else contextlib.nullcontext()):
         ref = pair_logps(reference or model, pairs, pad_token_id, progress="reference preferences")
     return {"base": preference_scores(ref, ref, beta), "tuned": preference_scores(tuned, ref, beta)}

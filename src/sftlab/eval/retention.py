@@ -11,7 +11,7 @@ against tuned, on general prompts:
 The verdict (`verdict`): kept, degraded or lost, from the retained share (of the probes the base answers
 correctly, the share the tuned model still answers correctly: a gain elsewhere, such as a task the training data
 teaches, must not hide a loss), the accuracy against the base's, and the loss rise;
-the thresholds are stated beside it, with the measurements that set them in the README. n/a where the base
+the thresholds are stated beside it, with the measurements that set them in docs/evaluation.md. n/a where the base
 answers fewer than MIN_BASE_CORRECT probes (a randomly initialised model knows nothing to keep).
 """
 
@@ -22,16 +22,17 @@ from importlib import resources
 
 from sftlab.errors import UserError
 from sftlab.infer.generate import SamplingArgs, generate_replies
+from sftlab.model.load import as_started
 
 PROBE_FILE = "retention_probes.jsonl"
 MAX_NEW_TOKENS = 48  # the probes' answers are a word or a short sentence
-# Verdict thresholds, set by benchmarks/retention_real.py (SmolLM2-135M; README "Retention"): runs whose replies
-# kept their answers measured a loss rise of -0.01 to +0.05; runs with visibly damaged answers ("100 divided by 4
-# is 2", "the capital of Italy is SFR") +0.18 to +0.83 and a retained share of 57-78%; a run that lost most 43%
-# and +1.47. A retained share is noisy at this size: runs whose loss rise was about zero (-0.003, +0.016) still
-# flipped 3 of the 22 borderline answers the base had right (86% retained, while gaining 4 others), so the kept
-# bound on it sits below that noise and above the damaged runs; the accuracy must also stay within 90% of the
-# base's, so that answers gained elsewhere cannot hide many lost.
+# Verdict thresholds, set by benchmarks/retention_real.py (SmolLM2-135M; docs/evaluation.md, "Retention"): runs
+# whose replies kept their answers measured a loss rise of -0.01 to +0.05; runs with visibly damaged answers ("100
+# divided by 4 is 2", "the capital of Italy is SFR") +0.18 to +0.83 and a retained share of 57-78%; a run that
+# lost most 43% and +1.47. A retained share is noisy at this size: runs whose loss rise was about zero (-0.003,
+# +0.016) still flipped 3 of the 22 borderline answers the base had right (86% retained, while gaining 4 others),
+# so the kept bound on it sits below that noise and above the damaged runs; the accuracy must also stay within 90%
+# of the base's, so that answers gained elsewhere cannot hide many lost.
 KEPT_SHARE, LOST_SHARE = 0.8, 0.5  # of the probes the base answers correctly, the share the tuned model still does
 KEPT_ACCURACY = 0.9  # the tuned model's probe accuracy, at least this share of the base's
 KEPT_RISE, LOST_RISE = 0.25, 1.0  # loss rise, nats per token of the base's own replies
@@ -117,10 +118,11 @@ def reply_losses(model, tokenizer, probes: list[Probe], replies: list, system_pr
 
 def adapter_retention(model, tokenizer, system_prompt: str | None = None, probes: list[Probe] | None = None,
                       batch_size: int = 16) -> dict:
-    """Retention of a PEFT model against its own base, the adapter disabled (modules_to_save copies too): the
-    run's final evaluation checks it without a second model in memory."""
+    """Retention of a PEFT model against the model its stage started from (as_started: the adapter disabled,
+    modules_to_save copies too, or the frozen copy of the adapter a DPO run went on training): the run's final
+    evaluation checks it without a second model in memory."""
     probes = probes if probes is not None else shipped_probes()
-    with model.disable_adapter():
+    with as_started(model):
         base = answer(model, tokenizer, probes, system_prompt, batch_size, "base")
         if knows_too_little(probes, base):
             return unknowing_base(probes, base)

@@ -18,12 +18,15 @@ def error(status: int, message: str, kind: str = "invalid_request_error", param:
 
 
 def guard(app: FastAPI, api_key: str | None) -> None:
-    """Every route but /health needs `Authorization: Bearer KEY` when a key is set; every error, a validation
-    failure or an unexpected exception alike, answers in OpenAI's error shape (never a bare 500 page)."""
+    """Every route but /health and the chat page needs `Authorization: Bearer KEY` when a key is set (the page holds
+    no data: it asks for the key and sends it with each API call, since a browser sends no header on navigation);
+    every error, a validation failure or an unexpected exception alike, answers in OpenAI's error shape (never a
+    bare 500 page)."""
 
     @app.middleware("http")
     async def authorize(request: Request, call_next):
-        if api_key and request.url.path != "/health":
+        open_route = request.url.path == "/health" or (request.url.path == "/" and request.method in ("GET", "HEAD"))
+        if api_key and not open_route:
             scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
             # the scheme is case-insensitive (RFC 9110 section 11.1): bearer, Bearer and BEARER alike
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
@@ -71,6 +74,29 @@ class BodyLimit:
                 await drain(receive)
             return await too_big(scope, receive, send)
         seen = 0
+        if length is None:  # chunked: read it all (up to the limit) before the app parses any of it
+            chunks, more = [], True
+            while more:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return
+                chunks.append(message.get("body", b""))
+                seen += len(chunks[-1])
+                more = message.get("more_body", False)
+                if seen > self.max_bytes:
+                    if more:
+                        await drain(receive, DRAIN_BYTES - seen)
+                    return await too_big(scope, receive, send)
+            replayed = False
+
+            async def replay():
+                nonlocal replayed
+                if replayed:
+                    return await receive()
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+            return await self.app(scope, replay, send)
 
         async def limited_receive():
             nonlocal seen
@@ -133,8 +159,6 @@ async def drain(receive, budget: int = DRAIN_BYTES) -> None:
         budget -= len(message.get("body", b""))
         if message.get("type") != "http.request" or not message.get("more_body"):
             return
-
-
 
 
 access_log = logging.getLogger("sftlab.serve")

@@ -29,7 +29,7 @@ class Request(BaseModel):
     temperature: float = Field(DEFAULTS.temperature, ge=0, le=2, description="0 is greedy.")
     top_p: float = Field(DEFAULTS.top_p, gt=0, le=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64, description="torch's seeds: 64 bits.")
     n: int = Field(1, ge=1)
     stream: bool = False
     presence_penalty: float = 0.0

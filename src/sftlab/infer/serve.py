@@ -6,7 +6,7 @@ back as tool_calls; logprobs), POST /v1/completions (raw text or token ids; echo
 harnesses' loglikelihood tasks), GET /v1/models, GET /health, GET / (the chat page). Every error is a 4xx in
 OpenAI's error shape: body too large (413), bad JSON, fields, roles, lengths or a parameter this server does not
 honour (400), a full queue (429, at once), a missing or wrong key (401). A line per request goes to the access
-log. Binds 127.0.0.1 unless told. For production scale, serve a merged model with vLLM (README: Export).
+log. Binds 127.0.0.1 unless told. For production scale, serve a merged model with vLLM (docs/export-and-serve.md).
 """
 
 import asyncio
@@ -29,6 +29,7 @@ from sftlab.chat_tools import content_text
 from sftlab.config import Range, check_fields
 from sftlab.data.convert import FieldError, openai_to_messages
 from sftlab.data.load import unusable
+from sftlab.errors import UserError
 from sftlab.infer.engine import Engine, Job, QueueFull
 from sftlab.infer.http import KEEP_ALIVE_S, AccessLog, BodyLimit, error, guard, header_timeout_protocol
 from sftlab.infer.openai_api import (
@@ -257,6 +258,11 @@ def completion_jobs(body: CompletionRequest, engine: Engine, limits: Limits, con
     if problem is not None:
         return problem
     prompts = body.prompts()
+    if not prompts:
+        return error(400, "prompt: an empty list (give one prompt or more)", param="prompt")
+    if len(prompts) > limits.max_queue:  # a request that could never be queued whole: not a busy server's 429
+        return error(400, f"prompt: {len(prompts)} prompts in one request is over this server's cap of "
+                          f"{limits.max_queue} (its --max_queue)", param="prompt")
     if body.stream and len(prompts) != 1:
         return error(400, "stream: one prompt at a time", param="prompt")
     jobs, vocabulary = [], len(engine.tokenizer)
@@ -371,8 +377,8 @@ class ServeArguments:
         "help": "info: a line per request (client, method, path, status, milliseconds, tokens) and startup; "
                 "warning: only problems; debug: more."})
 
-    RANGES: ClassVar[dict] = {**{name: Range(1, integer=True) for name in ("port", "max_queue", "max_batch",
-                                                                          "max_body_bytes")},
+    RANGES: ClassVar[dict] = {**{name: Range(1, integer=True) for name in ("max_queue", "max_batch", "max_body_bytes")},
+                              "port": Range(1, high=65535, integer=True),
                               "max_tokens": Range(1, integer=True, nullable=True),
                               "repetition_penalty": Range(0, above=True, nullable=True)}
 
@@ -386,11 +392,31 @@ class ServeArguments:
 ARGUMENTS = (ServeArguments,)  # `sftlab serve`'s (cli.py parses them)
 
 
+def check_listen(host: str, port: int) -> None:
+    """The address can be listened on (bound, then released at once): uvicorn would say it after the model loaded,
+    in its own log line, with exit code 3."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise UserError(f"--host {host}: not an address of this machine ({exc.strerror})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise UserError(f"cannot listen on {host}:{port}: {exc.strerror} (another server there? choose another "
+                            "--port)") from None
+
+
 def run(args: ServeArguments) -> int:
     import uvicorn
 
     from sftlab.model.load import inference_paths, load_for_inference, model_context, recorded_system_prompt
 
+    check_listen(args.host, args.port)  # a busy port or an unknown host: one line, before the model loads
     base_path, _ = inference_paths(args.model, args.adapter)
     context = model_context(base_path)
     model, tokenizer = load_for_inference(args.model, args.adapter, args.device)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from sftlab.environment import cache_root
 from sftlab.errors import UserError
-from sftlab.files import exclusive_lock
+from sftlab.files import die_with_parent, exclusive_lock, release_lock
 
 LLAMA_CPP_PYTHON = "0.3.36"  # the llama.cpp whose converter and runtime sftlab's exports are checked with
 CONVERTER_FILES = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
@@ -44,7 +44,7 @@ def llama_cpp_source(given: str | None = None) -> Path:
         if not (cached / "convert_hf_to_gguf.py").is_file():
             fetch_converter(cached)
     finally:
-        os.close(lock)
+        release_lock(lock)
     return cached
 
 
@@ -80,7 +80,8 @@ def convert(model_dir: Path, out_file: Path, outtype: str, llama_cpp: Path) -> N
     itself, with a pre-tokenizer named by its pattern where its hash is unknown)."""
     done = subprocess.run([sys.executable, "-m", "sftlab.model.gguf_convert", str(llama_cpp), str(model_dir),
                            "--outfile", str(out_file), "--outtype", outtype],
-                          capture_output=True, text=True, env={**os.environ, "NO_LOCAL_GGUF": ""})
+                          capture_output=True, text=True, env={**os.environ, "NO_LOCAL_GGUF": ""},
+                          preexec_fn=die_with_parent)  # the converter ends with export, however export ends
     if done.returncode != 0 or not out_file.is_file():
         tail = "\n".join(done.stderr.strip().splitlines()[-8:])
         raise UserError(f"llama.cpp's converter failed on {model_dir}:\n{tail}")
@@ -98,7 +99,7 @@ def quantizer(kind: str) -> str:
 def quantize(f16_file: Path, out_file: Path, kind: str) -> None:
     """A k-quant from the f16 file."""
     done = subprocess.run([quantizer(kind), str(f16_file), str(out_file), kind.upper()], capture_output=True,
-                          text=True)
+                          text=True, preexec_fn=die_with_parent)
     if done.returncode != 0:
         raise UserError(f"llama-quantize failed: {done.stderr.strip().splitlines()[-1:]}")
 
@@ -169,3 +170,26 @@ def read_metadata(path: Path) -> dict:
     return {name: field.contents() for name, field in reader.fields.items()
             if not name.startswith(("GGUF.", "tokenizer.ggml.tokens", "tokenizer.ggml.merges",
                                     "tokenizer.ggml.token_type", "tokenizer.ggml.scores"))}
+
+
+def check_gguf_file(path: Path) -> None:
+    """A GGUF file whole before llama.cpp opens it: the magic, a header gguf's reader parses, and every tensor's
+    bytes inside the file. llama.cpp reports a damaged file as "Failed to load model" (or, for some truncations,
+    reads past the end), which names nothing."""
+    import gguf
+
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise UserError(f"{path} is not a GGUF file ({'empty' if size == 0 else f'it starts with {magic!r}'}): give "
+                        "the .gguf that `sftlab export` wrote")
+    try:
+        reader = gguf.GGUFReader(path, "r")
+        short = next((t.name for t in reader.tensors if t.data_offset + t.n_bytes > size), None)
+    except Exception as exc:  # the reader's errors are ValueError, IndexError, struct errors: all say "damaged"
+        raise UserError(f"{path} is a damaged GGUF ({type(exc).__name__}: {str(exc)[:200]}): export it again") from None
+    if short is not None or not reader.tensors:
+        what = f"tensor {short} ends past the end of the file" if short else "it holds no tensors"
+        raise UserError(f"{path} is a damaged GGUF ({what}: cut short?): export it again")

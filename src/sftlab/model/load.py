@@ -7,6 +7,7 @@ network; offline, the error says in one line what to do instead.
 import json
 import os
 import re
+from contextlib import contextmanager
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -16,9 +17,12 @@ from sftlab.internals import set_recorded_name
 from sftlab.model import attention  # noqa: F401  registers sdpa_varlen with transformers
 from sftlab.model.real import REAL_MODELS, ensure_real_model
 from sftlab.model.tiny import FAMILIES, build_of_run, ensure_tiny_model, glm4_chat_template
-from sftlab.run_dir import RESOLVED_CONFIG, read_yaml
+from sftlab.run_dir import RESOLVED_CONFIG, read_json, read_yaml
 
 ADAPTER_CONFIG = "adapter_config.json"
+# TRL's name for the frozen copy of an adapter that a run goes on training (DPO over an SFT run's adapter): the
+# reference, the model as the stage started it
+REFERENCE_ADAPTER = "ref"
 
 
 EMBEDDED = [*FAMILIES, *REAL_MODELS]  # every sftlab: name
@@ -73,6 +77,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 def load_tokenizer(model_path: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    if Path(model_path).is_dir():
+        check_json_files(Path(model_path))
     if Path(model_path).is_dir() and not any((Path(model_path) / name).exists() for name in TOKENIZER_FILES):
         raise UserError(f"model folder {model_path} has no tokenizer ({', '.join(TOKENIZER_FILES)}): copy the "
                         "tokenizer files of its base model into it")
@@ -113,13 +119,15 @@ def load_model(model_path: Path, dtype: str = "auto", trust_remote_code: bool = 
                load_in_4bit: bool = False):
     """Loads a causal LM. `record_name` is what adapters trained on it record as their base; `device`
     loads the weights straight onto it (a 9B model never passes through CPU memory on the way to a GPU). A LoRA
-    run folder is loaded as its base with the adapter merged in (load_merged_adapter)."""
+    run folder is loaded as its base with the adapter merged in (load_merged_adapter: a full fine-tune that starts
+    from it; a LoRA stage goes on training the adapter instead, load_adapter_to_train)."""
     from transformers import AutoModelForCausalLM
 
     if is_adapter_folder(model_path):
         return load_merged_adapter(Path(model_path), dtype, trust_remote_code, attn_implementation, record_name,
                                    device, load_in_4bit)
     quantization = quantization_config(load_in_4bit)
+    check_json_files(Path(model_path))
     check_weights(Path(model_path), "model.safetensors")  # here, not on resolving: tokenizer-only uses need none
     model = AutoModelForCausalLM.from_pretrained(
         model_path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code, use_safetensors=True,
@@ -139,22 +147,65 @@ def is_adapter_folder(folder: str | Path) -> bool:
 
 def load_merged_adapter(adapter_dir: Path, dtype: str, trust_remote_code: bool, attn_implementation: str | None,
                         record_name: str | None, device: str | None, load_in_4bit: bool):
-    """A LoRA run used as a base (DPO after SFT): its base with the adapter merged in, in memory. Merged, not
-    stacked under the new adapter: the model then is an ordinary one (the new stage's LoRA, its reference with
-    that LoRA disabled, generation and export see one set of weights) and no adapter folder is copied."""
-    from peft import PeftModel
-
+    """A LoRA run used as the start of a full fine-tune (DPO in full after SFT with LoRA): its base with the
+    adapter merged in, in memory: the model then is an ordinary one, all of whose weights train."""
     if load_in_4bit:
         raise UserError(f"load_in_4bit with the LoRA run {adapter_dir} as the base: a 4-bit base cannot take the "
                         "run's adapter merged in; merge it first (sftlab merge --adapter "
                         f"{adapter_dir}) and start from the merged folder")
-    base = load_model(resolve_model_path(adapter_base(adapter_dir)), dtype, trust_remote_code, attn_implementation,
-                      device=device)
-    check_weights(adapter_dir, "adapter_model.safetensors")
-    model = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    model = adapter_on_its_base(adapter_dir, dtype, trust_remote_code, attn_implementation, device).merge_and_unload()
     if record_name is not None:
         set_recorded_name(model, record_name)
     return model
+
+
+def load_adapter_to_train(adapter_dir: Path, dtype: str, trust_remote_code: bool, attn_implementation: str | None):
+    """A LoRA run's adapter on its own base, trainable: a LoRA stage after it (DPO after SFT) goes on training the
+    same adapter, so what it saves is again one adapter over the original base, which PEFT, vLLM and lm-eval load
+    in one step (a new adapter over the SFT model merged in memory would need that merge redone first)."""
+    return adapter_on_its_base(adapter_dir, dtype, trust_remote_code, attn_implementation, is_trainable=True)
+
+
+def adapter_on_its_base(adapter_dir: Path, dtype: str, trust_remote_code: bool, attn_implementation: str | None,
+                        device: str | None = None, is_trainable: bool = False):
+    """A LoRA run's adapter loaded over the base it names, its files checked first (a damaged one is named)."""
+    from peft import PeftModel
+
+    base = load_model(resolve_model_path(adapter_base(adapter_dir)), dtype, trust_remote_code, attn_implementation,
+                      device=device)
+    check_json_files(adapter_dir)
+    check_weights(adapter_dir, "adapter_model.safetensors")
+    return PeftModel.from_pretrained(base, adapter_dir, is_trainable=is_trainable)
+
+
+@contextmanager
+def as_started(model):
+    """The PEFT model as its stage started it, for the span of the block: with the frozen copy of the adapter it
+    went on training (REFERENCE_ADAPTER), else with its adapter disabled (its base). Which parameters train is
+    restored after: PEFT's set_adapter marks the adapter it activates as trainable."""
+    if REFERENCE_ADAPTER not in getattr(model, "peft_config", {}):
+        with model.disable_adapter():
+            yield model
+        return
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
+    active = model.active_adapter
+    model.set_adapter(REFERENCE_ADAPTER)
+    try:
+        yield model
+    finally:
+        model.set_adapter(active)
+        for name, p in model.named_parameters():
+            p.requires_grad_(trainable[name])
+
+
+def continued_adapter(run_dir: Path) -> Path | None:
+    """The LoRA run whose adapter the run `run_dir` went on training (a DPO run started from an SFT LoRA run,
+    load_adapter_to_train), or None."""
+    start = ((run_record(run_dir) or {}).get("model") or {}).get("model_name_or_path")
+    if not start or not (run_dir / ADAPTER_CONFIG).exists() or not is_adapter_folder(start):
+        return None
+    base = read_json(run_dir / ADAPTER_CONFIG).get("base_model_name_or_path")
+    return None if base and Path(base).resolve() == Path(start).resolve() else Path(start)  # else: stacked on it
 
 
 def config_folder(model_path: Path) -> Path:
@@ -181,6 +232,27 @@ def model_context(model_path: Path) -> int | None:
                    None)
 
 
+MODEL_JSON_FILES = ("config.json", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json",
+                    "tokenizer.json", "adapter_config.json")
+
+
+def check_json_files(folder: Path) -> None:
+    """The JSON files transformers and PEFT read from a model or run folder are whole JSON objects: transformers
+    skips a damaged generation_config.json with a log line and generates without its stop tokens, and a damaged
+    tokenizer.json is a Rust error that names no file."""
+    for name in MODEL_JSON_FILES:
+        path = Path(folder) / name
+        if not path.is_file():
+            continue
+        try:
+            value = json.loads(path.read_bytes())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UserError(f"{path} is damaged (not JSON: {exc}): it was cut short or overwritten; copy it again "
+                            "from where it came from") from None
+        if not isinstance(value, dict):
+            raise UserError(f"{path} is damaged (a JSON {type(value).__name__}, not an object)")
+
+
 def check_weights(folder: Path, name: str) -> None:
     """A folder's safetensors weights are there and whole (each file's header read: a truncated or zero-byte file
     is one line here, not a deserializing error later); a pickle in their place is refused: sftlab loads
@@ -197,6 +269,8 @@ def check_weights(folder: Path, name: str) -> None:
                             "safe_serialization=True)")
         raise UserError(f"{folder}: no {name} there (its weights are missing)")
     for file in files:
+        if not file.is_file():
+            raise UserError(f"{file} is a folder, not a safetensors file: copy or save the weights again")
         try:
             with safe_open(file, "pt"):
                 pass
@@ -221,6 +295,7 @@ def adapter_base(adapter_dir: Path) -> str:
     config_file = Path(adapter_dir) / ADAPTER_CONFIG
     if not config_file.exists():
         raise UserError(f"adapter path {adapter_dir}: no {ADAPTER_CONFIG} there (is it a PEFT adapter folder?)")
+    check_json_files(Path(adapter_dir))
     trained_on = ((run_record(adapter_dir) or {}).get("model") or {}).get("model_name_or_path") or ""
     if trained_on.startswith("sftlab:"):
         return build_of_run(trained_on, run_folder(adapter_dir) / "tokenizer.json")

@@ -16,7 +16,6 @@ resolves on any machine.
 """
 
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass, field, replace
@@ -25,7 +24,7 @@ from pathlib import Path
 
 from sftlab.environment import cache_root
 from sftlab.errors import UserError
-from sftlab.files import exclusive_lock, staged_folder
+from sftlab.files import exclusive_lock, release_lock, staged_folder
 
 # GLM-4's pre-tokenizer (its tokenizer.json's Split pattern, then byte-level without GPT-2's own pattern): the
 # tiny GLM-4 models split text as GLM-4-9B does, so that llama.cpp's converter and runtime treat them as GLM-4
@@ -152,7 +151,7 @@ def build_once(target: Path, build) -> Path:
         with staged_folder(target) as staging:
             build(staging)
     finally:
-        os.close(lock)
+        release_lock(lock)
     return target
 
 

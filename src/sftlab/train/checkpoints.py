@@ -7,16 +7,13 @@ size and XXH3-128 hash. `--resume` takes the newest folder whose marker is there
 says which newer ones it skipped and why; old checkpoints are deleted only after a newer one is committed.
 """
 
-import hashlib
 import os
 import re
 import shutil
 from pathlib import Path
 
-import xxhash
-
 from sftlab.errors import UserError
-from sftlab.files import exclusive_lock
+from sftlab.files import HASHES, exclusive_lock, file_digest, pid_alive, release_lock
 from sftlab.run_dir import COMMIT_MARKER, LOCK, read_json, write_json
 
 MARKER = COMMIT_MARKER
@@ -26,15 +23,6 @@ CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # XXH3-128: 11 GB/s here against SHA-256's 1.45 (benchmarks/checkpoint_commit.py: a 2.2 GB checkpoint's hashing
 # went from 56% of its write time to 7%; a full GLM-4-9B checkpoint is over 100 GB). It detects torn and damaged
 # files as well; it is not a defence against someone forging one. Markers written with SHA-256 still verify.
-HASHES = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}
-
-
-def file_digest(path: Path, algorithm: str = "xxh3_128") -> str:
-    digest = HASHES[algorithm]()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def fsync_path(path: Path) -> None:
@@ -134,10 +122,14 @@ class RunLock:
             fd = exclusive_lock(self.path, wait=False)
             if fd is None:
                 holder = self._holder() or "unknown"
+                if holder.isdigit() and not pid_alive(int(holder)):
+                    raise UserError(f"output_dir {self.path.parent} is locked by a process that PID {holder} (now "
+                                    f"ended) started: `fuser {self.path}` names it; stop it, or choose another "
+                                    "output_dir")
                 raise UserError(f"output_dir {self.path.parent} is in use by another sftlab train (PID {holder}); "
                                 f"wait for it, stop it, or choose another output_dir")
             if not self._still_the_file(fd):  # its holder released and removed it while we waited: again
-                os.close(fd)
+                release_lock(fd)
                 continue
             previous = os.pread(fd, 32, 0).decode(errors="replace").strip()
             if previous:
@@ -163,5 +155,5 @@ class RunLock:
     def release(self) -> None:
         if self.fd is not None:
             self.path.unlink(missing_ok=True)  # unlinked while still locked: a waiter then sees a new file
-            os.close(self.fd)
+            release_lock(self.fd)
         self.fd = None

@@ -54,14 +54,20 @@ def refuse_tied_modules_to_save(model, modules_to_save: list[str]) -> None:
 
 
 
-def check_prepared(data, lengths: list[int], data_args, train_args) -> None:
-    """The prepared data can train as configured: samples left, a token budget that holds the longest sample
-    (`lengths`: the training samples'), a held-out split where evaluation is asked for."""
+def check_training_rows(data, data_args) -> None:
+    """Training samples are left (`sftlab data prepare` says so too, rather than that `train` can read it)."""
     if not len(data.train):
         if len(data.test):
             raise UserError(f"test_size {data_args.test_size} leaves no training samples: all {len(data.test)} usable "
                             "rows were held out; lower test_size (a share of the rows, e.g. 0.05)")
-        raise UserError(f"no training samples left from {', '.join(data_args.data_files)} ({data.summary()})")
+        raise UserError(f"no training samples left from {', '.join(map(str, data_args.data_files))} "
+                        f"({data.summary()})")
+
+
+def check_prepared(data, lengths: list[int], data_args, train_args) -> None:
+    """The prepared data can train as configured: samples left, a token budget that holds the longest sample
+    (`lengths`: the training samples'), a held-out split where evaluation is asked for."""
+    check_training_rows(data, data_args)
     longest = max(lengths)
     if train_args.max_tokens_per_batch is not None and train_args.max_tokens_per_batch < longest:
         raise UserError(f"max_tokens_per_batch {train_args.max_tokens_per_batch} is smaller than the longest training "

@@ -3,6 +3,7 @@ quantities derived from a config that `train` and `estimate` share (the batch pl
 
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -84,7 +85,7 @@ class RunFields:
         default=2, metadata={"help": "Saves in a row whose retention is degraded before retention_stop ends the run "
                              "(1: the first). Over ~20 probes the base answers, one borderline answer flips the "
                              "retained share by 5 points: runs whose loss rise fell and accuracy held were judged "
-                             "degraded at one save (README, Keeping what the model knew)."}
+                             "degraded at one save (docs/evaluation.md, Keeping what the model knew)."}
     )
     best_checkpoint: bool = field(
         default=True, metadata={"help": "With retention_at_saves: the final weights are the best checkpoint's: the "
@@ -227,6 +228,20 @@ def check_ranges(config: TrainConfig) -> None:
     if not str(config.output_dir or "").strip():
         raise ValueError("output_dir: must name a folder, got an empty string")
     check_fields(config)
+    check_named_files(config)
+
+
+def check_named_files(config) -> None:
+    """The files a config names (a DeepSpeed config, replay prompt files) exist, before anything loads: a typo is
+    one line now, not a library's traceback after the model has loaded."""
+    named = [("deepspeed", config.deepspeed)] if isinstance(config.deepspeed, str) else []
+    named += [("replay_prompts", p) for p in getattr(config, "replay_prompts", None) or []
+              if isinstance(p, str) and not p.startswith("sftlab:")]
+    for name, path in named:
+        if not Path(path).exists():
+            raise ValueError(f"{name}: {path} does not exist")
+        if not Path(path).is_file():
+            raise ValueError(f"{name}: {path} is a folder, not a file")
 
 
 def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, CleanArguments, TrainConfig]:

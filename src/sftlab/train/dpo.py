@@ -3,12 +3,17 @@ finish, through the same run lifecycle as `sftlab train` (train/lifecycle.py: th
 micro-batches, committed checkpoints, a resume that refuses a changed recipe, the non-finite guards, a clean stop
 on a signal) and the same run folder (train/run_files.py: config, manifest, rejected rows, report, model card).
 
-Where it starts (`model_name_or_path`): a base model, a merged or fully tuned folder, or an SFT LoRA run, whose
-adapter is merged into its base in memory (model/load.py, load_merged_adapter). The reference is the model DPO
-starts from: with LoRA (the default) it is that same model with the new adapter disabled, so no second copy is
-held; in full fine-tuning a frozen copy is loaded (none with precompute_ref_log_probs: the policy scores the pairs
-before it trains). SimPO and ORPO need no reference: they train on TRL's CPOTrainer and ORPOTrainer, with the
-same lifecycle. The pairs are rendered by the one renderer (data/preference.py), never by TRL's own tokenization.
+Where it starts (`model_name_or_path`): a base model, a merged or fully tuned folder, or an SFT LoRA run. With
+LoRA (the default) from an SFT LoRA run, DPO goes on training that run's adapter over its original base
+(model/load.py, load_adapter_to_train), so the run saves one adapter over the original base, which PEFT's
+AutoPeftModelForCausalLM, vLLM and lm-eval load in one step; its LoRA settings are the SFT adapter's (said at the
+start), and the reference is TRL's frozen copy of that adapter as it started (REFERENCE_ADAPTER, never saved: it is
+the SFT run's own). With LoRA from a model folder, a new adapter, the reference that model with the adapter
+disabled. Either way no second copy of the model is held. In full fine-tuning an SFT LoRA run is merged into its
+base in memory and a frozen copy is loaded as the reference (none with precompute_ref_log_probs: the policy scores
+the pairs before it trains). SimPO and ORPO need no reference: they train on TRL's CPOTrainer and ORPOTrainer,
+with the same lifecycle. The pairs are rendered by the one renderer (data/preference.py), never by TRL's own
+tokenization.
 """
 
 import dataclasses
@@ -20,7 +25,8 @@ from typing import ClassVar
 
 from trl import DPOConfig, DPOTrainer, TrlParser
 
-os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # SimPO and ORPO live there in TRL 1.x; said in the README
+# SimPO and ORPO live there in TRL 1.x; said in docs/preference-tuning.md
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 from trl.experimental.cpo import CPOConfig, CPOTrainer  # noqa: E402
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer  # noqa: E402
 
@@ -30,9 +36,14 @@ from sftlab.data.preference import PAIR_FIELDS, Pair, PreferenceData, prepare_pa
 from sftlab.data.prepare import source_digests
 from sftlab.data.sources import dataset_specs, iter_datasets
 from sftlab.errors import UserError
-from sftlab.internals import attention_of
+from sftlab.internals import attention_of, save_only_adapter
 from sftlab.model.load import (
     ADAPTER_CONFIG,
+    REFERENCE_ADAPTER,
+    as_started,
+    continued_adapter,
+    is_adapter_folder,
+    load_adapter_to_train,
     load_for_inference,
     load_model,
     load_tokenizer,
@@ -189,18 +200,22 @@ def dpo(model_args: ModelArguments, data_args: DataArguments, dpo_args: DpoConfi
         raise UserError("overflow: a preference pair over max_length is rejected (too_long), never truncated: a "
                         "reply cut short would teach the model to stop mid-answer; remove overflow or raise "
                         "max_length")
-    return run_in_output_dir(dpo_args, lambda: run_training(model_args, data_args, dpo_args), complete_dpo_run)
+    return run_in_output_dir(dpo_args, lambda: run_training(model_args, data_args, dpo_args), complete_dpo_run,
+                             stage="dpo")
 
 
 def run_training(model_args: ModelArguments, data_args: DataArguments, dpo_args: DpoConfig) -> Path:
     out, is_main = Path(dpo_args.output_dir), dpo_args.process_index == 0
     prepared = prepare(model_args, data_args, dpo_args)
     trainer, stopper, chosen, reference = build(model_args, data_args, dpo_args, prepared)
+    base_name = (read_json(prepared.model_path / ADAPTER_CONFIG)["base_model_name_or_path"]
+                 if continues_adapter(model_args, prepared.model_path)  # the SFT adapter's own base
+                 else recorded_base_name(model_args.model_name_or_path))
     with tracked(dpo_args, prepared.config, is_main):
         train_and_finish(trainer, stopper, prepared.resume_from, out,
                          lambda: write_training_manifest(out, prepared.data, dpo_args.seed,
                                                          {**chosen, "final_weights": trainer.final_weights}),
-                         prepared.tokenizer, recorded_base_name(model_args.model_name_or_path),
+                         prepared.tokenizer, base_name,
                          finish=lambda: finish_dpo(trainer.model, prepared.tokenizer, out, trainer.state.global_step,
                                                    dpo_settings(prepared.config), prepared.data.heldout, reference,
                                                    sharded_engine(trainer)))
@@ -214,6 +229,11 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, dpo_args: DpoC
     resume_from = check_output_dir(out, dpo_args.resume, is_main)
     model_path = resolve_model_path(model_args.model_name_or_path)
     tokenizer = load_tokenizer(model_path, dpo_args.trust_remote_code)
+    if continues_adapter(model_args, model_path):
+        if model_args.load_in_4bit:
+            raise UserError(f"load_in_4bit with the LoRA run {model_path} as the start: not supported yet; merge it "
+                            f"first (sftlab merge --adapter {model_path}) and start from the merged folder")
+        adopt_adapter_settings(model_args, model_path, is_main)
     check_lora_targets(model_path, model_args)
     check_context(model_path, dpo_args.max_length)
     data, sources = read_pairs(data_args, ChatRenderer(tokenizer, dpo_args.max_length))
@@ -230,6 +250,33 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, dpo_args: DpoC
     config = resolved_config(model_args, data_args, None, dpo_args, data.fingerprint, sources, stage="dpo")
     amendment = resume_or_start(out, config, resume_from, is_main, lambda: write_pair_inputs(out, config, data))
     return PreparedPairs(model_path, tokenizer, data, config, resume_from, amendment)
+
+
+def continues_adapter(model_args: ModelArguments, model_path: Path) -> bool:
+    """LoRA from an SFT LoRA run: DPO goes on training its adapter (the module's docstring)."""
+    return model_args.use_peft and is_adapter_folder(model_path)
+
+
+def adopt_adapter_settings(model_args: ModelArguments, adapter_dir: Path, is_main: bool) -> None:
+    """The SFT adapter's LoRA settings become the run's (recorded in its config and card): the adapter DPO goes
+    on training has them; the config's own LoRA fields, where they differ, are said to be unused."""
+    saved = read_json(adapter_dir / ADAPTER_CONFIG)
+    targets = saved.get("target_modules") or []
+    adopted = {"lora_r": saved["r"], "lora_alpha": saved["lora_alpha"], "lora_dropout": saved.get("lora_dropout", 0.0),
+               "lora_target_modules": sorted({name.split(".")[-1]  # PEFT saves each module's full name
+                                              for name in ([targets] if isinstance(targets, str) else targets)}),
+               "lora_modules_to_save": saved.get("modules_to_save") or None}
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelArguments)}
+    unused = [f"{name} {getattr(model_args, name)}" for name, value in adopted.items()  # set, and not the adapter's
+              if name != "lora_target_modules" and getattr(model_args, name) not in (value, defaults.get(name))]
+    for name, value in adopted.items():
+        setattr(model_args, name, value)
+    if is_main:
+        print(f"dpo: goes on training the LoRA adapter of the SFT run {adapter_dir} (r {adopted['lora_r']}, alpha "
+              f"{adopted['lora_alpha']}, on {', '.join(adopted['lora_target_modules'])}"
+              f"{', in full: ' + ', '.join(adopted['lora_modules_to_save']) if adopted['lora_modules_to_save'] else ''}"
+              f"), its reference that adapter as it starts"
+              + (f"; this config's {', '.join(unused)} are not used" if unused else ""), flush=True)
 
 
 def read_pairs(data_args: DataArguments, renderer: ChatRenderer) -> tuple[PreferenceData, dict[str, str]]:
@@ -265,9 +312,17 @@ def build(model_args: ModelArguments, data_args: DataArguments, dpo_args: DpoCon
 
     out, is_main = Path(dpo_args.output_dir), dpo_args.process_index == 0
     start = model_args.model_name_or_path
-    model = load_model(prepared.model_path, model_args.dtype, dpo_args.trust_remote_code,
-                       model_args.attn_implementation, record_name=recorded_base_name(start),
-                       load_in_4bit=model_args.load_in_4bit)
+    continues = continues_adapter(model_args, prepared.model_path)
+    if continues:  # TRL's DPO copies its adapter, frozen, as the reference (REFERENCE_ADAPTER): saved, it is not
+        model = load_adapter_to_train(prepared.model_path, model_args.dtype, dpo_args.trust_remote_code,
+                                      model_args.attn_implementation)
+        if dpo_args.reference_free:  # CPO and ORPO keep no copy: the judgement after training needs the start
+            model.load_adapter(str(prepared.model_path), adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+        save_only_adapter(model, model.active_adapter)
+    else:
+        model = load_model(prepared.model_path, model_args.dtype, dpo_args.trust_remote_code,
+                           model_args.attn_implementation, record_name=recorded_base_name(start),
+                           load_in_4bit=model_args.load_in_4bit)
     reference = None  # LoRA: the adapter disabled; precomputed: TRL scores the pairs with the policy before training
     if not model_args.use_peft and not dpo_args.precompute_ref_log_probs and not dpo_args.reference_free:
         reference = load_model(prepared.model_path, model_args.dtype, dpo_args.trust_remote_code,
@@ -283,7 +338,7 @@ def build(model_args: ModelArguments, data_args: DataArguments, dpo_args: DpoCon
     common = dict(
         model=model, processing_class=prepared.tokenizer, train_dataset=Dataset.from_list(prepared.data.train),
         eval_dataset=Dataset.from_list(prepared.data.test) if evaluates else None,
-        peft_config=lora_config(model_args) if model_args.use_peft else None,
+        peft_config=lora_config(model_args) if model_args.use_peft and not continues else None,
         callbacks=[probe, *([guard] if guard else []), JsonlLogCallback(str(out)), stopper], token_sampler=sampler,
         bad_steps=BadSteps(dpo_args.max_bad_steps), amendment=prepared.amendment, retention=guard,
     )
@@ -298,8 +353,8 @@ def build(model_args: ModelArguments, data_args: DataArguments, dpo_args: DpoCon
         probe.prompts, trainer.retention = [], None  # one process cannot generate with weights split across all
         trainer.remove_callback(RetentionAtSaves)
     kind = ("none (" + dpo_args.reference_free + ")" if dpo_args.reference_free else "a frozen copy"
-            if reference is not None else "the policy with its LoRA adapter disabled" if model_args.use_peft
-            else "precomputed")
+            if reference is not None else "the SFT run's adapter as it started (a frozen copy)" if continues
+            else "the policy with its LoRA adapter disabled" if model_args.use_peft else "precomputed")
     chosen = {"attention": attention_of(trainer.model), "reference": kind,
               "batches": {**asdict(plan), "summary": plan.summary()}}
     return trainer, stopper, chosen, getattr(trainer, "ref_model", None)
@@ -318,6 +373,9 @@ def complete_dpo_run(out: Path, is_main: bool) -> Path:
           "them with the run's recorded settings (no training)")
     lora = (out / ADAPTER_CONFIG).exists()
     model, tokenizer = load_for_inference(adapter=str(out)) if lora else load_for_inference(model=str(out))
+    started_from = continued_adapter(out)
+    if started_from is not None:  # the reference: the SFT adapter it went on training, as it was
+        model.load_adapter(str(started_from), adapter_name=REFERENCE_ADAPTER)
     step, settings = read_json(out / TRAINER_STATE)["global_step"], dpo_settings(effective_record(out))
     finish_dpo(model, tokenizer, out, step, settings, read_jsonl(out / HELDOUT), None, None)
     return out
@@ -365,8 +423,8 @@ def judge(model, tokenizer, records: list[dict], settings: dict, reference) -> t
     """Before (the reference) and after (the policy) on held-out pairs: the preference scores
     (eval/preference.py), and each model's greedy replies to the prompts scored against the chosen reply (stop
     rate and reply length: preference tuning is known to lengthen replies); the retention check for LoRA.
-    `reference`: the reference model, or None for the policy's adapter disabled (LoRA) or, in full fine-tuning,
-    the start loaded again."""
+    `reference`: the reference model, or None for the policy as it started (LoRA: model/load.py, as_started) or,
+    in full fine-tuning, the start loaded again."""
     import contextlib
 
     from sftlab.eval.evaluate import evaluate, with_replies
@@ -380,7 +438,7 @@ def judge(model, tokenizer, records: list[dict], settings: dict, reference) -> t
     results = judge_pairs(model, rendered, tokenizer.pad_token_id, settings["beta"], reference)
     conversations, tools = [[*p.prompt, p.chosen] for p in pairs], [p.tools for p in pairs]
     limit = settings["final_eval_max_new_tokens"]
-    with (model.disable_adapter() if reference is None else contextlib.nullcontext()):
+    with (as_started(model) if reference is None else contextlib.nullcontext()):
         base, base_replies = evaluate(reference or model, tokenizer, conversations, limit, label="reference",
                                       tools=tools)
     tuned, tuned_replies = evaluate(model, tokenizer, conversations, limit, label="tuned", tools=tools)

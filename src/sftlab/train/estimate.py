@@ -211,8 +211,9 @@ def retention_estimate(train_args, steps: int) -> str:
 def dpo_reference_line(model_args, weights: float) -> str:
     """What `sftlab dpo` with this model adds for its reference model (the policy before tuning)."""
     if model_args.use_peft:
-        return ("+0 with LoRA (sftlab dpo scores the reference with the adapter disabled: no copy); a pair is two "
-                "rows, so count a micro-batch's tokens for both replies")
+        return ("+0 with LoRA (sftlab dpo scores the reference with the adapter disabled: no copy; from an SFT "
+                "LoRA run, a frozen copy of its adapter: the adapter's size); a pair is two rows, so count a "
+                "micro-batch's tokens for both replies")
     return (f"+{size(weights)} in full fine-tuning (a frozen copy of the weights; +0 with precompute_ref_log_probs, "
             "which scores the pairs with the policy before it trains); a pair is two rows")
 

@@ -29,6 +29,7 @@ from sftlab.model.gguf import (
     read_metadata,
 )
 from sftlab.model.ollama import modelfile
+from sftlab.run_dir import check_output_folder
 
 EXPORT_RECORD = "export.json"
 
@@ -73,8 +74,7 @@ def export(args: ExportArguments) -> Path:
         raise UserError(f"{'adapter' if args.adapter else 'model'} path {source} does not exist")
     default = (source if args.adapter or not args.model.startswith("sftlab:") else Path(args.model[7:]))
     out = Path(args.output) if args.output else default.with_name(f"{default.name}-{args.format}")
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"output {out} already exists and is not empty: choose another --output or remove it")
+    check_output_folder(out, "export", inputs=[p for p in (args.adapter, args.model) if p])
     try:
         import gguf  # noqa: F401
     except ImportError as exc:

@@ -22,6 +22,7 @@ class StopOnSignal(TrainerCallback):
     def __init__(self):
         self.received: int | None = None
         self.stopping = False  # on every process, once any of them received a signal: nothing but the save runs
+        self.owed: list[str] = []  # what the stopped step skipped: "evaluate", "probes", "retention"
         self.previous = {}
 
     def install(self) -> None:
@@ -43,6 +44,9 @@ class StopOnSignal(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if _any_process(self.received is not None):
             self.stopping = True
+            # what this step was due to do besides the save: its checkpoint records it, and a resume does it then
+            self.owed = [name for name, due in (("evaluate", control.should_evaluate), ("probes", control.should_save),
+                                                ("retention", control.should_save)) if due]
             control.should_save = True
             control.should_training_stop = True
             control.should_evaluate = False  # an evaluation due at this step would delay the exit by minutes

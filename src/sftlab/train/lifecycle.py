@@ -14,11 +14,12 @@ from transformers import TrainerCallback
 
 from sftlab.errors import UserError, write_failure
 from sftlab.internals import checkpoint_dir, logged_loss_sum, logging_state, restore_logging_state
-from sftlab.run_dir import LOG_STATE, read_json, write_json
+from sftlab.run_dir import LOG_STATE, RESOLVED_CONFIG, read_json, read_yaml, write_json
 from sftlab.train.batching import SamplerEpochCallback, TokenBudgetSampler
+from sftlab.train.callbacks import ProbeCallback
 from sftlab.train.checkpoints import RunLock, commit, newest_committed, rotate
 from sftlab.train.guards import BadSteps, StopOnSignal, refuse_non_finite
-from sftlab.train.resume import has_final, is_complete, record_amendment
+from sftlab.train.resume import STAGES, has_final, is_complete, record_amendment
 
 
 class ReliableTrainer:
@@ -76,6 +77,9 @@ class CommitCheckpoints(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         saved = logging_state(self.trainer)  # a collective: on every process
+        stopper = callback_of(self.trainer, StopOnSignal)
+        if stopper is not None and stopper.stopping:
+            saved["owed"] = stopper.owed  # the evaluation and probes a stop signal skipped: done on resume
         self.trainer.accelerator.wait_for_everyone()
         if args.should_save:
             folder = checkpoint_dir(args, state.global_step)
@@ -99,8 +103,24 @@ class OnResume(TrainerCallback):
         path = Path(folder) / LOG_STATE if folder else None
         if path is None or not path.exists():  # a fresh run, or a checkpoint written before sftlab kept it
             return
-        restore_logging_state(self.trainer, read_json(path))
+        saved = read_json(path)
+        restore_logging_state(self.trainer, saved)
         self.restored = True
+        self.do_what_was_owed(saved.get("owed", []), args, state, control)
+
+    def do_what_was_owed(self, owed: list[str], args, state, control) -> None:
+        """The evaluation, the probe replies and the retention check that the stopped step skipped (a stop signal
+        saves at once), done now at that step with its weights, in the order an uninterrupted run does them: the
+        logs then hold what they would have."""
+        if "evaluate" in owed and self.trainer.eval_dataset is not None:
+            self.trainer.evaluate()
+        probe = callback_of(self.trainer, ProbeCallback)
+        if "probes" in owed and probe is not None:
+            probe.on_save(args, state, control, model=self.trainer.model)
+        guard = self.trainer.retention
+        if "retention" in owed and guard is not None:
+            guard.on_train_begin(args, state, control, model=self.trainer.model)  # its base and history, read now
+            guard.on_save(args, state, control, model=self.trainer.model)  # (this callback runs before it)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.restored and logs is not None and "train_loss" in logs and state.global_step:
@@ -108,13 +128,24 @@ class OnResume(TrainerCallback):
             logs["train_loss"] = logged_loss_sum(self.trainer) / state.global_step
 
 
-def run_in_output_dir(train_args, start, complete) -> Path:
+def callback_of(trainer, kind):
+    return next((c for c in trainer.callback_handler.callbacks if isinstance(c, kind)), None)
+
+
+def run_in_output_dir(train_args, start, complete, stage: str = "sft") -> Path:
     """A stage's run in train_args.output_dir, under the folder's lock (held by the main process for the whole
     run): `start()` trains (or resumes) and returns the folder; a finished run is left as it is; a run whose
-    final weights were saved but not its evaluation and report is given them by `complete(out, is_main)`."""
+    final weights were saved but not its evaluation and report is given them by `complete(out, is_main)`. A resume
+    of another stage's run, finished or not, is refused naming both."""
     out, is_main = Path(train_args.output_dir), train_args.process_index == 0
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir {out} is a file, not a folder")
+    recorded = read_yaml(out / RESOLVED_CONFIG).get("stage", "sft") if train_args.resume and \
+        (out / RESOLVED_CONFIG).is_file() else stage
+    if recorded != stage:
+        (was, verb), (now, _) = STAGES[recorded], STAGES[stage]
+        raise UserError(f"--resume {out}: this run is {was}; this command is for {now} (resume it with `{verb}`); "
+                        "or give this one another output_dir")
     if train_args.resume and is_complete(out):
         print(f"run {out} is finished (its final weights, evaluation and report are there): nothing to resume, "
               "nothing changed")

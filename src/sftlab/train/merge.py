@@ -23,7 +23,7 @@ from sftlab.model.load import (
     run_of_checkpoint,
     save_tokenizer,
 )
-from sftlab.run_dir import RESOLVED_CONFIG
+from sftlab.run_dir import RESOLVED_CONFIG, check_output_folder
 
 DTYPES = ("bfloat16", "float16", "float32")  # MergeArguments.dtype's choices
 
@@ -39,8 +39,7 @@ def merge(adapter: str, output: str | None = None, dtype: str = "bfloat16", devi
     default = (record.with_name(f"{record.name}-{run.name}-merged") if record != run
                else run.with_name(run.name + "-merged"))
     out = Path(output) if output else default
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"output {out} already exists and is not empty: choose another --output or remove it")
+    check_output_folder(out, "merge", inputs=[adapter])
     if dtype not in DTYPES:
         raise UserError(f"--dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
     base_path, tokenizer_dir = inference_paths(adapter=adapter)

@@ -16,7 +16,6 @@ it learns the task: the loss on them is the loss rise the retention check measur
 
 import hashlib
 import json
-import os
 import random
 from dataclasses import replace
 from pathlib import Path
@@ -28,10 +27,9 @@ from sftlab.data.load import SHIPPED_DATA, demo_data_path
 from sftlab.data.prepare import PreparedData, prepare_data
 from sftlab.environment import cache_root
 from sftlab.errors import UserError
-from sftlab.files import exclusive_lock, write_atomic
+from sftlab.files import exclusive_lock, file_digest, release_lock, write_atomic
 from sftlab.infer.generate import SamplingArgs, generate_replies
 from sftlab.model.load import load_model, with_system_prompt
-from sftlab.train.checkpoints import file_digest
 
 BUILTIN = "sftlab:replay-prompts"
 GENERATION_BATCH = 32  # on CPU a step of 32 rows costs little more than one of 16
@@ -123,7 +121,7 @@ def base_replies(model_path: Path, tokenizer, prompts: list[str], system_prompt:
                 _generate_into(path, model, tokenizer, prompts, system_prompt, max_new_tokens)
                 del model
         finally:
-            os.close(lock)
+            release_lock(lock)
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
     return rows, path
 

@@ -20,7 +20,7 @@ from sftlab.internals import attention_of, sft_collator
 from sftlab.model.load import load_model, load_tokenizer, quantization_config, recorded_base_name, resolve_model_path
 from sftlab.train.batching import BatchPlan, resolve_padding_free, training_attention
 from sftlab.train.callbacks import JsonlLogCallback, ProbeCallback
-from sftlab.train.checks import check_context, check_lora_targets, check_prepared
+from sftlab.train.checks import check_context, check_lora_targets, check_prepared, check_training_rows
 from sftlab.train.config import (
     TRAIN_ARGUMENTS,
     TrainConfig,
@@ -177,6 +177,7 @@ def prepare_only(model_args: ModelArguments, data_args: DataArguments, clean_arg
     tokenizer = load_tokenizer(model_path, train_args.trust_remote_code)
     renderer = ChatRenderer(tokenizer, train_args.max_length, data_args.overflow)
     data = prepare_data(data_args, clean_args, renderer)
+    check_training_rows(data, data_args)  # before replay, which would otherwise be all it trains on
     if train_args.replay:
         data = with_replay(data, model_path, renderer, data_args, clean_args, train_args, model_args.dtype)
     print(data.summary())
