@@ -1,7 +1,7 @@
 """The demo on every other embedded family: trained with configs/demo.yaml, each tuned model says it is
 灵犀/Lingxi and stops on the identity questions, the doctor passes on its run, and its GGUF export (f16) answers
 every round-trip prompt with transformers' greedy tokens and stop in llama.cpp, which tokenizes text as the
-model's tokenizer does (the tiny GLM-4 is tests/test_demo.py and tests/train/test_export.py)."""
+model's tokenizer does (the tiny GLM-4 is tests/test_demo.py and tests/export/test_gguf.py)."""
 
 
 import json
@@ -11,10 +11,10 @@ import pytest
 
 from helpers import REPO
 from sftlab.eval.doctor import run_checks
+from sftlab.export.gguf import ExportArguments, export
 from sftlab.infer.generate import SamplingArgs, generate_replies
 from sftlab.model.load import load_for_inference
 from sftlab.train.config import parse_args
-from sftlab.train.export import ExportArguments, export
 from sftlab.train.sft import train
 
 pytestmark = pytest.mark.slow  # three demo training runs

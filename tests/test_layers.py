@@ -16,6 +16,7 @@ LAYERS = [
     ["data"],
     ["infer"],
     ["eval"],
+    ["export"],
     ["train"],
     ["cli"],
 ]

@@ -14,8 +14,9 @@ from sftlab.data.clean import clean_rows
 from sftlab.data.convert import to_messages
 from sftlab.data.load import SourceRow
 from sftlab.data.report import build_report, summary_line
-from sftlab.model.load import load_tokenizer, recorded_system_prompt, with_system_prompt
+from sftlab.model.load import load_tokenizer, with_system_prompt
 from sftlab.model.tiny import FAMILIES
+from sftlab.run_dir import recorded_system_prompt
 
 DEFAULT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 # SmolLM2-135M-Instruct's template, as its GGUF file carries it

@@ -48,9 +48,9 @@ VERBS = {
     "chat": Verb("chat with a base model or a run", "sftlab chat --adapter output/demo [--prompt TEXT --json]",
                  "sftlab.infer.chat", "run"),
     "merge": Verb("merge a LoRA run into its base for serving", "sftlab merge --adapter output/demo [--output DIR]",
-                  "sftlab.train.merge", "run"),
+                  "sftlab.export.merge", "run"),
     "export": Verb("a run as a verified GGUF and Modelfile for llama.cpp and Ollama",
-                   "sftlab export --adapter output/demo [--outtype q8_0]", "sftlab.train.export", "run"),
+                   "sftlab export --adapter output/demo [--outtype q8_0]", "sftlab.export.gguf", "run"),
     "serve": Verb("an OpenAI-compatible server with a chat page", "sftlab serve --adapter output/demo [--port 8000]",
                   "sftlab.infer.serve", "run"),
 }

@@ -1,13 +1,15 @@
 """The run folder's contract: the name of every file sftlab writes into a run folder (and into its eval/ folder),
-and how JSON and JSON-lines files are read and written. train, eval, the doctor, the model card, the run report,
-resume and estimate use these names and readers, so they cannot disagree about a file; docs/training.md's "What a run
+how JSON and JSON-lines files are read and written, and how a folder is read as a run (its record, its checkpoints,
+whether it is complete). train, eval, the doctor, chat, serve, export, the model card, the run report, resume and
+estimate use these names and readers, so they cannot disagree about a file; docs/training.md's "What a run
 directory holds" lists the same names (tests/test_run_dir.py checks the two against each other).
 
-The weight, tokenizer and generation files are transformers' and PEFT's (named in model/load.py).
+The weight, tokenizer and generation files are transformers' and PEFT's (loaded in model/load.py).
 """
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import yaml
 from sftlab.errors import UserError
 from sftlab.files import load_yaml, write_atomic
 
+ADAPTER_CONFIG = "adapter_config.json"  # PEFT's: a LoRA run's adapter (beside adapter_model.safetensors)
 RESOLVED_CONFIG = "sftlab_config.yaml"  # the resolved configuration, written before training
 MANIFEST = "manifest.json"  # how the run was made; `completed` once every step after the final save is done
 TRAINER_LOG = "trainer_log.jsonl"  # every log record as it happened
@@ -176,3 +179,80 @@ def check_output_folder(out: Path, verb: str, flag: str = "--output", ours: tupl
             listed = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
             raise UserError(f"{flag} {out} already holds files `sftlab {verb}` did not write ({listed}): choose "
                             "another folder, or empty it")
+
+
+# Reading a run folder: what a folder is (a run, a checkpoint of one, an adapter), what its run recorded, and
+# whether it finished. Every verb that takes a run asks these, so a checkpoint is read as its run everywhere.
+
+def is_adapter_folder(folder: str | Path) -> bool:
+    """A PEFT adapter folder (a LoRA run), not a full model."""
+    return (Path(folder) / ADAPTER_CONFIG).exists() and not (Path(folder) / "config.json").exists()
+
+
+def run_of_checkpoint(folder: str | Path) -> Path | None:
+    """The run folder that holds `folder` when `folder` is one of its checkpoint-N folders, else None: a
+    checkpoint's metadata (recipe, stop ids, data report) is its run's, and nothing is written inside it."""
+    folder = Path(folder)
+    if re.fullmatch(r"checkpoint-\d+", folder.name) and (folder.parent / RESOLVED_CONFIG).exists():
+        return folder.parent
+    return None
+
+
+def run_folder(folder: str | Path) -> Path | None:
+    """The training run `folder` belongs to: itself, or the run holding it when it is a checkpoint-N; None for a
+    model folder that sftlab did not train."""
+    folder = Path(folder)
+    return folder if (folder / RESOLVED_CONFIG).is_file() else run_of_checkpoint(folder)
+
+
+def run_record(folder: str | Path | None) -> dict | None:
+    """The resolved config (sftlab_config.yaml) of the run `folder` belongs to, or None."""
+    run = run_folder(folder) if folder is not None else None
+    if run is None:
+        return None
+    return read_yaml(run / RESOLVED_CONFIG)
+
+
+def recorded_system_prompt(folder: str | Path | None) -> str | None:
+    """The system_prompt a training run was given (None: unset, or no run record in `folder`): chat, the probes
+    and serve put it before conversations without a system message, as training did."""
+    return ((run_record(folder) or {}).get("data") or {}).get("system_prompt")
+
+
+def recorded_reply_limit(folder: str | Path | None) -> int | None:
+    """The reply limit a run's final evaluation used (twice the p99 of its training replies, or what its config
+    set), or None for a folder that is not a run: eval and the doctor generate up to it."""
+    limit = ((run_record(folder) or {}).get("train") or {}).get("final_eval_max_new_tokens")
+    return int(limit) if limit else None
+
+
+def has_final(out: Path) -> bool:
+    out = Path(out)
+    return (out / ADAPTER_CONFIG).exists() or ((out / "config.json").exists() and (out / "model.safetensors").exists())
+
+
+def is_complete(out: Path) -> bool:
+    """Final weights saved and every step after them done (the manifest is marked complete last of all)."""
+    path = Path(out) / MANIFEST
+    if not has_final(out) or not path.exists():
+        return False
+    try:
+        # a run from before sftlab marked completion: finished when its report was written
+        return read_json(path).get("completed", (Path(out) / REPORT).exists()) is True
+    except ValueError:
+        return False
+
+
+def mark_complete(out: Path) -> None:
+    write_json(Path(out) / MANIFEST, {**read_json(Path(out) / MANIFEST), "completed": True})
+
+
+def effective_record(out: Path) -> dict:
+    """The run's sftlab_config.yaml with the amendments of its resumes applied."""
+    record = read_yaml(Path(out) / RESOLVED_CONFIG)
+    for amendment in read_jsonl(Path(out) / AMENDMENTS):
+        for key, (_, value) in amendment["changed"].items():
+            section, _, name = key.partition(".")
+            if name:
+                record[section][name] = value
+    return record

@@ -66,7 +66,7 @@ def test_the_real_model_recipe_teaches_the_identity_and_keeps_what_the_model_kne
     assert check_terminator(tokenizer, examples).status == check_pad_eos(tokenizer, examples).status == "pass"
 
     # its GGUF (f16) gives the tuned model's greedy tokens and stops in llama.cpp, on a real 49,152-token vocabulary
-    from sftlab.train.export import ExportArguments, export
+    from sftlab.export.gguf import ExportArguments, export
 
     exported = export(ExportArguments(adapter=str(run), output=str(tmp_path / "gguf")))
     trip = json.loads((exported / "export.json").read_text())["round_trip"]

@@ -16,8 +16,9 @@ import sftlab.train.sft as sft
 from helpers import killed_before_final_save
 from sftlab.config import CleanArguments, DataArguments, ModelArguments
 from sftlab.errors import UserError
+from sftlab.run_dir import has_final, is_complete
 from sftlab.train.config import TrainConfig
-from sftlab.train.resume import AMENDABLE, IGNORED, has_final, is_complete
+from sftlab.train.resume import AMENDABLE, IGNORED
 from sftlab.train.sft import train
 
 

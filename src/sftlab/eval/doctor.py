@@ -11,6 +11,7 @@ from sftlab.chat_format import IGNORE_INDEX, ChatRenderer, MessageError, stop_to
 from sftlab.config import Range, check_fields
 from sftlab.data.convert import openai_to_messages
 from sftlab.errors import UserError
+from sftlab.eval.gguf_check import check_conversations, check_gguf_file, exact_file, round_trip, summary
 from sftlab.run_dir import EVAL_DIR, RENDER_CHECK, RESULTS, TRAINER_LOG, read_json, read_jsonl
 
 FALLBACK_EXAMPLE = [{"role": "user", "content": "你好，告诉我你的名字。"}, {"role": "assistant", "content": "你好！"}]
@@ -29,7 +30,7 @@ def main_language(tokenizer) -> str:
 def generation_budget(folder: Path, asked: int | None) -> tuple[int, str]:
     """The new-token budget of the generation check and where it comes from: --max_new_tokens; else the run's
     reply limit (twice the p99 of its training replies, as its final evaluation used); else 64."""
-    from sftlab.model.load import recorded_reply_limit
+    from sftlab.run_dir import recorded_reply_limit
 
     if asked is not None:
         return asked, "--max_new_tokens"
@@ -210,7 +211,7 @@ def check_system_prompt(folder: Path, tokenizer) -> Check:
     (system_prompt unset), or kept it out or replaced it. Chat and serve then apply the run's choice, so the
     check passes either way and says which; it fails only for a template that cannot be rendered."""
     from sftlab.chat_format import ChatRenderer
-    from sftlab.model.load import recorded_system_prompt, run_folder
+    from sftlab.run_dir import recorded_system_prompt, run_folder
 
     name = "system prompt"
     try:
@@ -234,7 +235,7 @@ def check_system_prompt(folder: Path, tokenizer) -> Check:
 
 def check_retention(folder: Path) -> Check:
     """The retention verdict of the run's evaluation (eval/results.json): did tuning keep what the base knew?"""
-    from sftlab.model.load import run_folder
+    from sftlab.run_dir import run_folder
 
     name = "tuning kept what the base knew"
     if run_folder(folder) is None:
@@ -260,11 +261,10 @@ def final_loss(folder: Path) -> float | None:
 
 def check_gguf(gguf: Path, model, tokenizer, folder: Path) -> Check:
     """The round trip of an exported GGUF (eval/gguf_check.py) against the model as transformers runs it."""
-    from sftlab.eval.gguf_check import check_conversations, exact_file, round_trip, summary
-
     name = "the GGUF answers as the model does"
     try:
-        answers = round_trip(gguf, model, tokenizer, check_conversations(folder), 32, exact_file(gguf))
+        conversations = check_conversations(folder, list(PLAIN_PROMPTS.values()))
+        answers = round_trip(gguf, model, tokenizer, conversations, 32, exact_file(gguf))
     except UserError as exc:  # llama-cpp-python is not installed: said, not a crash
         return Check(name, "skip", str(exc))
     failed = [a for a in answers if not a.matched]
@@ -320,8 +320,6 @@ class DoctorArguments:
         if self.gguf and not Path(self.gguf).is_file():
             raise ValueError(f"--gguf {self.gguf}: no such file")
         if self.gguf and find_spec("gguf") is not None:  # without it the round trip is skipped, said so
-            from sftlab.model.gguf import check_gguf_file
-
             check_gguf_file(Path(self.gguf))  # a damaged file: one line naming it, before any model loads
 
 

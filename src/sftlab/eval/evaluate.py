@@ -6,30 +6,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-import torch
-from tqdm.auto import tqdm
-
-from sftlab.chat_format import IGNORE_INDEX, ChatRenderer
+from sftlab.chat_format import ChatRenderer
 from sftlab.chat_tools import message_text
 from sftlab.config import Range, check_fields
 from sftlab.data.convert import openai_to_messages
 from sftlab.errors import UserError
 from sftlab.eval import preference, retention
+from sftlab.eval.losses import heldout_loss
 from sftlab.eval.metrics import text_scores
 from sftlab.eval.run_report import write_run_report
 from sftlab.eval.tables import comparison_markdown, table_text
 from sftlab.files import write_atomic
 from sftlab.infer.generate import SamplingArgs, generate_replies
-from sftlab.model.load import (
-    inference_tokenizer,
-    load_for_inference,
-    recorded_reply_limit,
-    recorded_system_prompt,
-    run_folder,
-    run_of_checkpoint,
-    run_record,
-    with_system_prompt,
-)
+from sftlab.model.load import inference_tokenizer, load_for_inference, with_system_prompt
 from sftlab.run_dir import (
     EVAL_DIR,
     EVAL_FILES,
@@ -43,47 +32,16 @@ from sftlab.run_dir import (
     read_heldout,
     read_json,
     read_jsonl,
+    recorded_reply_limit,
+    recorded_system_prompt,
+    run_folder,
+    run_of_checkpoint,
+    run_record,
     write_json,
     write_jsonl,
 )
 
 DEFAULT_MAX_NEW_TOKENS = 256  # for a model folder, which has no reply limit of its own
-
-
-def heldout_loss(model, tokenizer, conversations: list[list[dict]], batch_size: int = 8,
-                 progress: str | None = None, tools: list | None = None) -> float:
-    """Mean cross-entropy over the supervised tokens (the replies and their terminators), as in training.
-    `tools`: per conversation, its tools or None."""
-    losses = sample_losses(model, tokenizer, conversations, batch_size, progress, tools)
-    return sum(total for total, _ in losses) / max(sum(tokens for _, tokens in losses), 1)
-
-
-@torch.no_grad()
-def sample_losses(model, tokenizer, conversations: list[list[dict]], batch_size: int = 8,
-                  progress: str | None = None, tools: list | None = None) -> list[tuple[float, int]]:
-    """Per conversation: the summed cross-entropy over its supervised tokens, and how many there are."""
-    renderer = ChatRenderer(tokenizer)
-    samples = [renderer.render(c, t) for c, t in zip(conversations, tools or [None] * len(conversations))]
-    results = []
-    model.eval()
-    for start in tqdm(range(0, len(samples), batch_size), desc=progress, unit="batch", leave=False,
-                      disable=not progress):
-        batch = samples[start:start + batch_size]
-        width = max(len(s.input_ids) for s in batch)
-        ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, sample in enumerate(batch):
-            ids[row, :len(sample.input_ids)] = torch.tensor(sample.input_ids)
-            labels[row, :len(sample.labels)] = torch.tensor(sample.labels)
-            mask[row, :len(sample.input_ids)] = 1
-        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
-        shifted = labels[:, 1:].to(model.device)
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), shifted, ignore_index=IGNORE_INDEX,
-                                                 reduction="none")
-        counts = (shifted != IGNORE_INDEX).sum(dim=1)
-        results += [(float(total), int(n)) for total, n in zip(loss.sum(dim=1).tolist(), counts.tolist())]
-    return results
 
 
 def evaluate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 256,
@@ -142,7 +100,6 @@ def load_conversations(data: str | None, run_dir: Path | None, tokenizer) -> tup
                         f"{result.reasons()})")
     return ([kept.messages for kept in result.kept], [kept.tools for kept in result.kept],
             [rules[kept.source, kept.line] for kept in result.kept])
-
 
 
 def as_conversation(record: dict) -> dict:

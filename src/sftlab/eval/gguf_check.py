@@ -121,21 +121,20 @@ def round_trip(gguf: Path, model, tokenizer, conversations: list[list[dict]], ma
 
 def exact_file(path: Path) -> bool:
     """Whether the file holds float weights (f32, f16, bf16), whose greedy tokens must all be the model's."""
-    from sftlab.model.gguf import read_metadata
+    from sftlab.eval.gguf_check import read_metadata
 
     return read_metadata(path).get("general.file_type") in (0, 1, 32)
 
 
-def check_conversations(folder: Path) -> list[list[dict]]:
+def check_conversations(folder: Path, plain_prompts: list[str]) -> list[list[dict]]:
     """The round trip's prompts: the run's probe prompts (with the system prompt it was trained with) and the first
-    held-out conversations up to their last reply; a folder without a run record gets the doctor's prompts and
-    two more, in English and Chinese."""
-    from sftlab.eval.doctor import PLAIN_PROMPTS
-    from sftlab.model.load import recorded_system_prompt, run_folder, run_record, with_system_prompt
-    from sftlab.run_dir import read_heldout
+    held-out conversations up to their last reply; a folder without a run record gets `plain_prompts` (the
+    doctor's) and two more, in English and Chinese."""
+    from sftlab.model.load import with_system_prompt
+    from sftlab.run_dir import read_heldout, recorded_system_prompt, run_folder, run_record
 
     record = run_record(folder) or {}
-    probes = (record.get("train") or {}).get("probe_prompts") or [*PLAIN_PROMPTS.values(), *FOLDER_PROMPTS]
+    probes = (record.get("train") or {}).get("probe_prompts") or [*plain_prompts, *FOLDER_PROMPTS]
     conversations = [[{"role": "user", "content": p}] for p in probes]
     run = run_folder(folder)
     for row in read_heldout(run)[:HELDOUT_PROMPTS] if run else []:
@@ -153,3 +152,36 @@ def summary(answers: list[Answer]) -> str:
 
 def records(answers: list[Answer]) -> list[dict]:
     return [asdict(a) for a in answers]
+
+
+def read_metadata(path: Path) -> dict:
+    """The GGUF's metadata (not the token lists), for the export's record and the tests."""
+    import gguf
+
+    reader = gguf.GGUFReader(path, "r")
+    return {name: field.contents() for name, field in reader.fields.items()
+            if not name.startswith(("GGUF.", "tokenizer.ggml.tokens", "tokenizer.ggml.merges",
+                                    "tokenizer.ggml.token_type", "tokenizer.ggml.scores"))}
+
+
+def check_gguf_file(path: Path) -> None:
+    """A GGUF file whole before llama.cpp opens it: the magic, a header gguf's reader parses, and every tensor's
+    bytes inside the file. llama.cpp reports a damaged file as "Failed to load model" (or, for some truncations,
+    reads past the end), which names nothing."""
+    import gguf
+
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise UserError(f"{path} is not a GGUF file ({'empty' if size == 0 else f'it starts with {magic!r}'}): give "
+                        "the .gguf that `sftlab export` wrote")
+    try:
+        reader = gguf.GGUFReader(path, "r")
+        short = next((t.name for t in reader.tensors if t.data_offset + t.n_bytes > size), None)
+    except Exception as exc:  # the reader's errors are ValueError, IndexError, struct errors: all say "damaged"
+        raise UserError(f"{path} is a damaged GGUF ({type(exc).__name__}: {str(exc)[:200]}): export it again") from None
+    if short is not None or not reader.tensors:
+        what = f"tensor {short} ends past the end of the file" if short else "it holds no tensors"
+        raise UserError(f"{path} is a damaged GGUF ({what}: cut short?): export it again")

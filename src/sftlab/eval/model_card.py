@@ -81,7 +81,7 @@ def stage_title(stage: str, train: dict) -> str:
 def stacked_on(run_dir: Path) -> str | None:
     """The LoRA run an adapter was trained on top of, merged (a DPO run made by sftlab before DPO went on training
     the SFT run's adapter), or None."""
-    from sftlab.model.load import ADAPTER_CONFIG, is_adapter_folder
+    from sftlab.run_dir import ADAPTER_CONFIG, is_adapter_folder
 
     config = read_json(run_dir / ADAPTER_CONFIG) or {}
     base = config.get("base_model_name_or_path")

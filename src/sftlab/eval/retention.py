@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from importlib import resources
 
 from sftlab.errors import UserError
+from sftlab.eval.losses import sample_losses
 from sftlab.infer.generate import SamplingArgs, generate_replies
 from sftlab.model.load import as_started
 
@@ -106,8 +107,6 @@ def answer(model, tokenizer, probes: list[Probe], system_prompt: str | None = No
 def reply_losses(model, tokenizer, probes: list[Probe], replies: list, system_prompt: str | None = None) -> list:
     """Per probe, the mean per-token loss of `model` on the reply (the base's) and its terminator, as in training;
     None for an empty reply."""
-    from sftlab.eval.evaluate import sample_losses
-
     scored = [(i, [*c, {"role": "assistant", "content": r.text}])
               for i, (c, r) in enumerate(zip(conversations(probes, system_prompt), replies)) if r.text.strip()]
     losses = [None] * len(probes)

@@ -17,9 +17,9 @@ from sftlab.model.load import (
     inference_tokenizer,
     load_for_inference,
     model_context,
-    recorded_system_prompt,
     with_system_prompt,
 )
+from sftlab.run_dir import recorded_system_prompt
 
 HELP = "commands: /clear (forget the history), /system TEXT (set the system prompt), /exit (also exit, quit)"
 

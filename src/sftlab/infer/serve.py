@@ -414,7 +414,8 @@ def check_listen(host: str, port: int) -> None:
 def run(args: ServeArguments) -> int:
     import uvicorn
 
-    from sftlab.model.load import inference_paths, load_for_inference, model_context, recorded_system_prompt
+    from sftlab.model.load import inference_paths, load_for_inference, model_context
+    from sftlab.run_dir import recorded_system_prompt
 
     check_listen(args.host, args.port)  # a busy port or an unknown host: one line, before the model loads
     base_path, _ = inference_paths(args.model, args.adapter)

@@ -6,7 +6,6 @@ network; offline, the error says in one line what to do instead.
 
 import json
 import os
-import re
 from contextlib import contextmanager
 from importlib.util import find_spec
 from pathlib import Path
@@ -17,9 +16,8 @@ from sftlab.internals import set_recorded_name
 from sftlab.model import attention  # noqa: F401  registers sdpa_varlen with transformers
 from sftlab.model.real import REAL_MODELS, ensure_real_model
 from sftlab.model.tiny import FAMILIES, build_of_run, ensure_tiny_model, glm4_chat_template
-from sftlab.run_dir import RESOLVED_CONFIG, read_json, read_yaml
+from sftlab.run_dir import ADAPTER_CONFIG, is_adapter_folder, read_json, run_folder, run_record
 
-ADAPTER_CONFIG = "adapter_config.json"
 # TRL's name for the frozen copy of an adapter that a run goes on training (DPO over an SFT run's adapter): the
 # reference, the model as the stage started it
 REFERENCE_ADAPTER = "ref"
@@ -138,11 +136,6 @@ def load_model(model_path: Path, dtype: str = "auto", trust_remote_code: bool = 
     if record_name is not None:
         set_recorded_name(model, record_name)
     return model
-
-
-def is_adapter_folder(folder: str | Path) -> bool:
-    """A PEFT adapter folder (a LoRA run), not a full model."""
-    return (Path(folder) / ADAPTER_CONFIG).exists() and not (Path(folder) / "config.json").exists()
 
 
 def load_merged_adapter(adapter_dir: Path, dtype: str, trust_remote_code: bool, attn_implementation: str | None,
@@ -305,43 +298,6 @@ def adapter_base(adapter_dir: Path) -> str:
     return base
 
 
-def run_of_checkpoint(folder: str | Path) -> Path | None:
-    """The run folder that holds `folder` when `folder` is one of its checkpoint-N folders, else None: a
-    checkpoint's metadata (recipe, stop ids, data report) is its run's, and nothing is written inside it."""
-    folder = Path(folder)
-    if re.fullmatch(r"checkpoint-\d+", folder.name) and (folder.parent / RESOLVED_CONFIG).exists():
-        return folder.parent
-    return None
-
-
-def run_folder(folder: str | Path) -> Path | None:
-    """The training run `folder` belongs to: itself, or the run holding it when it is a checkpoint-N; None for a
-    model folder that sftlab did not train."""
-    folder = Path(folder)
-    return folder if (folder / RESOLVED_CONFIG).is_file() else run_of_checkpoint(folder)
-
-
-def run_record(folder: str | Path | None) -> dict | None:
-    """The resolved config (sftlab_config.yaml) of the run `folder` belongs to, or None."""
-    run = run_folder(folder) if folder is not None else None
-    if run is None:
-        return None
-    return read_yaml(run / RESOLVED_CONFIG)
-
-
-def recorded_system_prompt(folder: str | Path | None) -> str | None:
-    """The system_prompt a training run was given (None: unset, or no run record in `folder`): chat, the probes
-    and serve put it before conversations without a system message, as training did."""
-    return ((run_record(folder) or {}).get("data") or {}).get("system_prompt")
-
-
-def recorded_reply_limit(folder: str | Path | None) -> int | None:
-    """The reply limit a run's final evaluation used (twice the p99 of its training replies, or what its config
-    set), or None for a folder that is not a run: eval and the doctor generate up to it."""
-    limit = ((run_record(folder) or {}).get("train") or {}).get("final_eval_max_new_tokens")
-    return int(limit) if limit else None
-
-
 def with_system_prompt(messages: list[dict], system_prompt: str | None) -> list[dict]:
     """`messages` with `system_prompt` first when it is set and they have no system message of their own."""
     if system_prompt is None or (messages and messages[0]["role"] == "system"):
@@ -400,7 +356,3 @@ def load_for_inference(model: str | None = None, adapter: str | None = None, dev
     return net, tokenizer
 
 
-def save_tokenizer(tokenizer, out_dir: Path) -> None:
-    """Saves with the chat template inside tokenizer_config.json, where the ecosystem looks for it."""
-    tokenizer.save_pretrained(out_dir, save_jinja_files=False)
-    (Path(out_dir) / "chat_template.jinja").unlink(missing_ok=True)  # an older copy would take precedence

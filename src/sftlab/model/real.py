@@ -18,6 +18,7 @@ from pathlib import Path
 
 from sftlab.environment import cache_root
 from sftlab.errors import UserError
+from sftlab.model.saving import save_tokenizer
 from sftlab.model.tiny import build_once
 
 REAL_VERSION = "v1"  # bump when the build below changes, so old caches are not reused
@@ -51,8 +52,6 @@ def ensure_real_model(name: str) -> Path:
 def build_from_gguf(source: Path, out_dir: Path) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
-    from sftlab.model.load import save_tokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
     loaded = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)

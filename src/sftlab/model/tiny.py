@@ -25,6 +25,7 @@ from pathlib import Path
 from sftlab.environment import cache_root
 from sftlab.errors import UserError
 from sftlab.files import exclusive_lock, release_lock, staged_folder
+from sftlab.model.saving import save_tokenizer
 
 # GLM-4's pre-tokenizer (its tokenizer.json's Split pattern, then byte-level without GPT-2's own pattern): the
 # tiny GLM-4 models split text as GLM-4-9B does, so that llama.cpp's converter and runtime treat them as GLM-4
@@ -214,7 +215,7 @@ def build_tiny_tokenizer(out_dir: Path, family: Family = FAMILIES["sftlab:tiny-g
         **{key: token for key, token in named.items() if token is not None},
     )
     tokenizer.chat_template = chat_template(family.template)
-    tokenizer.save_pretrained(out_dir, save_jinja_files=False)  # template inside tokenizer_config.json
+    save_tokenizer(tokenizer, out_dir)
     return tokenizer
 
 

@@ -38,11 +38,9 @@ from sftlab.data.sources import dataset_specs, iter_datasets
 from sftlab.errors import UserError
 from sftlab.internals import attention_of, save_only_adapter
 from sftlab.model.load import (
-    ADAPTER_CONFIG,
     REFERENCE_ADAPTER,
     as_started,
     continued_adapter,
-    is_adapter_folder,
     load_adapter_to_train,
     load_for_inference,
     load_model,
@@ -52,6 +50,7 @@ from sftlab.model.load import (
     resolve_model_path,
 )
 from sftlab.run_dir import (
+    ADAPTER_CONFIG,
     DATA_REPORT,
     HELDOUT,
     PREDICTIONS,
@@ -60,7 +59,10 @@ from sftlab.run_dir import (
     RESOLVED_CONFIG,
     TRAINER_STATE,
     append_jsonl,
+    effective_record,
+    is_adapter_folder,
     keep_lines,
+    mark_complete,
     read_json,
     read_jsonl,
     write_json,
@@ -70,15 +72,9 @@ from sftlab.run_dir import (
 from sftlab.train.callbacks import JsonlLogCallback, ProbeCallback, probe_records, run_probes
 from sftlab.train.checks import check_context, check_lora_targets, check_prepared
 from sftlab.train.config import RunFields, batch_setup, lora_config, resolved_config, set_reply_limits
-from sftlab.train.guards import BadSteps, StopAtOnce, StopOnSignal, Stopped
-from sftlab.train.lifecycle import (
-    ReliableTrainer,
-    run_in_output_dir,
-    sharded_engine,
-    stopped_after_final_save,
-    train_and_finish,
-)
-from sftlab.train.resume import check_output_dir, effective_record, mark_complete, resume_or_start
+from sftlab.train.guards import BadSteps, StopAtOnce, StopOnSignal, Stopped, stopped_after_final_save
+from sftlab.train.lifecycle import ReliableTrainer, run_in_output_dir, sharded_engine, train_and_finish
+from sftlab.train.resume import check_output_dir, resume_or_start
 from sftlab.train.retention_guard import RetentionAtSaves
 from sftlab.train.run_files import finish_settings, print_probes, write_training_manifest
 from sftlab.train.tracking import tracked

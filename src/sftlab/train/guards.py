@@ -3,14 +3,17 @@ final save), steps with a non-finite loss or gradient skipped (never applied, ne
 diverges stopped, and no save of a non-finite tensor."""
 
 import os
+import shlex
 import signal
 import sys
 import threading
+from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
 
-from sftlab.errors import UserError
+from sftlab.errors import UserError, write_failure
+from sftlab.train.checkpoints import newest_committed
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -173,3 +176,38 @@ def refuse_non_finite(model, what: str) -> None:
         if not torch.isfinite(param.detach()).all():
             bad = (~torch.isfinite(param.detach())).sum().item()
             raise UserError(f"refusing to save the {what}: {name} has {bad} non-finite values of {param.numel()}")
+
+
+def raise_write_failure(exc: BaseException, what: str, out: Path) -> None:
+    """A full disk or an unwritable folder while saving: one line naming it, and the newest committed checkpoint,
+    which the failed save left intact; anything else is raised as it was."""
+    why = write_failure(exc)
+    if why is None:
+        raise exc
+    committed, _ = newest_committed(out)
+    kept = f"{committed} is committed and intact" if committed else "no checkpoint was committed yet"
+    detail = getattr(exc, "filename", None) or str(exc).strip().splitlines()[0][:200]
+    raise UserError(f"could not save {what} in {out}: {why} ({detail}). {kept}: free space (or make the folder "
+                    "writable) and continue with --resume") from exc
+
+
+def stopped_after_final_save(signum: int, out: Path, during: str, is_main: bool) -> None:
+    """One line when a stop signal ends a run after its final weights were saved; exits 143 or 130."""
+    if is_main:
+        print(f"stopped by {signal.Signals(signum).name} during {during}: the final weights in {out} are saved; "
+              f"complete the evaluation and report with: {resume_command()}", flush=True)
+    raise SystemExit(128 + signum)
+
+
+def resume_command() -> str:
+    stage_verb = sys.argv[1:2] in (["train"], ["dpo"])
+    command = shlex.join(["sftlab", *sys.argv[1:]]) if stage_verb else "sftlab train ..."
+    return command + ("" if "--resume" in sys.argv else " --resume")
+
+
+def stopped_by_signal(signum: int, step: int, out: Path, is_main: bool) -> None:
+    """One line on where the run stopped and how to go on; exits 143 (SIGTERM) or 130 (SIGINT)."""
+    if is_main:
+        print(f"stopped by {signal.Signals(signum).name} after step {step}: {out / f'checkpoint-{step}'} is "
+              f"committed; continue with: {resume_command()}", flush=True)
+    raise SystemExit(128 + signum)

@@ -5,21 +5,25 @@ saves the final weights. `sftlab train` uses it with TRL's SFTTrainer; a second 
 `class MyTrainer(ReliableTrainer, DPOTrainer)`.
 """
 
-import shlex
-import signal
-import sys
 from pathlib import Path
 
 from transformers import TrainerCallback
 
-from sftlab.errors import UserError, write_failure
+from sftlab.errors import UserError
 from sftlab.internals import checkpoint_dir, logged_loss_sum, logging_state, restore_logging_state
-from sftlab.run_dir import LOG_STATE, RESOLVED_CONFIG, read_json, read_yaml, write_json
+from sftlab.run_dir import LOG_STATE, RESOLVED_CONFIG, has_final, is_complete, read_json, read_yaml, write_json
 from sftlab.train.batching import SamplerEpochCallback, TokenBudgetSampler
 from sftlab.train.callbacks import ProbeCallback
-from sftlab.train.checkpoints import RunLock, commit, newest_committed, rotate
-from sftlab.train.guards import BadSteps, StopOnSignal, refuse_non_finite
-from sftlab.train.resume import STAGES, has_final, is_complete, record_amendment
+from sftlab.train.checkpoints import RunLock, commit, rotate
+from sftlab.train.guards import (
+    BadSteps,
+    StopOnSignal,
+    raise_write_failure,
+    refuse_non_finite,
+    stopped_after_final_save,
+    stopped_by_signal,
+)
+from sftlab.train.resume import STAGES, record_amendment
 
 
 class ReliableTrainer:
@@ -197,41 +201,6 @@ def train_and_finish(trainer, stopper: StopOnSignal, resume_from: str | None, ou
             finish()
     finally:
         stopper.uninstall()
-
-
-def raise_write_failure(exc: BaseException, what: str, out: Path) -> None:
-    """A full disk or an unwritable folder while saving: one line naming it, and the newest committed checkpoint,
-    which the failed save left intact; anything else is raised as it was."""
-    why = write_failure(exc)
-    if why is None:
-        raise exc
-    committed, _ = newest_committed(out)
-    kept = f"{committed} is committed and intact" if committed else "no checkpoint was committed yet"
-    detail = getattr(exc, "filename", None) or str(exc).strip().splitlines()[0][:200]
-    raise UserError(f"could not save {what} in {out}: {why} ({detail}). {kept}: free space (or make the folder "
-                    "writable) and continue with --resume") from exc
-
-
-def stopped_after_final_save(signum: int, out: Path, during: str, is_main: bool) -> None:
-    """One line when a stop signal ends a run after its final weights were saved; exits 143 or 130."""
-    if is_main:
-        print(f"stopped by {signal.Signals(signum).name} during {during}: the final weights in {out} are saved; "
-              f"complete the evaluation and report with: {resume_command()}", flush=True)
-    raise SystemExit(128 + signum)
-
-
-def resume_command() -> str:
-    stage_verb = sys.argv[1:2] in (["train"], ["dpo"])
-    command = shlex.join(["sftlab", *sys.argv[1:]]) if stage_verb else "sftlab train ..."
-    return command + ("" if "--resume" in sys.argv else " --resume")
-
-
-def stopped_by_signal(signum: int, step: int, out: Path, is_main: bool) -> None:
-    """One line on where the run stopped and how to go on; exits 143 (SIGTERM) or 130 (SIGINT)."""
-    if is_main:
-        print(f"stopped by {signal.Signals(signum).name} after step {step}: {out / f'checkpoint-{step}'} is "
-              f"committed; continue with: {resume_command()}", flush=True)
-    raise SystemExit(128 + signum)
 
 
 def sharded_engine(trainer) -> str | None:

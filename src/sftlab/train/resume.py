@@ -13,21 +13,16 @@ import shutil
 from pathlib import Path
 
 from sftlab.errors import UserError
-from sftlab.model.load import ADAPTER_CONFIG
 from sftlab.run_dir import (
     AMENDMENTS,
-    MANIFEST,
     PREDICTIONS,
-    REPORT,
     RESOLVED_CONFIG,
     RETENTION_BASE,
     TRAINER_LOG,
     append_jsonl,
+    has_final,
     keep_lines,
-    read_json,
-    read_jsonl,
     read_yaml,
-    write_json,
 )
 from sftlab.train.checkpoints import checkpoints, newest_committed
 
@@ -57,27 +52,6 @@ AMENDABLE = {"clean.num_proc"} | {
 }
 IGNORED = {"train.resume", "train.output_dir", "train.local_rank"}
 STAGES = {"sft": ("an SFT run", "sftlab train"), "dpo": ("a DPO run", "sftlab dpo")}  # a record without one: SFT
-
-
-def has_final(out: Path) -> bool:
-    out = Path(out)
-    return (out / ADAPTER_CONFIG).exists() or ((out / "config.json").exists() and (out / "model.safetensors").exists())
-
-
-def is_complete(out: Path) -> bool:
-    """Final weights saved and every step after them done (the manifest is marked complete last of all)."""
-    path = Path(out) / MANIFEST
-    if not has_final(out) or not path.exists():
-        return False
-    try:
-        # a run from before sftlab marked completion: finished when its report was written
-        return read_json(path).get("completed", (Path(out) / REPORT).exists()) is True
-    except ValueError:
-        return False
-
-
-def mark_complete(out: Path) -> None:
-    write_json(Path(out) / MANIFEST, {**read_json(Path(out) / MANIFEST), "completed": True})
 
 
 def check_output_dir(out: Path, resume: bool, is_main: bool = True) -> str | None:
@@ -187,17 +161,6 @@ def record_amendment(out: Path, amendment: dict | None) -> None:
         append_jsonl(Path(out) / AMENDMENTS, [amendment])
         names = ", ".join(k.split(".", 1)[-1] for k in amendment["changed"])
         print(f"resume: amended {names} (recorded in {AMENDMENTS})")
-
-
-def effective_record(out: Path) -> dict:
-    """The run's sftlab_config.yaml with the amendments of its resumes applied."""
-    record = read_yaml(Path(out) / RESOLVED_CONFIG)
-    for amendment in read_jsonl(Path(out) / AMENDMENTS):
-        for key, (_, value) in amendment["changed"].items():
-            section, _, name = key.partition(".")
-            if name:
-                record[section][name] = value
-    return record
 
 
 def forget_after(out: Path, step: int) -> None:

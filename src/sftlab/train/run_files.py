@@ -11,8 +11,9 @@ from pathlib import Path
 from sftlab.chat_format import stop_token_ids
 from sftlab.data.prepare import PreparedData
 from sftlab.files import move_in
-from sftlab.model.load import ADAPTER_CONFIG, save_tokenizer
+from sftlab.model.saving import save_tokenizer
 from sftlab.run_dir import (
+    ADAPTER_CONFIG,
     DATA_REPORT,
     HELDOUT,
     PREDICTIONS,
@@ -21,7 +22,9 @@ from sftlab.run_dir import (
     RESOLVED_CONFIG,
     TRAINER_STATE,
     append_jsonl,
+    effective_record,
     keep_lines,
+    mark_complete,
     read_json,
     read_jsonl,
     read_yaml,
@@ -30,9 +33,7 @@ from sftlab.run_dir import (
     write_yaml,
 )
 from sftlab.train.callbacks import probe_records, run_probes
-from sftlab.train.guards import StopAtOnce, Stopped, refuse_non_finite
-from sftlab.train.lifecycle import raise_write_failure, stopped_after_final_save
-from sftlab.train.resume import effective_record, mark_complete
+from sftlab.train.guards import StopAtOnce, Stopped, raise_write_failure, refuse_non_finite, stopped_after_final_save
 
 
 def finish_settings(config: dict) -> dict:

@@ -1,8 +1,8 @@
 """`sftlab export`: a run or a model folder as a GGUF file for llama.cpp and Ollama, verified.
 
 A LoRA run is merged first (in bfloat16, into the staging folder); llama.cpp's own converter writes
-the GGUF (model/gguf.py), whose metadata is then fixed where the converter gets it wrong; an Ollama Modelfile
-is written beside it (model/ollama.py); and the round trip (eval/gguf_check.py) runs the file in llama.cpp
+the GGUF (export/llama_cpp.py), whose metadata is then fixed where the converter gets it wrong; an Ollama Modelfile
+is written beside it (export/ollama.py); and the round trip (eval/gguf_check.py) runs the file in llama.cpp
 against the model in transformers on the run's probe and held-out prompts. The folder appears complete or not
 at all (a staging folder renamed into place); export.json records the outtype, the fixes and the round trip.
 
@@ -18,17 +18,10 @@ from typing import ClassVar, Literal
 
 from sftlab.config import Range, check_fields
 from sftlab.errors import UserError
+from sftlab.eval.gguf_check import read_metadata
+from sftlab.export.llama_cpp import K_QUANTS, convert, fix_metadata, llama_cpp_source, quantize, quantizer
+from sftlab.export.ollama import modelfile
 from sftlab.files import staged_folder
-from sftlab.model.gguf import (
-    K_QUANTS,
-    convert,
-    fix_metadata,
-    llama_cpp_source,
-    quantize,
-    quantizer,
-    read_metadata,
-)
-from sftlab.model.ollama import modelfile
 from sftlab.run_dir import check_output_folder
 
 EXPORT_RECORD = "export.json"
@@ -109,7 +102,7 @@ def refuse_custom_code(folder: Path | None) -> None:
 
 
 def merged_for_export(adapter: str, staging: Path) -> Path:
-    from sftlab.train.merge import merge
+    from sftlab.export.merge import merge
 
     # named as the run: the converter names the model (general.name) after its folder
     return merge(adapter, str(staging / ".merged" / Path(adapter).resolve().name), dtype="bfloat16")
@@ -144,6 +137,7 @@ def write_gguf(model_dir: Path, staging: Path, gguf_name: str, outtype: str, lla
 
 
 def verify(gguf: Path, model_dir: Path, source: Path, args: ExportArguments) -> dict:
+    from sftlab.eval.doctor import PLAIN_PROMPTS
     from sftlab.eval.gguf_check import INSTALL, check_conversations, records, round_trip, summary
     from sftlab.model.load import load_for_inference
 
@@ -153,7 +147,7 @@ def verify(gguf: Path, model_dir: Path, source: Path, args: ExportArguments) -> 
         return {"skipped": f"llama-cpp-python is not installed: {INSTALL}"}
 
     model, tokenizer = load_for_inference(model=str(model_dir), device="cpu", dtype="float32")
-    conversations = check_conversations(source)
+    conversations = check_conversations(source, list(PLAIN_PROMPTS.values()))
     answers = round_trip(gguf, model, tokenizer, conversations, args.max_new_tokens,
                          exact=args.outtype in ("f16", "bf16"))
     return {"summary": summary(answers), "matched": sum(a.matched for a in answers), "total": len(answers),

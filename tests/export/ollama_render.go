@@ -1,6 +1,6 @@
 // Renders an Ollama TEMPLATE as Ollama fills it (Go's text/template with .Messages of role and content):
 // reads {"template": ..., "messages": [...]} on stdin and writes the rendered text on stdout. Used by
-// tests/model/test_ollama.py to compare a Modelfile's TEMPLATE with the chat template byte for byte.
+// tests/export/test_ollama.py to compare a Modelfile's TEMPLATE with the chat template byte for byte.
 package main
 
 import (

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from sftlab.chat_format import ChatRenderer
+from sftlab.export.ollama import modelfile
 from sftlab.model.load import load_tokenizer
-from sftlab.model.ollama import modelfile
 from sftlab.model.tiny import FAMILIES, ensure_tiny_model
 
 GOLDEN = [

@@ -15,8 +15,8 @@ from safetensors.torch import load_file, save_file
 from helpers import TRAINED
 from sftlab.chat_format import ChatRenderer
 from sftlab.errors import UserError
+from sftlab.export.merge import merge
 from sftlab.model.load import load_for_inference
-from sftlab.train.merge import merge
 
 PLAIN_TRANSFORMERS = """
 import json, sys

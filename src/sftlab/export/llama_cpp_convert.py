@@ -6,7 +6,7 @@ splitting regex) by hashing the token ids of a test text, so it knows only the v
 model with a vocabulary of its own (sftlab's tiny models, a tokenizer retrained on a new language) is refused
 even when it splits text exactly as a known family does. Where the hash is unknown, this reads the pattern from
 tokenizer.json and gives the name whose regex llama.cpp implements for it; nothing else of the conversion is
-touched. Run as `python -m sftlab.model.gguf_convert LLAMA_CPP_DIR CONVERTER_ARGS...`.
+touched. Run as `python -m sftlab.export.llama_cpp_convert LLAMA_CPP_DIR CONVERTER_ARGS...`.
 """
 
 import json

@@ -76,9 +76,9 @@ def fetch_converter(target: Path) -> None:
 
 
 def convert(model_dir: Path, out_file: Path, outtype: str, llama_cpp: Path) -> None:
-    """Runs llama.cpp's converter on a transformers model folder (sftlab.model.gguf_convert: the converter
+    """Runs llama.cpp's converter on a transformers model folder (sftlab.export.llama_cpp_convert: the converter
     itself, with a pre-tokenizer named by its pattern where its hash is unknown)."""
-    done = subprocess.run([sys.executable, "-m", "sftlab.model.gguf_convert", str(llama_cpp), str(model_dir),
+    done = subprocess.run([sys.executable, "-m", "sftlab.export.llama_cpp_convert", str(llama_cpp), str(model_dir),
                            "--outfile", str(out_file), "--outtype", outtype],
                           capture_output=True, text=True, env={**os.environ, "NO_LOCAL_GGUF": ""},
                           preexec_fn=die_with_parent)  # the converter ends with export, however export ends
@@ -162,34 +162,3 @@ def fix_metadata(converted: Path, out_file: Path, model_dir: Path, tokenizer, st
     return {key: f"{value!r} ({why})" for key, (_, value, why) in fixes.items()}
 
 
-def read_metadata(path: Path) -> dict:
-    """The GGUF's metadata (not the token lists), for the export's record and the tests."""
-    import gguf
-
-    reader = gguf.GGUFReader(path, "r")
-    return {name: field.contents() for name, field in reader.fields.items()
-            if not name.startswith(("GGUF.", "tokenizer.ggml.tokens", "tokenizer.ggml.merges",
-                                    "tokenizer.ggml.token_type", "tokenizer.ggml.scores"))}
-
-
-def check_gguf_file(path: Path) -> None:
-    """A GGUF file whole before llama.cpp opens it: the magic, a header gguf's reader parses, and every tensor's
-    bytes inside the file. llama.cpp reports a damaged file as "Failed to load model" (or, for some truncations,
-    reads past the end), which names nothing."""
-    import gguf
-
-    path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise UserError(f"{path} is not a GGUF file ({'empty' if size == 0 else f'it starts with {magic!r}'}): give "
-                        "the .gguf that `sftlab export` wrote")
-    try:
-        reader = gguf.GGUFReader(path, "r")
-        short = next((t.name for t in reader.tensors if t.data_offset + t.n_bytes > size), None)
-    except Exception as exc:  # the reader's errors are ValueError, IndexError, struct errors: all say "damaged"
-        raise UserError(f"{path} is a damaged GGUF ({type(exc).__name__}: {str(exc)[:200]}): export it again") from None
-    if short is not None or not reader.tensors:
-        what = f"tensor {short} ends past the end of the file" if short else "it holds no tensors"
-        raise UserError(f"{path} is a damaged GGUF ({what}: cut short?): export it again")

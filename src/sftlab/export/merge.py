@@ -16,14 +16,9 @@ from sftlab.config import check_fields
 from sftlab.errors import UserError
 from sftlab.eval.model_card import write_model_card
 from sftlab.files import staged_folder
-from sftlab.model.load import (
-    inference_paths,
-    load_model,
-    load_tokenizer,
-    run_of_checkpoint,
-    save_tokenizer,
-)
-from sftlab.run_dir import RESOLVED_CONFIG, check_output_folder
+from sftlab.model.load import inference_paths, load_model, load_tokenizer
+from sftlab.model.saving import save_tokenizer
+from sftlab.run_dir import RESOLVED_CONFIG, check_output_folder, run_of_checkpoint
 
 DTYPES = ("bfloat16", "float16", "float32")  # MergeArguments.dtype's choices
 

