@@ -108,7 +108,7 @@ def decision_agreement(n: int) -> None:
 
     from sftlab.config import CleanArguments
     from sftlab.data import dedup
-    from sftlab.data.clean import clean_rows
+    from sftlab.data.cleaner import clean_rows
     from sftlab.data.load import SourceRow
 
     rows = [SourceRow("sample.jsonl", i + 1, json.loads(line)) for i, line in enumerate(near_duplicate_rows(n, 1))]

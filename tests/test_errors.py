@@ -8,10 +8,10 @@ import pkgutil
 
 import sftlab
 from sftlab.chat_format import MessageError, SampleTooLong, TemplateRefused
-from sftlab.data.clean import Rejection, _Reject
+from sftlab.data.clean import Reject, Rejection
 from sftlab.data.convert import FieldError, ToolCallError
 from sftlab.data.preference import PairDefect
-from sftlab.data.prepare import DamagedShard
+from sftlab.data.shards import DamagedShard
 from sftlab.errors import Terminated, UserError
 from sftlab.infer.engine import QueueFull
 from sftlab.train.guards import Stopped
@@ -24,7 +24,7 @@ EXAMPLES = {
     SampleTooLong: (1500, 1024),
     FieldError: ("instruction", "expected a string, got int"),
     ToolCallError: ("conversations[1].value", "function_call is not valid JSON"),
-    _Reject: ("boilerplate", "a reply contains 'as an ai language model'"),
+    Reject: ("boilerplate", "a reply contains 'as an ai language model'"),
     QueueFull: ("9 requests are waiting or running (the cap is 8)",),
     Stopped: (15,),
     PairDefect: ("identical_sides", "chosen and rejected are the same reply"),

@@ -10,7 +10,7 @@ import pytest
 from sftlab import cli
 from sftlab.chat_format import ChatRenderer
 from sftlab.config import CleanArguments
-from sftlab.data.clean import clean_rows
+from sftlab.data.cleaner import clean_rows
 from sftlab.data.convert import to_messages
 from sftlab.data.load import SourceRow
 from sftlab.data.report import build_report, summary_line

@@ -6,7 +6,8 @@ import pytest
 
 from sftlab.chat_format import ChatRenderer, mark_supervised
 from sftlab.config import CleanArguments
-from sftlab.data.clean import clean_rows, repair_text
+from sftlab.data.clean import repair_text
+from sftlab.data.cleaner import clean_rows
 from sftlab.data.load import SourceRow, expand_inputs, read_all, read_source
 from sftlab.data.report import build_report, summary_line, write_clean_outputs
 from sftlab.errors import UserError
@@ -198,16 +199,16 @@ def test_parallel_cleaning_restores_the_environment_and_keeps_no_worker_state(to
     TOKENIZERS_PARALLELISM as it found it, and leaves no checker behind in this process."""
     import os
 
-    from sftlab.data import clean, pool
+    from sftlab.data import cleaner, pool
 
     rows = [SourceRow("mem.jsonl", i + 1, {"instruction": f"问题 {i} 是什么？", "input": "", "output": f"答案是 {i}。"})
-            for i in range(clean.PARALLEL_MIN_ROWS)]
+            for i in range(cleaner.PARALLEL_MIN_ROWS)]
     monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     renderer = ChatRenderer(tokenizer, 256)
     parallel = clean_rows(rows, CleanArguments(), renderer)
     assert "TOKENIZERS_PARALLELISM" not in os.environ and pool._worker_checker is None
-    monkeypatch.setattr(clean, "PARALLEL_MIN_ROWS", 10**9)
+    monkeypatch.setattr(cleaner, "PARALLEL_MIN_ROWS", 10**9)
     serial = clean_rows(rows, CleanArguments(), renderer)
     assert [k.line for k in parallel.kept] == [k.line for k in serial.kept]
     assert parallel.reasons() == serial.reasons() and len(parallel.kept) + len(parallel.rejected) == len(rows)

@@ -13,8 +13,9 @@ import pytest
 from sftlab import cli
 from sftlab.chat_format import ChatRenderer
 from sftlab.config import CleanArguments
-from sftlab.data import clean
-from sftlab.data.clean import REASONS, clean_rows
+from sftlab.data import clean, cleaner
+from sftlab.data.clean import REASONS
+from sftlab.data.cleaner import clean_rows
 from sftlab.data.load import SourceRow
 from sftlab.errors import UserError
 
@@ -158,7 +159,7 @@ def test_a_strict_stop_while_the_pool_runs_shuts_it_down(tokenizer):
                                                       (2, 600, 2), (8, 5000, 8)])
 def test_worker_count(monkeypatch, num_proc, rows, expected):
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    assert clean.worker_count(num_proc, rows) == expected
+    assert cleaner.worker_count(num_proc, rows) == expected
 
 
 def test_num_proc_below_one_is_refused():

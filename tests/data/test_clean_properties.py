@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from sftlab.chat_format import ChatRenderer
 from sftlab.config import CleanArguments
-from sftlab.data import clean
-from sftlab.data.clean import clean_rows
+from sftlab.data import cleaner
+from sftlab.data.cleaner import clean_rows
 from sftlab.data.load import expand_inputs, read_all
 from sftlab.data.report import build_report
 
@@ -67,6 +67,6 @@ def test_cleaning_never_crashes_nor_loses_a_row(tokenizer, lines):
         json.dumps(report, ensure_ascii=False).encode("utf-8")  # every detail is writable as UTF-8
         again = clean_file(path, tokenizer)
         assert again[2] == outcome and again[1] == report
-        with mock.patch.object(clean, "BATCH_ROWS", 3):  # several batches: the worker pool's path
+        with mock.patch.object(cleaner, "BATCH_ROWS", 3):  # several batches: the worker pool's path
             pooled = clean_file(path, tokenizer, num_proc=2)
         assert pooled[2] == outcome and pooled[1] == report

@@ -15,7 +15,7 @@ import pytest
 from sftlab import cli
 from sftlab.chat_format import ChatRenderer
 from sftlab.config import CleanArguments, DataArguments
-from sftlab.data import clean, prepare
+from sftlab.data import cleaner, prepare
 from sftlab.data.lengths import Lengths, length_stats, max_length_suggestion
 from sftlab.data.prepare import prepare_data, weighted_indices
 from sftlab.data.sources import weighted
@@ -50,8 +50,8 @@ def test_clean_is_identical_in_one_process_in_the_pool_and_on_two_datatrove_work
     single = clean_cli(dirty_file, tmp_path / "single", "--num_proc", "1")
     report = json.loads(single["report.json"])
     assert set(report["reasons"]) == set(AUTO_REASONS) and report["kept"] + report["rejected"] == report["rows_read"]
-    monkeypatch.setattr(clean, "BATCH_ROWS", 64)  # many batches: the pool's window turns over, the tasks interleave
-    monkeypatch.setattr(clean, "PARALLEL_MIN_ROWS", 128)
+    monkeypatch.setattr(cleaner, "BATCH_ROWS", 64)  # many batches: the pool's window turns over, the tasks interleave
+    monkeypatch.setattr(cleaner, "PARALLEL_MIN_ROWS", 128)
     assert clean_cli(dirty_file, tmp_path / "pool", "--num_proc", "2") == single
     assert clean_cli(dirty_file, tmp_path / "datatrove", "--datatrove_tasks", "2", "--num_proc", "2") == single
     assert clean_cli(dirty_file, tmp_path / "datatrove3", "--datatrove_tasks", "3", "--num_proc", "2") == single
@@ -85,7 +85,7 @@ def test_preparation_is_identical_in_shards_resumed_and_on_datatrove(tiny_model_
     assert [s["file"] for s in manifest["shards"]] == ["shards/00000.arrow"]
     assert manifest["rows"] == expected["report"]["kept"]
 
-    monkeypatch.setattr(clean, "BATCH_ROWS", 64)
+    monkeypatch.setattr(cleaner, "BATCH_ROWS", 64)
     monkeypatch.setattr(prepare, "SHARD_BATCHES", 4)  # 256 rows read a shard
     sharded = fresh(num_proc=1)
     assert prepared(sharded) == expected
@@ -96,7 +96,7 @@ def test_preparation_is_identical_in_shards_resumed_and_on_datatrove(tiny_model_
 
     # interrupted after 3 shards (a batch of the 4th was being written): the run again resumes after the third
     calls = {"n": 0}
-    add_batch = clean.Cleaner.add_batch
+    add_batch = cleaner.Cleaner.add_batch
 
     def dies_at_batch_14(self, *a):
         calls["n"] += 1
@@ -104,14 +104,14 @@ def test_preparation_is_identical_in_shards_resumed_and_on_datatrove(tiny_model_
             raise KeyboardInterrupt
         add_batch(self, *a)
 
-    monkeypatch.setattr(clean.Cleaner, "add_batch", dies_at_batch_14)
+    monkeypatch.setattr(cleaner.Cleaner, "add_batch", dies_at_batch_14)
     with pytest.raises(KeyboardInterrupt):
         fresh(num_proc=1)
     home = Path(prepare.cache_root())
     partial = next((home / "datasets").glob(".*.partial"))
     assert sorted(p.name for p in (partial / "shards").iterdir()) == ["00000.arrow", "00001.arrow", "00002.arrow",
                                                                      "00003.arrow.tmp"]
-    monkeypatch.setattr(clean.Cleaner, "add_batch", add_batch)
+    monkeypatch.setattr(cleaner.Cleaner, "add_batch", add_batch)
     capsys.readouterr()
     resumed = prepare_data(args, CleanArguments(num_proc=1), renderer)
     assert f"3 shards done, {3 * 256:,} rows read; reading on from there" in capsys.readouterr().out

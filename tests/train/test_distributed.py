@@ -32,8 +32,8 @@ class Traced(sft_trainer.DataCollatorForLanguageModeling):
 
 import sftlab.train.sft as sft
 sft.sft_collator = lambda pad_token_id, padding_free: Traced(pad_token_id, padding_free=padding_free)
-import sftlab.data.clean as clean
-clean.BATCH_ROWS = 16  # a small file in many batches, so that num_proc 2 cleans it in a worker pool
+import sftlab.data.cleaner as cleaner
+cleaner.BATCH_ROWS = 16  # a small file in many batches, so that num_proc 2 cleans it in a worker pool
 sys.exit(main(sys.argv[1:]))
 '''
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from sftlab.chat_format import ChatRenderer, mark_supervised
 from sftlab.config import CleanArguments, Overflow, check_choices
-from sftlab.data.clean import clean_rows
+from sftlab.data.cleaner import clean_rows
 from sftlab.data.convert import detect_format
 from sftlab.data.dedup import remove_store
 from sftlab.data.load import expand_inputs

@@ -28,7 +28,8 @@ from datatrove.pipeline.base import PipelineStep
 
 from sftlab.chat_format import ChatRenderer
 from sftlab.config import CleanArguments
-from sftlab.data.clean import RowChecker, batches_of
+from sftlab.data.clean import RowChecker
+from sftlab.data.cleaner import batches_of
 from sftlab.data.sources import dataset_specs, iter_datasets
 from sftlab.files import write_atomic
 from sftlab.model.load import load_tokenizer, resolve_model_path

@@ -26,31 +26,36 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from datasets import Dataset, concatenate_datasets
+from datasets import Dataset
 from tqdm.auto import tqdm
 
 from sftlab import __version__, chat_format
-from sftlab.chat_format import IGNORE_INDEX, ChatRenderer
-from sftlab.chat_tools import has_tool_parts
+from sftlab.chat_format import ChatRenderer
 from sftlab.config import CleanArguments, DataArguments
-from sftlab.data import clean, convert, dedup, lengths, load, near_dedup
+from sftlab.data import clean, cleaner, convert, dedup, lengths, load, near_dedup
+from sftlab.data import shards as shard_files
 from sftlab.data import sources as dataset_sources
-from sftlab.data.clean import Cleaner, CleanResult, RowChecker, checked_batches, dedup_store, record_of
+from sftlab.data.clean import CleanResult, RowChecker
+from sftlab.data.cleaner import Cleaner, checked_batches, dedup_store
 from sftlab.data.dedup import remove_store
 from sftlab.data.load import expand_inputs
 from sftlab.data.report import build_report, dataset_rows, replay_line, summary_line
+from sftlab.data.shards import (
+    COLUMNS,
+    KINDS,
+    DamagedShard,
+    ShardWriter,
+    column_of,
+    open_shards,
+    rows_at,
+    shard_intact,
+    size_on_disk,
+)
 from sftlab.data.sources import dataset_specs, iter_datasets
 from sftlab.environment import cache_root
 from sftlab.errors import UserError, interrupt_note
-from sftlab.files import exclusive_lock, file_digest, file_digests, release_lock, remove_stale_staging, write_atomic
+from sftlab.files import exclusive_lock, release_lock, remove_stale_staging, write_atomic
 
-COLUMNS = ("input_ids", "labels", "length", "num_supervised")  # what training reads
-KINDS = ("plain", "system", "multi-turn", "tool call")
-SHARD_SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
-                          ("length", pa.int32()), ("num_supervised", pa.int32()),
-                          ("source", pa.int32()),  # index into the prepared data's sources
-                          ("kind", pa.int8()),  # index into KINDS
-                          ("conversation", pa.string())])  # {"messages", "tools"?} as JSON, for the held-out rows
 SHARD_BATCHES = 128  # batches of rows read (clean.BATCH_ROWS each: 65,536 rows) per shard
 
 
@@ -228,79 +233,6 @@ def skip_rows(batches, rows: int):
         rows -= len(batch)
 
 
-class ShardWriter:
-    """The preparation's sink: kept samples go to the current shard (an Arrow stream file, a record batch per
-    batch of rows), rejected rows to rejected.jsonl. A shard is named in the progress record only once it is
-    complete; what an interrupted run wrote past its last record is removed here."""
-
-    def __init__(self, folder: Path, sources: list[str], shards: list[dict], rejected_bytes: int):
-        self.folder, self.shards, self.pending = folder, list(shards), []
-        self.stream = self.sink = self.path = None  # the shard being written
-        self.rows = self.tokens = 0
-        self.source_ids = {source: i for i, source in enumerate(sources)}
-        changed = next((entry["file"] for entry in self.shards if not shard_intact(folder, entry)), None)
-        if changed is not None:  # a committed shard that changed since: the rows it held cannot be trusted
-            raise DamagedShard(f"{folder / changed} does not match the hash it was committed with")
-        named = {entry["file"] for entry in self.shards}
-        for path in (folder / "shards").iterdir():
-            if f"shards/{path.name}" not in named:
-                path.unlink()  # written after the last commit: its rows are read again
-        self.rejects = open(folder / "rejected.jsonl", "ab")
-        self.rejects.truncate(rejected_bytes)
-        self.rejects.seek(rejected_bytes)
-
-    def kept(self, kept) -> None:
-        self.pending.append(kept)
-
-    def rejected(self, r) -> None:
-        self.rejects.write(json.dumps({"reason": r.reason, "source": r.source, "line": r.line, "detail": r.detail},
-                                      ensure_ascii=False).encode() + b"\n")
-
-    def end_batch(self) -> None:
-        """The batch's kept samples, appended to the current shard as one record batch."""
-        if not self.pending:
-            return
-        if self.stream is None:
-            self.path = self.folder / "shards" / f"{len(self.shards):05d}.arrow"
-            self.sink = pa.OSFile(str(self.path) + ".tmp", "wb")
-            self.stream, self.rows, self.tokens = pa.ipc.new_stream(self.sink, SHARD_SCHEMA), 0, 0
-        samples = [kept.sample for kept in self.pending]
-        columns = samples_columns(samples)
-        columns["source"] = pa.array([self.source_ids[kept.source] for kept in self.pending], type=pa.int32())
-        columns["kind"] = pa.array([KINDS.index(sample_kind(k.messages, k.tools)) for k in self.pending],
-                                   type=pa.int8())
-        columns["conversation"] = pa.array([k.record_json or json.dumps(conversation_record(k), ensure_ascii=False)
-                                            for k in self.pending], type=pa.string())
-        self.stream.write_batch(pa.record_batch(columns, schema=SHARD_SCHEMA))
-        self.rows += len(samples)
-        self.tokens += int(columns["length"].to_numpy().sum())
-        self.pending = []
-
-    def end_shard(self) -> None:
-        """Closes the current shard (synced, then renamed to its name: a shard under its name is complete)."""
-        if self.stream is None:
-            return
-        self.stream.close()
-        self.sink.close()
-        tmp = Path(str(self.path) + ".tmp")
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        digests = file_digests(tmp, "sha256", "xxh3_128")
-        os.replace(tmp, self.path)
-        self.shards.append({"file": f"shards/{self.path.name}", "rows": self.rows, "tokens": self.tokens, **digests})
-        self.stream = None
-
-    def progress(self, result: CleanResult) -> dict:
-        """The record committed with the duplicate state: what the rows read so far produced."""
-        self.rejects.flush()
-        os.fsync(self.rejects.fileno())
-        return {"rows_read": result.rows_read, "shards": self.shards, "rejected_bytes": self.rejects.tell(),
-                "result": result.to_state()}
-
-    def close(self) -> None:
-        self.rejects.close()
-
-
 def finish(folder: Path, shards: list[dict], result: CleanResult, per_dataset: dict, sources: list[str],
            digests: dict, key: str, data_args: DataArguments, renderer: ChatRenderer) -> None:
     """The split, the weights, the report, the manifest and prepared.json (last: with it the folder is
@@ -310,7 +242,7 @@ def finish(folder: Path, shards: list[dict], result: CleanResult, per_dataset: d
         shutil.rmtree(folder / name, ignore_errors=True)  # datatrove's check results and logs: done with
     table = open_shards(folder, shards)
     n = len(table) if table is not None else 0
-    source_of = _column(table, "source", np.int32)
+    source_of = column_of(table, "source", np.int32)
     train_idx, test_idx = split_indices(n, data_args.test_size, data_args.split_seed)
     weights = {source: info["weight"] for info in per_dataset.values() for source in info["sources"]}
     train_idx = weighted_indices(train_idx, source_of, sources, weights, data_args.split_seed)
@@ -320,39 +252,13 @@ def finish(folder: Path, shards: list[dict], result: CleanResult, per_dataset: d
     report["datasets"] = dataset_rows(per_dataset, result, {s: int(train_rows[i]) for i, s in enumerate(sources)})
     np.save(folder / TRAIN_ROWS, train_idx)
     np.save(folder / TEST_ROWS, test_idx)
-    examples = examples_by_kind(table, train_idx, _column(table, "kind", np.int8), renderer)
+    examples = examples_by_kind(table, train_idx, column_of(table, "kind", np.int8), renderer)
     write_atomic(folder / MANIFEST, json.dumps({"fingerprint": key, "rows": n, "tokens": sum(
         entry["tokens"] for entry in shards), "shards": shards}, indent=1) + "\n")
     files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
              if p.is_file() and p.name != ".lock"}
     meta = {"report": report, "fingerprint": key, "examples": examples, "sources": digests, FILES: files}
     write_atomic(folder / META, json.dumps(meta, ensure_ascii=False))
-
-
-class DamagedShard(Exception):
-    """A committed shard of an interrupted preparation whose bytes changed: the preparation starts over."""
-
-
-def shard_intact(folder: Path, entry: dict) -> bool:
-    """A shard's bytes match the hash committed with it (XXH3-128: about 10x faster to check than SHA-256, which
-    older manifests hold alone and which is then checked instead). A same-size bit flip passes a size check."""
-    algorithm = "xxh3_128" if "xxh3_128" in entry else "sha256"
-    path = folder / entry["file"]
-    return path.is_file() and file_digest(path, algorithm) == entry[algorithm]
-
-
-def open_shards(folder: Path, shards: list[dict]) -> Dataset | None:
-    """The shards as one Dataset, memory-mapped and concatenated without a copy; None when there are none."""
-    if not shards:
-        return None
-    return concatenate_datasets([Dataset.from_file(str(folder / entry["file"])) for entry in shards])
-
-
-def _column(table: Dataset | None, name: str, dtype) -> np.ndarray:
-    """One column of the concatenated shards as a numpy array."""
-    if table is None:
-        return np.zeros(0, dtype=dtype)
-    return table.data.column(name).to_numpy().astype(dtype, copy=False)
 
 
 def weighted_indices(indices: np.ndarray, source_of: np.ndarray, sources: list[str], weights: dict[str, float],
@@ -372,42 +278,6 @@ def weighted_indices(indices: np.ndarray, source_of: np.ndarray, sources: list[s
             picked = random.Random(f"{seed}:{source}:weight").sample(range(len(rows)), extra)
             parts.append(rows[np.asarray(picked, dtype=np.int64)])
     return np.sort(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
-
-
-def samples_columns(samples: list) -> dict:
-    """input_ids, labels, length and num_supervised as Arrow columns, built from flat int32 buffers: never from
-    per-token Python lists, which take about ten times the memory of the ids themselves."""
-    supervised = [len(s.labels) - list(s.labels).count(IGNORE_INDEX) for s in samples]
-    return {"input_ids": int32_lists([s.input_ids for s in samples]),
-            "labels": int32_lists([s.labels for s in samples]),
-            "length": pa.array([len(s.input_ids) for s in samples], type=pa.int32()),
-            "num_supervised": pa.array(supervised, type=pa.int32())}
-
-
-def samples_dataset(samples: list) -> Dataset:
-    return Dataset(pa.table(samples_columns(samples)))
-
-
-def int32_lists(rows: list) -> pa.ListArray:
-    """A list<int32> Arrow column from sequences of ints (lists, or the compact array('i') of clean_rows)."""
-    lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
-    offsets = np.zeros(len(rows) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    flat = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int32, count=int(lengths.sum()))
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
-
-
-def conversation_record(kept) -> dict:
-    """A conversation as heldout.jsonl, clean.jsonl and render_check.json keep it: OpenAI's row form."""
-    return record_of(kept.messages, kept.tools)
-
-
-def sample_kind(messages: list[dict], tools: list | None = None) -> str:
-    if has_tool_parts(messages, tools):
-        return "tool call"
-    if sum(m["role"] == "assistant" for m in messages) > 1:
-        return "multi-turn"
-    return "system" if messages[0]["role"] == "system" else "plain"
 
 
 def examples_by_kind(table: Dataset | None, train_idx: np.ndarray, kinds: np.ndarray, renderer: ChatRenderer
@@ -454,7 +324,7 @@ def cache_key(digests: dict[str, str], data_args: DataArguments, clean_args: Cle
                     # how many processes or tasks clean, not what comes out
                     clean={k: v for k, v in asdict(clean_args).items() if k not in ("num_proc", "datatrove_tasks")})
     # a change to the preparing code is a new key too
-    for module in (chat_format, clean, convert, dedup, lengths, load, near_dedup, dataset_sources,
+    for module in (chat_format, clean, cleaner, convert, dedup, lengths, load, near_dedup, shard_files, dataset_sources,
                    sys.modules[__name__]):
         digest.update(Path(module.__file__).read_bytes())
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
@@ -481,7 +351,7 @@ def read_cache(folder: Path, verify: bool = True) -> PreparedData | None:
                             if verify and not shard_intact(folder, entry)), None)
         if damaged is None:
             table = open_shards(folder, shards)
-            train, test = (_rows(table, np.load(folder / name)) for name in (TRAIN_ROWS, TEST_ROWS))
+            train, test = (rows_at(table, np.load(folder / name)) for name in (TRAIN_ROWS, TEST_ROWS))
             return PreparedData(train=train.select_columns(list(COLUMNS)), test=test.select_columns(list(COLUMNS)),
                                 heldout=Conversations(test), rejected=folder / "rejected.jsonl", folder=folder,
                                 **meta)
@@ -492,14 +362,3 @@ def read_cache(folder: Path, verify: bool = True) -> PreparedData | None:
     return None
 
 
-def _rows(table: Dataset | None, indices: np.ndarray) -> Dataset:
-    """The rows at `indices` (repeats allowed), through an index mapping kept in memory (8 bytes a row): the
-    shards are not copied."""
-    if table is None:
-        return Dataset(pa.table({**samples_columns([]), "source": pa.array([], pa.int32()),
-                                 "kind": pa.array([], pa.int8()), "conversation": pa.array([], pa.string())}))
-    return table.select(indices, keep_in_memory=True)
-
-
-def size_on_disk(path: Path) -> int | None:
-    return path.stat().st_size if path.is_file() else None

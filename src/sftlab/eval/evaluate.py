@@ -87,7 +87,7 @@ def load_conversations(data: str | None, run_dir: Path | None, tokenizer) -> tup
             raise UserError(f"{heldout} holds no conversations: pass --data FILE")
         return [m for m, _ in records], [t for _, t in records], [None] * len(records)
     from sftlab.config import CleanArguments
-    from sftlab.data.clean import clean_rows
+    from sftlab.data.cleaner import clean_rows
     from sftlab.data.sources import dataset_specs, read_datasets
 
     rows, _ = read_datasets(dataset_specs([data]), seed=0)  # as training reads a dataset: columns, max_samples
