@@ -196,6 +196,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     outputs = {(row["rows"], row["kept"], row["clean"]) for row in table}
     print(f"\nload average {os.getloadavg()[0]:.1f} at the end; every variant kept the same rows at each size: "
           f"{len(outputs) == len(sizes)}\n")
+    print_table(table, variants)
+    return table
+
+
+def print_table(table: list[dict], variants: list[str]) -> None:
+    """Each variant at each size (with the ratio to the baseline's run at that size), then how time and memory
+    per row grow from the second-largest size to the largest."""
     print("| variant | rows | runs | rows/s | peak RSS | vs baseline (time, memory) |\n"
           "| --- | ---: | ---: | ---: | ---: | --- |")
     base = {row["rows"]: row for row in table if row["variant"] == "baseline"}
@@ -215,7 +222,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
                   f"{large['peak_mb'] / small['peak_mb']:.2f} ({slope * 1024:+.2f} KB a row: about "
                   f"{large['peak_mb'] + slope * (10_000_000 - large['rows']):,.0f} MB at 10M rows), time per row "
                   f"x{per_row:.2f} (10M rows: about {large['seconds'] / large['rows'] * 1e7 / 3600:.1f} h)")
-    return table
 
 
 if __name__ == "__main__":

@@ -2,16 +2,8 @@
 
 import pytest
 
-from sftlab.chat_format import (
-    IGNORE_INDEX,
-    ChatRenderer,
-    MessageError,
-    SampleTooLong,
-    mark_supervised,
-    stop_token_ids,
-    validate_messages,
-)
-from sftlab.chat_tools import function_call
+from sftlab.chat_format import IGNORE_INDEX, ChatRenderer, MessageError, SampleTooLong, mark_supervised, stop_token_ids
+from sftlab.chat_tools import function_call, validate_messages
 from sftlab.data.convert import alpaca_to_messages
 
 

@@ -74,3 +74,59 @@ def test_only_train_imports_trl_and_internals_names_its_internal_apis():
                 importers.add(str(path.relative_to(PACKAGE)))
     assert {p for p in importers if not p.startswith("train/")} == {"internals.py"}
     assert "train/sft.py" in importers
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """{module: the sftlab modules it imports, at any depth}; `from sftlab.data import clean` names the module."""
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "sftlab":
+                named = [f"{node.module}.{alias.name}" for alias in node.names]
+                targets |= {m for m in [node.module, *named] if m in modules}
+            elif isinstance(node, ast.Import):
+                targets |= {alias.name for alias in node.names if alias.name in modules}
+        graph[name] = targets - {name, "sftlab"}
+    return graph
+
+
+def test_no_module_imports_one_that_imports_it_back():
+    """No file-level import circles, lazy imports included: each is a sign that a name lives in the wrong file."""
+    graph, circles = import_graph(), []
+    state = {}  # 1: on the current path, 2: done
+
+    def visit(module, path):
+        state[module] = 1
+        for target in sorted(graph[module]):
+            if state.get(target) == 1:
+                circles.append(" -> ".join(path[path.index(target):] + [target]))
+            elif target not in state:
+                visit(target, [*path, target])
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert circles == []
+
+
+def test_no_source_file_over_400_lines_and_no_function_over_60():
+    long_files, long_functions = [], []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        name = path.relative_to(PACKAGE)
+        if len(text.splitlines()) > 400:
+            long_files.append(f"{name}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - min([node.lineno] + [d.lineno for d in node.decorator_list]) + 1
+                if lines > 60:
+                    long_functions.append(f"{name}:{node.lineno} {node.name}: {lines} lines")
+    assert long_files == [] and long_functions == []

@@ -43,16 +43,15 @@ from sftlab.chat_tools import (
     PROBE_TOOLS,
     TOOL_DIALECTS,
     CallFormat,
-    check_tool_calls,
     has_tool_parts,
     to_fallback_form,
     to_template_form,
+    validate_messages,
 )
 from sftlab.errors import MessageError
 from sftlab.internals import compiled_template, rust_tokenizer
 
 IGNORE_INDEX = -100
-ROLES = ("system", "user", "assistant", "tool")
 
 
 class TemplateRefused(MessageError):
@@ -93,44 +92,6 @@ def special_ids(tokenizer) -> set[int]:
 def stop_token_ids(tokenizer, generation_eos=None) -> list[int]:
     """The ids generation must stop on (see ChatRenderer.stop_ids)."""
     return ChatRenderer(tokenizer, generation_eos=generation_eos).stop_ids
-
-
-def validate_messages(messages: list[dict], for_training: bool = True) -> None:
-    """Raises MessageError naming the message index and field when the conversation is not a list of
-    chat_tools.Message in a usable order."""
-    if not isinstance(messages, list) or not messages:
-        raise MessageError("messages: expected a non-empty list")
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise MessageError(f"messages[{i}]: expected an object, got {type(message).__name__}")
-        if message.get("role") not in ROLES:
-            raise MessageError(f"messages[{i}].role: {message.get('role')!r} is not one of {', '.join(ROLES)}")
-        if not isinstance(message.get("content"), str):
-            raise MessageError(f"messages[{i}].content: expected a string")
-        calls = message.get("tool_calls")
-        if calls is not None:
-            if message["role"] != "assistant":
-                raise MessageError(f"messages[{i}].tool_calls: only an assistant message calls functions")
-            check_tool_calls(calls, i)
-        # GLM-4's template skips a message whose content is empty. A system message may be empty: it then only
-        # keeps a template's default system prompt out (system_prompt: ""); a call needs no words.
-        if not message["content"].strip() and message["role"] != "system" and not calls:
-            raise MessageError(f"messages[{i}].content: empty {message['role']} message")
-    first = next((i for i, m in enumerate(messages) if m["role"] != "system"), None)
-    if first is None or messages[first]["role"] != "user":
-        raise MessageError("messages: the first non-system message must be a user message")
-    if any(m["role"] == "system" for m in messages[first:]):
-        raise MessageError("messages: system messages must come before the conversation")
-    for i in range(first + 1, len(messages)):
-        if messages[i]["role"] == messages[i - 1]["role"] and messages[i]["role"] == "user":
-            raise MessageError(f"messages[{i}].role: two user messages in a row")
-        previous = messages[i - 1]  # training, chat and serve alike:
-        if messages[i]["role"] == "tool" and previous["role"] not in ("assistant", "tool"):
-            raise MessageError(f"messages[{i}].role: a tool result must follow an assistant's tool call")
-        if messages[i]["role"] == "tool" and previous["role"] == "assistant" and not previous.get("tool_calls"):
-            raise MessageError(f"messages[{i}]: a tool result follows a plain reply, not a function call")
-    if for_training and messages[-1]["role"] != "assistant":
-        raise MessageError(f"messages[{len(messages) - 1}].role: a training conversation must end with the assistant")
 
 
 class ChatRenderer:

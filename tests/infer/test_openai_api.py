@@ -15,7 +15,8 @@ from helpers import QUESTION, serving
 from sftlab.chat_format import ChatRenderer
 from sftlab.chat_tools import function_call
 from sftlab.infer.generate import decode_complete
-from sftlab.infer.serve import Limits, create_app
+from sftlab.infer.routes import Limits
+from sftlab.infer.serve import create_app
 from sftlab.model.load import load_for_inference
 
 TOOLS = [{"type": "function", "function": {"name": name, "description": f"{name} of a city",

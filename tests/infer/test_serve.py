@@ -17,7 +17,8 @@ import httpx
 import pytest
 
 from helpers import QUESTION, serving
-from sftlab.infer.serve import Limits, create_app
+from sftlab.infer.routes import Limits
+from sftlab.infer.serve import create_app
 from sftlab.model.load import load_for_inference
 
 
@@ -271,13 +272,13 @@ def test_the_chat_page_asks_for_the_key_once_keeps_it_for_the_tab_and_sends_it(c
 def test_chat_page_streams_a_reply_keeps_the_conversation_and_clears(chromium, sftlab_home, monkeypatch):
     from playwright.sync_api import sync_playwright
 
-    import sftlab.infer.serve as serve
+    import sftlab.infer.routes as routes
 
     # a chunk per generated step: on idle cores the tiny model's 24 tokens took under 0.1 s, fewer than the
     # chunks (one per 20 ms at most) that show the reply arriving piece by piece. Even so the engine coalesces the
     # wake-ups of tokens that come faster than the event loop reads them (each token is decoded once now), so a
     # few updates, not one per token, are what streaming guarantees
-    monkeypatch.setattr(serve, "STREAM_INTERVAL_S", 0)
+    monkeypatch.setattr(routes, "STREAM_INTERVAL_S", 0)
 
     model, tokenizer = load_for_inference(model="sftlab:tiny-glm4", device="cpu", dtype="float32")
     app = create_app(model, tokenizer, "tiny-glm4", limits=Limits(max_tokens=24), context=4096)

@@ -42,14 +42,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from sftlab.chat_format import (
-    ChatRenderer,
-    MessageError,
-    RenderedSample,
-    TemplateRefused,
-    validate_messages,
-)
-from sftlab.chat_tools import calls_text, has_tool_parts, message_text
+from sftlab.chat_format import ChatRenderer, MessageError, RenderedSample, TemplateRefused
+from sftlab.chat_tools import calls_text, has_tool_parts, message_text, validate_messages
 from sftlab.config import CleanArguments
 from sftlab.data.convert import NO_FORMAT, FieldError, ToolCallError, check_format_name, detect_format, to_messages
 from sftlab.data.lengths import Lengths

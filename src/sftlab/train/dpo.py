@@ -1,7 +1,8 @@
 """`sftlab dpo`: preference tuning after SFT, on TRL's DPOTrainer, read top to bottom as prepare -> build -> fit ->
 finish, through the same run lifecycle as `sftlab train` (train/lifecycle.py: the output_dir's lock, token-budget
 micro-batches, committed checkpoints, a resume that refuses a changed recipe, the non-finite guards, a clean stop
-on a signal) and the same run folder (train/run_files.py: config, manifest, rejected rows, report, model card).
+on a signal) and the same run folder (train/run_files.py: config, manifest, rejected rows, report, model card);
+what it does after its final save is train/dpo_finish.py.
 
 Where it starts (`model_name_or_path`): a base model, a merged or fully tuned folder, or an SFT LoRA run. With
 LoRA (the default) from an SFT LoRA run, DPO goes on training that run's adapter over its original base
@@ -32,17 +33,14 @@ from trl.experimental.orpo import ORPOConfig, ORPOTrainer  # noqa: E402
 
 from sftlab.chat_format import ChatRenderer
 from sftlab.config import DataArguments, ModelArguments, Range
-from sftlab.data.preference import PAIR_FIELDS, Pair, PreferenceData, prepare_pairs, render_pair
+from sftlab.data.preference import PAIR_FIELDS, PreferenceData, prepare_pairs
 from sftlab.data.prepare import source_digests
 from sftlab.data.sources import dataset_specs, iter_datasets
 from sftlab.errors import UserError
 from sftlab.internals import attention_of, save_only_adapter
 from sftlab.model.load import (
     REFERENCE_ADAPTER,
-    as_started,
-    continued_adapter,
     load_adapter_to_train,
-    load_for_inference,
     load_model,
     load_tokenizer,
     quantization_config,
@@ -53,30 +51,24 @@ from sftlab.run_dir import (
     ADAPTER_CONFIG,
     DATA_REPORT,
     HELDOUT,
-    PREDICTIONS,
     REJECTED,
     RENDER_CHECK,
     RESOLVED_CONFIG,
-    TRAINER_STATE,
-    append_jsonl,
-    effective_record,
     is_adapter_folder,
-    keep_lines,
-    mark_complete,
     read_json,
-    read_jsonl,
     write_json,
     write_jsonl,
     write_yaml,
 )
-from sftlab.train.callbacks import JsonlLogCallback, ProbeCallback, probe_records, run_probes
+from sftlab.train.callbacks import JsonlLogCallback, ProbeCallback
 from sftlab.train.checks import check_context, check_lora_targets, check_prepared
 from sftlab.train.config import RunFields, batch_setup, lora_config, resolved_config, set_reply_limits
-from sftlab.train.guards import BadSteps, StopAtOnce, StopOnSignal, Stopped, stopped_after_final_save
+from sftlab.train.dpo_finish import complete_dpo_run, dpo_settings, finish_dpo
+from sftlab.train.guards import BadSteps, StopOnSignal
 from sftlab.train.lifecycle import ReliableTrainer, run_in_output_dir, sharded_engine, train_and_finish
 from sftlab.train.resume import check_output_dir, resume_or_start
 from sftlab.train.retention_guard import RetentionAtSaves
-from sftlab.train.run_files import finish_settings, print_probes, write_training_manifest
+from sftlab.train.run_files import write_training_manifest
 from sftlab.train.tracking import tracked
 
 # PEFT still calls transformers' old name on every step; the warning says nothing a user can act on
@@ -354,96 +346,6 @@ def build(model_args: ModelArguments, data_args: DataArguments, dpo_args: DpoCon
     chosen = {"attention": attention_of(trainer.model), "reference": kind,
               "batches": {**asdict(plan), "summary": plan.summary()}}
     return trainer, stopper, chosen, getattr(trainer, "ref_model", None)
-
-
-def dpo_settings(config: dict) -> dict:
-    """What the finish uses, from a resolved config (a live run's, or a completed one's with its amendments)."""
-    return {**finish_settings(config), "beta": config["train"]["beta"], "start": config["model"]["model_name_or_path"]}
-
-
-def complete_dpo_run(out: Path, is_main: bool) -> Path:
-    """--resume on a run whose final weights are saved but not its evaluation and report: done without training."""
-    if not is_main:
-        return out
-    print(f"run {out}: its final weights were saved, but it stopped before its evaluation and report: completing "
-          "them with the run's recorded settings (no training)")
-    lora = (out / ADAPTER_CONFIG).exists()
-    model, tokenizer = load_for_inference(adapter=str(out)) if lora else load_for_inference(model=str(out))
-    started_from = continued_adapter(out)
-    if started_from is not None:  # the reference: the SFT adapter it went on training, as it was
-        model.load_adapter(str(started_from), adapter_name=REFERENCE_ADAPTER)
-    step, settings = read_json(out / TRAINER_STATE)["global_step"], dpo_settings(effective_record(out))
-    finish_dpo(model, tokenizer, out, step, settings, read_jsonl(out / HELDOUT), None, None)
-    return out
-
-
-def finish_dpo(model, tokenizer, out: Path, step: int, settings: dict, heldout: list[dict], reference,
-               sharded: str | None) -> None:
-    """After the final save, on the main process: probe replies, the held-out judgement, report, model card, and
-    last the manifest marked complete; a stop signal here ends it at once (the weights are safe)."""
-    with StopAtOnce() as stop:
-        try:
-            write_dpo_finish(model, tokenizer, out, step, settings, heldout, reference, sharded)
-        except Stopped:
-            stopped_after_final_save(stop.received, out, "the steps after the final save", True)
-
-
-def write_dpo_finish(model, tokenizer, out: Path, step: int, settings: dict, heldout: list[dict], reference,
-                     sharded: str | None) -> None:
-    from sftlab.eval.evaluate import write_eval
-    from sftlab.eval.model_card import write_model_card
-    from sftlab.eval.run_report import write_run_report
-    from sftlab.eval.tables import table_text
-
-    final = []
-    if not sharded:
-        prompts, system_prompt = settings["probe_prompts"], settings["system_prompt"]
-        replies = run_probes(model, tokenizer, prompts, settings["probe_max_new_tokens"], system_prompt)
-        final = probe_records(step, prompts, replies, final=True)
-        keep_lines(out / PREDICTIONS, lambda record: not record.get("final"))
-        append_jsonl(out / PREDICTIONS, final)
-        records = heldout[:settings["final_eval_samples"]]
-        if records:
-            results, samples = judge(model, tokenizer, records, settings, reference)
-            write_eval(out / "eval", results, samples)
-            print(f"\nHeld-out pairs ({len(records)}): base = the reference (where DPO started), tuned = after "
-                  f"DPO\n{table_text(results)}")
-    write_run_report(out)
-    write_model_card(out)
-    mark_complete(out)
-    if final:
-        print_probes(final)
-
-
-def judge(model, tokenizer, records: list[dict], settings: dict, reference) -> tuple[dict, list[dict]]:
-    """Before (the reference) and after (the policy) on held-out pairs: the preference scores
-    (eval/preference.py), and each model's greedy replies to the prompts scored against the chosen reply (stop
-    rate and reply length: preference tuning is known to lengthen replies); the retention check for LoRA.
-    `reference`: the reference model, or None for the policy as it started (LoRA: model/load.py, as_started) or,
-    in full fine-tuning, the start loaded again."""
-    import contextlib
-
-    from sftlab.eval.evaluate import evaluate, with_replies
-    from sftlab.eval.preference import judge_pairs
-
-    if reference is None and not hasattr(model, "disable_adapter"):  # full fine-tuning, its reference not kept
-        reference = load_for_inference(model=settings["start"])[0]
-    renderer = ChatRenderer(tokenizer)
-    pairs = [Pair.from_record(r) for r in records]
-    rendered = [render_pair(renderer, pair) for pair in pairs]
-    results = judge_pairs(model, rendered, tokenizer.pad_token_id, settings["beta"], reference)
-    conversations, tools = [[*p.prompt, p.chosen] for p in pairs], [p.tools for p in pairs]
-    limit = settings["final_eval_max_new_tokens"]
-    with (as_started(model) if reference is None else contextlib.nullcontext()):
-        base, base_replies = evaluate(reference or model, tokenizer, conversations, limit, label="reference",
-                                      tools=tools)
-    tuned, tuned_replies = evaluate(model, tokenizer, conversations, limit, label="tuned", tools=tools)
-    results = {"base": {**results["base"], **base}, "tuned": {**results["tuned"], **tuned}}
-    if settings["retention_check"] and reference is None and hasattr(model, "disable_adapter"):
-        from sftlab.eval.retention import adapter_retention
-
-        results["retention"] = adapter_retention(model, tokenizer, settings["system_prompt"])
-    return results, with_replies(conversations, {"base": base_replies, "tuned": tuned_replies})
 
 
 ARGUMENTS, PARSER = (ModelArguments, DataArguments, DpoConfig), TrlParser  # cli.py parses them
