@@ -256,3 +256,30 @@ def effective_record(out: Path) -> dict:
             if name:
                 record[section][name] = value
     return record
+
+
+DEFAULT_STAGE = "sft"  # the stage of a run record without a `stage` (SFT's record none)
+
+
+def recorded_stage(folder: str | Path) -> str:
+    """The training stage of the run `folder` belongs to (train/stage.py), by its record."""
+    return (run_record(folder) or {}).get("stage", DEFAULT_STAGE)
+
+
+def stage_verb(stage: str) -> str:
+    """The command that starts and resumes a stage's runs: `sftlab <stage>`, SFT's `sftlab train`."""
+    return "sftlab train" if stage == DEFAULT_STAGE else f"sftlab {stage}"
+
+
+def stage_title(stage: str) -> str:
+    """How a message names a stage's runs: "an SFT run", "a DPO run"."""
+    return f"{'an' if stage.upper()[0] in 'AEFHILMNORSX' else 'a'} {stage.upper()} run"
+
+
+# What a run's stage says of itself (train/stage.py's Stage.describe), in its manifest under "stage": the model card's
+# title and training rows, and the run report's loss label. A manifest without one is an SFT run's.
+SFT_DESCRIPTION = {"title": "Supervised fine-tuning", "loss": "loss (supervised tokens)", "settings": {}}
+
+
+def stage_description(manifest: dict) -> dict:
+    return manifest.get("stage") or SFT_DESCRIPTION

@@ -41,7 +41,7 @@ def test_a_run_killed_after_its_final_save_is_completed_by_resume_without_traini
     import sftlab.eval.run_report as run_report
 
     run = tmp_path / "run"
-    monkeypatch.setattr(*((sft, "finish_run", kill) if where == "after_the_final_save"
+    monkeypatch.setattr(*((sft, "SFT", dataclasses.replace(sft.SFT, finish=kill)) if where == "after_the_final_save"
                           else (run_report, "write_run_report", kill)))
     with pytest.raises(Killed):
         train(*args_for(run))

@@ -14,6 +14,7 @@ from sftlab.eval.tables import markdown_cell, table_text
 from sftlab.files import write_atomic
 from sftlab.run_dir import (
     DATA_REPORT,
+    DEFAULT_STAGE,
     EVAL_DIR,
     MANIFEST,
     PREDICTIONS,
@@ -22,6 +23,7 @@ from sftlab.run_dir import (
     read_json,
     read_jsonl,
     read_yaml,
+    stage_description,
 )
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -42,7 +44,8 @@ def model_card(run_dir: Path, merged: bool = False, name: str | None = None, che
     model, data, train = config.get("model", {}), config.get("data", {}), config.get("train", {})
     base = str(model.get("model_name_or_path", ""))
     lora = bool(model.get("use_peft")) and not merged
-    stage = config.get("stage", "sft")
+    stage, manifest = config.get("stage", DEFAULT_STAGE), read_json(run_dir / MANIFEST)
+    described = stage_description(manifest)  # what the run's stage says of itself
     header = {"library_name": "peft" if lora else "transformers", "pipeline_tag": "text-generation",
               "tags": ["sftlab", stage, "trl", *(["lora"] if model.get("use_peft") else []),
                        *(["merged"] if merged else [])]}
@@ -54,28 +57,18 @@ def model_card(run_dir: Path, merged: bool = False, name: str | None = None, che
     lines = ["---", yaml.safe_dump(header, sort_keys=False, allow_unicode=True).strip(),
              "# license: set the license before publishing; the base model's license applies", "---", "",
              f"# {name or run_dir.name}{' (merged)' if merged else ''}", "",
-             f"{stage_title(stage, train)} of `{base}` with sftlab (TRL + PEFT)"
+             f"{described['title']} of `{base}` with sftlab (TRL + PEFT)"
              f"{' (' + checkpoint + ' of the run ' + run_dir.name + ')' if checkpoint else ''}"
              f"{': the LoRA adapter merged into the base weights' if merged else ''}.", ""]
     name = name or run_dir.name + ("-merged" if merged else "")
     trains_vocabulary = lora and bool(set(model.get("lora_modules_to_save") or []) & {"lm_head", "embed_tokens"})
-    lines += _training(model, train, stage) + _final_weights(read_json(run_dir / MANIFEST), checkpoint)
+    lines += _training(model, train, described["settings"]) + _final_weights(manifest, checkpoint)
     lines += _data(read_json(run_dir / DATA_REPORT))
     lines += _usage(name, lora, trains_vocabulary, stacked_on(run_dir) if lora else None)
     if checkpoint is None:
         lines += _evaluation(read_json(run_dir / EVAL_DIR / RESULTS))
         lines += _probes(read_jsonl(run_dir / PREDICTIONS))
     return "\n".join(lines).rstrip() + "\n"
-
-
-LOSS_NAMES = {"simpo": "SimPO", "orpo": "ORPO", "ipo": "IPO"}  # a preference run's loss, by TRL's loss_type
-
-
-def stage_title(stage: str, train: dict) -> str:
-    """"Supervised fine-tuning", or "Preference tuning (DPO)" (SimPO, ORPO, IPO: by the run's loss)."""
-    if stage != "dpo":
-        return "Supervised fine-tuning"
-    return f"Preference tuning ({LOSS_NAMES.get((train.get('loss_type') or ['sigmoid'])[0], 'DPO')})"
 
 
 def stacked_on(run_dir: Path) -> str | None:
@@ -88,7 +81,7 @@ def stacked_on(run_dir: Path) -> str | None:
     return base if base and Path(base).is_dir() and is_adapter_folder(base) else None
 
 
-def _training(model: dict, train: dict, stage: str = "sft") -> list[str]:
+def _training(model: dict, train: dict, stage_settings: dict) -> list[str]:
     rows = {"method": (f"LoRA r={model.get('lora_r')}, alpha={model.get('lora_alpha')}, dropout "
                        f"{model.get('lora_dropout')} on {model.get('lora_target_modules')}"
                        if model.get("use_peft") else "full fine-tuning"),
@@ -96,7 +89,7 @@ def _training(model: dict, train: dict, stage: str = "sft") -> list[str]:
             "learning_rate": train.get("learning_rate"), "schedule": train.get("lr_scheduler_type"),
             "max_length": train.get("max_length"), "tokens per micro-batch": train.get("max_tokens_per_batch"),
             "seed": train.get("seed"),
-            **({"loss": "+".join(train.get("loss_type") or []), "beta": train.get("beta")} if stage == "dpo" else {})}
+            **stage_settings}
     return ["## Training", "", *[f"- {k}: {v}" for k, v in rows.items() if v not in (None, -1)], ""]
 
 

@@ -21,6 +21,7 @@ from sftlab.run_dir import (
     TRAINER_STATE,
     read_json,
     read_jsonl,
+    stage_description,
     write_json,
 )
 
@@ -90,8 +91,7 @@ def write_run_report(run_dir: Path) -> Path:
     state, manifest = read_json(run_dir / TRAINER_STATE), read_json(run_dir / MANIFEST)
     data, results = read_json(run_dir / DATA_REPORT), read_json(run_dir / EVAL_DIR / RESULTS)
     lines = [f"# Run report: {run_dir.name}", ""]
-    dpo = manifest.get("config", {}).get("stage") == "dpo"
-    if plot_losses(logs, run_dir / LOSS_PLOT, "DPO loss (mean over pairs)" if dpo else "loss (supervised tokens)"):
+    if plot_losses(logs, run_dir / LOSS_PLOT, stage_description(manifest)["loss"]):
         lines += ["![loss curves](loss_curves.png)", ""]
     if plot_preferences(logs, run_dir / PREFERENCE_PLOT):
         lines += ["![reward margins and preference accuracy](preference_curves.png)", ""]

@@ -1,7 +1,8 @@
-"""`sftlab dpo`: preference tuning after SFT, on TRL's DPOTrainer, read top to bottom as prepare -> build -> fit ->
-finish, through the same run lifecycle as `sftlab train` (train/lifecycle.py: the output_dir's lock, token-budget
-micro-batches, committed checkpoints, a resume that refuses a changed recipe, the non-finite guards, a clean stop
-on a signal) and the same run folder (train/run_files.py: config, manifest, rejected rows, report, model card);
+"""`sftlab dpo`: preference tuning after SFT, on TRL's DPOTrainer, declared as a stage (train/stage.py: prepare ->
+build, then the fit and the finish every stage shares), through the same run lifecycle as `sftlab train`
+(train/lifecycle.py: the output_dir's lock, token-budget micro-batches, committed checkpoints, a resume that
+refuses a changed recipe, the non-finite guards, a clean stop on a signal) and the same run folder
+(train/run_files.py: config, manifest, rejected rows, report, model card);
 what it does after its final save is train/dpo_finish.py.
 
 Where it starts (`model_name_or_path`): a base model, a merged or fully tuned folder, or an SFT LoRA run. With
@@ -43,33 +44,24 @@ from sftlab.model.load import (
     load_adapter_to_train,
     load_model,
     load_tokenizer,
-    quantization_config,
     recorded_base_name,
     resolve_model_path,
 )
 from sftlab.run_dir import (
     ADAPTER_CONFIG,
-    DATA_REPORT,
-    HELDOUT,
-    REJECTED,
-    RENDER_CHECK,
-    RESOLVED_CONFIG,
     is_adapter_folder,
     read_json,
-    write_json,
-    write_jsonl,
-    write_yaml,
 )
 from sftlab.train.callbacks import JsonlLogCallback, ProbeCallback
 from sftlab.train.checks import check_context, check_lora_targets, check_prepared
 from sftlab.train.config import RunFields, batch_setup, lora_config, resolved_config, set_reply_limits
-from sftlab.train.dpo_finish import complete_dpo_run, dpo_settings, finish_dpo
+from sftlab.train.dpo_finish import finish_dpo
 from sftlab.train.guards import BadSteps, StopOnSignal
-from sftlab.train.lifecycle import ReliableTrainer, run_in_output_dir, sharded_engine, train_and_finish
+from sftlab.train.lifecycle import ReliableTrainer, sharded_engine
 from sftlab.train.resume import check_output_dir, resume_or_start
 from sftlab.train.retention_guard import RetentionAtSaves
-from sftlab.train.run_files import write_training_manifest
-from sftlab.train.tracking import tracked
+from sftlab.train.run_files import write_run_inputs
+from sftlab.train.stage import Built, Prepared, Stage, run_stage
 
 # PEFT still calls transformers' old name on every step; the warning says nothing a user can act on
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
@@ -169,48 +161,20 @@ def reference_free_args(dpo_args: DpoConfig):
     return config_class(**shared)
 
 
-@dataclass
-class PreparedPairs:
-    """What the build step needs from the prepare step."""
-
-    model_path: Path
-    tokenizer: object
-    data: PreferenceData
-    config: dict
-    resume_from: str | None
-    amendment: dict | None
-
-
-def dpo(model_args: ModelArguments, data_args: DataArguments, dpo_args: DpoConfig) -> Path:
-    """Runs one DPO job and returns the run directory, which then holds the final adapter or model."""
-    quantization_config(model_args.load_in_4bit)
+def check(model_args: ModelArguments, data_args: DataArguments, dpo_args: DpoConfig) -> None:
     if data_args.overflow != "drop":
         raise UserError("overflow: a preference pair over max_length is rejected (too_long), never truncated: a "
                         "reply cut short would teach the model to stop mid-answer; remove overflow or raise "
                         "max_length")
-    return run_in_output_dir(dpo_args, lambda: run_training(model_args, data_args, dpo_args), complete_dpo_run,
-                             stage="dpo")
 
 
-def run_training(model_args: ModelArguments, data_args: DataArguments, dpo_args: DpoConfig) -> Path:
-    out, is_main = Path(dpo_args.output_dir), dpo_args.process_index == 0
-    prepared = prepare(model_args, data_args, dpo_args)
-    trainer, stopper, chosen, reference = build(model_args, data_args, dpo_args, prepared)
-    base_name = (read_json(prepared.model_path / ADAPTER_CONFIG)["base_model_name_or_path"]
-                 if continues_adapter(model_args, prepared.model_path)  # the SFT adapter's own base
-                 else recorded_base_name(model_args.model_name_or_path))
-    with tracked(dpo_args, prepared.config, is_main):
-        train_and_finish(trainer, stopper, prepared.resume_from, out,
-                         lambda: write_training_manifest(out, prepared.data, dpo_args.seed,
-                                                         {**chosen, "final_weights": trainer.final_weights}),
-                         prepared.tokenizer, base_name,
-                         finish=lambda: finish_dpo(trainer.model, prepared.tokenizer, out, trainer.state.global_step,
-                                                   dpo_settings(prepared.config), prepared.data.heldout, reference,
-                                                   sharded_engine(trainer)))
-    return out
+def dpo(model_args: ModelArguments, data_args: DataArguments, dpo_args: DpoConfig) -> Path:
+    """Runs one DPO job and returns the run directory, which then holds the final adapter or model."""
+    return run_stage(DPO, model_args, data_args, None, dpo_args)
 
 
-def prepare(model_args: ModelArguments, data_args: DataArguments, dpo_args: DpoConfig) -> PreparedPairs:
+def prepare(model_args: ModelArguments, data_args: DataArguments, clean_args: None, dpo_args: DpoConfig
+            ) -> Prepared:
     """Checks what can be checked before loading, reads and renders the pairs, and writes the run's inputs (or,
     on a resume, checks the recorded config and drops what is newer than the checkpoint)."""
     out, is_main = Path(dpo_args.output_dir), dpo_args.process_index == 0
@@ -236,8 +200,11 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, dpo_args: DpoC
     check_prepared(data, pair_lengths(data.train), data_args, dpo_args)  # as SFT's: pairs, budget, held-out split
     set_reply_limits(dpo_args, data.report)
     config = resolved_config(model_args, data_args, None, dpo_args, data.fingerprint, sources, stage="dpo")
-    amendment = resume_or_start(out, config, resume_from, is_main, lambda: write_pair_inputs(out, config, data))
-    return PreparedPairs(model_path, tokenizer, data, config, resume_from, amendment)
+    amendment = resume_or_start(out, config, resume_from, is_main, lambda: write_run_inputs(out, config, data))
+    base_name = (read_json(model_path / ADAPTER_CONFIG)["base_model_name_or_path"]
+                 if continues_adapter(model_args, model_path)  # the SFT adapter's own base
+                 else recorded_base_name(model_args.model_name_or_path))
+    return Prepared(model_path, tokenizer, data, config, resume_from, amendment, base_name)
 
 
 def continues_adapter(model_args: ModelArguments, model_path: Path) -> bool:
@@ -276,25 +243,13 @@ def read_pairs(data_args: DataArguments, renderer: ChatRenderer) -> tuple[Prefer
     return data, source_digests(sources)
 
 
-def write_pair_inputs(out: Path, config: dict, data: PreferenceData) -> None:
-    """How the run was made, written before training so even a crashed run says it."""
-    from sftlab.eval.run_report import write_manifest
-
-    write_yaml(out / RESOLVED_CONFIG, config)
-    write_manifest(out, config, data.fingerprint, config["train"]["seed"])
-    if data.examples:
-        write_json(out / RENDER_CHECK, {"samples": data.examples}, indent=None)
-    write_jsonl(out / HELDOUT, data.heldout)
-    write_jsonl(out / REJECTED, data.rejected)
-    write_json(out / DATA_REPORT, data.report)
-
-
 def pair_lengths(pairs: list[dict]) -> list[int]:
     """What a pair costs a micro-batch: two rows (chosen and rejected, padded alike) of its longer side."""
     return [2 * (len(p["prompt_ids"]) + max(len(p["chosen_ids"]), len(p["rejected_ids"]))) for p in pairs]
 
 
-def build(model_args: ModelArguments, data_args: DataArguments, dpo_args: DpoConfig, prepared: PreparedPairs):
+def build(model_args: ModelArguments, data_args: DataArguments, dpo_args: DpoConfig, prepared: Prepared
+          ) -> Built:
     """The policy, its reference (None: the policy with its adapter disabled), the micro-batches and the trainer."""
     from datasets import Dataset
 
@@ -345,8 +300,20 @@ def build(model_args: ModelArguments, data_args: DataArguments, dpo_args: DpoCon
             else "the policy with its LoRA adapter disabled" if model_args.use_peft else "precomputed")
     chosen = {"attention": attention_of(trainer.model), "reference": kind,
               "batches": {**asdict(plan), "summary": plan.summary()}}
-    return trainer, stopper, chosen, getattr(trainer, "ref_model", None)
+    return Built(trainer, stopper, chosen, getattr(trainer, "ref_model", None))
 
+
+LOSS_NAMES = {"simpo": "SimPO", "orpo": "ORPO", "ipo": "IPO"}  # how the card names a loss_type (else DPO)
+
+
+def describe(config: dict) -> dict:
+    """What the card and the report say of a preference run: its loss by name, and its settings."""
+    losses = config["train"]["loss_type"]
+    return {"title": f"Preference tuning ({LOSS_NAMES.get(losses[0], 'DPO')})", "loss": "DPO loss (mean over pairs)",
+            "settings": {"loss": "+".join(losses), "beta": config["train"]["beta"]}}
+
+
+DPO = Stage("dpo", prepare, build, finish_dpo, describe, check)
 
 ARGUMENTS, PARSER = (ModelArguments, DataArguments, DpoConfig), TrlParser  # cli.py parses them
 

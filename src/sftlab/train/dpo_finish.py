@@ -9,16 +9,10 @@ from sftlab.chat_format import ChatRenderer
 from sftlab.data.preference import Pair, render_pair
 from sftlab.model.load import REFERENCE_ADAPTER, as_started, continued_adapter, load_for_inference
 from sftlab.run_dir import (
-    ADAPTER_CONFIG,
-    HELDOUT,
     PREDICTIONS,
-    TRAINER_STATE,
     append_jsonl,
-    effective_record,
     keep_lines,
     mark_complete,
-    read_json,
-    read_jsonl,
 )
 from sftlab.train.callbacks import probe_records, run_probes
 from sftlab.train.guards import StopAtOnce, Stopped, stopped_after_final_save
@@ -30,26 +24,15 @@ def dpo_settings(config: dict) -> dict:
     return {**finish_settings(config), "beta": config["train"]["beta"], "start": config["model"]["model_name_or_path"]}
 
 
-def complete_dpo_run(out: Path, is_main: bool) -> Path:
-    """--resume on a run whose final weights are saved but not its evaluation and report: done without training."""
-    if not is_main:
-        return out
-    print(f"run {out}: its final weights were saved, but it stopped before its evaluation and report: completing "
-          "them with the run's recorded settings (no training)")
-    lora = (out / ADAPTER_CONFIG).exists()
-    model, tokenizer = load_for_inference(adapter=str(out)) if lora else load_for_inference(model=str(out))
-    started_from = continued_adapter(out)
-    if started_from is not None:  # the reference: the SFT adapter it went on training, as it was
-        model.load_adapter(str(started_from), adapter_name=REFERENCE_ADAPTER)
-    step, settings = read_json(out / TRAINER_STATE)["global_step"], dpo_settings(effective_record(out))
-    finish_dpo(model, tokenizer, out, step, settings, read_jsonl(out / HELDOUT), None, None)
-    return out
-
-
-def finish_dpo(model, tokenizer, out: Path, step: int, settings: dict, heldout: list[dict], reference,
+def finish_dpo(model, tokenizer, out: Path, step: int, config: dict, heldout: list[dict], reference,
                sharded: str | None) -> None:
-    """After the final save, on the main process: probe replies, the held-out judgement, report, model card, and
-    last the manifest marked complete; a stop signal here ends it at once (the weights are safe)."""
+    """DPO's finish (train/stage.py), after the final save, on the main process: probe replies, the held-out
+    judgement, report, model card, and last the manifest marked complete; a stop signal here ends it at once (the
+    weights are safe). `config`: the resolved config; `reference`: the reference model where one is held."""
+    started_from = continued_adapter(out)
+    if started_from is not None and sharded is None and REFERENCE_ADAPTER not in model.peft_config:
+        model.load_adapter(str(started_from), adapter_name=REFERENCE_ADAPTER)  # a run completed by --resume
+    settings = dpo_settings(config)
     with StopAtOnce() as stop:
         try:
             write_dpo_finish(model, tokenizer, out, step, settings, heldout, reference, sharded)

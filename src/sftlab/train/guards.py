@@ -13,6 +13,7 @@ import torch
 from transformers import TrainerCallback
 
 from sftlab.errors import UserError, write_failure
+from sftlab.run_dir import recorded_stage, stage_verb
 from sftlab.train.checkpoints import newest_committed
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -195,13 +196,15 @@ def stopped_after_final_save(signum: int, out: Path, during: str, is_main: bool)
     """One line when a stop signal ends a run after its final weights were saved; exits 143 or 130."""
     if is_main:
         print(f"stopped by {signal.Signals(signum).name} during {during}: the final weights in {out} are saved; "
-              f"complete the evaluation and report with: {resume_command()}", flush=True)
+              f"complete the evaluation and report with: {resume_command(out)}", flush=True)
     raise SystemExit(128 + signum)
 
 
-def resume_command() -> str:
-    stage_verb = sys.argv[1:2] in (["train"], ["dpo"])
-    command = shlex.join(["sftlab", *sys.argv[1:]]) if stage_verb else "sftlab train ..."
+def resume_command(out: Path) -> str:
+    """The command that goes on with the run in `out`: this one, where it is its stage's verb (`sftlab dpo ...`),
+    else the verb with "..." (a run started from Python)."""
+    verb = stage_verb(recorded_stage(out))
+    command = shlex.join(["sftlab", *sys.argv[1:]]) if sys.argv[1:2] == verb.split()[1:] else f"{verb} ..."
     return command + ("" if "--resume" in sys.argv else " --resume")
 
 
@@ -209,5 +212,5 @@ def stopped_by_signal(signum: int, step: int, out: Path, is_main: bool) -> None:
     """One line on where the run stopped and how to go on; exits 143 (SIGTERM) or 130 (SIGINT)."""
     if is_main:
         print(f"stopped by {signal.Signals(signum).name} after step {step}: {out / f'checkpoint-{step}'} is "
-              f"committed; continue with: {resume_command()}", flush=True)
+              f"committed; continue with: {resume_command(out)}", flush=True)
     raise SystemExit(128 + signum)

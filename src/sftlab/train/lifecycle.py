@@ -11,7 +11,17 @@ from transformers import TrainerCallback
 
 from sftlab.errors import UserError
 from sftlab.internals import checkpoint_dir, logged_loss_sum, logging_state, restore_logging_state
-from sftlab.run_dir import LOG_STATE, RESOLVED_CONFIG, has_final, is_complete, read_json, read_yaml, write_json
+from sftlab.run_dir import (
+    LOG_STATE,
+    RESOLVED_CONFIG,
+    has_final,
+    is_complete,
+    read_json,
+    recorded_stage,
+    stage_title,
+    stage_verb,
+    write_json,
+)
 from sftlab.train.batching import SamplerEpochCallback, TokenBudgetSampler
 from sftlab.train.callbacks import ProbeCallback
 from sftlab.train.checkpoints import RunLock, commit, rotate
@@ -23,7 +33,7 @@ from sftlab.train.guards import (
     stopped_after_final_save,
     stopped_by_signal,
 )
-from sftlab.train.resume import STAGES, record_amendment
+from sftlab.train.resume import record_amendment
 
 
 class ReliableTrainer:
@@ -136,7 +146,7 @@ def callback_of(trainer, kind):
     return next((c for c in trainer.callback_handler.callbacks if isinstance(c, kind)), None)
 
 
-def run_in_output_dir(train_args, start, complete, stage: str = "sft") -> Path:
+def run_in_output_dir(train_args, start, complete, stage: str) -> Path:
     """A stage's run in train_args.output_dir, under the folder's lock (held by the main process for the whole
     run): `start()` trains (or resumes) and returns the folder; a finished run is left as it is; a run whose
     final weights were saved but not its evaluation and report is given them by `complete(out, is_main)`. A resume
@@ -144,12 +154,11 @@ def run_in_output_dir(train_args, start, complete, stage: str = "sft") -> Path:
     out, is_main = Path(train_args.output_dir), train_args.process_index == 0
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir {out} is a file, not a folder")
-    recorded = read_yaml(out / RESOLVED_CONFIG).get("stage", "sft") if train_args.resume and \
-        (out / RESOLVED_CONFIG).is_file() else stage
+    recorded = recorded_stage(out) if train_args.resume and (out / RESOLVED_CONFIG).is_file() else stage
     if recorded != stage:
-        (was, verb), (now, _) = STAGES[recorded], STAGES[stage]
-        raise UserError(f"--resume {out}: this run is {was}; this command is for {now} (resume it with `{verb}`); "
-                        "or give this one another output_dir")
+        raise UserError(f"--resume {out}: this run is {stage_title(recorded)}; this command is for "
+                        f"{stage_title(stage)} (resume it with `{stage_verb(recorded)}`); or give this one another "
+                        "output_dir")
     if train_args.resume and is_complete(out):
         print(f"run {out} is finished (its final weights, evaluation and report are there): nothing to resume, "
               "nothing changed")

@@ -15,6 +15,7 @@ from pathlib import Path
 from sftlab.errors import UserError
 from sftlab.run_dir import (
     AMENDMENTS,
+    DEFAULT_STAGE,
     PREDICTIONS,
     RESOLVED_CONFIG,
     RETENTION_BASE,
@@ -23,6 +24,8 @@ from sftlab.run_dir import (
     has_final,
     keep_lines,
     read_yaml,
+    stage_title,
+    stage_verb,
 )
 from sftlab.train.checkpoints import checkpoints, newest_committed
 
@@ -51,7 +54,6 @@ AMENDABLE = {"clean.num_proc"} | {
     )
 }
 IGNORED = {"train.resume", "train.output_dir", "train.local_rank"}
-STAGES = {"sft": ("an SFT run", "sftlab train"), "dpo": ("a DPO run", "sftlab dpo")}  # a record without one: SFT
 
 
 def check_output_dir(out: Path, resume: bool, is_main: bool = True) -> str | None:
@@ -95,9 +97,10 @@ def flatten(config: dict) -> dict:
 def config_drift(original: dict, new: dict) -> tuple[list[str], dict]:
     """(refused changes, as "field: old -> new" lines, a changed data file by its name; the allowed changes
     {field: [old, new]})."""
-    if original.get("stage", "sft") != new.get("stage", "sft"):  # every other field differs too: one line says it
-        (old, verb), (now, _) = (STAGES[record.get("stage", "sft")] for record in (original, new))
-        return [f"this run is {old}; this command is for {now} (resume it with `{verb}`)"], {}
+    was, now = (record.get("stage", DEFAULT_STAGE) for record in (original, new))
+    if was != now:  # every other field differs too: one line says it
+        return [f"this run is {stage_title(was)}; this command is for {stage_title(now)} (resume it with "
+                f"`{stage_verb(was)}`)"], {}
     before, after = flatten(original), flatten(new)
     blocking, allowed = [], {}
     for key in sorted(set(before) | set(after)):

@@ -22,11 +22,9 @@ from sftlab.run_dir import (
     RESOLVED_CONFIG,
     TRAINER_STATE,
     append_jsonl,
-    effective_record,
     keep_lines,
     mark_complete,
     read_json,
-    read_jsonl,
     read_yaml,
     write_json,
     write_jsonl,
@@ -46,32 +44,16 @@ FINISH_FIELDS = ("probe_prompts", "probe_max_new_tokens", "final_eval_samples", 
                  "retention_check")
 
 
-def complete_run(out: Path, is_main: bool) -> Path:
-    """--resume on a run whose final weights are saved but whose evaluation, probes, report or manifest are not
-    (it was killed after its final save): does what is missing, with the run's recorded settings, without
-    training. The model is loaded from the run folder, as `sftlab eval` loads it."""
-    from sftlab.model.load import load_for_inference
-
-    if not is_main:
-        return out
-    print(f"run {out}: its final weights were saved, but it stopped before its evaluation and report: completing "
-          "them with the run's recorded settings (no training)")
-    adapter = (out / ADAPTER_CONFIG).exists()
-    model, tokenizer = load_for_inference(adapter=str(out)) if adapter else load_for_inference(model=str(out))
-    step = read_json(out / TRAINER_STATE)["global_step"]
-    finish_run(model, tokenizer, out, step, finish_settings(effective_record(out)), read_jsonl(out / HELDOUT), None)
-    return out
-
-
-def finish_run(model, tokenizer, out: Path, step: int, settings: dict, heldout: list[dict], sharded: str | None
-               ) -> None:
-    """After the final save, on the main process: probe replies, held-out evaluation, report, model card, and
-    last the manifest marked complete (no generation where the weights are sharded: `sftlab eval` does it
-    afterwards from the saved run). Each output is rewritten whole, so a run stopped here is completed by
-    --resume without a record twice; and since the weights are safe, a stop signal here ends it at once."""
+def finish_run(model, tokenizer, out: Path, step: int, config: dict, heldout: list[dict], reference,
+               sharded: str | None) -> None:
+    """SFT's finish (train/stage.py), after the final save, on the main process: probe replies, held-out
+    evaluation, report, model card, and last the manifest marked complete (no generation where the weights are
+    sharded: `sftlab eval` does it afterwards from the saved run). Each output is rewritten whole, so a run stopped
+    here is completed by --resume without a record twice; and since the weights are safe, a stop signal here ends
+    it at once. `config`: the resolved config; `reference`: unused (SFT holds none)."""
     with StopAtOnce() as stop:
         try:
-            write_finish(model, tokenizer, out, step, settings, heldout, sharded)
+            write_finish(model, tokenizer, out, step, finish_settings(config), heldout, sharded)
         except Stopped:
             stopped_after_final_save(stop.received, out, "the steps after the final save", True)
 
@@ -119,7 +101,7 @@ def write_training_manifest(out: Path, data: PreparedData, seed: int, chosen: di
                                                          "completed": False})
 
 
-def write_run_inputs(out: Path, config: dict, data: PreparedData) -> None:
+def write_run_inputs(out: Path, config: dict, data) -> None:
     """How the run was made, written before training so even a crashed run says it."""
     from sftlab.eval.run_report import write_manifest
 
@@ -128,8 +110,11 @@ def write_run_inputs(out: Path, config: dict, data: PreparedData) -> None:
     if data.examples:  # what `sftlab doctor` checks the saved template against
         write_json(out / RENDER_CHECK, {"samples": data.examples}, indent=None)
     write_jsonl(out / HELDOUT, data.heldout)
-    shutil.copyfile(data.rejected, out / (REJECTED + ".tmp"))
-    os.replace(out / (REJECTED + ".tmp"), out / REJECTED)
+    if isinstance(data.rejected, Path):  # the prepared cache's file (SFT): copied, as large as it may be
+        shutil.copyfile(data.rejected, out / (REJECTED + ".tmp"))
+        os.replace(out / (REJECTED + ".tmp"), out / REJECTED)
+    else:  # the rejected rows themselves (preference pairs)
+        write_jsonl(out / REJECTED, data.rejected)
     write_json(out / DATA_REPORT, data.report)
 
 

@@ -1,6 +1,7 @@
-"""`sftlab train`: the tutorial's TRL SFT script, with its defects fixed, read top to bottom as
-prepare -> build -> fit -> finish. The configuration is train/config.py, the checks before loading train/checks.py,
-what keeps a run safe train/lifecycle.py, what the run folder gets train/run_files.py.
+"""`sftlab train`: the tutorial's TRL SFT script, with its defects fixed, declared as a stage (train/stage.py:
+prepare -> build, then the fit and the finish every stage shares). The configuration is train/config.py, the checks
+before loading train/checks.py, what keeps a run safe train/lifecycle.py, what the run folder gets
+train/run_files.py.
 
 Fixes over the tutorial, whose script had these defects: the assistant turn is followed by a supervised terminator and
 the prompt is masked (one renderer, chat_format.py); max_length is TRL's real field; `[gMASK]<sop>` appears
@@ -8,7 +9,7 @@ once; the split is seeded; probes run in eval mode and decode only new tokens; c
 """
 
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from trl import SFTTrainer, TrlParser
@@ -17,8 +18,8 @@ from sftlab.chat_format import ChatRenderer
 from sftlab.config import CleanArguments, DataArguments, ModelArguments
 from sftlab.data.prepare import PreparedData, prepare_data
 from sftlab.internals import attention_of, sft_collator
-from sftlab.model.load import load_model, load_tokenizer, quantization_config, recorded_base_name, resolve_model_path
-from sftlab.train.batching import BatchPlan, resolve_padding_free, training_attention
+from sftlab.model.load import load_model, load_tokenizer, recorded_base_name, resolve_model_path
+from sftlab.train.batching import resolve_padding_free, training_attention
 from sftlab.train.callbacks import JsonlLogCallback, ProbeCallback
 from sftlab.train.checks import check_context, check_lora_targets, check_prepared, check_training_rows
 from sftlab.train.config import (
@@ -31,19 +32,16 @@ from sftlab.train.config import (
     set_reply_limits,
 )
 from sftlab.train.guards import BadSteps, StopOnSignal
-from sftlab.train.lifecycle import ReliableTrainer, run_in_output_dir, sharded_engine, train_and_finish
+from sftlab.train.lifecycle import ReliableTrainer, sharded_engine
 from sftlab.train.loss import add_supervised_lm_head
 from sftlab.train.replay import with_replay
 from sftlab.train.resume import check_output_dir, resume_or_start
 from sftlab.train.retention_guard import RetentionAtSaves
 from sftlab.train.run_files import (
-    complete_run,
     finish_run,
-    finish_settings,
     write_run_inputs,
-    write_training_manifest,
 )
-from sftlab.train.tracking import tracked
+from sftlab.train.stage import Built, Prepared, Stage, run_stage
 
 # PEFT still calls transformers' old name on every step; the warning says nothing a user can act on
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
@@ -53,42 +51,10 @@ class SftlabTrainer(ReliableTrainer, SFTTrainer):
     """TRL's SFTTrainer with sftlab's run lifecycle (train/lifecycle.py)."""
 
 
-@dataclass
-class Prepared:
-    """What the build step needs from the prepare step."""
-
-    model_path: Path
-    tokenizer: object
-    data: PreparedData
-    lengths: list[int]  # the training samples' token lengths, read once: the budget check, then the sampler
-    config: dict  # the resolved config, as recorded in the run folder
-    resume_from: str | None
-    amendment: dict | None
-
-
 def train(model_args: ModelArguments, data_args: DataArguments, clean_args: CleanArguments,
           train_args: TrainConfig) -> Path:
     """Runs one SFT job and returns the run directory, which then holds the final adapter or model."""
-    quantization_config(model_args.load_in_4bit)  # no GPU or no bitsandbytes: say so before anything else
-    return run_in_output_dir(train_args, lambda: run_training(model_args, data_args, clean_args, train_args),
-                             complete_run)
-
-
-def run_training(model_args: ModelArguments, data_args: DataArguments, clean_args: CleanArguments,
-                 train_args: TrainConfig) -> Path:
-    out, is_main = Path(train_args.output_dir), train_args.process_index == 0
-    prepared = prepare(model_args, data_args, clean_args, train_args)
-    trainer, stopper, plan, sharded = build(model_args, data_args, train_args, prepared)
-    chosen = {"attention": attention_of(trainer.model), "padding_free": train_args.padding_free,
-              "batches": {**asdict(plan), "summary": plan.summary()}}
-    with tracked(train_args, prepared.config, is_main):
-        train_and_finish(trainer, stopper, prepared.resume_from, out,
-                         lambda: write_training_manifest(out, prepared.data, train_args.seed,
-                                                         {**chosen, "final_weights": trainer.final_weights}),
-                         prepared.tokenizer, recorded_base_name(model_args.model_name_or_path),
-                         finish=lambda: finish_run(trainer.model, prepared.tokenizer, out, trainer.state.global_step,
-                                                   finish_settings(prepared.config), prepared.data.heldout, sharded))
-    return out
+    return run_stage(SFT, model_args, data_args, clean_args, train_args)
 
 
 def prepare(model_args: ModelArguments, data_args: DataArguments, clean_args: CleanArguments,
@@ -112,11 +78,12 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, clean_args: Cl
     set_reply_limits(train_args, data.report)
     config = resolved_config(model_args, data_args, clean_args, train_args, data.fingerprint, data.sources)
     amendment = resume_or_start(out, config, resume_from, is_main, lambda: write_run_inputs(out, config, data))
-    return Prepared(model_path, tokenizer, data, lengths, config, resume_from, amendment)
+    return Prepared(model_path, tokenizer, data, config, resume_from, amendment,
+                    recorded_base_name(model_args.model_name_or_path), lengths)
 
 
 def build(model_args: ModelArguments, data_args: DataArguments, train_args: TrainConfig, prepared: Prepared
-          ) -> tuple[SftlabTrainer, StopOnSignal, BatchPlan, str | None]:
+          ) -> Built:
     """The model, the micro-batches and the trainer with its callbacks."""
     out, is_main = Path(train_args.output_dir), train_args.process_index == 0
     tokenizer, data = prepared.tokenizer, prepared.data
@@ -159,7 +126,8 @@ def build(model_args: ModelArguments, data_args: DataArguments, train_args: Trai
     if train_args.supervised_head:
         unwrapped = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
         add_supervised_lm_head(unwrapped)
-    return trainer, stopper, plan, sharded
+    return Built(trainer, stopper, {"attention": attention_of(trainer.model), "padding_free": padding_free,
+                                    "batches": {**asdict(plan), "summary": plan.summary()}})
 
 
 def prepare_once(data_args: DataArguments, clean_args: CleanArguments, renderer: ChatRenderer,
@@ -184,6 +152,8 @@ def prepare_only(model_args: ModelArguments, data_args: DataArguments, clean_arg
     print(f"prepared data: {data.folder} ({data.fingerprint}); `sftlab train` with the same config reads it")
     return 0
 
+
+SFT = Stage("sft", prepare, build, finish_run)
 
 ARGUMENTS, PARSER = TRAIN_ARGUMENTS, TrlParser  # `sftlab train`'s arguments (cli.py parses them)
 
