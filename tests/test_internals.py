@@ -48,11 +48,12 @@ def test_the_methods_sftlab_overrides_exist_with_the_parameters_it_expects():
         assert tuple(inspect.signature(getattr(Trainer, name)).parameters) == parameters
 
 
-def test_the_dpo_method_sftlab_overrides_exists_with_the_parameters_it_expects():
-    from trl import DPOTrainer
+def test_the_dpo_and_kto_method_sftlab_overrides_exists_with_the_parameters_it_expects():
+    from trl import DPOTrainer, KTOTrainer
 
-    for name, parameters in internals.OVERRIDDEN_DPO_METHODS.items():
-        assert tuple(inspect.signature(getattr(DPOTrainer, name)).parameters) == parameters
+    for trainer in (DPOTrainer, KTOTrainer):
+        for name, parameters in internals.OVERRIDDEN_DPO_METHODS.items():
+            assert tuple(inspect.signature(getattr(trainer, name)).parameters) == parameters
 
 
 def test_the_simpo_and_orpo_method_sftlab_overrides_exists_with_the_parameters_it_expects():

@@ -39,6 +39,8 @@ VERBS = {
                   "sftlab.train.sft", "run"),
     "dpo": Verb("preference tuning (DPO) after SFT, on chosen/rejected pairs",
                 "sftlab dpo --config configs/demo-dpo.yaml [--field value ...]", "sftlab.train.dpo", "run"),
+    "kto": Verb("preference tuning (KTO) after SFT, on replies labelled good or bad (unpaired preference pairs)",
+                "sftlab kto --config configs/demo-kto.yaml [--field value ...]", "sftlab.train.kto", "run"),
     "estimate": Verb("tokens, steps, memory and time of a run before launching it", "sftlab estimate --config FILE",
                      "sftlab.train.estimate", "run", ignores=("output_dir",)),
     "eval": Verb("held-out metrics, before/after", "sftlab eval --adapter output/demo --compare_base",

@@ -11,7 +11,8 @@ from pathlib import Path
 # Trainer methods sftlab's trainers override (train/lifecycle.py): the Trainer's own sampler choice is private
 OVERRIDDEN_TRAINER_METHODS = {"_get_train_sampler": ("self", "train_dataset")}
 USED_TRAINER_METHODS = {"_load_from_checkpoint": ("self", "resume_from_checkpoint", "model")}  # called, not overridden
-# and DPOTrainer's dataset preparation (its own tokenization), which `sftlab dpo` replaces by the renderer's
+# and DPOTrainer's and KTOTrainer's dataset preparation (their own tokenization), which `sftlab dpo` and `sftlab kto`
+# replace by the renderer's
 OVERRIDDEN_DPO_METHODS = {"_prepare_dataset": ("self", "dataset", "processing_class", "args", "dataset_name")}
 # and the row tokenization of TRL's experimental CPOTrainer (SimPO) and ORPOTrainer, likewise replaced
 OVERRIDDEN_PREFERENCE_METHODS = {"tokenize_row": ("self", "feature", "model")}

@@ -33,8 +33,10 @@ CURVES = (("", "-", "#4C72B0", "train"), ("eval_", "o-", "#C44E52", "held-out"))
 
 def plot_over_steps(logs: list[dict], path: Path, panels: list[tuple[str, str]], width: float) -> bool:
     """One panel per (logged key, axis label): the value on training batches and on the held-out split (the
-    trainer logs it as eval_KEY) over steps. False, and no file, when nothing of it was logged."""
-    if not any(prefix + key in r for r in logs for key, _ in panels for prefix, *_ in CURVES):
+    trainer logs it as eval_KEY) over steps; a key never logged has no panel (KTO logs no accuracy). False, and no
+    file, when nothing of it was logged."""
+    panels = [(key, label) for key, label in panels if any(prefix + key in r for r in logs for prefix, *_ in CURVES)]
+    if not panels:
         return False
     import matplotlib
 

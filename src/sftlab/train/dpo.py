@@ -173,8 +173,8 @@ def dpo(model_args: ModelArguments, data_args: DataArguments, dpo_args: DpoConfi
     return run_stage(DPO, model_args, data_args, None, dpo_args)
 
 
-def prepare(model_args: ModelArguments, data_args: DataArguments, clean_args: None, dpo_args: DpoConfig
-            ) -> Prepared:
+def prepare(model_args: ModelArguments, data_args: DataArguments, clean_args: None, dpo_args: DpoConfig,
+            stage: str = "dpo") -> Prepared:
     """Checks what can be checked before loading, reads and renders the pairs, and writes the run's inputs (or,
     on a resume, checks the recorded config and drops what is newer than the checkpoint)."""
     out, is_main = Path(dpo_args.output_dir), dpo_args.process_index == 0
@@ -185,7 +185,7 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, clean_args: No
         if model_args.load_in_4bit:
             raise UserError(f"load_in_4bit with the LoRA run {model_path} as the start: not supported yet; merge it "
                             f"first (sftlab merge --adapter {model_path}) and start from the merged folder")
-        adopt_adapter_settings(model_args, model_path, is_main)
+        adopt_adapter_settings(model_args, model_path, is_main, stage)
     check_lora_targets(model_path, model_args)
     check_context(model_path, dpo_args.max_length)
     data, sources = read_pairs(data_args, ChatRenderer(tokenizer, dpo_args.max_length))
@@ -199,7 +199,7 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, clean_args: No
         dpo_args.max_tokens_per_batch = None  # recorded so: a resume on as many processes takes the same batches
     check_prepared(data, pair_lengths(data.train), data_args, dpo_args)  # as SFT's: pairs, budget, held-out split
     set_reply_limits(dpo_args, data.report)
-    config = resolved_config(model_args, data_args, None, dpo_args, data.fingerprint, sources, stage="dpo")
+    config = resolved_config(model_args, data_args, None, dpo_args, data.fingerprint, sources, stage=stage)
     amendment = resume_or_start(out, config, resume_from, is_main, lambda: write_run_inputs(out, config, data))
     base_name = (read_json(model_path / ADAPTER_CONFIG)["base_model_name_or_path"]
                  if continues_adapter(model_args, model_path)  # the SFT adapter's own base
@@ -212,7 +212,8 @@ def continues_adapter(model_args: ModelArguments, model_path: Path) -> bool:
     return model_args.use_peft and is_adapter_folder(model_path)
 
 
-def adopt_adapter_settings(model_args: ModelArguments, adapter_dir: Path, is_main: bool) -> None:
+def adopt_adapter_settings(model_args: ModelArguments, adapter_dir: Path, is_main: bool, stage: str = "dpo"
+                           ) -> None:
     """The SFT adapter's LoRA settings become the run's (recorded in its config and card): the adapter DPO goes
     on training has them; the config's own LoRA fields, where they differ, are said to be unused."""
     saved = read_json(adapter_dir / ADAPTER_CONFIG)
@@ -227,7 +228,7 @@ def adopt_adapter_settings(model_args: ModelArguments, adapter_dir: Path, is_mai
     for name, value in adopted.items():
         setattr(model_args, name, value)
     if is_main:
-        print(f"dpo: goes on training the LoRA adapter of the SFT run {adapter_dir} (r {adopted['lora_r']}, alpha "
+        print(f"{stage}: goes on training the LoRA adapter of the SFT run {adapter_dir} (r {adopted['lora_r']}, alpha "
               f"{adopted['lora_alpha']}, on {', '.join(adopted['lora_target_modules'])}"
               f"{', in full: ' + ', '.join(adopted['lora_modules_to_save']) if adopted['lora_modules_to_save'] else ''}"
               f"), its reference that adapter as it starts"
@@ -250,57 +251,71 @@ def pair_lengths(pairs: list[dict]) -> list[int]:
 
 def build(model_args: ModelArguments, data_args: DataArguments, dpo_args: DpoConfig, prepared: Prepared
           ) -> Built:
-    """The policy, its reference (None: the policy with its adapter disabled), the micro-batches and the trainer."""
+    """The policy, its reference, the micro-batches over the pairs and DPO's trainer (SimPO's, ORPO's)."""
+    return build_preference(model_args, data_args, dpo_args, prepared, prepared.data.train, prepared.data.test,
+                            pair_lengths(prepared.data.train), dpo_trainer)
+
+
+def dpo_trainer(dpo_args: DpoConfig, reference, common: dict):
+    if dpo_args.reference_free == "simpo":
+        return SftlabSimpoTrainer(args=reference_free_args(dpo_args), **common)
+    if dpo_args.reference_free == "orpo":
+        return SftlabOrpoTrainer(args=reference_free_args(dpo_args), **common)
+    return SftlabDpoTrainer(ref_model=reference, args=dpo_args, **common)
+
+
+def build_preference(model_args: ModelArguments, data_args: DataArguments, args, prepared: Prepared,
+                     train_rows: list[dict], test_rows: list[dict], lengths: list[int], make_trainer) -> Built:
+    """A preference stage's build (DPO's, KTO's): the policy, its reference (None: the policy with its adapter
+    disabled, or the SFT adapter as it started, copied by TRL), the micro-batches over `lengths` (one per training
+    row) and the trainer `make_trainer(args, reference, common)` makes with the shared arguments."""
     from datasets import Dataset
 
-    out, is_main = Path(dpo_args.output_dir), dpo_args.process_index == 0
-    start = model_args.model_name_or_path
+    out, is_main = Path(args.output_dir), args.process_index == 0
+    reference_free = getattr(args, "reference_free", None)
     continues = continues_adapter(model_args, prepared.model_path)
-    if continues:  # TRL's DPO copies its adapter, frozen, as the reference (REFERENCE_ADAPTER): saved, it is not
-        model = load_adapter_to_train(prepared.model_path, model_args.dtype, dpo_args.trust_remote_code,
-                                      model_args.attn_implementation)
-        if dpo_args.reference_free:  # CPO and ORPO keep no copy: the judgement after training needs the start
-            model.load_adapter(str(prepared.model_path), adapter_name=REFERENCE_ADAPTER, is_trainable=False)
-        save_only_adapter(model, model.active_adapter)
-    else:
-        model = load_model(prepared.model_path, model_args.dtype, dpo_args.trust_remote_code,
-                           model_args.attn_implementation, record_name=recorded_base_name(start),
-                           load_in_4bit=model_args.load_in_4bit)
+    model = preference_policy(model_args, args, prepared.model_path, continues, reference_free)
     reference = None  # LoRA: the adapter disabled; precomputed: TRL scores the pairs with the policy before training
-    if not model_args.use_peft and not dpo_args.precompute_ref_log_probs and not dpo_args.reference_free:
-        reference = load_model(prepared.model_path, model_args.dtype, dpo_args.trust_remote_code,
+    if not model_args.use_peft and not args.precompute_ref_log_probs and not reference_free:
+        reference = load_model(prepared.model_path, model_args.dtype, args.trust_remote_code,
                                model_args.attn_implementation, load_in_4bit=model_args.load_in_4bit)
-    sampler, _, plan = batch_setup(dpo_args, pair_lengths(prepared.data.train), False, verbose=is_main)
+    sampler, _, plan = batch_setup(args, lengths, False, verbose=is_main)
     stopper = StopOnSignal()
-    probe = ProbeCallback(prepared.tokenizer, dpo_args.probe_prompts, dpo_args.probe_max_new_tokens, str(out),
+    probe = ProbeCallback(prepared.tokenizer, args.probe_prompts, args.probe_max_new_tokens, str(out),
                           data_args.system_prompt, stopper)
-    guard = (RetentionAtSaves(prepared.tokenizer, out, data_args.system_prompt, dpo_args.retention_stop,
-                              stopper, dpo_args.retention_patience)
-             if dpo_args.retention_at_saves else None)  # the base: the model DPO starts from (its SFT model)
-    evaluates = bool(prepared.data.test) and dpo_args.eval_strategy != "no"
-    common = dict(
-        model=model, processing_class=prepared.tokenizer, train_dataset=Dataset.from_list(prepared.data.train),
-        eval_dataset=Dataset.from_list(prepared.data.test) if evaluates else None,
+    guard = (RetentionAtSaves(prepared.tokenizer, out, data_args.system_prompt, args.retention_stop, stopper,
+                              args.retention_patience)
+             if args.retention_at_saves else None)  # the base: the model the stage starts from (its SFT model)
+    evaluates = bool(test_rows) and args.eval_strategy != "no"
+    trainer = make_trainer(args, reference, dict(
+        model=model, processing_class=prepared.tokenizer, train_dataset=Dataset.from_list(train_rows),
+        eval_dataset=Dataset.from_list(test_rows) if evaluates else None,
         peft_config=lora_config(model_args) if model_args.use_peft and not continues else None,
         callbacks=[probe, *([guard] if guard else []), JsonlLogCallback(str(out)), stopper], token_sampler=sampler,
-        bad_steps=BadSteps(dpo_args.max_bad_steps), amendment=prepared.amendment, retention=guard,
-    )
-    if dpo_args.reference_free == "simpo":
-        trainer = SftlabSimpoTrainer(args=reference_free_args(dpo_args), **common)
-    elif dpo_args.reference_free == "orpo":
-        trainer = SftlabOrpoTrainer(args=reference_free_args(dpo_args), **common)
-    else:
-        trainer = SftlabDpoTrainer(ref_model=reference, args=dpo_args, **common)
-    sharded = sharded_engine(trainer)
-    if sharded and (probe.prompts or guard):
+        bad_steps=BadSteps(args.max_bad_steps), amendment=prepared.amendment, retention=guard))
+    if sharded_engine(trainer) and (probe.prompts or guard):
         probe.prompts, trainer.retention = [], None  # one process cannot generate with weights split across all
         trainer.remove_callback(RetentionAtSaves)
-    kind = ("none (" + dpo_args.reference_free + ")" if dpo_args.reference_free else "a frozen copy"
+    kind = ("none (" + reference_free + ")" if reference_free else "a frozen copy"
             if reference is not None else "the SFT run's adapter as it started (a frozen copy)" if continues
             else "the policy with its LoRA adapter disabled" if model_args.use_peft else "precomputed")
     chosen = {"attention": attention_of(trainer.model), "reference": kind,
               "batches": {**asdict(plan), "summary": plan.summary()}}
     return Built(trainer, stopper, chosen, getattr(trainer, "ref_model", None))
+
+
+def preference_policy(model_args: ModelArguments, args, model_path: Path, continues: bool, reference_free):
+    """The model a preference stage trains: the SFT run's adapter, trained on (TRL copies it, frozen, as the
+    reference: REFERENCE_ADAPTER, never saved), or the model at `model_path`."""
+    if not continues:
+        return load_model(model_path, model_args.dtype, args.trust_remote_code, model_args.attn_implementation,
+                          record_name=recorded_base_name(model_args.model_name_or_path),
+                          load_in_4bit=model_args.load_in_4bit)
+    model = load_adapter_to_train(model_path, model_args.dtype, args.trust_remote_code, model_args.attn_implementation)
+    if reference_free:  # CPO and ORPO keep no copy: the judgement after training needs the start
+        model.load_adapter(str(model_path), adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+    save_only_adapter(model, model.active_adapter)
+    return model
 
 
 LOSS_NAMES = {"simpo": "SimPO", "orpo": "ORPO", "ipo": "IPO"}  # how the card names a loss_type (else DPO)

@@ -58,8 +58,8 @@ def write_dpo_finish(model, tokenizer, out: Path, step: int, settings: dict, hel
         if records:
             results, samples = judge(model, tokenizer, records, settings, reference)
             write_eval(out / "eval", results, samples)
-            print(f"\nHeld-out pairs ({len(records)}): base = the reference (where DPO started), tuned = after "
-                  f"DPO\n{table_text(results)}")
+            print(f"\nHeld-out pairs ({len(records)}): base = the reference (where tuning started), tuned = "
+                  f"after it\n{table_text(results)}")
     write_run_report(out)
     write_model_card(out)
     mark_complete(out)
