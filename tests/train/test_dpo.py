@@ -1,18 +1,15 @@
-"""`sftlab dpo`: sftlab's DPO loss equals TRL's on one batch; a DPO run killed mid-way and resumed ends
-bit-identical to an uninterrupted one; a resume that changes beta, or the stage, is refused; the demo recipe (SFT
+"""`sftlab dpo`: sftlab's DPO loss equals TRL's on one batch (the lifecycle every stage shares, kill and resume
+among it, is tests/train/test_stages.py's); a resume that changes beta, or the stage, is refused; the demo recipe (SFT
 then DPO on the tiny model) lifts held-out preference accuracy from chance to at least 0.8 with every reply still
 stopping, and writes exactly the files of a run."""
 
-import dataclasses
 import hashlib
 import json
 from pathlib import Path
 
 import pytest
 import torch
-from test_reliability import Killed  # tests/train is on pytest's path
 
-import sftlab.train.dpo as dpo_module
 from helpers import killed_before_final_save
 from sftlab.chat_format import ChatRenderer
 from sftlab.config import parse_verb
@@ -82,30 +79,6 @@ def straight(tmp_path_factory):
     return dpo(*dpo_args(tmp_path_factory.mktemp("dpo") / "straight"))
 
 
-@pytest.mark.slow
-def test_a_dpo_run_killed_and_resumed_ends_bit_identical_to_an_uninterrupted_one(straight, tmp_path, monkeypatch):
-    compute_loss = SftlabDpoTrainer.compute_loss
-
-    def killed_in_step_5(self, *args, **kwargs):
-        if self.state.global_step == 4:
-            raise Killed()
-        return compute_loss(self, *args, **kwargs)
-
-    run = tmp_path / "run"
-    monkeypatch.setattr(SftlabDpoTrainer, "compute_loss", killed_in_step_5)
-    with pytest.raises(Killed):
-        dpo(*dpo_args(run))
-    monkeypatch.undo()
-    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-3"]
-    dpo(*dpo_args(run, "--resume"))
-    assert sha256(run / "adapter_model.safetensors") == sha256(straight / "adapter_model.safetensors")
-    changing = {"train_runtime", "train_samples_per_second", "train_steps_per_second"}
-    expected, got = log_records(straight), log_records(run)
-    assert [r["step"] for r in got] == [r["step"] for r in expected] == [1, 2, 3, 4, 5, 6, 6]
-    for a, b in zip(expected, got):
-        assert {k: v for k, v in a.items() if k not in changing} == {k: v for k, v in b.items() if k not in changing}
-
-
 @pytest.fixture
 def unfinished(straight, tmp_path):
     return killed_before_final_save(straight, tmp_path / "run")
@@ -138,24 +111,6 @@ def test_dpo_resume_on_an_sft_run_is_refused_naming_the_stage(trained_run, tmp_p
             dpo(*dpo_args(sft_run, "--resume"))
         assert "this run is an SFT run; this command is for a DPO run (resume it with `sftlab train`)" in \
             str(error.value)
-
-
-@pytest.mark.slow
-def test_a_dpo_run_killed_after_its_final_save_is_completed_by_resume_without_training(tmp_path, monkeypatch):
-    extra = ("--final_eval_samples", "3", "--max_steps", "3")
-
-    def kill(*args, **kwargs):
-        raise Killed()
-
-    monkeypatch.setattr(dpo_module, "DPO", dataclasses.replace(dpo_module.DPO, finish=kill))
-    with pytest.raises(Killed):
-        dpo(*dpo_args(tmp_path / "run", *extra))
-    monkeypatch.undo()
-    monkeypatch.setattr(SftlabDpoTrainer, "train", kill)  # completing must not train
-    out = dpo(*dpo_args(tmp_path / "run", *extra, "--resume"))
-    results = json.loads((out / "eval/results.json").read_text())
-    assert results["base"]["n"] == results["tuned"]["n"] == 3
-    assert json.loads((out / "manifest.json").read_text())["completed"] is True
 
 
 @pytest.fixture(scope="module")
@@ -278,23 +233,6 @@ def test_reference_free_losses_train_through_their_trl_trainers_and_are_judged(t
     if loss == "orpo":
         assert all("log_odds_ratio" in r for r in records)
     assert f"Preference tuning ({'SimPO' if loss == 'simpo' else 'ORPO'}) of" in (out / "README.md").read_text()
-
-
-@pytest.mark.slow
-def test_a_non_finite_dpo_step_is_skipped_and_logged_and_the_run_goes_on(tmp_path, monkeypatch):
-    """The guard of the run lifecycle under DPOTrainer: step 2's loss made NaN is skipped (weights and optimizer
-    untouched), counted in skipped_steps, and the run completes."""
-    compute_loss = SftlabDpoTrainer.compute_loss
-
-    def nan_in_step_2(self, *args, **kwargs):
-        loss = compute_loss(self, *args, **kwargs)
-        return loss * float("nan") if self.state.global_step == 1 else loss
-
-    monkeypatch.setattr(SftlabDpoTrainer, "compute_loss", nan_in_step_2)
-    out = dpo(*dpo_args(tmp_path / "run", "--max_steps", "4"))
-    records = [r for r in log_records(out) if "loss" in r]
-    assert [(r["step"], r["skipped_steps"]) for r in records] == [(1, 0), (2, 1), (3, 1), (4, 1)]
-    assert json.loads((out / "manifest.json").read_text())["completed"] is True
 
 
 def test_a_preference_pair_is_never_truncated(tmp_path):
