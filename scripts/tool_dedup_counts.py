@@ -15,7 +15,7 @@ from unittest import mock
 from sftlab.config import CleanArguments
 from sftlab.data import clean
 from sftlab.data.cleaner import clean_rows
-from sftlab.data.prepare import read_all
+from sftlab.data.load import read_all
 
 CITIES = ["Paris", "Lyon", "Berlin", "Madrid", "Rome", "Oslo", "Kyiv", "Lima", "Quito", "Cairo", "Delhi", "Seoul"]
 
