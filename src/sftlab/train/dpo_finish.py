@@ -21,7 +21,8 @@ from sftlab.train.run_files import finish_settings, print_probes
 
 def dpo_settings(config: dict) -> dict:
     """What the finish uses, from a resolved config (a live run's, or a completed one's with its amendments)."""
-    return {**finish_settings(config), "beta": config["train"]["beta"], "start": config["model"]["model_name_or_path"]}
+    return {**finish_settings(config), "beta": config["train"]["beta"], "start": config["model"]["model_name_or_path"],
+            "stage": config.get("stage", "dpo").upper()}
 
 
 def finish_dpo(model, tokenizer, out: Path, step: int, config: dict, heldout: list[dict], reference,
@@ -58,8 +59,8 @@ def write_dpo_finish(model, tokenizer, out: Path, step: int, settings: dict, hel
         if records:
             results, samples = judge(model, tokenizer, records, settings, reference)
             write_eval(out / "eval", results, samples)
-            print(f"\nHeld-out pairs ({len(records)}): base = the reference (where tuning started), tuned = "
-                  f"after it\n{table_text(results)}")
+            print(f"\nHeld-out pairs ({len(records)}): base = the reference (where {settings['stage']} started), "
+                  f"tuned = after {settings['stage']}\n{table_text(results)}")
     write_run_report(out)
     write_model_card(out)
     mark_complete(out)
