@@ -261,9 +261,14 @@ def effective_record(out: Path) -> dict:
 DEFAULT_STAGE = "sft"  # the stage of a run record without a `stage` (SFT's record none)
 
 
+def stage_of(record: dict) -> str:
+    """The training stage (train/stage.py) a run's record (sftlab_config.yaml) names."""
+    return record.get("stage", DEFAULT_STAGE)
+
+
 def recorded_stage(folder: str | Path) -> str:
-    """The training stage of the run `folder` belongs to (train/stage.py), by its record."""
-    return (run_record(folder) or {}).get("stage", DEFAULT_STAGE)
+    """The training stage of the run `folder` belongs to, by its record."""
+    return stage_of(run_record(folder) or {})
 
 
 def stage_verb(stage: str) -> str:

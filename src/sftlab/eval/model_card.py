@@ -14,7 +14,6 @@ from sftlab.eval.tables import markdown_cell, table_text
 from sftlab.files import write_atomic
 from sftlab.run_dir import (
     DATA_REPORT,
-    DEFAULT_STAGE,
     EVAL_DIR,
     MANIFEST,
     PREDICTIONS,
@@ -24,6 +23,7 @@ from sftlab.run_dir import (
     read_jsonl,
     read_yaml,
     stage_description,
+    stage_of,
 )
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -44,7 +44,7 @@ def model_card(run_dir: Path, merged: bool = False, name: str | None = None, che
     model, data, train = config.get("model", {}), config.get("data", {}), config.get("train", {})
     base = str(model.get("model_name_or_path", ""))
     lora = bool(model.get("use_peft")) and not merged
-    stage, manifest = config.get("stage", DEFAULT_STAGE), read_json(run_dir / MANIFEST)
+    stage, manifest = stage_of(config), read_json(run_dir / MANIFEST)
     described = stage_description(manifest)  # what the run's stage says of itself
     header = {"library_name": "peft" if lora else "transformers", "pipeline_tag": "text-generation",
               "tags": ["sftlab", stage, "trl", *(["lora"] if model.get("use_peft") else []),

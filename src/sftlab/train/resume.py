@@ -15,7 +15,6 @@ from pathlib import Path
 from sftlab.errors import UserError
 from sftlab.run_dir import (
     AMENDMENTS,
-    DEFAULT_STAGE,
     PREDICTIONS,
     RESOLVED_CONFIG,
     RETENTION_BASE,
@@ -24,6 +23,7 @@ from sftlab.run_dir import (
     has_final,
     keep_lines,
     read_yaml,
+    stage_of,
     stage_title,
     stage_verb,
 )
@@ -97,7 +97,7 @@ def flatten(config: dict) -> dict:
 def config_drift(original: dict, new: dict) -> tuple[list[str], dict]:
     """(refused changes, as "field: old -> new" lines, a changed data file by its name; the allowed changes
     {field: [old, new]})."""
-    was, now = (record.get("stage", DEFAULT_STAGE) for record in (original, new))
+    was, now = stage_of(original), stage_of(new)
     if was != now:  # every other field differs too: one line says it
         return [f"this run is {stage_title(was)}; this command is for {stage_title(now)} (resume it with "
                 f"`{stage_verb(was)}`)"], {}
