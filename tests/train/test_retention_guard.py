@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from helpers import demo_args
 from sftlab.eval import retention as retention_module
+from sftlab.infer.generate import Reply
 from sftlab.run_dir import RETENTION_BASE, RETENTION_RECORD, read_jsonl
 from sftlab.train import retention_guard
 from sftlab.train.checkpoints import commit, rotate
@@ -65,6 +66,18 @@ def test_rotation_keeps_the_protected_checkpoint_besides_the_newest(tmp_path):
         commit(folder)
         rotate(tmp_path, 1, folder, protect="checkpoint-6")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-12", "checkpoint-6"]
+
+
+def test_a_save_records_the_answers_that_changed_both_ways():
+    from sftlab.eval.retention import Probe
+
+    probes = [Probe([{"role": "user", "content": f"q{i}"}], {"any": [str(i)]}) for i in range(4)]
+    base = [Reply(t, "stop", 1) for t in ("0", "1", "x", "x")]
+    tuned = [Reply(t, "stop", 1) for t in ("0", "y", "2", "x")]
+    summary = retention_module.summarize(probes, base, tuned, [1.0] * 4, [1.0] * 4)
+    assert retention_guard.changed_answers(summary) == [
+        {"prompt": "q1", "lost": True, "base": "1", "tuned": "y"},
+        {"prompt": "q2", "lost": False, "base": "x", "tuned": "2"}]
 
 
 @pytest.fixture

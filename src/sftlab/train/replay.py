@@ -17,6 +17,7 @@ it learns the task: the loss on them is the loss rise the retention check measur
 import hashlib
 import json
 import random
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -140,13 +141,26 @@ def _generate_into(path: Path, model, tokenizer, prompts: list[str], system_prom
                                for p, r in zip(prompts, replies)))
 
 
+_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+_LATIN_WORD = re.compile(r"[A-Za-z]+")
+
+
+def writes_chinese(text: str) -> bool:
+    """Chinese characters outnumber Latin words: the text is mainly written in Chinese."""
+    return len(_CJK.findall(text)) > len(_LATIN_WORD.findall(text))
+
+
 def chosen_rows(replies: list[dict], wanted: int, seed: int) -> tuple[list[dict], dict]:
-    """Up to `wanted` of the replies that stopped (a seeded sample, in prompt order), and the counts."""
+    """Up to `wanted` of the usable replies (a seeded sample, in prompt order), and the counts. Usable: it
+    stopped, and it is written in its prompt's language. Why the second: a small base often answers a Chinese
+    question in English (SmolLM2-135M does so for most of the built-in Chinese prompts); replaying that would teach
+    the model to answer Chinese in English while the task teaches it to answer in Chinese."""
     stopped = [r for r in replies if r["finish_reason"] == "stop" and r["reply"].strip()]
-    picked = sorted(random.Random(f"{seed}:replay").sample(range(len(stopped)), min(wanted, len(stopped))))
+    usable = [r for r in stopped if writes_chinese(r["reply"]) == writes_chinese(r["prompt"])]
+    picked = sorted(random.Random(f"{seed}:replay").sample(range(len(usable)), min(wanted, len(usable))))
     counts = {"prompts": len(replies), "stopped": len(stopped), "not_stopped": len(replies) - len(stopped),
-              "wanted": wanted, "used": len(picked)}
-    return [stopped[i] for i in picked], counts
+              "other_language": len(stopped) - len(usable), "wanted": wanted, "used": len(picked)}
+    return [usable[i] for i in picked], counts
 
 
 def with_replay(data: PreparedData, model_path: Path, renderer, data_args, clean_args, train_args,
@@ -162,16 +176,18 @@ def with_replay(data: PreparedData, model_path: Path, renderer, data_args, clean
         raise UserError(f"replay: none of the base's {len(replies)} replies to the replay prompts stopped within "
                         f"{train_args.replay_max_new_tokens} new tokens: raise replay_max_new_tokens or give "
                         "prompts with shorter answers (replay_prompts)")
-    file = cached.with_name(f"{cached.stem}-{len(rows)}-{train_args.seed}.jsonl")
+    text = "".join(json.dumps({"instruction": r["prompt"], "input": "", "output": r["reply"]}, ensure_ascii=False)
+                   + "\n" for r in rows)
+    file = cached.with_name(f"{cached.stem}-{hashlib.sha256(text.encode()).hexdigest()[:12]}.jsonl")  # by content
     if not file.is_file():
-        write_atomic(file, "".join(json.dumps({"instruction": r["prompt"], "input": "", "output": r["reply"]},
-                                              ensure_ascii=False) + "\n" for r in rows))
+        write_atomic(file, text)
     replay_args = replace(data_args, data_files=[str(file)], test_size=0.0)
     replay = prepare_data(replay_args, clean_args, renderer, cached_only=cached_only)
     counts.update(kept=len(replay.train), rejected=counts["used"] - len(replay.train), ratio=train_args.replay_ratio,
                   task_train_rows=len(data.train), replies=str(cached))
     if counts["used"] < wanted:
-        counts["short_by"] = f"{wanted - counts['used']} (only {counts['stopped']} replies stopped)"
+        counts["short_by"] = (f"{wanted - counts['used']} (only {counts['stopped'] - counts['other_language']} "
+                              "replies stopped in their prompt's language)")
     report = {**data.report, "replay": counts}
     fingerprint = hashlib.sha256(f"{data.fingerprint}+{replay.fingerprint}".encode()).hexdigest()[:24]
     return replace(data, train=concatenate_datasets([data.train, replay.train]), report=report,

@@ -85,7 +85,8 @@ class RetentionAtSaves(TrainerCallback):
         record = {"step": state.global_step, **{k: summary[k] for k in LOGGED},
                   "eval_loss": eval_loss_at(state.log_history, state.global_step)}
         self.history.append(record)
-        write_json(checkpoint_dir(args, state.global_step) / RETENTION_RECORD, {**record, "why": summary["why"]})
+        write_json(checkpoint_dir(args, state.global_step) / RETENTION_RECORD,
+                   {**record, "why": summary["why"], "changed": changed_answers(summary)})
         append_jsonl(self.out / TRAINER_LOG, [{"step": state.global_step, "epoch": state.epoch,
                                                **{f"retention/{k}": v for k, v in record.items() if k != "step"}}])
         log_to_tracker(record)
@@ -145,6 +146,13 @@ class RetentionAtSaves(TrainerCallback):
                   f"{last['verdict']}): its weights are the final weights", flush=True)
         return {"checkpoint": best, "step": step, "rule": rule, "retention": chosen["verdict"],
                 "eval_loss": chosen["eval_loss"], "checks": self.history}
+
+
+def changed_answers(summary: dict) -> list[dict]:
+    """The probes whose answer changed at this save (right at the base and wrong now, or the reverse): what a user
+    reads to tell a damaged model from borderline answers flipping."""
+    return [{"prompt": p["prompt"], "lost": p["base_correct"], "base": p["base"], "tuned": p["tuned"]}
+            for p in summary["per_probe"] if p["base_correct"] is not None and p["base_correct"] != p["tuned_correct"]]
 
 
 def eval_loss_at(log_history: list[dict], step: int) -> float | None:
