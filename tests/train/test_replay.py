@@ -64,8 +64,7 @@ def test_replay_rows_join_the_training_split_only_counted_apart(tmp_path, tiny_m
                           "Be brief.")
     assert round(0.025 * len(task.train)) == 4 and generation == [9]  # 9 prompts: a repeat and a blank line skipped
     assert data.report["replay"] == {
-        "prompts": 9, "stopped": 6, "not_stopped": 3, "other_language": 0, "wanted": 4, "used": 4, "kept": 4,
-        "rejected": 0,
+        "prompts": 9, "stopped": 6, "not_stopped": 3, "wanted": 4, "used": 4, "kept": 4, "rejected": 0,
         "ratio": 0.025, "task_train_rows": len(task.train), "replies": data.report["replay"]["replies"]}
     assert len(data.train) == len(task.train) + 4
     assert list(data.test["input_ids"]) == list(task.test["input_ids"]) and list(data.heldout) == list(task.heldout)
@@ -90,19 +89,7 @@ def test_the_replies_are_generated_once_per_base_prompts_and_system_prompt(tmp_p
 def test_short_of_stopped_replies_uses_them_all_and_says_so(tmp_path, tiny_model_dir, tokenizer, generation):
     task, data = prepared(tmp_path, tiny_model_dir, tokenizer, "--replay_ratio", "1.0")
     assert data.report["replay"]["used"] == 6 and len(data.train) == len(task.train) + 6
-    assert data.report["replay"]["short_by"] == f"{len(task.train) - 6} (only 6 replies stopped in their prompt's language)"
-
-
-def test_a_reply_in_another_language_than_its_prompt_is_left_out_and_counted():
-    replies = [{"prompt": "中国的首都是哪里？", "reply": "The capital of China is Beijing.", "finish_reason": "stop"},
-               {"prompt": "中国的首都是哪里？", "reply": "中国的首都是北京。", "finish_reason": "stop"},
-               {"prompt": "What is 2 + 2?", "reply": "2 + 2 = 4", "finish_reason": "stop"},
-               {"prompt": "Say hello in Chinese.", "reply": "你好 (nǐ hǎo) means hello.", "finish_reason": "stop"},
-               {"prompt": "Say hello in Chinese.", "reply": "你好！你好！你好！", "finish_reason": "stop"},
-               {"prompt": "What is 3 + 3?", "reply": "6", "finish_reason": "length"}]
-    rows, counts = replay.chosen_rows(replies, wanted=10, seed=0)
-    assert [r["reply"] for r in rows] == ["中国的首都是北京。", "2 + 2 = 4", "你好 (nǐ hǎo) means hello."]
-    assert counts == {"prompts": 6, "stopped": 5, "not_stopped": 1, "other_language": 2, "wanted": 10, "used": 3}
+    assert data.report["replay"]["short_by"] == f"{len(task.train) - 6} (only 6 replies stopped)"
 
 
 def test_replay_prompts_files_and_their_errors(tmp_path):

@@ -226,8 +226,6 @@ def replay_line(report: dict) -> str | None:
     if not r:
         return None
     short = f"; short by {r['short_by']}" if r.get("short_by") else ""
-    other = (f"; {r['other_language']} replied in another language than the prompt's and are left out"
-             if r.get("other_language") else "")
     return (f"replay: {r['kept']} rows of the base's own answers added to {r['task_train_rows']} training rows "
             f"(ratio {r['ratio']:g}; {r['stopped']} of {r['prompts']} replay prompts stopped, {r['not_stopped']} "
-            f"did not and are left out{other}{short}; never held out)")
+            f"did not and are left out{short}; never held out)")
