@@ -55,16 +55,11 @@ def test_the_verdict_thresholds(retained, rise, accuracies, word):
     assert verdict(retained, rise, accuracies)[0] == word
 
 
-@pytest.mark.parametrize("retained, rise, accuracies, counts, word", [
-    # a replay run's saves (Orion, benchmarks/recipe_crossval.py): 13 and 14 of the base's 18, the loss rise falling
-    (13 / 18, -0.083, (0.30, 0.2667), (18, 60), "kept"), (14 / 18, -0.109, (0.30, 0.2667), (18, 60), "kept"),
-    (13 / 18, 0.06, (0.30, 0.2667), (18, 60), "degraded"),  # the same answers, a loss rise outside the intact band
-    (15 / 30, 0.0, (0.5, 0.5), (30, 60), "degraded"),  # 15 of 30 lost: beyond chance, whatever the loss rise
-    (0.85, 0.0, (0.5, 0.3), (30, 60), "degraded"),  # accuracy 60% of the base's over 60 probes: beyond chance
-    (0.7778, 0.1843, (0.3, 0.3167), (18, 60), "degraded"), (9 / 19, 0.15, (0.32, 0.15), (19, 60), "lost"),
-])
-def test_a_shortfall_within_chance_counts_only_outside_the_intact_band(retained, rise, accuracies, counts, word):
-    assert verdict(retained, rise, accuracies, counts)[0] == word
+def test_the_verdict_line_says_how_far_chance_reaches_without_moving_the_verdict():
+    # a replay run's save (Kestrel, 120 steps): 16 of the base's 22 answers kept while the loss rise fell
+    word, why = verdict(16 / 22, -0.109, (0.3667, 0.35), 22)
+    assert word == "degraded" and why.startswith(
+        "retained 73% of the 22 probes the base answers (kept >= 80%, lost < 50%, chance reaches 85%); ")
 
 
 def test_the_wilson_upper_bound():
@@ -85,7 +80,8 @@ def test_the_record_names_the_worst_probes_first_those_the_tuned_model_forgot():
     assert [w["prompt"] for w in record["worst"]] == ["q1", "q3", "q5"]  # forgotten first, then by loss rise
     # the same accuracy, but a probe the base knew was forgotten (and one it did not know was gained)
     assert record["verdict"] == "degraded" and record["why"] == (
-        "retained 83% of the 6 probes the base answers (kept >= 80%, lost < 50%); loss rise on the base's own replies "
+        "retained 83% of the 6 probes the base answers (kept >= 80%, lost < 50%, chance reaches 96%); loss rise on "
+        "the base's own replies "
         "+0.329 nats/token (kept <= 0.25, lost > 1.0); accuracy 86% -> 86% (kept: at least 90% of the base's)")
     assert [(p["prompt"], p["base_correct"], p["tuned_correct"]) for p in record["per_probe"]][5:] == [
         ("q5", True, True), ("q6", False, True)]

@@ -89,8 +89,8 @@ def test_the_recipes_data_is_apart_from_what_judges_it():
 @pytest.mark.slow
 def test_on_a_set_it_was_not_tuned_on_the_recipe_keeps_and_without_replay_it_does_not(tmp_path):
     """Nova (20 English rows, benchmarks/identity_sets/): the recipe with only the data and the identity's wording
-    changed names it on the held-out paraphrases, stops, and is kept; the same 120 steps without replay over-train
-    these 20 rows (about 60 epochs): no save is kept, retention_stop ends the run, and its final verdict is not kept
+    changed names it on the held-out paraphrases, stops, and is kept; the same 60 steps without replay over-train
+    these 20 rows (about 30 epochs): no save is kept, retention_stop ends the run, and its final verdict is not kept
     (docs/evaluation.md, "Keeping what the model knew", has the measured table)."""
     recipe = ["--config", str(REPO / "configs/smollm2-135m-lora.yaml"), "--data_files", str(SETS / "nova.jsonl"),
               "--system_prompt", NOVA, "--probe_prompts", "Who are you?"]

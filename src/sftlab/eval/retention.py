@@ -12,9 +12,8 @@ The verdict (`verdict`): kept, degraded or lost, from the retained share (of the
 correctly, the share the tuned model still answers correctly: a gain elsewhere, such as a task the training data
 teaches, must not hide a loss), the accuracy against the base's, and the loss rise;
 the thresholds are stated beside it, with the measurements that set them in docs/evaluation.md. A shortfall of the
-answer measures within chance of their bounds counts only when the loss rise leaves the band of intact runs
-(INTACT_RISE). n/a where the base answers fewer than MIN_BASE_CORRECT probes (a randomly initialised model knows
-nothing to keep).
+retained share is given with the upper bound of its chance (its Wilson interval). n/a where the base answers fewer
+than MIN_BASE_CORRECT probes (a randomly initialised model knows nothing to keep).
 """
 
 import json
@@ -41,12 +40,10 @@ KEPT_SHARE, LOST_SHARE = 0.8, 0.5  # of the probes the base answers correctly, t
 KEPT_ACCURACY = 0.9  # the tuned model's probe accuracy, at least this share of the base's
 KEPT_RISE, LOST_RISE = 0.25, 1.0  # loss rise, nats per token of the base's own replies
 MIN_BASE_CORRECT = 5  # fewer probes right than this: the base knows too little for the accuracy to say anything
-# Over the ~20 probes a small base answers, the answer measures are noisy: one run with replay, whose loss rise held
-# at -0.08 to -0.11 at every save, measured a retained share of 83%, 72%, 83%, 83%, 78% at five saves in a row
-# (docs/evaluation.md, "Keeping what the model knew"). So a shortfall of the answer measures counts only when it is
-# beyond chance (their one-sided 95% Wilson upper bound below the kept bound) or when the loss rise is outside the
-# band of runs whose replies were intact (-0.012 to +0.053 in the table above; damaged runs measured +0.18 and up).
-INTACT_RISE = 0.05
+# Over the ~20 probes a small base answers the retained share is noisy (one answer is 5 points): the verdict's line
+# gives its one-sided 95% Wilson upper bound beside it, so a reader sees how far chance reaches. It does not move the
+# verdict: under replay the loss rise falls while answers are lost (docs/evaluation.md, "The real-model recipe,
+# cross-validated"), so it cannot vouch for a shortfall, and a rule that let it do so was measured and not adopted.
 Z_ONE_SIDED_95 = 1.645
 
 
@@ -142,39 +139,29 @@ def adapter_retention(model, tokenizer, system_prompt: str | None = None, probes
 
 
 def verdict(retained: float | None, loss_rise: float, accuracies: tuple[float, float] | None = None,
-            counts: tuple[int, int] | None = None) -> tuple[str, str]:
+            base_correct: int | None = None) -> tuple[str, str]:
     """(kept | degraded | lost, why): lost when a measure says lost; kept when every measure says kept: the
     retained share, the accuracy against the base's (`accuracies`: base, tuned) and the loss rise. `retained` and
-    `accuracies` are None without an answer key. `counts` (the probes the base answers, the probes with an answer
-    key): with them, a shortfall of the answer measures within chance of their bounds is no evidence of loss while
-    the loss rise stays in the intact band (INTACT_RISE)."""
+    `accuracies` are None without an answer key. `base_correct` (the probes the base answers): the line then gives
+    how many, and how far above the measured share chance could reach (its one-sided 95% Wilson upper bound)."""
     ratio = accuracies[1] / accuracies[0] if accuracies and accuracies[0] else None
-    answers_kept = (retained is None or retained >= KEPT_SHARE) and (ratio is None or ratio >= KEPT_ACCURACY)
-    within_chance = counts is not None and _within_chance(retained, accuracies, counts)
     if (retained is not None and retained < LOST_SHARE) or loss_rise > LOST_RISE:
         word = "lost"
-    elif loss_rise <= KEPT_RISE and (answers_kept or (within_chance and loss_rise <= INTACT_RISE)):
+    elif ((retained is None or retained >= KEPT_SHARE) and (ratio is None or ratio >= KEPT_ACCURACY)
+          and loss_rise <= KEPT_RISE):
         word = "kept"
     else:
         word = "degraded"
+    counted = "" if base_correct is None else f"{base_correct} "
+    chance = ("" if retained is None or base_correct is None else
+              f", chance reaches {wilson_upper(retained, base_correct):.0%}")
     share = ("" if retained is None else
-             f"retained {retained:.0%} of the {'' if counts is None else f'{counts[0]} '}probes the base answers "
-             f"(kept >= {KEPT_SHARE:.0%}, lost < {LOST_SHARE:.0%}); ")
+             f"retained {retained:.0%} of the {counted}probes the base answers (kept >= {KEPT_SHARE:.0%}, lost < "
+             f"{LOST_SHARE:.0%}{chance}); ")
     accuracy = ("" if accuracies is None else f"; accuracy {accuracies[0]:.0%} -> {accuracies[1]:.0%} (kept: at "
                 f"least {KEPT_ACCURACY:.0%} of the base's)")
-    chance = ("; the answers' shortfall is within chance of the bounds and the loss rise is in the intact band "
-              f"(<= {INTACT_RISE})" if word == "kept" and not answers_kept else "")
     return word, (f"{share}loss rise on the base's own replies {loss_rise:+.3f} nats/token (kept <= {KEPT_RISE}, "
-                  f"lost > {LOST_RISE}){accuracy}{chance}")
-
-
-def _within_chance(retained: float | None, accuracies: tuple[float, float] | None, counts: tuple[int, int]) -> bool:
-    """Both answer measures could be at their kept bounds by chance: their one-sided 95% upper bounds reach them."""
-    base_correct, keyed = counts
-    share_ok = retained is None or wilson_upper(retained, base_correct) >= KEPT_SHARE
-    accuracy_ok = (accuracies is None or not accuracies[0]
-                   or wilson_upper(accuracies[1], keyed) >= KEPT_ACCURACY * accuracies[0])
-    return share_ok and accuracy_ok
+                  f"lost > {LOST_RISE}){accuracy}")
 
 
 def wilson_upper(share: float, n: int, z: float = Z_ONE_SIDED_95) -> float:
@@ -218,7 +205,7 @@ def summarize(probes: list[Probe], base: list, tuned: list, base_losses: list, t
     tuned_accuracy = len(tuned_ok) / len(keyed) if keyed else None
     retained = round(len(base_ok & tuned_ok) / len(base_ok), 6) if base_ok else None
     word, why = verdict(retained, rise, (base_accuracy, tuned_accuracy) if keyed else None,
-                        (len(base_ok), len(keyed)) if keyed else None)
+                        len(base_ok) if base_ok else None)
     worst = sorted(scored, key=lambda i: (i in base_ok and i not in tuned_ok, rises[i]), reverse=True)[:3]
     return {
         "probes": len(probes), "answer_keyed": len(keyed),
