@@ -11,9 +11,9 @@ against tuned, on general prompts:
 The verdict (`verdict`): kept, degraded or lost, from the retained share (of the probes the base answers
 correctly, the share the tuned model still answers correctly: a gain elsewhere, such as a task the training data
 teaches, must not hide a loss), the accuracy against the base's, and the loss rise;
-the thresholds are stated beside it, with the measurements that set them in docs/evaluation.md. A shortfall of the
-retained share is given with the upper bound of its chance (its Wilson interval). n/a where the base answers fewer
-than MIN_BASE_CORRECT probes (a randomly initialised model knows nothing to keep).
+the thresholds are stated beside it, with the measurements that set them in docs/evaluation.md (and, for the
+retained share, how far chance reaches: Z_ONE_SIDED_95). n/a where the base answers fewer than MIN_BASE_CORRECT
+probes (a randomly initialised model knows nothing to keep).
 """
 
 import json
