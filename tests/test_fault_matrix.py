@@ -122,14 +122,17 @@ def valid_paths(trained_run, tmp_path_factory, tiny_model_dir):
     tmp = tmp_path_factory.mktemp("valid")
     data = tmp / "data.jsonl"
     shutil.copy(REPO / "src" / "sftlab" / "data" / "demo" / "identity.jsonl", data)
+    assert cli.main(["data", "score", str(data), "--output", str(tmp / "scored"), "--scorer", str(tiny_model_dir)]) == 0
     return {"output/demo": str(trained_run(*TRAINED)), "FILES...": str(data), "FILE": str(data), "DIR": str(tmp / "out"),
+            "SCORES": str(tmp / "scored" / "scores.jsonl"),
             "{config}": str(REPO / "configs" / "demo.yaml"),
             "configs/demo.yaml": str(REPO / "configs" / "demo.yaml"),
             "configs/demo-dpo.yaml": str(REPO / "configs" / "demo-dpo.yaml")}
 
 
 def test_every_verb_example_fills_to_an_invocation_and_every_path_field_has_a_role():
-    placeholders = {"output/demo", "FILES...", "FILE", "DIR", "{config}", "configs/demo.yaml", "configs/demo-dpo.yaml"}
+    placeholders = {"output/demo", "FILES...", "FILE", "DIR", "SCORES", "{config}", "configs/demo.yaml",
+                    "configs/demo-dpo.yaml"}
     for name in cli.VERBS:
         words = example_argv(name, {p: p for p in placeholders})
         assert all(not w.isupper() or w in placeholders for w in words), (name, words)
@@ -204,9 +207,15 @@ def copy_folder(source: Path, target: Path) -> Path:
     return target
 
 
+def model_field(verb: str) -> str | None:
+    """The field a verb takes its model in, by its role (cli.PATH_FIELDS), whatever its name."""
+    fields = [f for f in ("model", "model_name_or_path") if f in verb_fields(verb)]
+    return (fields or sorted(f for f in verb_fields(verb) if cli.PATH_FIELDS.get(f) == "model" and f != "llama_cpp")
+            or [None])[0]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("verb", [v for v in cli.VERBS if "output/demo" in cli.VERBS[v].example or
-                                  "model" in verb_fields(v) or "model_name_or_path" in verb_fields(v)])
+@pytest.mark.parametrize("verb", [v for v in cli.VERBS if "output/demo" in cli.VERBS[v].example or model_field(v)])
 def test_every_file_a_verb_reads_damaged_is_one_line_naming_it(verb, valid_paths, tiny_model_dir, tmp_path, capsys,
                                                               no_listening, monkeypatch):
     monkeypatch.chdir(REPO)
@@ -215,8 +224,7 @@ def test_every_file_a_verb_reads_damaged_is_one_line_naming_it(verb, valid_paths
     argv = verb.split() + example_argv(verb, paths) + FAST.get(verb, [])
     fields = verb_fields(verb)
     if "--adapter" not in argv or verb in ("chat", "eval", "serve", "doctor"):  # these take --model as its base
-        argv += ["--model" if "model" in fields else "--model_name_or_path", str(model)] if \
-            fields & {"model", "model_name_or_path"} else []
+        argv += [f"--{model_field(verb)}", str(model)] if model_field(verb) else []
     if "output_dir" in fields:
         argv += ["--output_dir", str(tmp_path / "train"), "--report_to", "none"]
     if "output" in fields and "--output" not in argv:

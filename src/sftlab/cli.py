@@ -33,6 +33,14 @@ VERBS = {
     "data inspect": Verb("look at a file as the model sees it", "sftlab data inspect FILE", "sftlab.data.commands",
                          "inspect_data", "INSPECT_ARGUMENTS",
                          (("file", {"help": "A data file (.json .jsonl .parquet .csv)."}),)),
+    "data score": Verb("score each row's worth with a small model (IFD) and flag misaligned rows",
+                       "sftlab data score FILES... --output DIR [--scorer sftlab:smollm2-135m]",
+                       "sftlab.data.score", "score_data", "SCORE_ARGUMENTS",
+                       (("inputs", {"nargs": "+", "help": INPUTS_HELP}),)),
+    "data select": Verb("keep the rows worth training on, by their scores",
+                        "sftlab data select FILES... --scores SCORES --top 0.1 --output DIR",
+                        "sftlab.data.select", "select_data", "SELECT_ARGUMENTS",
+                        (("inputs", {"nargs": "+", "help": "The files that were scored (each checked unchanged)."}),)),
     "data prepare": Verb("clean, render and shard the data of a training config", "sftlab data prepare --config FILE",
                          "sftlab.train.sft", "prepare_only", ignores=("output_dir",)),
     "train": Verb("fine-tune a model (LoRA or full)", "sftlab train --config configs/demo.yaml [--field value ...]",
@@ -62,7 +70,7 @@ VERBS = {
 # (tests/test_fault_matrix.py) gives each role its faults, so a new verb's paths are covered by their names.
 PATH_FIELDS = {"adapter": "run", "model": "model", "model_name_or_path": "model", "llama_cpp": "model",
                "data_files": "data", "data": "data", "retention_data": "data", "inputs": "data", "file": "data",
-               "replay_prompts": "data", "deepspeed": "data", "gguf": "gguf",
+               "replay_prompts": "data", "scorer": "model", "scores": "data", "deepspeed": "data", "gguf": "gguf",
                "output": "output", "output_dir": "output"}
 # fields whose names look like paths but are not ones sftlab reads or writes itself (TRL's and transformers')
 NOT_PATH_FIELDS = {"logging_dir", "hub_model_id", "chat_template_path", "resume_from_checkpoint", "ref_model_path"}

@@ -4,14 +4,16 @@ Safe by default: safetensors only, no remote code unless asked for. A Hub id is 
 network; offline, the error says in one line what to do instead.
 """
 
+import hashlib
 import json
 import os
 from contextlib import contextmanager
 from importlib.util import find_spec
 from pathlib import Path
 
-from sftlab.environment import hub_offline
+from sftlab.environment import cache_root, hub_offline
 from sftlab.errors import UserError
+from sftlab.files import file_digest, write_atomic
 from sftlab.internals import set_recorded_name
 from sftlab.model import attention  # noqa: F401  registers sdpa_varlen with transformers
 from sftlab.model.real import REAL_MODELS, ensure_real_model
@@ -356,3 +358,24 @@ def load_for_inference(model: str | None = None, adapter: str | None = None, dev
     return net, tokenizer
 
 
+def weights_digest(model_path: Path) -> str:
+    """XXH3-128 of the model folder's weight files and config, remembered per (file, size, mtime) in the cache:
+    a 9B model's 18 GB are read once, not at every run."""
+    memo_path = cache_root() / "replay" / "weights_digests.json"
+    try:
+        memo = json.loads(memo_path.read_text(encoding="utf-8")) if memo_path.is_file() else {}
+    except (OSError, ValueError):
+        memo = {}  # a damaged memo only costs hashing again
+    digest, changed = hashlib.sha256(), False
+    for path in sorted(Path(model_path).iterdir()):
+        if not (path.suffix == ".safetensors" or path.name == "config.json"):
+            continue
+        stat = path.stat()
+        key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+        if key not in memo:
+            memo[key], changed = file_digest(path), True
+        digest.update(f"{path.name}:{memo[key]}".encode())
+    if changed:
+        memo_path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(memo_path, json.dumps(memo, indent=1))
+    return digest.hexdigest()

@@ -4,7 +4,7 @@ quantities derived from a config that `train` and `estimate` share (the batch pl
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from trl import SFTConfig, TrlParser
@@ -199,8 +199,29 @@ class TrainConfig(RunFields, SFTConfig):
                                "left out (counted)."}
     )
 
+    # the select section (in a YAML file also as a mapping: `select: {by: ifd, top: 0.1, scorer: ...}`)
+    select: bool = field(
+        default=False, metadata={"help": "Train on the rows worth it: before preparation, a small model scores every "
+                                 "row (sftlab data score) and the rows with the highest select_by among those not "
+                                 "flagged misaligned are kept (sftlab data select: select_top or select_keep). "
+                                 "Cached by the data, the scorer's weights and these settings."}
+    )
+    select_by: Literal["ifd"] = field(
+        default="ifd", metadata={"help": "The score that ranks rows, highest first: ifd (instruction-following "
+                                 "difficulty)."}
+    )
+    select_top: float | None = field(default=None, metadata={"help": "The share of the scored rows kept (0.1: the "
+                                                                     "top tenth). Give select_top or select_keep."})
+    select_keep: int | None = field(default=None, metadata={"help": "The number of rows kept."})
+    select_scorer: str = field(
+        default="sftlab:smollm2-135m", metadata={"help": "The model that scores (folder, Hub id or "
+                                                 "sftlab:smollm2-135m): a small one selects for a large one."}
+    )
+
     RANGES: ClassVar[dict] = {**RunFields.RANGES, "replay_ratio": Range(0, above=True),
-                              "replay_max_new_tokens": Range(1, integer=True)}
+                              "replay_max_new_tokens": Range(1, integer=True),
+                              "select_top": Range(0, above=True, high=1, nullable=True),
+                              "select_keep": Range(1, integer=True, nullable=True)}
 
     def __post_init__(self):
         self.settle_run_fields()
@@ -229,6 +250,8 @@ def check_ranges(config: TrainConfig) -> None:
         raise ValueError("output_dir: must name a folder, got an empty string")
     check_fields(config)
     check_named_files(config)
+    if getattr(config, "select", False) and (config.select_top is None) == (config.select_keep is None):
+        raise ValueError("select: give one of select_top (a share) and select_keep (a number of rows)")
 
 
 def check_named_files(config) -> None:

@@ -27,9 +27,9 @@ from sftlab.data.load import SHIPPED_DATA, demo_data_path
 from sftlab.data.prepare import PreparedData, prepare_data
 from sftlab.environment import cache_root
 from sftlab.errors import UserError
-from sftlab.files import exclusive_lock, file_digest, release_lock, write_atomic
+from sftlab.files import exclusive_lock, release_lock, write_atomic
 from sftlab.infer.generate import SamplingArgs, generate_replies
-from sftlab.model.load import load_model, with_system_prompt
+from sftlab.model.load import load_model, weights_digest, with_system_prompt
 
 BUILTIN = "sftlab:replay-prompts"
 GENERATION_BATCH = 32  # on CPU a step of 32 rows costs little more than one of 16
@@ -68,29 +68,6 @@ def _json_prompt(line: str, where: str) -> str:
     if not isinstance(prompt, str) or not prompt.strip():
         raise UserError(f"{where}: field prompt: expected a non-empty string (or instruction/input)")
     return prompt.strip()
-
-
-def weights_digest(model_path: Path) -> str:
-    """XXH3-128 of the model folder's weight files and config, remembered per (file, size, mtime) in the cache:
-    a 9B model's 18 GB are read once, not at every run."""
-    memo_path = cache_root() / "replay" / "weights_digests.json"
-    try:
-        memo = json.loads(memo_path.read_text(encoding="utf-8")) if memo_path.is_file() else {}
-    except (OSError, ValueError):
-        memo = {}  # a damaged memo only costs hashing again
-    digest, changed = hashlib.sha256(), False
-    for path in sorted(Path(model_path).iterdir()):
-        if not (path.suffix == ".safetensors" or path.name == "config.json"):
-            continue
-        stat = path.stat()
-        key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-        if key not in memo:
-            memo[key], changed = file_digest(path), True
-        digest.update(f"{path.name}:{memo[key]}".encode())
-    if changed:
-        memo_path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(memo_path, json.dumps(memo, indent=1))
-    return digest.hexdigest()
 
 
 def replies_key(model_path: Path, tokenizer, prompts: list[str], system_prompt: str | None,

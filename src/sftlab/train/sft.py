@@ -9,7 +9,7 @@ once; the split is seeded; probes run in eval mode and decode only new tokens; c
 """
 
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from trl import SFTTrainer, TrlParser
@@ -17,6 +17,7 @@ from trl import SFTTrainer, TrlParser
 from sftlab.chat_format import ChatRenderer
 from sftlab.config import CleanArguments, DataArguments, ModelArguments
 from sftlab.data.prepare import PreparedData, prepare_data
+from sftlab.data.select import selected_files
 from sftlab.internals import attention_of, sft_collator
 from sftlab.model.load import load_model, load_tokenizer, recorded_base_name, resolve_model_path
 from sftlab.train.batching import resolve_padding_free, training_attention
@@ -68,7 +69,7 @@ def prepare(model_args: ModelArguments, data_args: DataArguments, clean_args: Cl
     renderer = ChatRenderer(tokenizer, train_args.max_length, data_args.overflow)
     check_lora_targets(model_path, model_args)  # before the data: a preparation can take long
     check_context(model_path, train_args.max_length)
-    data = prepare_once(data_args, clean_args, renderer, train_args)
+    data = prepare_once(selected_data(data_args, clean_args, train_args), clean_args, renderer, train_args)
     if train_args.replay:
         data = with_replay(data, model_path, renderer, data_args, clean_args, train_args, model_args.dtype,
                            cached_only=train_args.world_size > 1)
@@ -138,13 +139,21 @@ def prepare_once(data_args: DataArguments, clean_args: CleanArguments, renderer:
     return prepare_data(data_args, clean_args, renderer, cached_only=train_args.world_size > 1)
 
 
+def selected_data(data_args: DataArguments, clean_args: CleanArguments, train_args: TrainConfig) -> DataArguments:
+    """The data to prepare: the config's own, or with a `select` section, the rows it selects (scored once)."""
+    if not train_args.select:
+        return data_args
+    return replace(data_args, data_files=selected_files(data_args, clean_args, train_args,
+                                                        cached_only=train_args.world_size > 1))
+
+
 def prepare_only(model_args: ModelArguments, data_args: DataArguments, clean_args: CleanArguments,
                  train_args: TrainConfig) -> int:
     """`sftlab data prepare`: the data `sftlab train` with the same config reads, prepared (or resumed)."""
     model_path = resolve_model_path(model_args.model_name_or_path)
     tokenizer = load_tokenizer(model_path, train_args.trust_remote_code)
     renderer = ChatRenderer(tokenizer, train_args.max_length, data_args.overflow)
-    data = prepare_data(data_args, clean_args, renderer)
+    data = prepare_data(selected_data(data_args, clean_args, train_args), clean_args, renderer)
     check_training_rows(data, data_args)  # before replay, which would otherwise be all it trains on
     if train_args.replay:
         data = with_replay(data, model_path, renderer, data_args, clean_args, train_args, model_args.dtype)
