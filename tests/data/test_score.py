@@ -1,6 +1,7 @@
 """`sftlab data score` and `sftlab data select`: the scores equal a plain-transformers reference, the scoring is
 committed a shard at a time and resumed, and selection puts every kept row on one side of the cut with why."""
 
+import functools
 import json
 from pathlib import Path
 
@@ -34,13 +35,18 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
+@functools.cache
+def reference_model(model_dir: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return (AutoTokenizer.from_pretrained(model_dir),
+            AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval())
+
+
 def reference_scores(model_dir: Path, messages: list[dict]) -> tuple[float, float]:
     """(loss_conditioned, loss_unconditioned) of the last reply, one sequence at a time, with transformers alone:
     the prompt from the tokenizer's chat template, the reply's ids from tokenizing its text alone."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tokenizer, model = reference_model(model_dir)
     prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
     if "<|assistant|>" in prompt:  # GLM-4 writes a newline between <|assistant|> and the reply
         prompt += "\n"
