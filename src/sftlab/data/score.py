@@ -93,8 +93,8 @@ def read_records(path: Path, wanted: set[int] | None = None) -> Iterator[tuple[i
 def scored_rows(renderer: ChatRenderer, records, system_prompt: str | None):
     for index, record in records:
         history, reply = last_reply(with_system_prompt(record["messages"], system_prompt))
-        yield (index, score_inputs(renderer, record["messages"], record.get("tools"), system_prompt),
-               instruction_of(history), reply), record
+        yield (index, score_inputs(renderer, history, reply, record.get("tools")), instruction_of(history), reply), \
+            record
 
 
 def build_pool(path: Path, rows: int, renderer: ChatRenderer, args: ScoreArguments) -> Pool:

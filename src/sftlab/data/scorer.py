@@ -33,7 +33,6 @@ from collections import Counter
 from dataclasses import dataclass
 
 from sftlab.chat_format import ChatRenderer
-from sftlab.model.load import with_system_prompt
 
 
 @dataclass
@@ -54,9 +53,8 @@ def last_reply(messages: list[dict]) -> tuple[list[dict], str]:
     return messages[:last], text
 
 
-def score_inputs(renderer: ChatRenderer, messages: list[dict], tools: list | None,
-                 system_prompt: str | None) -> ScoreInputs:
-    history, reply = last_reply(with_system_prompt(messages, system_prompt))
+def score_inputs(renderer: ChatRenderer, history: list[dict], reply: str, tools: list | None) -> ScoreInputs:
+    """The ids of the conversation before the reply (with the template's generation prompt) and of the reply."""
     prompt = renderer.render_text(history, tools, add_generation_prompt=True) + renderer.reply_opening
     return ScoreInputs(renderer.encode(prompt), renderer.tokenizer.encode(reply, add_special_tokens=False))
 

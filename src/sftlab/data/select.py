@@ -92,9 +92,14 @@ def kept_rows(folder: Path, scores: dict, sources: list[str]) -> list[dict]:
     """The cleaned rows of `sources`, each with its scores, in the order cleaning kept them."""
     wanted = {str(Path(s).resolve()) for s in sources}
     rows = []
-    with open(folder / "cleaning" / "clean.jsonl", encoding="utf-8") as f:
-        for line in f:
-            record = json.loads(line)
+    clean_file = folder / "cleaning" / "clean.jsonl"
+    with open(clean_file, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                record = json.loads(line)
+            except ValueError as exc:
+                raise UserError(f"{clean_file}:{number}: not a cleaned row ({exc}): run `sftlab data score` again") \
+                    from None
             if str(Path(record["source"]).resolve()) not in wanted:
                 continue
             score = scores.get((record["source"], record["line"]))
